@@ -1,0 +1,43 @@
+"""gradcamo-dask: Grad-CAMO audits of deep single-cell profiles at plate scale.
+
+Public names are re-exported here and imported lazily (PEP 562), so that
+``import gradcamo_dask`` stays cheap: torch, cellpose and friends load only when
+a name that needs them is first used (this matters for the command line and for
+Dask workers, which import the package once per process).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (one line per name; keep sorted by module)
+_EXPORTS: dict[str, str] = {
+    "GradcamoError": "errors",
+    "PlateLayoutError": "errors",
+    "LabelsError": "errors",
+    "MetadataError": "errors",
+    "BundleMismatchError": "errors",
+    "InputError": "errors",
+    "WeightsNotFoundError": "errors",
+    "OutputStoreError": "errors",
+    "ClusterError": "errors",
+    "TrainingError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradcamo_dask' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"gradcamo_dask.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
