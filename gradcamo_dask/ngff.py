@@ -103,8 +103,8 @@ class _Field:
 def is_ngff(group: Any) -> bool:
     """True when the group's attributes hold NGFF plate or image metadata."""
     attrs = dict(group.attrs)
-    ome = attrs.get("ome", attrs) if isinstance(attrs.get("ome", attrs), dict) else attrs
-    return "plate" in ome or "multiscales" in ome
+    ome = attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
+    return isinstance(ome.get("plate"), dict) or isinstance(ome.get("multiscales"), list)
 
 
 def _parse_axes(meta: _Meta, m0: dict) -> tuple[str, list[str | None]]:
