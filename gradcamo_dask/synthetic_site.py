@@ -83,9 +83,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma) -> np
 def _lattice(rng: np.random.Generator, shape_yx: tuple[int, int], radius: float, strength: float) -> np.ndarray:
     """Jittered hexagonal lattice of cell centres covering the site plus one radius around it.
 
-    Treated wells hold fewer, larger cells: the spacing grows by up to 30 % with ``strength``.
+    Treated wells hold fewer, larger cells: the spacing grows by up to 40 % with ``strength``.
     """
-    spacing = 1.8 * radius * (1 + 0.3 * strength)
+    spacing = 1.8 * radius * (1 + 0.4 * strength)
     ny, nx = shape_yx
     offset = rng.uniform(0, spacing, size=2)
     rows = np.arange(-radius - offset[0], ny + radius, spacing * np.sqrt(3) / 2)
@@ -110,6 +110,23 @@ def _outline(phi: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
     for k in range(3):
         out += coeffs[..., k, 0] * np.cos((k + 2) * phi) + coeffs[..., k, 1] * np.sin((k + 2) * phi)
     return out
+
+
+def _largest_pieces(owner: np.ndarray) -> np.ndarray:
+    """Keep, for every cell id, only its largest 4-connected piece (a neighbour can cut a
+    footprint in two); the other pieces become background."""
+    from skimage.measure import label
+
+    pieces = label(owner, background=0, connectivity=1)
+    sizes = np.bincount(pieces.ravel())
+    piece_owner = np.zeros(len(sizes), dtype=np.int64)
+    piece_owner[pieces.ravel()] = owner.ravel()
+    ids = np.arange(1, len(sizes))
+    order = np.lexsort((-sizes[1:], piece_owner[1:]))  # by owner, biggest piece first
+    keep = np.zeros(len(sizes), dtype=bool)
+    first_of_owner = np.r_[True, np.diff(piece_owner[1:][order]) != 0]
+    keep[ids[order][first_of_owner]] = True
+    return np.where(keep[pieces], owner, 0)
 
 
 def site_geometry(
@@ -140,8 +157,8 @@ def site_geometry(
     n = len(centres)
     responder = rng.random(n) > 0.12
     s = np.clip(strength * responder * rng.normal(1.0, 0.25, n), 0.0, 1.0)
-    radius = cell_radius * np.exp(rng.normal(0, 0.1, n)) * (1 + 0.35 * s)
-    elongation = 1 + np.abs(rng.normal(0, 0.15, n)) + 0.6 * s
+    radius = cell_radius * np.exp(rng.normal(0, 0.1, n)) * (1 + 0.45 * s)
+    elongation = 1 + np.abs(rng.normal(0, 0.15, n)) + 0.9 * s
     angle = rng.uniform(0, np.pi, n)
     wobble = _harmonics(rng, n, 0.10 + 0.15 * s)
 
@@ -163,6 +180,7 @@ def site_geometry(
     radial = scaled[np.arange(len(pixels)), best].reshape(ny, nx).astype(np.float32)
     owner = np.where(radial < 1.0, near[np.arange(len(pixels)), best].reshape(ny, nx) + 1, 0)
 
+    owner = _largest_pieces(owner)
     # Keep only cells that show up in the site; renumber 1..m in order of first appearance.
     present, first = np.unique(owner.ravel(), return_index=True)
     present, first = present[present > 0], first[present > 0]
@@ -183,7 +201,7 @@ def site_geometry(
     inside = owner > 0
     h_cell = np.zeros((ny, nx), np.float32)
     h_cell[inside] = height[owner[inside] - 1] * np.sqrt(np.clip(1 - radial[inside] ** 2, 0, 1)) ** 0.7
-    h_cell[inside] = np.maximum(h_cell[inside], 1.0)
+    h_cell[inside] = np.maximum(h_cell[inside], 2.0)  # >= 2 slices: neighbouring columns overlap in z
     z = np.arange(nz, dtype=np.float32)[:, None, None]
     in_cell = (z >= floor) & (z < floor + h_cell)
     labels = np.where(in_cell, owner, 0).astype(np.int32)
@@ -262,7 +280,7 @@ def site_signal(rng: np.random.Generator, geo: SiteGeometry) -> np.ndarray:
 
     # ER: reticular network, enriched around the nucleus, dimmer with dose.
     er = _ridges(_smooth_noise(rng, shape, (0.8, 1.6, 1.6)), 0.45)
-    sig[1, slab] = cyto_s * (0.3 + er) * perinuclear * (1 - 0.35 * s2) * bright[1] + 0.15 * nuc_s * bright[1]
+    sig[1, slab] = cyto_s * (0.3 + er) * perinuclear * (1 - 0.5 * s2) * bright[1] + 0.15 * nuc_s * bright[1]
 
     # RNA: nucleoli (brighter with dose) and diffuse cytoplasm.
     nucleoli = nuc_s & (_smooth_noise(rng, shape, (0.8, 2.0, 2.0)) > 1.3)
@@ -300,8 +318,9 @@ def site_signal(rng: np.random.Generator, geo: SiteGeometry) -> np.ndarray:
     sig[4, slab] = cell_s * (0.8 * membrane + 0.9 * fibres * basal + 0.15) * bright[4]
 
     # Mito: tubular network that fragments into puncta with dose, perinuclear.
-    tubes = _ridges(_smooth_noise(rng, shape, (0.8, 1.5, 1.5)), 0.35)
-    dots = (_smooth_noise(rng, shape, (0.6, 0.9, 0.9)) > 1.4).astype(np.float32) * 1.3
+    # Tubes: where the zero sets of two smooth fields meet (curves in 3D); fragments: small blobs.
+    tubes = _ridges(_smooth_noise(rng, shape, (0.8, 2.0, 2.0)), 0.5) * _ridges(_smooth_noise(rng, shape, (0.8, 2.0, 2.0)), 0.5)
+    dots = (_smooth_noise(rng, shape, (0.6, 0.9, 0.9)) > 1.5).astype(np.float32) * 1.3
     sig[5, slab] = cyto_s * ((1 - s2) * tubes + s2 * dots) * perinuclear * bright[5]
 
     sig *= _LEVELS[:, None, None, None]
