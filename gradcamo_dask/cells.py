@@ -1,11 +1,12 @@
-"""Cell tables, single-cell crops with central-cell masks, and crop normalisation.
+"""Cell tables and single-cell crops with central-cell masks (normalisation re-exported).
 
 The paper's recipe (DESIGN §2): a crop is ``C x Z x H x W`` (default all z-slices x
 128 x 128), centred on the cell at the mean of the minimum and maximum index of its
 3D mask; cells that touch the volume's border are flagged and, by default, removed;
 the mask ``M`` holds the central cell only (neighbours are in the image crop, not
 in ``M``). Crops are rescaled per crop and channel to [0, 1] and standardised with
-per-channel statistics fit on training cells.
+per-channel statistics fit on training cells: :mod:`gradcamo_dask.normalize`, whose
+functions are importable from here too (``cells.normalize_crops`` is the contract).
 
 Where a crop sits: along an axis of crop size ``n``, a cell with centre ``c`` (float,
 voxels) gets the window ``[floor(c - n/2 + 0.5), ... + n)``. The centre lands on crop
@@ -13,8 +14,7 @@ index ``n/2 - 0.5`` exactly when that is possible (``c`` on a half voxel for eve
 ``n``, on a whole voxel for odd ``n``), otherwise on ``n/2``. Windows that run past
 the image are zero-padded and the cell is flagged ``crop_padded``.
 
-Devices: :func:`crop_site`, :func:`site_cells`, :func:`rescale_crops` and
-:func:`normalize_crops` work on NumPy or CuPy arrays in the array's own namespace
+Devices: :func:`crop_site` and :func:`site_cells` work on NumPy or CuPy arrays in the array's own namespace
 (:func:`gradcamo_dask.arrays.array_module`); bounding boxes come from
 ``scipy.ndimage.find_objects`` on the CPU (one C pass) and from a scatter reduction
 on the GPU (no host round trip).
@@ -36,6 +36,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.arrays import array_module, to_numpy
 from gradcamo_dask.errors import InputError, LabelsError, PlateLayoutError
+from gradcamo_dask.normalize import fit_normalization, normalize_crops, rescale_crops  # noqa: F401  (contract home)
 
 CropSize = Sequence[int | None]
 DEFAULT_SIZE: tuple[int | None, int, int] = (None, 128, 128)
@@ -221,7 +222,7 @@ def _per_site(data: da.Array, n_site_dims: int) -> da.Array:
 
 
 def _platemap_table(labels: xr.DataArray, platemap: Any) -> pd.DataFrame | None:
-    from gradcamo_dask.plate import platemap_of, read_platemap, validate_platemap
+    from gradcamo_dask.platemap import platemap_of, read_platemap, validate_platemap
 
     if platemap is None:
         return platemap_of(labels)
@@ -470,79 +471,3 @@ def extract_crops(
         meta = meta_mod.empty((0,) * (1 + len(tail)), dtype=dtype)
         outputs.append(da.Array(graph, name, chunks=(tuple(counts), *((n,) for n in tail)), dtype=dtype, meta=meta))
     return outputs[0], outputs[1]
-
-
-# ------------------------------------------------------------- normalisation
-
-
-def _module_of(x: Any) -> Any:
-    return array_module(getattr(x, "_meta", x))
-
-
-def rescale_crops(crops: Any) -> Any:
-    """Rescale each channel of each crop to [0, 1] (min-max over z, y, x), float32.
-
-    Works on NumPy, CuPy and Dask arrays ``(cell, c, z, y, x)``; a constant channel
-    becomes 0.
-    """
-    if crops.ndim != 5:
-        raise InputError(f"crops must be (cell, c, z, y, x), got shape {tuple(crops.shape)}")
-    x = crops.astype(np.float32)
-    lo = x.min(axis=(2, 3, 4), keepdims=True)
-    span = x.max(axis=(2, 3, 4), keepdims=True) - lo
-    span = span + (span == 0)  # constant channels: divide by 1 instead of 0
-    return (x - lo) / span
-
-
-def fit_normalization(crops: Any, *, rescaled: bool = False) -> dict[str, list[float]]:
-    """Per-channel mean and standard deviation of rescaled crops (fit on training cells).
-
-    Parameters
-    ----------
-    crops : array (cell, c, z, y, x), NumPy, CuPy or Dask
-        Raw crops (rescaled here first), or already rescaled ones with ``rescaled=True``.
-
-    Returns
-    -------
-    dict
-        ``{"mean": [float, ...], "std": [float, ...]}``, one value per channel, plain
-        Python floats (JSON-ready for a model bundle). A zero std is stored as 1.0.
-    """
-    x = crops if rescaled else rescale_crops(crops)
-    if x.shape[0] == 0:
-        raise InputError("fit_normalization needs at least one crop (the training cells)")
-    mean = x.mean(axis=(0, 2, 3, 4), dtype=np.float64)
-    sq = (x.astype(np.float64) ** 2).mean(axis=(0, 2, 3, 4))
-    if isinstance(mean, da.Array):
-        mean, sq = da.compute(mean, sq)
-    mean, sq = to_numpy(mean).astype(float), to_numpy(sq).astype(float)
-    std = np.sqrt(np.maximum(sq - mean**2, 0.0))
-    return {"mean": [float(v) for v in mean], "std": [float(v) if v > 0 else 1.0 for v in std]}
-
-
-def normalize_crops(crops: Any, normalization: Mapping[str, Sequence[float]], *, rescaled: bool = False) -> Any:
-    """The model's input intensities: rescale to [0, 1] per crop and channel, then
-    standardise with ``normalization`` (from :func:`fit_normalization` or a bundle).
-
-    Parameters
-    ----------
-    crops : array (cell, c, z, y, x), NumPy, CuPy or Dask
-        Raw crops, or already rescaled ones with ``rescaled=True``.
-    normalization : mapping
-        ``{"mean": [...], "std": [...]}`` with one value per channel.
-
-    Returns
-    -------
-    array of float32, same kind as ``crops``
-    """
-    mean, std = normalization.get("mean"), normalization.get("std")
-    if mean is None or std is None or len(mean) != len(std):
-        raise InputError(f"normalization needs 'mean' and 'std' lists of equal length, got {dict(normalization)}")
-    if crops.ndim != 5 or crops.shape[1] != len(mean):
-        raise InputError(f"crops have shape {tuple(crops.shape)} ({crops.shape[1] if crops.ndim == 5 else '?'} "
-                         f"channels); the normalization has {len(mean)} channels")
-    xp = _module_of(crops)
-    m = xp.asarray(mean, dtype=xp.float32).reshape(1, -1, 1, 1, 1)
-    s = xp.asarray(std, dtype=xp.float32).reshape(1, -1, 1, 1, 1)
-    x = crops.astype(np.float32) if rescaled else rescale_crops(crops)
-    return (x - m) / s

@@ -40,16 +40,8 @@ import xarray as xr
 from dask.base import tokenize
 
 from gradcamo_dask.errors import InputError, LabelsError, MetadataError, OutputStoreError, PlateLayoutError
-from gradcamo_dask.plate import (
-    PLATEMAP_FILE,
-    _czyx_shape,
-    _row_order,
-    _to_czyx,
-    lazy_sites,
-    plate_dataarray,
-    split_well,
-    well_name,
-)
+from gradcamo_dask.plate import czyx_shape, lazy_sites, plate_dataarray, to_czyx
+from gradcamo_dask.platemap import PLATEMAP_FILE, _row_order, split_well, well_name
 
 _UNITS_UM = {
     None: 1.0, "micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "nanometer": 1e-3, "nm": 1e-3,
@@ -171,7 +163,7 @@ def _parse_image(group: Any, where: str, context: str) -> _Field:
         raise MetadataError(f'{meta.file}: key "{meta.prefix}multiscales[0].axes" lists {len(axes)} axes ({axes}), '
                             f"the array at {path!r} has {array.ndim} dims {array.shape} ({context})")
     spacing = tuple(float(scale[axes.index(a)] * _UNITS_UM[units[axes.index(a)]]) if a in axes else 1.0 for a in "ZYX")
-    probe = _czyx_shape(array.shape, axes)
+    probe = czyx_shape(array.shape, axes)
     channels = None
     omero = meta.ome.get("omero")
     if isinstance(omero, dict) and "channels" in omero:
@@ -191,7 +183,7 @@ def _read_field(array: Any, axes: str, with_c: bool) -> np.ndarray:
     """Read one field (time point 0) as ``(1, 1, c, z, y, x)`` (or without ``c``)."""
     selection = tuple(0 if a == "T" else slice(None) for a in axes)
     data = np.asarray(array[selection])
-    czyx = _to_czyx(data, axes.replace("T", ""), True)
+    czyx = to_czyx(data, axes.replace("T", ""), True)
     return (czyx if with_c else czyx[0])[None, None]
 
 

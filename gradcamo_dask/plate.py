@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,48 +40,18 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.errors import LabelsError, MetadataError, PlateLayoutError
-
-PathLike = str | Path
-PLATEMAP_FILE = "platemap.csv"
-_WELL_RE = re.compile(r"^\s*([A-Za-z]{1,2})\s*0*(\d{1,3})\s*$")
-_TIFF_NAME_RE = re.compile(r"^(?P<well>[A-Za-z]{1,2}\d{1,3})_s(?P<site>\d+)(?P<labels>_labels)?\.tiff?$", re.I)
-_CONTROL_NAMES = {"control", "dmso", "negcon", "neg_control", "vehicle", "untreated", "mock"}
-_ALIASES = {
-    "well": ("well", "Metadata_Well", "well_position", "Metadata_well_position"),
-    "treatment": ("treatment", "Metadata_Treatment", "compound", "Metadata_Compound"),
-    "dose": ("dose", "Metadata_Dose", "concentration", "Metadata_Concentration", "dose_um"),
-    "is_control": ("is_control", "Metadata_IsControl", "control"),
-}
-
-
-# --------------------------------------------------------------------------- wells
-
-
-def well_name(row: str, column: int | str) -> str:
-    """Canonical well name: row letters plus a two-digit column, e.g. ``("B", 2) -> "B02"``."""
-    return f"{str(row).upper()}{int(column):02d}"
-
-
-def split_well(name: str) -> tuple[str, int]:
-    """``"B02"`` (or ``"b2"``) -> ``("B", 2)``; raises ValueError for anything else."""
-    match = _WELL_RE.match(str(name))
-    if match is None:
-        raise ValueError(f"{name!r} is not a well name like 'B02'")
-    return match.group(1).upper(), int(match.group(2))
-
-
-def normalize_well(name: str) -> str:
-    """``"b2"``, ``"B2"``, ``"B002"`` -> ``"B02"``."""
-    return well_name(*split_well(name))
-
-
-def _row_order(row: str) -> tuple[int, str]:
-    return (len(row), row)  # A..Z before AA..AF, as on a 1536-well plate
-
-
-def plate_order(wells: Sequence[str]) -> list[str]:
-    """Wells sorted row by row, then by column number (plate reading order)."""
-    return sorted(wells, key=lambda w: (_row_order(split_well(w)[0]), split_well(w)[1]))
+from gradcamo_dask.platemap import (  # noqa: F401  (re-exported: plate.py is the public home)
+    PLATEMAP_FILE,
+    PathLike,
+    attach_platemap,
+    normalize_well,
+    plate_order,
+    platemap_of,
+    read_platemap,
+    split_well,
+    validate_platemap,
+    well_name,
+)
 
 
 # ------------------------------------------------------------------- lazy arrays
@@ -150,133 +119,26 @@ def plate_dataarray(
     return xr.DataArray(data, dims=dims, coords=coords, name="labels" if labels else "image", attrs=out_attrs)
 
 
-# ----------------------------------------------------------------------- platemap
+def to_czyx(data: np.ndarray, axes: str, with_c: bool = True) -> np.ndarray:
+    """Reorder an array with the given axes to ``(c, z, y, x)`` (or ``(z, y, x)``); time point 0."""
+    if "T" in axes:
+        data = np.take(data, 0, axis=axes.index("T"))
+        axes = axes.replace("T", "")
+    for a in "CZ":
+        if a not in axes:
+            data, axes = data[None], a + axes
+    data = np.transpose(data, [axes.index(a) for a in "CZYX"])
+    if not with_c:
+        if data.shape[0] != 1:
+            raise LabelsError(f"label TIFF has {data.shape[0]} channels; labels must have one")
+        data = data[0]
+    return data
 
 
-def _find_column(frame: pd.DataFrame, field: str) -> str | None:
-    lower = {str(c).lower(): c for c in frame.columns}
-    for alias in _ALIASES[field]:
-        if alias.lower() in lower:
-            return lower[alias.lower()]
-    return None
-
-
-def _as_bool(values: pd.Series, source: str, column: str) -> np.ndarray:
-    table = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "t": True, "f": False}
-    out = []
-    for v in values:
-        key = str(v).strip().lower()
-        if isinstance(v, (bool, np.bool_)):
-            out.append(bool(v))
-        elif key in table:
-            out.append(table[key])
-        else:
-            raise MetadataError(f"platemap {source}: column {column!r} holds {v!r}; use true/false (or 1/0)")
-    return np.asarray(out, dtype=bool)
-
-
-def validate_platemap(frame: pd.DataFrame, source: str = "<DataFrame>") -> pd.DataFrame:
-    """Check and normalise a platemap table: one row per well with ``well, treatment, dose,
-    is_control`` (+ extras).
-
-    Column aliases from CellProfiler/pycytominer naming are accepted (``Metadata_Well``,
-    ``Metadata_Treatment``, ``concentration`` ...). ``dose`` defaults to NaN, and a
-    missing ``is_control`` is inferred: dose 0 or a treatment named like a control
-    (control, DMSO, negcon, vehicle, untreated, mock).
-    """
-    frame = frame.copy()
-    found = {field: _find_column(frame, field) for field in _ALIASES}
-    for field in ("well", "treatment"):
-        if found[field] is None:
-            raise MetadataError(
-                f"platemap {source}: no {field!r} column (columns: {list(frame.columns)}); "
-                f"a platemap needs at least 'well' and 'treatment'"
-            )
-    out = pd.DataFrame(index=frame.index)
-    try:
-        out["well"] = [normalize_well(w) for w in frame[found["well"]]]
-    except ValueError as err:
-        raise MetadataError(f"platemap {source}: column {found['well']!r}: {err}") from None
-    out["treatment"] = frame[found["treatment"]].astype(str).to_numpy()
-    if found["dose"] is not None:
-        try:
-            out["dose"] = pd.to_numeric(frame[found["dose"]]).astype(float).to_numpy()
-        except (ValueError, TypeError) as err:
-            raise MetadataError(f"platemap {source}: column {found['dose']!r} is not numeric ({err})") from None
-    else:
-        out["dose"] = np.nan
-    if found["is_control"] is not None:
-        out["is_control"] = _as_bool(frame[found["is_control"]], source, found["is_control"])
-    else:
-        named = out["treatment"].str.lower().isin(_CONTROL_NAMES)
-        out["is_control"] = (named | (out["dose"] == 0)).to_numpy(bool)
-    for column in frame.columns:
-        if column not in found.values() and column not in out.columns:
-            out[column] = frame[column].to_numpy()
-    duplicated = out["well"][out["well"].duplicated()].unique().tolist()
-    if duplicated:
-        raise MetadataError(f"platemap {source}: wells {duplicated} appear more than once; one row per well")
-    return out.reset_index(drop=True)
-
-
-def read_platemap(path: PathLike) -> pd.DataFrame:
-    """Read a platemap (CSV, TSV or Parquet): one row per well.
-
-    Parameters
-    ----------
-    path : str or Path
-        ``.csv``, ``.tsv``/``.txt`` (tab-separated) or ``.parquet`` file with at least
-        the columns ``well`` and ``treatment``; ``dose`` (µM) and ``is_control`` are
-        optional, any other column is kept.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``well`` ("B02"), ``treatment`` (str), ``dose`` (float),
-        ``is_control`` (bool), then the extra columns.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"platemap {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    else:
-        frame = pd.read_csv(path, sep="\t" if suffix in (".tsv", ".txt") else ",")
-    return validate_platemap(frame, str(path))
-
-
-def attach_platemap(image: xr.DataArray, platemap: pd.DataFrame | PathLike) -> xr.DataArray:
-    """Add the platemap's columns as coords on ``well`` (``treatment``, ``dose``, ...).
-
-    Every well of the plate needs a platemap row (wells only in the platemap are
-    ignored). Columns that clash with existing coords (``row``, ``column``, ``site``,
-    ``c``) or with ``plate`` are not copied.
-    """
-    if not isinstance(platemap, pd.DataFrame):
-        platemap = read_platemap(platemap)
-    elif not {"well", "treatment", "dose", "is_control"} <= set(platemap.columns):
-        platemap = validate_platemap(platemap)
-    table = platemap.assign(well=[normalize_well(w) for w in platemap["well"]]).set_index("well")
-    wells = [str(w) for w in image["well"].values]
-    missing = [w for w in wells if w not in table.index]
-    if missing:
-        raise PlateLayoutError(
-            f'plate "{image.attrs.get("plate", "?")}": wells {missing} have no row in the platemap; '
-            f"add them to the platemap or select the mapped wells with image.sel(well=[...])"
-        )
-    rows = table.loc[wells]
-    skip = set(image.dims) | {"row", "column", "plate"}
-    coords = {col: ("well", rows[col].to_numpy()) for col in rows.columns if col not in skip}
-    return image.assign_coords(coords)
-
-
-def platemap_of(image: xr.DataArray) -> pd.DataFrame | None:
-    """The platemap carried as coords on ``well`` (None when there is none)."""
-    if "treatment" not in image.coords:
-        return None
-    names = [n for n, c in image.coords.items() if c.dims == ("well",) and n not in ("row", "column")]
-    return pd.DataFrame({n: image.coords[n].values for n in ["well", *[m for m in names if m != "well"]]})
+def czyx_shape(shape: Sequence[int], axes: str) -> tuple[int, int, int, int]:
+    """The ``(c, z, y, x)`` shape :func:`to_czyx` makes of ``shape`` (from metadata, no data)."""
+    sizes = dict(zip(axes.upper(), shape))
+    return tuple(int(sizes.get(a, 1)) for a in "CZYX")
 
 
 # ----------------------------------------------------------------- shape checks
@@ -329,117 +191,6 @@ def check_labels(image: xr.DataArray, labels: xr.DataArray) -> None:
             f'plate "{plate}", well "{well0}", site {site0}: labels have shape (z, y, x) = {lab_zyx}, the image '
             f"{img_zyx}; labels must be computed on the same grid as the image"
         )
-
-
-# ------------------------------------------------------------------------- TIFF
-
-
-def _tiff_axes(path: Path, axes: str | None) -> tuple[tuple[int, ...], np.dtype, str, tuple[float, float, float] | None]:
-    """Shape, dtype, axes and (if recorded) spacing of a TIFF file, from its header only."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        shape, dtype, found = tuple(series.shape), np.dtype(series.dtype), series.axes.upper()
-        spacing = None
-        if tif.is_imagej and tif.imagej_metadata:
-            meta = tif.imagej_metadata
-            res = tif.pages[0].tags.get("XResolution")
-            if res is not None and res.value[0]:
-                xy = res.value[1] / res.value[0]
-                spacing = (float(meta.get("spacing", 1.0)), xy, xy)
-    if axes is None:
-        axes = found
-        if any(a not in "TCZYXS" for a in axes) or len(set(axes)) != len(axes):
-            axes = "TZCYX"[-len(shape):] if len(shape) <= 5 else None
-            if axes is None:
-                raise MetadataError(f"TIFF {path}: cannot tell the axes of shape {shape}; pass axes='ZCYX' or similar")
-            warnings.warn(f"TIFF {path} records no usable axes ({found}); assuming {axes} (ImageJ order). "
-                          f"Pass axes=... if that is wrong.", stacklevel=3)
-    axes = axes.upper().replace("S", "C")
-    if len(axes) != len(shape) or len(set(axes)) != len(axes) or any(a not in "TCZYX" for a in axes):
-        raise MetadataError(f"TIFF {path}: axes {axes!r} do not fit its shape {shape}")
-    return shape, dtype, axes, spacing
-
-
-def _to_czyx(data: np.ndarray, axes: str, with_c: bool = True) -> np.ndarray:
-    """Reorder an array with the given axes to ``(c, z, y, x)`` (or ``(z, y, x)``); time point 0."""
-    if "T" in axes:
-        data = np.take(data, 0, axis=axes.index("T"))
-        axes = axes.replace("T", "")
-    for a in "CZ":
-        if a not in axes:
-            data, axes = data[None], a + axes
-    data = np.transpose(data, [axes.index(a) for a in "CZYX"])
-    if not with_c:
-        if data.shape[0] != 1:
-            raise LabelsError(f"label TIFF has {data.shape[0]} channels; labels must have one")
-        data = data[0]
-    return data
-
-
-def _czyx_shape(shape: Sequence[int], axes: str) -> tuple[int, int, int, int]:
-    """The ``(c, z, y, x)`` shape :func:`_to_czyx` makes of ``shape`` (from metadata, no data)."""
-    sizes = dict(zip(axes.upper(), shape))
-    return tuple(int(sizes.get(a, 1)) for a in "CZYX")
-
-
-def _read_tiff(path: str, axes: str, with_c: bool) -> np.ndarray:
-    import tifffile
-
-    return _to_czyx(tifffile.imread(path), axes, with_c)[None, None]
-
-
-def _tiff_sources(path: PathLike | Mapping, labels: bool) -> dict[tuple[str, int], Path]:
-    if isinstance(path, Mapping):
-        return {(normalize_well(w), int(s)): Path(p) for (w, s), p in path.items()}
-    path = Path(path)
-    if path.is_file():
-        return {("A01", 0): path}
-    found = {}
-    for f in sorted(path.iterdir()):
-        m = _TIFF_NAME_RE.match(f.name)
-        if m and bool(m.group("labels")) == labels:
-            found[(normalize_well(m.group("well")), int(m.group("site")))] = f
-    if not found:
-        kind = "label" if labels else "image"
-        raise PlateLayoutError(f"folder {path} holds no {kind} TIFFs named like 'B02_s0{'_labels' if labels else ''}.tif'")
-    return found
-
-
-def open_tiff(
-    path: PathLike | Mapping,
-    *,
-    axes: str | None = None,
-    labels: bool = False,
-    plate: str | None = None,
-) -> xr.DataArray:
-    """Open TIFF stacks as a plate (or labels when ``labels=True``); see the module docstring."""
-    files = _tiff_sources(path, labels)
-    wells = plate_order(sorted({w for w, _ in files}))
-    sites = sorted({s for _, s in files})
-    plate = plate or (Path(path).stem if not isinstance(path, Mapping) else "plate")
-    first = None
-    sources: dict = {}
-    for (w, s), f in files.items():
-        shape, dtype, ax, spacing = _tiff_axes(f, axes)
-        probe = _czyx_shape(shape, ax)
-        site_shape = probe if not labels else probe[1:]
-        if first is None:
-            first = (site_shape, dtype, spacing, f)
-        elif (site_shape, dtype) != first[:2]:
-            raise PlateLayoutError(
-                f'plate "{plate}", well "{w}", site {s}: {f} has shape {site_shape} {dtype}, but {first[3]} has '
-                f"{first[0]} {first[1]}; every site must have the same shape and dtype"
-            )
-        sources[(wells.index(w), sites.index(s))] = (str(f), ax, not labels)
-    site_shape, dtype, spacing, _ = first
-    name = f"tiff-{'labels' if labels else 'image'}-{tokenize(sorted(map(str, files.values())), axes)}"
-    data = lazy_sites(_read_tiff, sources, len(wells), len(sites), site_shape, dtype, name)
-    channels = None if labels else [f"channel_{i}" for i in range(site_shape[0])]
-    return plate_dataarray(data, wells=wells, sites=sites, channels=channels, plate=plate,
-                           spacing_zyx_um=spacing or (1.0, 1.0, 1.0),
-                           attrs={"spacing_recorded": spacing is not None})
 
 
 # ------------------------------------------------------------------- plain Zarr
@@ -547,6 +298,8 @@ def open_plate(
         Named ``"image"``, Dask-backed, one chunk per site.
     """
     if _is_tiff(path):
+        from gradcamo_dask.tiff import open_tiff
+
         image = open_tiff(path, axes=axes, plate=plate)
     else:
         from gradcamo_dask import ngff
@@ -607,6 +360,8 @@ def open_labels(
         Axis order of TIFF files, e.g. ``"ZYX"``.
     """
     if _is_tiff(path):
+        from gradcamo_dask.tiff import open_tiff
+
         labels = open_tiff(path, axes=axes, labels=True)
     else:
         from gradcamo_dask import ngff

@@ -29,7 +29,8 @@ import xarray as xr
 from dask.base import tokenize
 
 from gradcamo_dask.errors import InputError
-from gradcamo_dask.plate import attach_platemap, plate_dataarray, well_name
+from gradcamo_dask.plate import plate_dataarray
+from gradcamo_dask.platemap import attach_platemap, well_name
 from gradcamo_dask.synthetic_site import CHANNELS, render_site, site_geometry
 
 DEFAULT_DOSES_UM: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0)
