@@ -14,8 +14,8 @@ index ``n/2 - 0.5`` exactly when that is possible (``c`` on a half voxel for eve
 ``n``, on a whole voxel for odd ``n``), otherwise on ``n/2``. Windows that run past
 the image are zero-padded and the cell is flagged ``crop_padded``.
 
-Devices: :func:`crop_site` and :func:`site_cells` work on NumPy or CuPy arrays in the array's own namespace
-(:func:`gradcamo_dask.arrays.array_module`); bounding boxes come from
+Devices: :func:`crop_site` and :func:`site_cells` work on NumPy or CuPy arrays in
+the array's own namespace (:func:`gradcamo_dask.arrays.array_module`); bounding boxes come from
 ``scipy.ndimage.find_objects`` on the CPU (one C pass) and from a scatter reduction
 on the GPU (no host round trip).
 """

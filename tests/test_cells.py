@@ -95,7 +95,7 @@ def test_scatter_boxes_for_cupy_agree_with_find_objects():
 def test_crop_windows_centre_the_cell():
     start, stop = crop_windows(np.array([[2.0, 100.0, 100.5]]), (None, 128, 5), (6, 300, 300))
     assert start.tolist() == [[0, 36, 98]] and stop.tolist() == [[6, 164, 103]]
-    # x: centre 100.5 sits at crop index 2.5? no: odd size 5 puts whole voxels in the middle
+    # y: whole-voxel centre, even size -> crop index 64; x: half-voxel centre, odd size -> crop index 2.5
     start, _ = crop_windows(np.array([[2.0, 100.5, 100.0]]), (3, 128, 5), (6, 300, 300))
     assert start.tolist() == [[1, 37, 98]]  # y: 100.5 lands exactly on 63.5, the crop's centre
 
