@@ -139,7 +139,17 @@ def _scale(meta: _Meta, transforms: Any, ndim: int, path: str) -> np.ndarray:
 
 
 def _parse_image(group: Any, where: str, context: str) -> _Field:
-    """Axes, full-resolution array, spacing and channel names of one NGFF image group."""
+    """Axes, full-resolution array, spacing and channel names of one NGFF image group.
+
+    Every MetadataError names the key and the file, then ``context`` (plate, well, site).
+    """
+    try:
+        return _parse_image_metadata(group, where)
+    except MetadataError as err:
+        raise MetadataError(f"{err} ({context})") from None
+
+
+def _parse_image_metadata(group: Any, where: str) -> _Field:
     import zarr
 
     meta = _Meta(group, where)
@@ -149,7 +159,7 @@ def _parse_image(group: Any, where: str, context: str) -> _Field:
     path = meta.need(d0, "path", str, "multiscales[0].datasets[0].path")
     if "coordinateTransformations" not in d0:
         raise MetadataError(f'{meta.file}: key "{meta.prefix}multiscales[0].datasets[0].coordinateTransformations" '
-                            f"is missing ({context})")
+                            f"is missing")
     scale = _scale(meta, d0["coordinateTransformations"], len(axes), "multiscales[0].datasets[0].coordinateTransformations")
     scale = scale * _scale(meta, m0.get("coordinateTransformations"), len(axes), "multiscales[0].coordinateTransformations")
     try:
@@ -158,10 +168,10 @@ def _parse_image(group: Any, where: str, context: str) -> _Field:
         array = None
     if not isinstance(array, zarr.Array):
         raise MetadataError(f'{meta.file}: key "{meta.prefix}multiscales[0].datasets[0].path" is {path!r}, but there is '
-                            f"no array at {group.path}/{path} ({context})")
+                            f"no array at {group.path}/{path}")
     if array.ndim != len(axes):
         raise MetadataError(f'{meta.file}: key "{meta.prefix}multiscales[0].axes" lists {len(axes)} axes ({axes}), '
-                            f"the array at {path!r} has {array.ndim} dims {array.shape} ({context})")
+                            f"the array at {path!r} has {array.ndim} dims {array.shape}")
     spacing = tuple(float(scale[axes.index(a)] * _UNITS_UM[units[axes.index(a)]]) if a in axes else 1.0 for a in "ZYX")
     probe = czyx_shape(array.shape, axes)
     channels = None
@@ -171,7 +181,7 @@ def _parse_image(group: Any, where: str, context: str) -> _Field:
         labels = [c.get("label") if isinstance(c, dict) else None for c in chans]
         if len(labels) != probe[0]:
             raise MetadataError(f'{meta.file}: key "{meta.prefix}omero.channels" lists {len(labels)} channels, the '
-                                f"image has {probe[0]} ({context})")
+                                f"image has {probe[0]}")
         if all(isinstance(lab, str) and lab for lab in labels) and len(set(labels)) == len(labels):
             channels = labels
     if "T" in axes and array.shape[axes.index("T")] > 1:
@@ -209,7 +219,10 @@ def _walk_plate(group: Any, where: str, plate: str | None) -> tuple[str, dict[st
             raise MetadataError(f'{meta.file}: key "{meta.prefix}plate.wells[{i}].path" names well group {wpath!r}, '
                                 f'which does not exist (plate "{name}", well "{wname}")') from None
         wmeta = _Meta(wgroup, where)
-        images = wmeta.need(wmeta.need(wmeta.ome, "well", dict, "well"), "images", list, "well.images")
+        try:
+            images = wmeta.need(wmeta.need(wmeta.ome, "well", dict, "well"), "images", list, "well.images")
+        except MetadataError as err:
+            raise MetadataError(f'{err} (plate "{name}", well "{wname}")') from None
         fields = []
         for j, im in enumerate(images):
             ipath = wmeta.need(im, "path", str, f"well.images[{j}].path")

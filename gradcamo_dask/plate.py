@@ -376,6 +376,8 @@ def open_labels(
     if not np.issubdtype(labels.dtype, np.integer):
         raise LabelsError(f'plate "{labels.attrs.get("plate")}": labels at {path} have dtype {labels.dtype}; labels must '
                           f"be integers (0 = background)")
+    if labels.dtype != np.int32:  # the package's label dtype; ids beyond 2**31 do not occur in practice
+        labels = labels.astype(np.int32)
     if like is not None:
         labels.attrs["plate"] = like.attrs.get("plate", labels.attrs["plate"])
         check_labels(like, labels)

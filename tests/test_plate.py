@@ -264,6 +264,10 @@ def test_malformed_metadata_names_the_key_and_the_file(tmp_path, where, edit, ke
     message = str(err.value)
     assert f'"{key}"' in message
     assert str(path / where / ".zattrs") in message
+    if where.count("/") == 2:  # a field: plate, well and site are named too
+        assert 'plate "v04plate", well "B03", site 1' in message
+    elif where:
+        assert 'plate "v04plate", well "D11"' in message
 
 
 def test_wells_with_inconsistent_shapes_name_plate_well_and_site(tmp_path):
@@ -373,6 +377,7 @@ def test_tiff_folder_and_single_file(tmp_path):
     for (well, site), (data, lab) in stacks.items():
         np.testing.assert_array_equal(plate.sel(well=well, site=site).values, data.transpose(1, 0, 2, 3))
     labels = open_labels(tmp_path, like=plate, axes="ZYX")
+    assert labels.dtype == np.int32  # stored as uint16
     np.testing.assert_array_equal(labels.sel(well="C10", site=1).values, stacks[("C10", 1)][1])
 
     single = open_plate(tmp_path / "B2_s1.tif")
