@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "attach_platemap": "plate",
     "select_channels": "plate",
     "check_labels": "plate",
+    "labels_like": "plate",
     "SyntheticPlate": "synthetic",
     "synthetic_plate": "synthetic",
     "site_cells": "cells",

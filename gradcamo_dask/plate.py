@@ -119,6 +119,23 @@ def plate_dataarray(
     return xr.DataArray(data, dims=dims, coords=coords, name="labels" if labels else "image", attrs=out_attrs)
 
 
+def labels_like(image: xr.DataArray, data: Any) -> xr.DataArray:
+    """Wrap ``(well, site, z, y, x)`` label data (NumPy, CuPy or Dask) as the labels of
+    ``image``: name ``"labels"``, int32, the image's ``well``/``site`` coords (platemap
+    coords included) and attrs. For segmenters that compute labels from a plate."""
+    expected = tuple(image.sizes[d] for d in ("well", "site", "z", "y", "x"))
+    if tuple(data.shape) != expected:
+        raise LabelsError(f'plate "{image.attrs.get("plate", "?")}": label data have shape {tuple(data.shape)}, '
+                          f"the plate needs (well, site, z, y, x) = {expected}")
+    if not np.issubdtype(data.dtype, np.integer):
+        raise LabelsError(f'plate "{image.attrs.get("plate", "?")}": label data have dtype {data.dtype}; labels must '
+                          f"be integers (0 = background)")
+    coords = {name: coord for name, coord in image.coords.items() if set(coord.dims) <= {"well", "site"}}
+    labels = xr.DataArray(data, dims=("well", "site", "z", "y", "x"), coords=coords, name="labels",
+                          attrs=dict(image.attrs))
+    return labels if labels.dtype == np.int32 else labels.astype(np.int32)
+
+
 def to_czyx(data: np.ndarray, axes: str, with_c: bool = True) -> np.ndarray:
     """Reorder an array with the given axes to ``(c, z, y, x)`` (or ``(z, y, x)``); time point 0."""
     if "T" in axes:
@@ -263,7 +280,7 @@ def _plate_dir(path: Any) -> Path | None:
 
 def open_plate(
     path: Any,
-    platemap: pd.DataFrame | PathLike | None = None,
+    platemap: pd.DataFrame | PathLike | bool | None = None,
     *,
     channels: Sequence[str] | None = None,
     spacing_zyx_um: Sequence[float] | None = None,

@@ -349,7 +349,7 @@ def apply_optics(
     applied after the confounder (it scales the whole field of view).
     """
     nc, nz, ny, nx = signal.shape
-    out = ndi.gaussian_filter(signal, (0, 1.0, 1.0, 1.0), mode="constant")
+    out = ndi.gaussian_filter(signal, (0, 1.0, 1.0, 1.0), mode="constant", truncate=3.0)
     focus = bottom + 0.5 * height + rng.normal(0, 1.0)  # site-level focus batch effect
     weight = np.clip(np.abs(np.arange(nz) - focus) / (0.5 * nz), 0, 1).astype(np.float32) * 0.8
     # A defocused widefield PSF is close to a disk; a 7 x 7 box is a cheap stand-in.
@@ -377,9 +377,14 @@ def apply_camera(rng: np.random.Generator, photons: np.ndarray) -> np.ndarray:
     """
     lam = np.maximum(photons, 0, dtype=np.float32)
     low = lam < _EXACT_POISSON_BELOW
-    counts = lam + np.sqrt(lam) * rng.standard_normal(lam.shape, dtype=np.float32)
-    counts[low] = rng.poisson(lam[low])
-    counts += _CAMERA_OFFSET + _READ_NOISE * rng.standard_normal(lam.shape, dtype=np.float32)
+    # Shot and read noise of bright voxels in one normal draw: N(lam, lam + read^2).
+    counts = rng.standard_normal(lam.shape, dtype=np.float32)
+    counts *= np.sqrt(lam + _READ_NOISE**2)
+    counts += lam
+    n_low = int(low.sum())
+    if n_low:
+        counts[low] = rng.poisson(lam[low]) + _READ_NOISE * rng.standard_normal(n_low, dtype=np.float32)
+    counts += _CAMERA_OFFSET
     return np.clip(np.rint(counts), 0, np.iinfo(np.uint16).max).astype(np.uint16)
 
 

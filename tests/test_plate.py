@@ -6,6 +6,7 @@ import json
 import warnings
 
 import dask
+import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
@@ -446,6 +447,20 @@ def test_platemap_must_cover_every_well(written):
     plate = open_plate(written, platemap=pm)
     assert list(plate["treatment"].values) == ["a", "b", "c", "d"]
     assert list(plate["is_control"].values) == [True, False, False, False]
+
+
+def test_labels_like_wraps_segmenter_output(small_plate):
+    from gradcamo_dask import labels_like
+
+    data = da.from_array(small_plate.labels.values.astype(np.uint16), chunks=(1, 1, 5, 48, 48))
+    labels = labels_like(small_plate.image, data)
+    assert labels.name == "labels" and labels.dtype == np.int32 and isinstance(labels.data, da.Array)
+    assert list(labels["treatment"].values) == list(small_plate.image["treatment"].values)
+    assert labels.attrs["plate"] == "synthetic"
+    with pytest.raises(LabelsError, match=r"the plate needs \(well, site, z, y, x\) = \(4, 2, 5, 48, 48\)"):
+        labels_like(small_plate.image, data[:, :, :4])
+    with pytest.raises(LabelsError, match="dtype float32"):
+        labels_like(small_plate.image, data.astype(np.float32))
 
 
 def test_plate_dataarray_rejects_wrong_rank():
