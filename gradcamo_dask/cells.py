@@ -45,7 +45,6 @@ GEOMETRY_COLUMNS = [
     "bbox_x0", "bbox_x1", "volume_voxels", "touches_border", "crop_padded",
 ]
 KEY_COLUMNS = ["plate", "well", "site"]
-PLATEMAP_COLUMNS = ["treatment", "dose", "is_control"]
 
 
 def _where(plate: Any = None, well: Any = None, site: Any = None) -> str:
@@ -227,7 +226,7 @@ def _platemap_table(labels: xr.DataArray, platemap: Any) -> pd.DataFrame | None:
     if platemap is None:
         return platemap_of(labels)
     if isinstance(platemap, pd.DataFrame):
-        return platemap if set(PLATEMAP_COLUMNS) <= set(platemap.columns) else validate_platemap(platemap)
+        return validate_platemap(platemap)
     return read_platemap(platemap)
 
 
@@ -285,7 +284,7 @@ def cell_table(
     pm = _platemap_table(labels, platemap)
     if pm is not None:
         pm = pm.drop(columns=[c for c in ("plate", "site", *GEOMETRY_COLUMNS) if c in pm.columns])
-        missing = sorted(set(table["well"]) - set(pm["well"]))
+        missing = [w for w in wells if w not in set(pm["well"])]
         if missing:
             raise PlateLayoutError(f'plate "{plate}": wells {missing} have no row in the platemap; add them')
         table = table.merge(pm, on="well", how="left", validate="many_to_one")

@@ -263,7 +263,8 @@ def _assemble(fields: dict[tuple[str, int], _Field], wells: list[str], n_sites: 
         warnings.warn(f'plate "{plate}": wells {sorted(short)} have fewer fields than {n_sites}; their missing sites '
                       f"read as zeros (no cells)", stacklevel=4)
     site_shape = first.site_shape if with_c else first.site_shape[1:]
-    sources = {(wells.index(w), s): (f.array, f.axes, with_c) for (w, s), f in fields.items()}
+    index = {w: i for i, w in enumerate(wells)}
+    sources = {(index[w], s): (f.array, f.axes, with_c) for (w, s), f in fields.items()}
     name = f"ngff-{kind}-{tokenize(plate, [(k, f.file, f.site_shape, str(f.array.dtype)) for k, f in fields.items()])}"
     return lazy_sites(_read_field, sources, len(wells), n_sites, site_shape, dtype, name), first
 

@@ -432,7 +432,8 @@ def write_plate(
     overwrite : bool
         Replace an existing Zarr store at ``path``.
     compute : bool
-        If False, return a ``dask.delayed`` object that does the writing.
+        If False, create the store's groups and arrays now and return a
+        ``dask.delayed`` object that writes the data and, last, the plate metadata.
     progress : bool
         Show a Dask progress bar (local schedulers).
     """

@@ -164,11 +164,8 @@ def attach_platemap(image: xr.DataArray, platemap: pd.DataFrame | PathLike) -> x
     ignored). Columns that clash with existing coords (``row``, ``column``, ``site``,
     ``c``) or with ``plate`` are not copied.
     """
-    if not isinstance(platemap, pd.DataFrame):
-        platemap = read_platemap(platemap)
-    elif not {"well", "treatment", "dose", "is_control"} <= set(platemap.columns):
-        platemap = validate_platemap(platemap)
-    table = platemap.assign(well=[normalize_well(w) for w in platemap["well"]]).set_index("well")
+    platemap = validate_platemap(platemap) if isinstance(platemap, pd.DataFrame) else read_platemap(platemap)
+    table = platemap.set_index("well")
     wells = [str(w) for w in image["well"].values]
     missing = [w for w in wells if w not in table.index]
     if missing:
