@@ -25,6 +25,23 @@ _EXPORTS: dict[str, str] = {
     "OutputStoreError": "errors",
     "ClusterError": "errors",
     "TrainingError": "errors",
+    "open_plate": "plate",
+    "open_labels": "plate",
+    "write_plate": "plate",
+    "read_platemap": "plate",
+    "attach_platemap": "plate",
+    "select_channels": "plate",
+    "check_labels": "plate",
+    "labels_like": "plate",
+    "SyntheticPlate": "synthetic",
+    "synthetic_plate": "synthetic",
+    "site_cells": "cells",
+    "cell_table": "cells",
+    "crop_site": "cells",
+    "extract_crops": "cells",
+    "rescale_crops": "cells",
+    "fit_normalization": "cells",
+    "normalize_crops": "cells",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
