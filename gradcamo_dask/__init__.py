@@ -9,6 +9,8 @@ Dask workers, which import the package once per process).
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -60,3 +62,22 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+class _Package(types.ModuleType):
+    """The package module; keeps public functions named like their module.
+
+    Importing a submodule binds it on the package, so the first import of
+    ``gradcamo_dask.explain`` (the module) would hide ``gradcamo_dask.explain``
+    (the function). Such names keep the function; the module stays reachable as
+    ``sys.modules["gradcamo_dask.explain"]`` and through ``from gradcamo_dask.explain
+    import ...``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

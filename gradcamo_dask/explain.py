@@ -167,8 +167,9 @@ class GradCAM:
             acts = [state.activations[name] for name in self.layers]
             if not logits.requires_grad:
                 raise InputError(f"layers {self.layers} do not feed the logits; pick layers on the path to the output")
-            selected = logits.gather(1, targets[:, None]).sum()
-            grads = torch.autograd.grad(selected, acts, allow_unused=True)
+            with torch.enable_grad():  # the caller may be under no_grad
+                selected = logits.gather(1, targets[:, None]).sum()
+                grads = torch.autograd.grad(selected, acts, allow_unused=True)
             cams = {}
             for name, act, grad in zip(self.layers, acts, grads):
                 if grad is None:

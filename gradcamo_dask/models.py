@@ -510,8 +510,8 @@ class Bundle:
         if channels is not None and list(channels) != list(cfg.channels):
             if len(channels) != len(cfg.channels):
                 raise BundleMismatchError(
-                    f"bundle expects {_names('channels', cfg.channels)}, plate has "
-                    f"{_names('channels', list(channels))}; select the bundle's channels or use a "
+                    f"bundle expects {_names('channels', cfg.channels)}, plate has {len(channels)} "
+                    f"({', '.join(map(str, channels))}); select the bundle's channels or use a "
                     "bundle trained on these"
                 )
             raise BundleMismatchError(
