@@ -41,6 +41,7 @@ __all__ = [
     "Bundle",
     "BundleConfig",
     "EfficientNet3D",
+    "conv_padding",
     "convert_efficientnet_pytorch_3d",
     "default_layer",
     "efficientnet3d",
@@ -88,13 +89,31 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     return total // 2, total - total // 2
 
 
-def _padder(conv: nn.Conv3d, sizes: Sequence[int]) -> nn.Module:
-    pads = [
-        same_padding(n, k, s, d)
-        for n, k, s, d in zip(sizes, conv.kernel_size, conv.stride, conv.dilation)
-    ]
-    flat = [p for pair in reversed(pads) for p in pair]  # F.pad order: x first
+def _apply_padding(conv: nn.Conv3d, pads: Sequence[tuple[int, int]]) -> nn.Module:
+    """Give ``conv`` the padding ``pads`` ((before, after) per axis z, y, x).
+
+    The symmetric part goes into the convolution itself (``conv.padding``), which
+    pads on the fly; only the odd voxel of "same" padding at stride 2 remains for a
+    :class:`torch.nn.ConstantPad3d` in front of it. The numbers are those of one
+    zero-padding module, but no padded copy of the activation is made, and the
+    input gradient is computed for the real voxels only (on small grids, such as
+    the 1 x 2 x 2 maps of stage 5, a fully padded copy was 10-45x larger).
+    Returns the module that goes in front (the padder, or ``nn.Identity``).
+    """
+    conv.padding = tuple(int(lo) for lo, _hi in pads)
+    rest = [int(hi - lo) for lo, hi in pads]
+    if any(r < 0 for r in rest):  # never for "same" padding: the odd voxel goes after
+        raise ValueError(f"padding {pads} is larger before than after")
+    flat = [p for r in reversed(rest) for p in (0, r)]  # F.pad order: x first
     return nn.ConstantPad3d(tuple(flat), 0.0) if any(flat) else nn.Identity()
+
+
+def conv_padding(conv: nn.Conv3d, padder: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Zero padding ``(before, after)`` in voxels per axis (z, y, x) that ``padder`` + ``conv`` apply."""
+    extra = getattr(padder, "padding", (0,) * 6)
+    after = (extra[5], extra[3], extra[1])  # F.pad order is x, y, z
+    before = (extra[4], extra[2], extra[0])
+    return tuple((int(p) + b, int(p) + a) for p, b, a in zip(conv.padding, before, after))
 
 
 class EfficientNet3D(EfficientNet):
@@ -159,14 +178,13 @@ class EfficientNet3D(EfficientNet):
         def pad_for(conv: nn.Conv3d) -> nn.Module:
             nonlocal sizes
             seen = sizes if padding == "same" else [cube] * 3
-            padder = _padder(conv, seen)
-            total = [sum(same_padding(n, k, s, d)) for n, k, s, d in
-                     zip(seen, conv.kernel_size, conv.stride, conv.dilation)]
+            pads = [same_padding(n, k, s, d) for n, k, s, d in
+                    zip(seen, conv.kernel_size, conv.stride, conv.dilation)]
             sizes = [
-                (n + p - d * (k - 1) - 1) // s + 1
-                for n, p, k, s, d in zip(sizes, total, conv.kernel_size, conv.stride, conv.dilation)
+                (n + lo + hi - d * (k - 1) - 1) // s + 1
+                for n, (lo, hi), k, s, d in zip(sizes, pads, conv.kernel_size, conv.stride, conv.dilation)
             ]
-            return padder
+            return _apply_padding(conv, pads)
 
         self._conv_stem_padding = pad_for(self._conv_stem)
         for stage in self._blocks:

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine_models import TinyCNN, lively
@@ -30,6 +31,12 @@ SMALL = (9, 35, 70)  # odd, non-cubic: catches per-axis padding mistakes
 
 def _module(model, name):
     return dict(model.named_modules())[name]
+
+
+def _padding(model, conv_name):
+    from gradcamo_dask.models import conv_padding
+
+    return conv_padding(_module(model, conv_name), _module(model, conv_name + "_padding"))
 
 
 def test_parameter_count_of_b0_with_6_channels_and_6_classes():
@@ -61,10 +68,9 @@ def test_efficientnet_pytorch_3d_padding_gives_its_1x3x3_map():
     model = efficientnet3d(6, 6, (64, 224, 224), padding="efficientnet_pytorch_3d")
     grids = layer_grids(model)
     assert grids["_head_swish"] == (1, 3, 3) and grids["_blocks.4.10"] == (2, 7, 7)
-    stem, block5 = model._conv_stem_padding, _module(model, "_blocks.5.11._depthwise_conv_padding")
-    assert stem.padding == (0, 1, 0, 1, 0, 1)  # k3, stride 2 on an even size: 1 voxel, after
-    assert block5.padding == (1, 2, 1, 2, 1, 2)  # k5, stride 2 on an even size
-    assert _module(model, "_blocks.4.8._depthwise_conv_padding").padding == (2, 2, 2, 2, 2, 2)  # k5, stride 1
+    assert _padding(model, "_conv_stem") == ((0, 1),) * 3  # k3, stride 2 on an even size: 1 voxel, after
+    assert _padding(model, "_blocks.5.11._depthwise_conv") == ((1, 2),) * 3  # k5, stride 2, even size
+    assert _padding(model, "_blocks.4.8._depthwise_conv") == ((2, 2),) * 3  # k5, stride 1
     with pytest.raises(InputError, match="padding"):
         efficientnet3d(6, 6, padding="valid")
 
@@ -72,7 +78,8 @@ def test_efficientnet_pytorch_3d_padding_gives_its_1x3x3_map():
 def test_padding_is_derived_per_axis_from_the_input_grid():
     model = efficientnet3d(6, 6, (64, 224, 224))
     # block 11 (stage 5, k5, stride 2) sees 2 x 7 x 7: z pads 3 = (1, 2), y and x pad 4 = (2, 2)
-    assert _module(model, "_blocks.5.11._depthwise_conv_padding").padding == (2, 2, 2, 2, 1, 2)
+    assert _padding(model, "_blocks.5.11._depthwise_conv") == ((1, 2), (2, 2), (2, 2))
+    assert _padding(model, "_conv_stem") == ((0, 1), (0, 1), (0, 1))
     small = lively(efficientnet3d(2, 3, SMALL))
     shapes = {}
     hooks = [m.register_forward_hook(lambda _m, _a, o, n=n: shapes.update({n: tuple(o.shape[2:])}))
@@ -85,6 +92,13 @@ def test_padding_is_derived_per_axis_from_the_input_grid():
     # each stride-2 stage gives ceil(n / 2) on every axis separately
     assert shapes == {"_blocks.0": (3, 9, 18), "_blocks.3": (1, 2, 3), "_head_swish": (1, 1, 2)}
     assert {k: layer_grids(small)[k] for k in shapes} == shapes  # the meta-device probe agrees
+    # numbers: the stem equals an explicit zero pad by the TF "same" rule, then a valid convolution
+    # (9 -> 5: pad 2 = (1, 1); 35 -> 18: pad 2 = (1, 1); 70 -> 35: pad 1 = (0, 1))
+    x = torch.randn(1, 2, *SMALL)
+    expected = F.conv3d(F.pad(x, (0, 1, 1, 1, 1, 1)), small._conv_stem.weight, stride=2)
+    with torch.no_grad():
+        got = small._conv_stem(small._conv_stem_padding(x))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_monai_single_image_size_trap_is_avoided():
