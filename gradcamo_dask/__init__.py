@@ -36,16 +36,16 @@ _EXPORTS: dict[str, str] = {
     "gradcamo_summary": "gradcamo",
     "interpolation_matrix": "gradcamo",
     "upsample_cam": "gradcamo",
-    "Bundle": "models",
-    "BundleConfig": "models",
+    "Bundle": "bundles",
+    "BundleConfig": "bundles",
+    "load_bundle": "bundles",
+    "save_bundle": "bundles",
+    "default_layer": "layers",
+    "layer_grids": "layers",
     "EfficientNet3D": "models",
     "convert_efficientnet_pytorch_3d": "models",
-    "default_layer": "models",
     "efficientnet3d": "models",
     "from_efficientnet_pytorch_3d": "models",
-    "layer_grids": "models",
-    "load_bundle": "models",
-    "save_bundle": "models",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

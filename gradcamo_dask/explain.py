@@ -33,7 +33,7 @@ from torch import nn
 from gradcamo_dask.arrays import array_module, from_torch, is_cupy_array, is_torch_tensor, to_torch
 from gradcamo_dask.errors import InputError
 from gradcamo_dask.gradcamo import gradcamo_lowres
-from gradcamo_dask.models import default_layer, find_layer, first_conv_channels
+from gradcamo_dask.layers import default_layer, find_layer, first_conv_channels
 
 __all__ = ["CAMResult", "Explanation", "GradCAM", "explain"]
 
@@ -129,7 +129,7 @@ class GradCAM:
                 shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                 state.bad_output[name] = str(shape)
                 return None
-            state.features[name] = output.detach().float().mean(dim=(2, 3, 4))
+            state.features[name] = _wide(output.detach()).mean(dim=(2, 3, 4))
             state.grids[name] = tuple(int(n) for n in output.shape[2:])
             if not state.want_grad:
                 return None
@@ -162,7 +162,7 @@ class GradCAM:
             self._check_run(state, logits, inputs)
             features = dict(state.features)
             if not self.cams:
-                return CAMResult(logits.detach().float(), None, features, {}, dict(state.grids))
+                return CAMResult(_wide(logits.detach()), None, features, {}, dict(state.grids))
             targets = resolve_targets(target, logits)
             acts = [state.activations[name] for name in self.layers]
             if not logits.requires_grad:
@@ -175,7 +175,7 @@ class GradCAM:
                 if grad is None:
                     raise InputError(f"layer {name!r} does not feed the logits; pick a layer on the path to the output")
                 cams[name] = grad_cam(act.detach(), grad)
-            return CAMResult(logits.detach().float(), targets, features, cams, dict(state.grids))
+            return CAMResult(_wide(logits.detach()), targets, features, cams, dict(state.grids))
         finally:
             self._local.state = None
 
@@ -198,13 +198,18 @@ class GradCAM:
             raise InputError(f"the model must return logits (N, K); it returned {type(logits).__name__}")
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 (autocast) as float32; float32 and float64 unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def grad_cam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
     """``ReLU((1/C') sum_c w_c A_c)`` with ``w_c`` the voxel mean of the gradients.
 
     ``activations`` and ``gradients``: ``(N, C', z, y, x)``; returns ``(N, z, y, x)``
-    float32.
+    in float32 (float64 for float64 inputs).
     """
-    a, g = activations.float(), gradients.float()
+    a, g = _wide(activations), _wide(gradients)
     weights = g.mean(dim=(2, 3, 4), keepdim=True)
     return torch.relu((weights * a).sum(dim=1) / a.shape[1])
 
@@ -245,7 +250,7 @@ class Explanation:
 
     Attributes
     ----------
-    logits : (N, K) float32
+    logits : (N, K) float32 (float64 for a float64 model, likewise below)
     predicted : (N,) int64, argmax of the logits
     targets : (N,) int64, the class each CAM explains (empty without CAMs)
     features : {layer: (N, C) float32} activations averaged over voxels
@@ -276,6 +281,12 @@ def _model_device(model: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(model.buffers(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """Crops are cast to the model's floating dtype (float32 unless the model was converted)."""
+    tensor = next(model.parameters(), None)
+    return tensor.dtype if tensor is not None and tensor.dtype.is_floating_point else torch.float32
 
 
 def _check_crops(model: nn.Module, crops: Any, masks: Any) -> None:
@@ -341,7 +352,8 @@ def explain(
         A CNN returning logits ``(N, K)``; run in eval mode (switched temporarily
         if needed) on its own device.
     crops : array (cell, c, z, y, x)
-        NumPy, CuPy or torch; float, already normalised (DESIGN §2).
+        NumPy, CuPy or torch; float, already normalised (DESIGN §2). Cast to the
+        model's dtype (float32 normally).
     masks : array (cell, z, y, x), optional
         Central-cell masks on the crop grid (bool; nonzero = inside). With masks,
         Grad-CAMO and its two sums are returned per layer.
@@ -406,6 +418,7 @@ def explain(
             raise InputError(f"got {len(_host(target))} targets for {n_cells} cells; give one per cell")
 
     device = _model_device(model)
+    dtype = _model_dtype(model)
     if channels_last is None:
         channels_last = device.type == "cuda"
     # Switching modes walks every module (~15 ms for an EfficientNet): only when needed.
@@ -418,7 +431,7 @@ def explain(
         with GradCAM(model, layers, cams=cams) as cam:
             for start in range(0, max(n_cells, 1), batch_size):
                 stop = min(start + batch_size, n_cells)
-                x = to_torch(crops[start:stop], device=device).float()
+                x = to_torch(crops[start:stop], device=device).to(dtype)
                 if tuple(x.shape[2:]) != input_shape:
                     x = F.interpolate(x, size=input_shape, mode="trilinear", align_corners=False)
                 if channels_last:

@@ -267,7 +267,7 @@ def test_save_bundle_refuses_inconsistent_metadata(tmp_path, small_model):
 
 
 def test_unknown_layer_lists_valid_names():
-    from gradcamo_dask.models import find_layer
+    from gradcamo_dask.layers import find_layer
 
     with pytest.raises(InputError) as err:
         find_layer(TinyCNN(), "conv3")
@@ -275,3 +275,18 @@ def test_unknown_layer_lists_valid_names():
     for name in ("conv1", "act1", "conv2", "act2", "pool", "fc"):
         assert name in str(err.value)
     assert isinstance(find_layer(TinyCNN(), "conv2"), nn.Conv3d)
+
+
+def test_contract_names_resolve_from_models_and_the_package():
+    import importlib
+
+    import gradcamo_dask
+    from gradcamo_dask import bundles, layers
+    from gradcamo_dask.models import layer_grids as from_models_grids
+    from gradcamo_dask.models import load_bundle as from_models_load
+
+    assert from_models_load is bundles.load_bundle and from_models_grids is layers.layer_grids
+    importlib.import_module("gradcamo_dask.explain")  # binding the submodule keeps the function
+    assert callable(gradcamo_dask.explain) and gradcamo_dask.explain.__name__ == "explain"
+    with pytest.raises(AttributeError):
+        importlib.import_module("gradcamo_dask.models").not_a_name  # noqa: B018
