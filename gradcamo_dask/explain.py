@@ -455,7 +455,12 @@ def _collect(parts: dict, grids: dict, result: CAMResult, masks: Any, start: int
     put("predicted", result.logits.argmax(dim=1))
     if result.targets is not None:
         put("targets", result.targets)
-    mask = to_torch(masks[start:stop], device=device) if masks is not None and result.cams else None
+    mask = None
+    if masks is not None and result.cams:
+        chunk = masks[start:stop]
+        if is_cupy_array(chunk) and chunk.dtype == bool:
+            chunk = chunk.view("uint8")  # DLPack support for bool varies across CuPy versions
+        mask = to_torch(chunk, device=device)
     grids.update(result.grids)
     for name in layers:
         put(f"features/{name}", result.features[name])

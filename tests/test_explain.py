@@ -329,11 +329,19 @@ def _growth_over_1000_calls(call, psutil):
 def test_cuda_matches_cpu_and_cupy_round_trips(model, data, result):
     crops, masks = data
     cuda_model = lively(efficientnet3d(6, 4, MODEL_GRID), seed=6).cuda()
-    fp32 = explain(cuda_model, torch.from_numpy(crops).cuda(), torch.from_numpy(masks).cuda(),
-                   layers=LAYERS, autocast=False, channels_last=False)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # true float32
+    try:
+        fp32 = explain(cuda_model, torch.from_numpy(crops).cuda(), torch.from_numpy(masks).cuda(),
+                       layers=LAYERS, autocast=False, channels_last=False)
+        channels_last = explain(cuda_model, torch.from_numpy(crops).cuda(), torch.from_numpy(masks).cuda(),
+                                layers=LAYERS, autocast=False, channels_last=True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     assert fp32.logits.is_cuda
     for name in LAYERS:
         np.testing.assert_allclose(fp32.gradcamo[name].cpu().numpy(), result.gradcamo[name], rtol=1e-3, atol=1e-4)
+        assert_close(channels_last.cams[name].cpu().numpy(), fp32.cams[name].cpu().numpy(), rel=1e-4)
     default = explain(cuda_model, torch.from_numpy(crops).cuda(), torch.from_numpy(masks).cuda(), layers=LAYERS)
     np.testing.assert_allclose(default.gradcamo[STAGE4].cpu().numpy(), result.gradcamo[STAGE4], atol=0.05)
     cupy = pytest.importorskip("cupy")
