@@ -309,16 +309,25 @@ def _check_crops(model: nn.Module, crops: Any, masks: Any) -> None:
 
 
 def _nonfinite_cells(crops: Any, batch_size: int) -> list[int]:
+    """Indices of cells with a NaN or inf voxel.
+
+    One summing pass per cell: a NaN or inf anywhere makes the sum non-finite.
+    Only cells whose sum is not finite (also when finite values overflow it) get
+    the exact, slower element-wise check (``torch.isfinite`` on CPU costs ~15 % of
+    a forward pass at 21 x 128 x 128).
+    """
     bad: list[int] = []
     for start in range(0, crops.shape[0], batch_size):
         chunk = crops[start:start + batch_size]
-        if is_torch_tensor(chunk):
-            ok = torch.isfinite(chunk.reshape(chunk.shape[0], -1)).all(dim=1).cpu().numpy()
+        flat = chunk.reshape(chunk.shape[0], -1)
+        if is_torch_tensor(flat):
+            suspects = torch.nonzero(~torch.isfinite(flat.sum(dim=1))).flatten().tolist()
+            bad.extend(start + i for i in suspects if not bool(torch.isfinite(flat[i]).all()))
         else:
-            xp = array_module(chunk)
-            ok = xp.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
-            ok = ok.get() if is_cupy_array(ok) else ok
-        bad.extend(start + int(i) for i in np.flatnonzero(~np.asarray(ok)))
+            xp = array_module(flat)
+            sums = flat.sum(axis=1)
+            suspects = np.flatnonzero(~np.asarray(_host(xp.isfinite(sums)))).tolist()
+            bad.extend(start + i for i in suspects if not bool(xp.isfinite(flat[i]).all()))
     return bad
 
 

@@ -348,3 +348,16 @@ def test_cuda_matches_cpu_and_cupy_round_trips(model, data, result):
     out = explain(cuda_model, cupy.asarray(crops), cupy.asarray(masks), layers=LAYERS, autocast=False)
     assert isinstance(out.gradcamo[STAGE4], cupy.ndarray)
     np.testing.assert_allclose(out.gradcamo[STAGE4].get(), result.gradcamo[STAGE4], rtol=1e-3, atol=1e-4)
+
+
+def test_nonfinite_check_is_exact():
+    from gradcamo_dask.explain import _nonfinite_cells
+
+    crops = np.zeros((5, 2, 3, 4, 4), np.float32)
+    crops[0, 0, 0, 0, :2] = 3e38  # finite, but its sum overflows: not flagged
+    crops[1, 1, 2, 3, 3] = np.nan
+    crops[2, 0, 0, 0, 0], crops[2, 0, 0, 0, 1] = np.inf, -np.inf  # sum is NaN
+    crops[4, 1, 1, 1, 1] = -np.inf
+    for batch in (1, 2, 5):
+        assert _nonfinite_cells(crops, batch) == [1, 2, 4]
+        assert _nonfinite_cells(torch.from_numpy(crops), batch) == [1, 2, 4]
