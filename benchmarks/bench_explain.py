@@ -295,8 +295,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
     paper_grid = (32, 112, 112) if args.quick else (64, 224, 224)
-    cells = args.cells or (32 if gpu else 4)
-    batch = args.batch_size or (16 if gpu else 2)
+    cells = args.cells or (32 if gpu else 8)
+    batch = args.batch_size or (16 if gpu else 4)
     repeats = args.repeats or 5
     prefix = args.out_prefix or ("bench_explain_cuda" if gpu else "bench_explain")
     report = {"quick": args.quick, "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),

@@ -359,8 +359,9 @@ def explain(
     Parameters
     ----------
     model : torch.nn.Module
-        A CNN returning logits ``(N, K)``; run in eval mode (switched temporarily
-        if needed) on its own device.
+        A CNN returning logits ``(N, K)``, run on its own device in eval mode
+        (modules in training mode are switched for the call; a model shared by
+        threads should already be in eval mode, as :func:`load_bundle` returns it).
     crops : array (cell, c, z, y, x)
         NumPy, CuPy or torch; float, already normalised (DESIGN §2). Cast to the
         model's dtype (float32 normally).
@@ -386,7 +387,8 @@ def explain(
     channels_last : bool, optional
         Feed the model ``channels_last_3d`` inputs (default: on CUDA).
     cams : bool
-        False: logits and features only, from one pass without gradients.
+        False: logits and features only, from one pass without gradients
+        (masks and target are then ignored).
 
     Returns
     -------
