@@ -1,4 +1,4 @@
-"""The 3D EfficientNet-B0, model bundles, checkpoint conversion and layer lookup.
+"""The 3D EfficientNet-B0 and the conversion of ``efficientnet_pytorch_3d`` checkpoints.
 
 The network is MONAI's :class:`monai.networks.nets.EfficientNet` built from the
 seven EfficientNet-B0 block strings with every stage's stride as in the
@@ -56,6 +56,7 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(f"gradcamo_dask.{_ELSEWHERE[name]}"), name)
     raise AttributeError(f"module 'gradcamo_dask.models' has no attribute {name!r}")
 
+
 #: EfficientNet-B0 stages (repeats, kernel, stride, expansion, in/out channels, SE
 #: ratio) with the strides of ``efficientnet_pytorch_3d``: stage 0 has stride 2.
 EFFICIENTNET_B0_BLOCKS: tuple[str, ...] = (
@@ -74,6 +75,7 @@ EFFICIENTNET_B0_BLOCKS: tuple[str, ...] = (
 #: cube at *every* convolution (what ``EfficientNet3D.from_name`` builds), for
 #: loading its checkpoints with identical numbers.
 PADDING_RULES = ("same", "efficientnet_pytorch_3d")
+
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
     """TensorFlow "same" padding of one axis: ``(before, after)`` in voxels.
@@ -120,6 +122,9 @@ class EfficientNet3D(EfficientNet):
     ----------
     input_shape : tuple of int
         Model input grid ``(z, y, x)`` in voxels that the padding was derived for.
+    output_grid : tuple of int
+        Grid ``(z, y, x)`` of the last convolutional map (paper grid, "same"
+        padding: ``(1, 4, 4)``).
     default_cam_layer : str
         ``"_head_swish"``, the last convolutional activation.
     architecture : dict
