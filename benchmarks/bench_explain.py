@@ -304,7 +304,7 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     paper_grid = (32, 112, 112) if args.quick else (64, 224, 224)
     cells = args.cells or (32 if gpu else 8)
-    batch = args.batch_size or (16 if gpu else 4)
+    batch = args.batch_size or (16 if gpu else 8)  # CPU: explain's default micro-batch
     repeats = args.repeats or 5
     prefix = args.out_prefix or ("bench_explain_cuda" if gpu else "bench_explain")
     report = {"quick": args.quick, "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
