@@ -79,14 +79,28 @@ def trace_layers(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, nn.M
     return [tuple(r) for r in records.values()]
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode whose tensors live on the ``meta`` device.
+
+    The deep copy is told the meta twin of every parameter and buffer up front, so
+    no weight is ever copied (a model on a GPU allocates nothing there).
+    """
+    memo: dict[int, object] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        twin = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            twin = nn.Parameter(twin, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = twin
+    return copy.deepcopy(model, memo).eval()
+
+
 def _probe(model: nn.Module, shape: tuple[int, int, int]) -> list:
     """:func:`trace_layers` for one cell at ``shape``: on a ``meta`` copy, or on zeros."""
     channels = first_conv_channels(model)
     if channels is None:
         raise InputError(f"{type(model).__name__} has no convolution; cannot tell its input channels")
     try:
-        probe = copy.deepcopy(model).to("meta").eval()
-        return trace_layers(probe, torch.empty((1, channels, *shape), device="meta"))
+        return trace_layers(_meta_copy(model), torch.empty((1, channels, *shape), device="meta"))
     except Exception:  # noqa: BLE001 - some custom ops have no meta kernel
         was_training = model.training
         model.eval()
