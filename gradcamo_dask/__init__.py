@@ -25,6 +25,13 @@ _EXPORTS: dict[str, str] = {
     "OutputStoreError": "errors",
     "ClusterError": "errors",
     "TrainingError": "errors",
+    "WeightsFormatError": "errors",
+    "segment": "segment",
+    "segment_site": "segment",
+    "make_segmenter": "segment",
+    "Segmenter": "segment",
+    "resolve_cellpose_weights": "cellpose_adapter",
+    "check_cellpose_weights": "cellpose_adapter",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

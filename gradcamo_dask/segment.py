@@ -25,6 +25,8 @@ import json
 import logging
 import math
 import os
+import sys
+import types
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -570,3 +572,19 @@ def segment(
     provenance.update(tile_shape=None if tile_shape is None else list(tile_shape), tile_overlap=tile_overlap)
     attrs["segmentation"] = json.dumps(provenance, default=str)
     return xr.DataArray(labels, dims=LABEL_DIMS, coords=coords, name="labels", attrs=attrs)
+
+
+class _CallableModule(types.ModuleType):
+    """``gradcamo_dask.segment`` names both this module and its main function.
+
+    Python binds a submodule as an attribute of its package once it is imported
+    (here by any worker that unpickles a segmentation task), which would hide the
+    package-level function behind the module. Calling the module calls
+    :func:`segment`, so ``gradcamo_dask.segment(plate, ...)`` works either way.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> xr.DataArray:
+        return segment(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
