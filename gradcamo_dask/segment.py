@@ -410,7 +410,7 @@ def segment(
     method: str = "cellpose",
     *,
     nucleus_channel: str = "DNA",
-    cytoplasm_channel: str | None = "AGP",
+    cytoplasm_channel: str | None = "RNA",
     model: str | os.PathLike[str] | None = None,
     diameter: float | None = None,
     stitch_threshold: float = 0.05,

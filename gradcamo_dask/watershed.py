@@ -10,13 +10,16 @@ Steps, per site (``nucleus`` and ``cytoplasm`` are ``(z, y, x)`` intensities):
 
 1. Gaussian smoothing, sigma ``smoothing`` voxels in y, x and ``smoothing /
    anisotropy`` in z.
-2. Nuclei: smoothed DNA above its Otsu threshold, holes filled per slice, specks
+2. Nuclei: smoothed DNA above its Otsu threshold (of log intensities), holes filled per slice, specks
    under ``min_size`` removed; seeds are the h-maxima of the anisotropic
    Euclidean distance transform (h = ``seed_height`` x nucleus radius); a
    watershed of the negated distance splits touching nuclei.
-3. Cells: smoothed cytoplasm above its Otsu threshold, united with the nuclei;
-   a seeded watershed on the negated cytoplasm intensity, started from the
-   nuclei, assigns cytoplasm to the nucleus it is brightest towards.
+3. Cells: the "cell body" image is the sum of both channels, each scaled to
+   its site's 1st-99.5th percentile range and smoothed (sigma twice the
+   nuclear one), so that the whole cell is bright even where a cytoplasm stain
+   leaves the nucleus dark. Body above its Otsu threshold, united with the
+   nuclei, is the cell mask; a watershed on the negated body, started from the
+   nuclei, splits it between cells along the dim lines where cells touch.
 4. Objects under ``min_size`` voxels are removed; ids are made 1..N.
 
 The thresholds and the nucleus size come from :func:`watershed_statistics`,
@@ -36,12 +39,18 @@ __all__ = ["watershed_statistics", "watershed_site"]
 
 
 def _otsu(values: np.ndarray) -> float | None:
+    """Otsu's threshold of the log intensities (offset to start at 1), in the input's units.
+
+    On a log scale dim nuclei next to bright ones still clear the threshold;
+    None for a constant input (nothing to separate).
+    """
     from skimage.filters import threshold_otsu
 
     values = np.asarray(values, dtype=np.float32).ravel()
     if values.size == 0 or float(values.min()) == float(values.max()):
         return None
-    return float(threshold_otsu(values))
+    low = float(values.min())
+    return float(np.exp(threshold_otsu(np.log(values - low + 1.0)))) + low - 1.0
 
 
 def _smooth(volume: np.ndarray, sigma: float, anisotropy: float) -> np.ndarray:
@@ -81,17 +90,22 @@ def watershed_statistics(
     Returns
     -------
     dict
-        ``nucleus_threshold``, ``cytoplasm_threshold`` (raw intensity units, None
-        for a constant channel) and ``nucleus_diameter`` (xy voxels, None when no
-        nucleus is found).
+        ``nucleus_threshold`` (smoothed DNA, raw units; None for a constant
+        channel), ``nucleus_range`` and ``cytoplasm_range`` (1st and 99.5th
+        percentiles), ``cell_threshold`` (cell-body image) and
+        ``nucleus_diameter`` (xy voxels, None when no nucleus is found).
     """
     stride = max(1, int(voxel_stride))
-    smoothed = _smooth(np.squeeze(nucleus, 0) if nucleus.shape[0] == 1 else nucleus, smoothing / stride, anisotropy)
+    nucleus = np.squeeze(nucleus, 0) if nucleus.shape[0] == 1 else nucleus
+    smoothed = _smooth(nucleus, smoothing / stride, anisotropy)
     nucleus_threshold = _otsu(smoothed)
-    cytoplasm_threshold = None
+    nucleus_range = _range(nucleus)
+    cytoplasm_range = cell_threshold = None
     if cytoplasm is not None:
         cyto = np.squeeze(cytoplasm, 0) if cytoplasm.shape[0] == 1 else cytoplasm
-        cytoplasm_threshold = _otsu(_smooth(cyto, 2 * smoothing / stride, anisotropy))
+        cytoplasm_range = _range(cyto)
+        body = _cell_body(nucleus, cyto, nucleus_range, cytoplasm_range, 2 * smoothing / stride, anisotropy)
+        cell_threshold = _otsu(body)
     diameter = None
     if nucleus_threshold is not None:
         mask = smoothed > nucleus_threshold
@@ -108,9 +122,26 @@ def watershed_statistics(
                     diameter = math.sqrt(4.0 * volume / math.pi)
     return {
         "nucleus_threshold": nucleus_threshold,
-        "cytoplasm_threshold": cytoplasm_threshold,
+        "nucleus_range": nucleus_range,
+        "cytoplasm_range": cytoplasm_range,
+        "cell_threshold": cell_threshold,
         "nucleus_diameter": diameter,
     }
+
+
+def _range(values: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.5)) -> list[float]:
+    low, high = (float(v) for v in np.percentile(np.asarray(values, dtype=np.float32), percentiles))
+    return [low, high if high > low else low + 1.0]
+
+
+def _cell_body(
+    nucleus: np.ndarray, cytoplasm: np.ndarray, nucleus_range, cytoplasm_range, sigma: float, anisotropy: float
+) -> np.ndarray:
+    """Smoothed sum of the two channels, each scaled by its site range: bright over the whole cell
+    (the nucleus is often dark in cytoplasm stains, the cytoplasm dark in DNA)."""
+    n = (np.asarray(nucleus, np.float32) - nucleus_range[0]) / (nucleus_range[1] - nucleus_range[0])
+    c = (np.asarray(cytoplasm, np.float32) - cytoplasm_range[0]) / (cytoplasm_range[1] - cytoplasm_range[0])
+    return _smooth(n + c, sigma, anisotropy)
 
 
 def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -198,12 +229,18 @@ def watershed_site(
         cytoplasm = np.asarray(cytoplasm)
         if cytoplasm.shape != out_shape:
             raise ValueError(f"cytoplasm shape {cytoplasm.shape} differs from nucleus shape {out_shape}")
-        cyto = _smooth(cytoplasm[0] if flat else cytoplasm, 2 * smoothing, anisotropy)
-        cyto_threshold = statistics.get("cytoplasm_threshold")
+        body = _cell_body(
+            nucleus[0] if flat else nucleus,
+            cytoplasm[0] if flat else cytoplasm,
+            statistics["nucleus_range"],
+            statistics["cytoplasm_range"],
+            2 * smoothing,
+            anisotropy,
+        )
         cell_mask = nuclei > 0
-        if cyto_threshold is not None:
-            cell_mask = cell_mask | (cyto > cyto_threshold)
-        cells = watershed(-cyto, nuclei, mask=cell_mask)
+        if statistics.get("cell_threshold") is not None:
+            cell_mask = cell_mask | (body > statistics["cell_threshold"])
+        cells = watershed(-body, nuclei, mask=cell_mask)
     cells = _remove_small(cells.astype(np.int32, copy=False), min_size)
     ids = np.unique(cells)
     ids = ids[ids != 0]

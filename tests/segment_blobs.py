@@ -56,7 +56,7 @@ def blob_site(
     return image, truth
 
 
-def blob_plate(n_wells: int = 1, n_sites: int = 2, shape=(8, 96, 96), seed: int = 0, channels=("DNA", "AGP"), **kwargs):
+def blob_plate(n_wells: int = 1, n_sites: int = 2, shape=(8, 96, 96), seed: int = 0, channels=("DNA", "RNA"), **kwargs):
     """A lazy plate ``(well, site, c, z, y, x)`` of blob sites and its ground truth ``(well, site, z, y, x)``."""
     import dask.array as da
     import xarray as xr
@@ -66,7 +66,7 @@ def blob_plate(n_wells: int = 1, n_sites: int = 2, shape=(8, 96, 96), seed: int 
         row_i, row_t = [], []
         for s in range(n_sites):
             image, truth = blob_site(shape, seed=seed + 100 * w + s, **kwargs)
-            planes = {"DNA": image[0], "AGP": image[1]}
+            planes = {"DNA": image[0], "RNA": image[1]}
             stack = np.stack([planes.get(name, np.zeros_like(image[0])) for name in channels])
             row_i.append(stack)
             row_t.append(truth)

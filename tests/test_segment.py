@@ -145,7 +145,7 @@ def test_a_site_in_four_tiles_gives_the_same_cells_as_untiled():
     plate = xr.DataArray(
         da.from_array(image[None, None]),
         dims=("well", "site", "c", "z", "y", "x"),
-        coords={"well": ["B02"], "site": [0], "c": ["DNA", "AGP"]},
+        coords={"well": ["B02"], "site": [0], "c": ["DNA", "RNA"]},
         attrs={"plate": "tiles"},
     )
     lazy = segment(plate, "watershed", tile_shape=(80, 80), tile_overlap=24, anisotropy=1.71)
@@ -288,7 +288,7 @@ def fake_cellpose4(monkeypatch, tmp_path):
 
 
 def test_cellpose4_mapping_has_no_channels_and_three_planes(fake_cellpose4, model_dirs):
-    image, _ = blob_plate(1, 2, channels=("AGP", "DNA"))
+    image, _ = blob_plate(1, 2, channels=("RNA", "DNA"))
     labels = segment(image, "cellpose", model=str(fake_cellpose4), diameter=18.0, device="cpu").values
     built = _FakeCellposeModel.built
     assert len(built) == 1  # loaded once for both sites
@@ -297,7 +297,7 @@ def test_cellpose4_mapping_has_no_channels_and_three_planes(fake_cellpose4, mode
     raw = image.values[0, 0]
     x, kwargs = next(call for call in _FakeCellposeModel.calls if np.array_equal(call[0][:, 1], raw[1]))  # site 0
     assert x.shape == (8, 3, 96, 96)
-    np.testing.assert_array_equal(x[:, 0], raw[0])  # cytoplasm (AGP) first
+    np.testing.assert_array_equal(x[:, 0], raw[0])  # cytoplasm (RNA) first
     np.testing.assert_array_equal(x[:, 1], raw[1])  # then nucleus (DNA)
     assert not x[:, 2].any()
     assert "channels" not in kwargs
@@ -406,7 +406,7 @@ def test_cellpose_end_to_end_with_paper_settings(cellpose_weights, eval_spy):
     assert kwargs["do_3D"] is False and kwargs["cellprob_threshold"] == 0.0
     low_high = kwargs["normalize"]["lowhigh"]
     raw = image.values[0, 0]
-    np.testing.assert_allclose(low_high[0], np.percentile(raw[1].astype(np.float32), [1, 99]))  # AGP
+    np.testing.assert_allclose(low_high[0], np.percentile(raw[1].astype(np.float32), [1, 99]))  # RNA
     np.testing.assert_allclose(low_high[1], np.percentile(raw[0].astype(np.float32), [1, 99]))  # DNA
     assert labels.dims == ("well", "site", "z", "y", "x") and values.dtype == np.int32
     assert values.shape == (1, 2, 4, 64, 64)
@@ -480,3 +480,25 @@ def test_public_names():
     assert out.stdout.split() == ["segment", "segment_site"]
     assert gradcamo_dask.segment_site is segment_site
     assert gradcamo_dask.WeightsFormatError is WeightsFormatError
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_segment_writes_labels(tmp_path, monkeypatch, capsys):
+    import xarray as xr
+
+    from gradcamo_dask.cli import main
+
+    image, truth = blob_plate(1, 2)
+    monkeypatch.setattr(gradcamo_dask, "open_plate", lambda path: image, raising=False)
+    out = tmp_path / "labels.zarr"
+    assert main(["segment", "plate.zarr", "--out", str(out), "--method", "watershed"]) == 0
+    labels = xr.open_zarr(out)["labels"]
+    assert labels.dims == ("well", "site", "z", "y", "x") and labels.dtype == np.int32
+    assert matched_iou(truth[0, 1], labels.values[0, 1])[0] >= 8
+    assert json.loads(labels.attrs["segmentation"])["method"] == "watershed"
+    assert main(["segment", "plate.zarr", "--out", str(out), "--method", "watershed"]) == 1
+    assert "exists" in capsys.readouterr().err
+    code = main(["segment", "plate.zarr", "--out", str(tmp_path / "x.zarr"), "--nucleus-channel", "Hoechst"])
+    assert code == 1 and "Hoechst" in capsys.readouterr().err
