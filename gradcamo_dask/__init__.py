@@ -28,8 +28,8 @@ _EXPORTS: dict[str, str] = {
     "WeightsFormatError": "errors",
     "segment": "segment",
     "segment_site": "segment",
-    "make_segmenter": "segment",
-    "Segmenter": "segment",
+    "make_segmenter": "segmenters",
+    "Segmenter": "segmenters",
     "resolve_cellpose_weights": "cellpose_adapter",
     "check_cellpose_weights": "cellpose_adapter",
 }

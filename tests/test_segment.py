@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import socket
 import subprocess
 import sys
@@ -370,11 +369,12 @@ def cellpose_weights(tmp_path_factory):
 @pytest.fixture
 def eval_spy(monkeypatch):
     """Counts model loads and records every ``eval`` call's keyword arguments."""
-    record = {"loads": 0, "calls": []}
+    record = {"loads": 0, "calls": [], "devices": []}
     original = cellpose_adapter._load_model
 
     def load(weights, device, major):
         record["loads"] += 1
+        record["devices"].append(str(device))
         model = original(weights, device, major)
         real_eval = model.eval
 
@@ -452,6 +452,18 @@ def test_graph_carries_the_weights_path_not_the_model(cellpose_weights, eval_spy
     assert len(blob) < 500_000  # the image chunks plus a few hundred bytes of settings
     assert str(cellpose_weights).encode() in blob
     assert b"CellposeModel" not in blob and b"CPnet" not in blob
+
+
+@pytest.mark.gpu
+def test_cellpose_on_the_gpu_agrees_with_the_cpu(cellpose_weights, eval_spy):
+    """device="auto" takes the GPU when there is one; the labels match the CPU's."""
+    image, _ = blob_site((4, 64, 64), n_cells=4, seed=1)
+    options = dict(model=str(cellpose_weights), cellprob_threshold=-0.5, flow_threshold=0.0)
+    on_cpu = segment_site(image[0], image[1], "cellpose", device="cpu", **options)
+    on_gpu = segment_site(image[0], image[1], "cellpose", device="auto", **options)
+    assert eval_spy["devices"] == ["cpu", "cuda"]
+    matches, n_cpu, n_gpu = matched_iou(on_cpu, on_gpu)
+    assert on_cpu.max() > 0 and matches >= 0.9 * max(n_cpu, n_gpu)
 
 
 @pytest.mark.slow

@@ -1,0 +1,326 @@
+"""Segmentation accuracy and speed against the synthetic plates' ground truth.
+
+Measures, in one run on the same plate:
+
+- average precision at IoU 0.5 (``TP / (TP + FP + FN)``, the Cellpose/StarDist
+  definition) and F1 (``2 TP / (2 TP + FP + FN)``) of the 3D labels against the
+  ground truth, for the classical watershed baseline and for Cellpose, over all
+  cells and over interior cells (not touching the site's y/x border, the cells
+  the crop extraction keeps);
+- sites per second of the lazy ``segment()`` graph on the default local Dask
+  scheduler, on CPU (and on GPU for Cellpose when torch sees one).
+
+Cellpose weights: pass ``--cellpose-weights`` to use weights at hand. Without
+them (as here: no pretrained Cellpose weights can be downloaded on this
+machine) the script trains a Cellpose 3 network from random initialisation with
+Cellpose's own training code on 2D slices of a separate synthetic plate (another
+seed: no test site is seen in training) and says so in the report; its figures
+measure "Cellpose with a briefly self-trained model", not Cellpose's pretrained
+models.
+
+Run unattended::
+
+    python benchmarks/bench_segment.py --quick   # < 3 min on 2 CPU cores
+    python benchmarks/bench_segment.py           # full plate (6 doses x 2 wells x 4 sites)
+
+Writes ``benchmarks/results/bench_segment_<mode>.json`` and ``.md`` with the date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import gradcamo_dask as gd  # noqa: E402
+
+MODES = {
+    "quick": dict(
+        doses_um=(0.0, 10.0), wells_per_treatment=1, sites_per_well=2, train_sites=2, train_epochs=12, bsize=128
+    ),
+    "full": dict(
+        doses_um=None, wells_per_treatment=2, sites_per_well=4, train_sites=12, train_epochs=60, bsize=224
+    ),
+}
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        from importlib.metadata import version
+
+        info["cellpose"] = version("cellpose")
+    except Exception:  # pragma: no cover
+        info["cellpose"] = None
+    return info
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def match_counts(truth: np.ndarray, labels: np.ndarray, interior: bool = False) -> dict:
+    """TP/FP/FN at IoU > 0.5 (one-to-one by construction) between two label volumes.
+
+    With ``interior``, objects touching the y/x border are left out on both sides.
+    """
+    truth = np.asarray(truth)
+    labels = np.asarray(labels)
+    t_sizes = np.bincount(truth.ravel())
+    p_sizes = np.bincount(labels.ravel())
+    t_ids = np.flatnonzero(t_sizes)
+    p_ids = np.flatnonzero(p_sizes)
+    t_ids, p_ids = t_ids[t_ids != 0], p_ids[p_ids != 0]
+    if interior:
+        t_ids = np.setdiff1d(t_ids, _border_ids(truth))
+        p_ids = np.setdiff1d(p_ids, _border_ids(labels))
+    both = (truth > 0) & (labels > 0)
+    pairs, shared = np.unique(np.stack([truth[both], labels[both]]), axis=1, return_counts=True)
+    iou = shared / (t_sizes[pairs[0]] + p_sizes[pairs[1]] - shared)
+    hit = iou > 0.5
+    t_hit = np.intersect1d(pairs[0][hit], t_ids)
+    p_hit = np.intersect1d(pairs[1][hit], p_ids)
+    tp = min(len(t_hit), len(p_hit))
+    return {"tp": int(tp), "fp": int(len(p_ids) - tp), "fn": int(len(t_ids) - tp)}
+
+
+def _border_ids(labels: np.ndarray) -> np.ndarray:
+    edges = np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    return np.unique(edges[edges != 0])
+
+
+def scores(counts: list[dict]) -> dict:
+    tp = sum(c["tp"] for c in counts)
+    fp = sum(c["fp"] for c in counts)
+    fn = sum(c["fn"] for c in counts)
+    per_site_ap = [c["tp"] / max(1, c["tp"] + c["fp"] + c["fn"]) for c in counts]
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "ap50": tp / max(1, tp + fp + fn),
+        "f1": 2 * tp / max(1, 2 * tp + fp + fn),
+        "ap50_site_mean": float(np.mean(per_site_ap)),
+        "ap50_site_sd": float(np.std(per_site_ap)),
+    }
+
+
+# ------------------------------------------------------------------ Cellpose weights
+
+
+def train_cellpose(out_dir: Path, plate_kwargs: dict, n_sites: int, epochs: int, bsize: int, seed: int) -> dict:
+    """Train a Cellpose 3 network from scratch on 2D slices of a separate synthetic plate."""
+    import torch
+    from cellpose import models, train
+
+    torch.manual_seed(seed)
+    training = gd.synthetic_plate(**plate_kwargs, seed=seed)
+    images, labels = [], []
+    names = [str(c) for c in training.image.coords["c"].values]
+    dna, rna = names.index("DNA"), names.index("RNA")
+    sizes = training.image.sizes
+    sites = [(w, s) for w in range(sizes["well"]) for s in range(sizes["site"])][:n_sites]
+    for w, s in sites:  # render only the sites used
+        image = training.image[w, s].values
+        truth = training.labels[w, s].values
+        for z in range(image.shape[1]):
+            if truth[z].max() > 0:
+                images.append(np.stack([image[rna, z], image[dna, z]]).astype(np.float32))
+                labels.append(truth[z])
+    model = models.CellposeModel(gpu=torch.cuda.is_available(), pretrained_model=False)
+    for module in model.net.modules():  # running BatchNorm statistics settle within a short run
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.3
+    started = time.perf_counter()
+    path, train_losses, _ = train.train_seg(
+        model.net,
+        train_data=images,
+        train_labels=labels,
+        normalize=True,
+        n_epochs=epochs,
+        nimg_per_epoch=min(len(images), 16),
+        learning_rate=0.01,
+        batch_size=8,
+        bsize=bsize,
+        save_path=str(out_dir),
+        model_name="selftrained_synthetic",
+        min_train_masks=1,
+    )
+    seconds = time.perf_counter() - started
+    return {
+        "weights": str(path),
+        "trained_from": "random initialisation",
+        "training_plate_seed": seed,
+        "training_slices": len(images),
+        "epochs": epochs,
+        "steps": epochs * ((min(len(images), 16) + 7) // 8),
+        "bsize": bsize,
+        "seconds": round(seconds, 1),
+        "final_loss": float(train_losses[-1]),
+    }
+
+
+# ------------------------------------------------------------------ runs
+
+
+def run_method(image, truth, method: str, **options) -> dict:
+    """Segment the plate lazily, time the computation, score against the truth."""
+    labels = gd.segment(image, method, **options)
+    started = time.perf_counter()
+    values = labels.values
+    seconds = time.perf_counter() - started
+    n_sites = values.shape[0] * values.shape[1]
+    counts_all, counts_interior = [], []
+    for w in range(values.shape[0]):
+        for s in range(values.shape[1]):
+            counts_all.append(match_counts(truth[w, s], values[w, s]))
+            counts_interior.append(match_counts(truth[w, s], values[w, s], interior=True))
+    return {
+        "method": method,
+        "options": {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in options.items()},
+        "sites": n_sites,
+        "seconds": round(seconds, 2),
+        "sites_per_s": n_sites / seconds,
+        "all_cells": scores(counts_all),
+        "interior_cells": scores(counts_interior),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small plate and a short training (< 3 min)")
+    parser.add_argument("--cellpose-weights", default=None, help="Cellpose weights to evaluate (skips training)")
+    parser.add_argument("--no-cellpose", action="store_true", help="watershed only")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    cfg = MODES[mode]
+    plate_kwargs = dict(wells_per_treatment=cfg["wells_per_treatment"], sites_per_well=cfg["sites_per_well"])
+    if cfg["doses_um"] is not None:
+        plate_kwargs["doses_um"] = cfg["doses_um"]
+    started = time.perf_counter()
+    plate = gd.synthetic_plate(**plate_kwargs, seed=args.seed)
+    image = plate.image.persist()  # rendering is not segmentation: keep it out of the timings
+    truth = plate.labels.values
+    spacing = image.attrs.get("spacing_zyx_um")
+    cells_per_site = float(np.mean([len(np.unique(t)) - 1 for t in truth.reshape(-1, *truth.shape[2:])]))
+    report: dict = {
+        "benchmark": "bench_segment",
+        "mode": mode,
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "plate": {
+            "generator": "gradcamo_dask.synthetic_plate",
+            "kwargs": plate_kwargs,
+            "seed": args.seed,
+            "shape": dict(image.sizes),
+            "spacing_zyx_um": spacing,
+            "cells_per_site_mean": cells_per_site,
+        },
+        "results": [],
+    }
+    print(f"[{mode}] plate {dict(image.sizes)}; watershed ...", flush=True)
+    report["results"].append(run_method(image, truth, "watershed"))
+    if not args.no_cellpose:
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.cellpose_weights:
+                weights = {"weights": args.cellpose_weights, "trained_from": "given"}
+            else:
+                print(f"[{mode}] training a Cellpose 3 network from scratch ...", flush=True)
+                weights = train_cellpose(
+                    Path(tmp), plate_kwargs, cfg["train_sites"], cfg["train_epochs"], cfg["bsize"], seed=args.seed + 1000
+                )
+            report["cellpose_weights"] = {k: v for k, v in weights.items() if k != "weights"}
+            report["cellpose_weights"]["file"] = Path(weights["weights"]).name
+            print(f"[{mode}] Cellpose on CPU ...", flush=True)
+            # load the model once before timing: the per-process cache keeps it for the run
+            warm = gd.segment(image.isel(well=[0], site=[0]), "cellpose", model=weights["weights"], device="cpu")
+            load_started = time.perf_counter()
+            _ = warm.values
+            report["cellpose_first_site_s"] = round(time.perf_counter() - load_started, 2)
+            report["results"].append(run_method(image, truth, "cellpose", model=weights["weights"], device="cpu"))
+            if torch.cuda.is_available():
+                print(f"[{mode}] Cellpose on GPU ...", flush=True)
+                _ = gd.segment(image.isel(well=[0], site=[0]), "cellpose", model=weights["weights"], device="cuda").values
+                report["results"].append(run_method(image, truth, "cellpose", model=weights["weights"], device="cuda"))
+    report["total_seconds"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bench_segment_{mode}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / f"bench_segment_{mode}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"# bench_segment ({report['mode']})",
+        "",
+        f"- date: {report['date']}",
+        f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"GPU: {m['gpu'] or 'none'}, cellpose {m.get('cellpose')}",
+        f"- plate: `synthetic_plate({', '.join(f'{k}={v}' for k, v in report['plate']['kwargs'].items())}, "
+        f"seed={report['plate']['seed']})`, sizes {report['plate']['shape']}, "
+        f"{report['plate']['cells_per_site_mean']:.1f} ground-truth cells per site",
+        f"- total run time: {report['total_seconds']} s",
+        "",
+        "| method | device | AP@0.5 all | F1 all | AP@0.5 interior | F1 interior | per-site AP@0.5 (mean ± sd) | sites/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["results"]:
+        a, i = r["all_cells"], r["interior_cells"]
+        device = r["options"].get("device", "cpu")
+        lines.append(
+            f"| {r['method']} | {device} | {a['ap50']:.3f} | {a['f1']:.3f} | {i['ap50']:.3f} | {i['f1']:.3f} | "
+            f"{a['ap50_site_mean']:.3f} ± {a['ap50_site_sd']:.3f} | {r['sites_per_s']:.3f} |"
+        )
+    if "cellpose_weights" in report:
+        w = report["cellpose_weights"]
+        lines += ["", "Cellpose weights: "]
+        if w.get("trained_from") == "given":
+            lines[-1] += f"given file `{w['file']}`."
+        else:
+            lines[-1] += (
+                f"no pretrained Cellpose weights are available on this machine, so a Cellpose 3 network was "
+                f"trained from random initialisation with Cellpose's own `train_seg` on {w['training_slices']} "
+                f"2D slices of a separate synthetic plate (seed {w['training_plate_seed']}), {w['steps']} steps "
+                f"at {w['bsize']} px ({w['seconds']} s). These figures describe that briefly trained network, "
+                "not Cellpose's pretrained models."
+            )
+        lines.append(f"First Cellpose site including the model load: {report.get('cellpose_first_site_s')} s.")
+    lines += [
+        "",
+        "AP@0.5 = TP / (TP + FP + FN) with one-to-one matches at IoU > 0.5 in 3D; F1 = 2TP / (2TP + FP + FN); "
+        "pooled over all sites. 'interior' leaves out cells touching the site's y/x border on both sides "
+        "(the cells crop extraction keeps). sites/s: wall time of computing the lazy labels of the whole plate "
+        "on the default local Dask scheduler (images already in memory, model already loaded).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
