@@ -55,6 +55,16 @@ def _stats_stride(shape_yx: Sequence[int]) -> int:
     return max(1, math.ceil(max(shape_yx) / STATISTICS_MAX_SIZE))
 
 
+def _tile_shape(tile_shape: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``None``, or a ``(y, x)`` pair of positive voxel counts (an int means a square)."""
+    if tile_shape is None:
+        return None
+    pair = (tile_shape, tile_shape) if isinstance(tile_shape, (int, np.integer)) else tuple(tile_shape)
+    if len(pair) != 2 or not all(int(v) == v and v > 0 for v in pair):
+        raise InputError(f"tile_shape must be None, a positive int or a (y, x) pair of them, got {tile_shape!r}")
+    return int(pair[0]), int(pair[1])
+
+
 def _check_finite(x: np.ndarray, where: str) -> None:
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         raise InputError(f"{where}: the image holds NaN or inf intensities; fix or mask them before segmenting")
@@ -65,7 +75,7 @@ def segment_site(
     cytoplasm: np.ndarray | None = None,
     method: str | Segmenter = "cellpose",
     *,
-    tile_shape: Sequence[int] | None = None,
+    tile_shape: int | Sequence[int] | None = None,
     tile_overlap: int = 128,
     **options: Any,
 ) -> np.ndarray:
@@ -92,6 +102,7 @@ def segment_site(
     numpy.ndarray
         int32 labels of the input's shape, 0 background, ids 1..N.
     """
+    tile_shape = _tile_shape(tile_shape)
     segmenter = method if isinstance(method, Segmenter) else make_segmenter(method, **options)
     if isinstance(method, Segmenter) and options:
         raise InputError(f"options {sorted(options)} are ignored when a Segmenter is given; set them in make_segmenter")
@@ -266,7 +277,7 @@ def segment(
     nucleus_diameter: float | None = None,
     smoothing: float = 1.0,
     seed_height: float = 0.1,
-    tile_shape: Sequence[int] | None = (2048, 2048),
+    tile_shape: int | Sequence[int] | None = (2048, 2048),
     tile_overlap: int = 128,
 ) -> xr.DataArray:
     """Segment every site of a plate into 3D cells, lazily.
@@ -340,6 +351,7 @@ def segment(
         raise PlateLayoutError(
             f"plate {image.attrs.get('plate', '')!r} has dims {tuple(image.dims)}; segment() needs {PLATE_DIMS}"
         )
+    tile_shape = _tile_shape(tile_shape)
     indices = [_channel_index(image, nucleus_channel, "nucleus")]
     if cytoplasm_channel is not None:
         indices.append(_channel_index(image, cytoplasm_channel, "cytoplasm"))

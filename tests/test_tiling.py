@@ -105,3 +105,14 @@ def test_pair_overlaps_counts_shared_voxels():
     lb[0, 5:10, 0:8] = 2  # site x 16..24
     rows = tiling.pair_overlaps(a, la, b, lb)
     assert rows.tolist() == [[1, 2, 5 * 6]]
+
+
+def test_tile_shape_may_be_an_int_and_must_be_positive():
+    from gradcamo_dask.segment import segment_site
+
+    image, _ = blob_site((3, 70, 70), n_cells=6, radius=8, seed=2)
+    one = segment_site(image[0], image[1], "watershed", tile_shape=40, tile_overlap=20)
+    two = segment_site(image[0], image[1], "watershed", tile_shape=(40, 40), tile_overlap=20)
+    np.testing.assert_array_equal(one, two)
+    with pytest.raises(InputError, match="tile_shape"):
+        segment_site(image[0], image[1], "watershed", tile_shape=(0, 40))
