@@ -53,9 +53,14 @@ MODES = {
 #: Self-training recipes (steps = epochs x 2 batches of 8 slices). "full" is the one worth reporting;
 #: "quick" only exists so that a first --quick run on a bare machine stays short.
 TRAINING = {
-    "quick": dict(train_sites=2, train_epochs=10, bsize=128),
-    "full": dict(train_sites=8, train_epochs=150, bsize=128),
+    "quick": dict(train_sites=2, train_epochs=10, bsize=64),
+    "full": dict(train_sites=8, train_epochs=150, bsize=64),
 }
+
+
+def plate_options(mode: str) -> dict:
+    """``synthetic_plate`` keyword arguments of a mode (None: the generator's default)."""
+    return {k: v for k, v in MODES[mode].items() if v is not None}
 
 
 def cache_dir() -> Path:
@@ -86,7 +91,7 @@ def self_trained_weights(mode: str, seed: int, retrain: bool) -> dict:
     cache = cached_weights(recipe, seed)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        info = train_cellpose(Path(tmp), MODES["full"], seed=seed, recipe=recipe, **TRAINING[recipe])
+        info = train_cellpose(Path(tmp), plate_options("full"), seed=seed, recipe=recipe, **TRAINING[recipe])
         Path(info.pop("weights")).replace(cache)
     cache.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     info.update(weights=str(cache), cached=False)
@@ -257,10 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
-    cfg = MODES[mode]
-    plate_kwargs = dict(wells_per_treatment=cfg["wells_per_treatment"], sites_per_well=cfg["sites_per_well"])
-    if cfg["doses_um"] is not None:
-        plate_kwargs["doses_um"] = cfg["doses_um"]
+    plate_kwargs = plate_options(mode)
     started = time.perf_counter()
     plate = gd.synthetic_plate(**plate_kwargs, seed=args.seed)
     image = plate.image.persist()  # rendering is not segmentation: keep it out of the timings
