@@ -27,6 +27,54 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS: list = []
 
 
+def _add_synth(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "synth",
+        help="write a synthetic 3D Cell Painting plate (OME-Zarr 0.5 HCS) with ground-truth labels",
+        description="Write a synthetic 3D Cell Painting plate as an OME-Zarr 0.5 HCS plate (Zarr v3) with the "
+        "ground-truth labels in each field's labels/cells group and platemap.csv inside the plate folder. "
+        "Deterministic from --seed; every site is rendered by one Dask task.",
+    )
+    parser.add_argument("out", metavar="OUT", help="the plate folder to write, e.g. synthetic.zarr")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--confounder", type=float, default=0.0,
+                        help="0..1: strength of treatment information planted outside cells (default 0)")
+    parser.add_argument("--doses", type=float, nargs="+", default=None, metavar="UM",
+                        help="doses in µM, 0 = control (default 0 0.1 0.3 1 3 10)")
+    parser.add_argument("--wells-per-treatment", type=int, default=2, help="replicate wells per dose (default 2)")
+    parser.add_argument("--sites", type=int, default=4, help="sites (fields) per well (default 4)")
+    parser.add_argument("--site-shape", type=int, nargs=3, default=(21, 256, 256), metavar=("Z", "Y", "X"),
+                        help="site size in voxels (default 21 256 256)")
+    parser.add_argument("--plate", default="synthetic", help="plate name (default 'synthetic')")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is a Zarr store")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from gradcamo_dask.errors import GradcamoError
+    from gradcamo_dask.plate import describe, write_plate
+    from gradcamo_dask.synthetic import DEFAULT_DOSES_UM, synthetic_plate
+
+    try:
+        plate = synthetic_plate(
+            doses_um=args.doses or DEFAULT_DOSES_UM, wells_per_treatment=args.wells_per_treatment,
+            sites_per_well=args.sites, site_shape=tuple(args.site_shape), seed=args.seed,
+            confounder=args.confounder, plate=args.plate,
+        )
+        write_plate(args.out, plate.image, plate.labels, platemap=plate.platemap, overwrite=args.overwrite,
+                    progress=not args.quiet)
+    except GradcamoError as err:
+        print(f"gradcamo-dask synth: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {describe(plate.image)}")
+    print(f"platemap: {args.out}/platemap.csv; labels: <well>/<field>/labels/cells")
+    return 0
+
+
+_COMMANDS.append(_add_synth)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -43,7 +91,8 @@ def _add_segment(commands) -> None:
         help="segment every site of a plate into 3D cells (Cellpose or the watershed baseline)",
         description=(
             "Segment every site of a plate into 3D cell labels, one Dask task per site (or per tile of a "
-            "large site), and write them as a Zarr store with an int32 array 'labels' (well, site, z, y, x). "
+            "large site), and write them as a plain-Zarr store with an int32 array 'labels' (well, site, z, y, x) "
+            "that gradcamo_dask.open_labels(OUT, like=open_plate(PLATE)) reads. "
             "Cellpose weights: --model takes a file or a model name found in CELLPOSE_LOCAL_MODELS_PATH or "
             "~/.cellpose/models; nothing is downloaded unless --allow-download is given."
         ),
@@ -104,11 +153,7 @@ def _run_segment(args) -> int:
         return 1
     n_sites = labels.sizes["well"] * labels.sizes["site"]
     print(f"segmenting {n_sites} site(s) of plate {labels.attrs.get('plate', args.plate)!r} with {args.method}")
-    dataset = labels.to_dataset()
-    for name, coord in dataset.coords.items():
-        if coord.dtype.kind == "U":  # variable-length strings have a Zarr v3 specification, fixed-width do not
-            dataset[name] = coord.astype(object)
-    store = dataset.to_zarr(args.out, mode="w-", compute=False)
+    store = _labels_store(labels, args.out)
     if args.scheduler:
         from distributed import Client, progress
 
@@ -122,8 +167,41 @@ def _run_segment(args) -> int:
 
         with ProgressBar():
             dask.compute(store)
+    _finish_labels_store(labels, args.out)
     print(f"labels written to {args.out}")
     return 0
+
+
+def _labels_store(labels, path: str):
+    """Create the plain-Zarr labels layout that ``open_labels`` reads and return the delayed write.
+
+    The group attributes (wells, plate, voxel size, segmentation provenance) are
+    written by :func:`_finish_labels_store` after the data, so an interrupted run
+    leaves a store without them.
+    """
+    import dask.array as da
+    import zarr
+
+    n_z, n_y, n_x = (labels.sizes[d] for d in ("z", "y", "x"))
+    chunks = (1, 1, n_z, min(n_y, 2048), min(n_x, 2048))
+    group = zarr.open_group(path, mode="w-")
+    array = group.create_array("labels", shape=labels.shape, chunks=chunks, dtype="int32", fill_value=0)
+    return da.store(labels.data.rechunk(chunks), array, lock=False, compute=False)
+
+
+def _finish_labels_store(labels, path: str) -> None:
+    import zarr
+
+    group = zarr.open_group(path, mode="r+")
+    group.attrs.update(
+        {
+            "plate": str(labels.attrs.get("plate", "")),
+            "wells": [str(w) for w in labels.coords["well"].values],
+            "sites": [int(s) for s in labels.coords["site"].values],
+            "spacing_zyx_um": [float(v) for v in labels.attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0))],
+            "segmentation": labels.attrs.get("segmentation", ""),
+        }
+    )
 
 
 _COMMANDS.append(_add_segment)

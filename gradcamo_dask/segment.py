@@ -412,17 +412,14 @@ def segment(
             for w in range(n_wells)
         ]
         labels = da.stack(site_arrays)
-    coords = {
-        name: coord
-        for name, coord in image.coords.items()
-        if set(coord.dims) <= set(LABEL_DIMS) and name != "c"
-    }
-    attrs = {k: image.attrs[k] for k in ("plate", "spacing_zyx_um") if k in image.attrs}
+    from gradcamo_dask.plate import labels_like
+
+    out = labels_like(image, labels)  # the image's well/site coords (platemap included) and attrs
     provenance = segmenter.provenance()
     provenance.update(nucleus_channel=nucleus_channel, cytoplasm_channel=cytoplasm_channel)
     provenance.update(tile_shape=None if tile_shape is None else list(tile_shape), tile_overlap=tile_overlap)
-    attrs["segmentation"] = json.dumps(provenance, default=str)
-    return xr.DataArray(labels, dims=LABEL_DIMS, coords=coords, name="labels", attrs=attrs)
+    out.attrs["segmentation"] = json.dumps(provenance, default=str)
+    return out
 
 
 class _CallableModule(types.ModuleType):

@@ -497,20 +497,39 @@ def test_public_names():
 # ---------------------------------------------------------------- command line
 
 
-def test_cli_segment_writes_labels(tmp_path, monkeypatch, capsys):
-    import xarray as xr
-
+def test_cli_segment_writes_labels_open_labels_reads(tmp_path, monkeypatch, capsys):
     from gradcamo_dask.cli import main
 
     image, truth = blob_plate(1, 2)
-    monkeypatch.setattr(gradcamo_dask, "open_plate", lambda path: image, raising=False)
+    monkeypatch.setattr(gradcamo_dask, "open_plate", lambda path: image)
     out = tmp_path / "labels.zarr"
     assert main(["segment", "plate.zarr", "--out", str(out), "--method", "watershed"]) == 0
-    labels = xr.open_zarr(out)["labels"]
+    labels = gradcamo_dask.open_labels(out, like=image)
     assert labels.dims == ("well", "site", "z", "y", "x") and labels.dtype == np.int32
+    assert list(labels.coords["well"].values) == ["B02"]
     assert matched_iou(truth[0, 1], labels.values[0, 1])[0] >= 8
-    assert json.loads(labels.attrs["segmentation"])["method"] == "watershed"
+    import zarr
+
+    assert json.loads(zarr.open_group(out, mode="r").attrs["segmentation"])["method"] == "watershed"
     assert main(["segment", "plate.zarr", "--out", str(out), "--method", "watershed"]) == 1
     assert "exists" in capsys.readouterr().err
     code = main(["segment", "plate.zarr", "--out", str(tmp_path / "x.zarr"), "--nucleus-channel", "Hoechst"])
     assert code == 1 and "Hoechst" in capsys.readouterr().err
+
+
+def test_cli_synth_then_segment(tmp_path):
+    """The command line end to end on a written OME-Zarr plate: synth, segment, read back."""
+    from gradcamo_dask.cli import main
+
+    plate = tmp_path / "plate.zarr"
+    assert main(["synth", str(plate), "--doses", "0", "--wells-per-treatment", "1", "--sites", "1",
+                 "--site-shape", "21", "160", "160", "--quiet"]) == 0  # fmt: skip
+    out = tmp_path / "labels.zarr"
+    assert main(["segment", str(plate), "--out", str(out), "--method", "watershed"]) == 0
+    image = gradcamo_dask.open_plate(plate)
+    labels = gradcamo_dask.open_labels(out, like=image)
+    truth = gradcamo_dask.open_labels(plate, like=image)
+    found = labels.values[0, 0]
+    assert found.max() >= 1
+    matches, n_truth, _ = matched_iou(truth.values[0, 0], found)
+    assert matches >= n_truth // 2
