@@ -202,9 +202,16 @@ def _tile_statistics(sample: np.ndarray, segmenter: Segmenter, has_cytoplasm: bo
 
 
 def _tile_candidates(
-    window: np.ndarray, statistics: dict, segmenter: Segmenter, has_cytoplasm: bool, tile: tiling.Tile, grid: tiling.TileGrid
+    window: np.ndarray,
+    statistics: dict,
+    segmenter: Segmenter,
+    has_cytoplasm: bool,
+    tile: tiling.Tile,
+    grid: tiling.TileGrid,
+    where: str,
 ) -> tiling.TileCandidates:
     window = to_numpy(window)
+    _check_finite(window, f"{where} tile {tile.index}")
     labels = segmenter(window[0], window[1] if has_cytoplasm else None, statistics)
     return tiling.select_candidates(labels, tile, grid)
 
@@ -234,7 +241,9 @@ def _tiled_site(
     stride = _stats_stride(grid.site_shape)
     stats = dask.delayed(_tile_statistics)(site[:, :, ::stride, ::stride], segmenter, has_cytoplasm, stride, where)
     candidates = {
-        t.index: dask.delayed(_tile_candidates)(site[:, :, t.window[0], t.window[1]], stats, segmenter, has_cytoplasm, t, grid)
+        t.index: dask.delayed(_tile_candidates)(
+            site[:, :, t.window[0], t.window[1]], stats, segmenter, has_cytoplasm, t, grid, where
+        )
         for t in grid.tiles
     }
     labels = {i: dask.delayed(_candidate_labels)(c) for i, c in candidates.items()}
