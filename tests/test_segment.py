@@ -436,6 +436,15 @@ def test_cellpose_labels_equal_a_direct_cellpose_call(cellpose_weights, eval_spy
     assert np.unique(ours).tolist() == list(range(ours.max() + 1))
 
 
+def test_cellpose_3d_mode_runs_end_to_end(cellpose_weights, eval_spy):
+    image, _ = blob_site((4, 32, 32), n_cells=2, radius=6, seed=4)
+    labels = segment_site(image[0], image[1], "cellpose", model=str(cellpose_weights), device="cpu", do_3D=True,
+                          anisotropy=2.0)  # fmt: skip
+    shape, kwargs = eval_spy["calls"][-1]
+    assert kwargs["do_3D"] is True and kwargs["stitch_threshold"] == 0.0 and kwargs["anisotropy"] == 2.0
+    assert labels.shape == (4, 32, 32) and labels.dtype == np.int32
+
+
 def test_cellpose_all_zero_site_gives_zero_cells_without_running(cellpose_weights, eval_spy):
     labels = segment_site(np.zeros((3, 32, 32), np.uint16), np.zeros((3, 32, 32), np.uint16), "cellpose",
                           model=str(cellpose_weights), device="cpu")  # fmt: skip
