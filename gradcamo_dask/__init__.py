@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "OutputStoreError": "errors",
     "ClusterError": "errors",
     "TrainingError": "errors",
+    "WeightsFormatError": "errors",
     "open_plate": "plate",
     "open_labels": "plate",
     "write_plate": "plate",
@@ -63,6 +64,12 @@ _EXPORTS: dict[str, str] = {
     "convert_efficientnet_pytorch_3d": "models",
     "efficientnet3d": "models",
     "from_efficientnet_pytorch_3d": "models",
+    "segment": "segment",
+    "segment_site": "segment",
+    "make_segmenter": "segmenters",
+    "Segmenter": "segmenters",
+    "resolve_cellpose_weights": "cellpose_adapter",
+    "check_cellpose_weights": "cellpose_adapter",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
