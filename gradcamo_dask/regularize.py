@@ -37,6 +37,11 @@ from gradcamo_dask.layers import find_layer
 __all__ = ["RegularizedLoss", "gradcamo_loss", "mask_weights"]
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (autocast) as float32; float32 and float64 unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 @dataclass
 class RegularizedLoss:
     """What :func:`gradcamo_loss` returns (tensors keep their graph).
@@ -107,7 +112,7 @@ def gradcamo_loss(
         raise InputError(f"target must be 'label' or 'predicted', got {target!r}")
     if lam == 0:
         logits = model(inputs)
-        ce = F.cross_entropy(logits.float(), labels)
+        ce = F.cross_entropy(_wide(logits), labels)
         nan = torch.full((inputs.shape[0],), float("nan"), device=inputs.device)
         return RegularizedLoss(ce, ce, torch.zeros((), device=inputs.device), logits, nan, 0)
 
@@ -118,18 +123,19 @@ def gradcamo_loss(
 
     handle = find_layer(model, layer).register_forward_hook(hook)
     try:
-        logits = model(inputs)
+        with torch.enable_grad():  # the Grad-CAM weights need a graph, also for evaluation under no_grad
+            logits = model(inputs)
     finally:
         handle.remove()
     if len(captured) != 1 or not isinstance(captured[0], torch.Tensor) or captured[0].ndim != 5:
         raise InputError(f"layer {layer!r} must run once per forward pass and give (N, C, z, y, x) activations")
     activation = captured[0]
-    ce = F.cross_entropy(logits.float(), labels)
+    ce = F.cross_entropy(_wide(logits), labels)
     classes = labels if target == "label" else logits.detach().argmax(dim=1)
     chosen = logits.gather(1, classes.view(-1, 1)).sum()
-    (gradient,) = torch.autograd.grad(chosen, activation, create_graph=True)
-    a = activation.float() if activation.dtype in (torch.float16, torch.bfloat16) else activation
-    g = gradient.float() if gradient.dtype in (torch.float16, torch.bfloat16) else gradient
+    with torch.enable_grad():
+        (gradient,) = torch.autograd.grad(chosen, activation, create_graph=True)
+    a, g = _wide(activation), _wide(gradient)
     weights = g.mean(dim=(2, 3, 4), keepdim=True)
     cam = torch.relu((weights * a).sum(dim=1) / a.shape[1])  # (N, z, y, x)
     inside_w, total_w = mask_weights(masks, tuple(cam.shape[1:]), cam.dtype, cam.device)
