@@ -69,6 +69,10 @@ _EXPORTS: dict[str, str] = {
     "make_segmenter": "segmenters",
     "Segmenter": "segmenters",
     "resolve_cellpose_weights": "cellpose_adapter",
+    "Augmentation": "augment",
+    "augment_batch": "augment",
+    "gradcamo_loss": "regularize",
+    "train": "train",
     "check_cellpose_weights": "cellpose_adapter",
 }
 
