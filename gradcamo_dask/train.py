@@ -260,6 +260,8 @@ def train(
     autocast: Any = None,
     channels_last: bool | None = None,
     model_options: dict | None = None,
+    batchnorm_momentum: float | str | None = "epoch",
+    head_init_std: float | None = 0.01,
     progress: bool = True,
 ) -> Path:
     """Train EfficientNet-B0 3D on a plate; returns the path of the model bundle.
@@ -318,6 +320,19 @@ def train(
         Default: CUDA when available, then bf16 autocast and ``channels_last_3d``.
     model_options : dict, optional
         Extra :func:`efficientnet3d` options (``dropout_rate``, ...).
+    batchnorm_momentum : ``"epoch"``, float or None
+        How batch-norm running statistics (used at inference) are kept. ``"epoch"``
+        (default): reset at the start of each epoch and averaged over that epoch's
+        batches (no extra pass over the data). A float: an exponential moving
+        average with that momentum. None keeps the model's own (EfficientNet's
+        0.01), which needs thousands of steps before the statistics leave their
+        initial values: a short run would then be scored by a model that gives the
+        same logits for every cell.
+    head_init_std : float or None
+        Re-initialise the classification layer with N(0, std) weights and zero bias
+        (initial logits near 0, initial loss ln K). MONAI's EfficientNet draws it from
+        U(+-1/sqrt(K)), which for a handful of classes gives initial logits of +-10
+        and a loss of several nats. None keeps MONAI's.
     progress : bool
         tqdm progress bar with loss and accuracy.
 
@@ -396,6 +411,16 @@ def train(
     model = efficientnet3d(len(channels), len(classes), input_shape, **(model_options or {}))
     layer = regularizer_layer or (layers[0] if layers else default_layer(model, input_shape))
     bundle_layers = list(layers) if layers else [layer]
+    if batchnorm_momentum not in (None, "epoch") and not isinstance(batchnorm_momentum, (int, float)):
+        raise InputError(f"batchnorm_momentum must be 'epoch', a float or None, got {batchnorm_momentum!r}")
+    if isinstance(batchnorm_momentum, (int, float)):
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = float(batchnorm_momentum)
+    head = getattr(model, "_fc", None)
+    if head_init_std is not None and isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, 0.0, float(head_init_std))
+        nn.init.zeros_(head.bias)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -409,6 +434,7 @@ def train(
         "augmentation": augmentation.to_dict() if augmentation is not None else None,
         "regularizer": float(regularizer), "regularizer_layer": layer if regularizer else None,
         "regularizer_target": regularizer_target if regularizer else None, "model_options": model_options or {},
+        "batchnorm_momentum": batchnorm_momentum, "head_init_std": head_init_std,
     }
     out = Path(out)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out / "checkpoint"
@@ -449,7 +475,8 @@ def train(
             record = _train_epoch(model, optimizer, train_batches, epoch=epoch, epochs=epochs, seed=seed,
                                   augmentation=augmentation, regularizer=regularizer, layer=layer,
                                   target=regularizer_target, device=device, channels_last=channels_last,
-                                  autocast=autocast, progress=progress)
+                                  autocast=autocast, progress=progress,
+                                  epoch_batchnorm=batchnorm_momentum == "epoch")
             if counts["val"]:
                 val = evaluate_split(model, val_batches, device=device, channels_last=channels_last,
                                      autocast=autocast)
@@ -487,7 +514,8 @@ def train(
         "regularizer": {"lambda": float(regularizer), "layer": layer, "target": regularizer_target}
         if regularizer else None,
         "augmentation": fingerprint["augmentation"], "crop_size": list(crop_size), "input_shape": list(input_shape),
-        "val_fraction": val_fraction, "history": history, "device": str(device), "versions": _versions(),
+        "val_fraction": val_fraction, "batchnorm_momentum": batchnorm_momentum, "head_init_std": head_init_std,
+        "history": history, "device": str(device), "versions": _versions(),
         "seconds": round(time.time() - started, 1),
         "test": None if test is None else {k: test[k] for k in ("loss", "accuracy", "n", "gradcamo_mean",
                                                                  "gradcamo_sd", "n_undefined")} | {"layer": bundle_layers[0]},
@@ -501,12 +529,18 @@ def train(
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches, *, epoch: int,
                  epochs: int, seed: int, augmentation: Augmentation | None, regularizer: float, layer: str,
-                 target: str, device: torch.device, channels_last: bool, autocast: Any, progress: bool) -> dict:
+                 target: str, device: torch.device, channels_last: bool, autocast: Any, progress: bool,
+                 epoch_batchnorm: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     torch.manual_seed(_seed_of(seed, epoch))  # dropout and drop-connect
     generator = torch.Generator().manual_seed(_seed_of(seed, 10_000 + epoch))
     model.train()
+    if epoch_batchnorm:  # running statistics = the average over this epoch's batches
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None
     total, correct, n, score_sum, score_n, undefined = 0.0, 0, 0, 0.0, 0, 0
     bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
     try:

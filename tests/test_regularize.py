@@ -172,3 +172,60 @@ def test_brightness_and_gamma_ranges_and_probability():
     a = augment_batch(x, torch.Generator().manual_seed(5))
     b = augment_batch(x, torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------ bf16 / CUDA
+def test_regularizer_under_bf16_autocast_stays_close_to_float32():
+    # the logic of the CUDA path (bf16 autocast, maps and scores widened to float32), run on the CPU
+    torch.manual_seed(5)
+    model = TinyCNN()
+    x, y, masks = _data(5, n=4)
+    x = x.float()
+    ref = gradcamo_loss(model, x, y, masks, layer="act2", lam=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = gradcamo_loss(model, x, y, masks, layer="act2", lam=1.0)
+    assert low.scores.dtype == torch.float32 and low.loss.dtype == torch.float32
+    np.testing.assert_allclose(low.scores.numpy(), ref.scores.numpy(), atol=0.05)
+    low.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_train_step_channels_last_matches_contiguous():
+    from gradcamo_dask.models import efficientnet3d
+    from gradcamo_dask.train import _prepare
+
+    torch.manual_seed(0)
+    model = efficientnet3d(2, 3, (8, 16, 16)).eval()
+    x = torch.randn(2, 2, 8, 16, 16)
+    y = torch.tensor([0, 2])
+    masks = torch.rand(2, 8, 20, 20) > 0.5
+    a = gradcamo_loss(model, _prepare(x, torch.device("cpu"), False), y, masks, layer="_blocks.4.10", lam=1.0)
+    model_cl = model.to(memory_format=torch.channels_last_3d)
+    xc = _prepare(x, torch.device("cpu"), True)
+    assert xc.is_contiguous(memory_format=torch.channels_last_3d)
+    b = gradcamo_loss(model_cl, xc, y, masks, layer="_blocks.4.10", lam=1.0)
+    assert float(a.loss) == pytest.approx(float(b.loss), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_channels_last_training_step_matches_cpu():
+    from gradcamo_dask.models import efficientnet3d
+    from gradcamo_dask.train import _autocast, _prepare
+
+    torch.manual_seed(0)
+    model = efficientnet3d(6, 4, (16, 48, 48)).eval()
+    x = torch.randn(4, 6, 16, 48, 48)
+    y = torch.tensor([0, 1, 2, 3])
+    masks = torch.rand(4, 16, 48, 48) > 0.6
+    cpu = gradcamo_loss(model, x, y, masks, layer="_blocks.4.10", lam=1.0)
+    device = torch.device("cuda")
+    gpu_model = efficientnet3d(6, 4, (16, 48, 48)).eval()
+    gpu_model.load_state_dict(model.state_dict())
+    gpu_model = gpu_model.to(device).to(memory_format=torch.channels_last_3d)
+    with _autocast(device, None):
+        gpu = gradcamo_loss(gpu_model, _prepare(x, device, True), y.to(device), masks.to(device),
+                            layer="_blocks.4.10", lam=1.0)
+    gpu.loss.backward()
+    assert float(gpu.cross_entropy) == pytest.approx(float(cpu.cross_entropy), rel=0.05, abs=0.05)
+    np.testing.assert_allclose(gpu.scores.cpu().numpy(), cpu.scores.numpy(), atol=0.05)
+    assert all(torch.isfinite(p.grad).all() for p in gpu_model.parameters() if p.grad is not None)
