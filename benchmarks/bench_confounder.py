@@ -42,10 +42,10 @@ sys.path.insert(0, str(REPO))
 
 SETTINGS = {
     "quick": dict(doses_um=(0.0, 10.0), sites_per_well=3, epochs=2, max_train_cells=96),
-    "full": dict(doses_um=(0.0, 0.3, 1.0, 10.0), sites_per_well=6, epochs=5, max_train_cells=None),
+    "full": dict(doses_um=(0.0, 0.3, 1.0, 10.0), sites_per_well=5, epochs=3, max_train_cells=256),
 }
 COMMON = dict(site_shape=(12, 128, 128), cell_radius=12.0, crop_size=(None, 48, 48), input_shape=(12, 48, 48),
-              layer="_blocks.4.10", confounder=1.0, lam=1.0, seed=0, wells_per_treatment=2, test_rows=("C",),
+              layer="_blocks.1.2", confounder=1.0, lam=1.0, seed=0, wells_per_treatment=2, test_rows=("C",),
               patience=None)
 
 
@@ -127,10 +127,17 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 classes, tiny (a few minutes on 2 cores)")
+    parser.add_argument("--layer", default=COMMON["layer"],
+                        help="Grad-CAM layer of the regulariser and of the test audit (default %(default)s: grid "
+                        "2 x 6 x 6 at the 12 x 48 x 48 model grid; the deeper blocks are 1 x 2 x 2 or a single voxel)")
+    parser.add_argument("--lam", type=float, default=COMMON["lam"], help="regulariser weight (default %(default)s)")
+    parser.add_argument("--confounder", type=float, default=COMMON["confounder"],
+                        help="confounder strength of the confounded plate (default %(default)s)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
+    COMMON.update(layer=args.layer, lam=args.lam, confounder=args.confounder)
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine()}
     t0 = time.perf_counter()
     report.update(run(mode, Path(args.out), args.device))

@@ -174,6 +174,26 @@ class _Batches:
                 carry = [(x[n_full:], m[n_full:], r[n_full:])]
 
 
+def _informative_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
+    """The model's default Grad-CAM layer, or, when that layer's grid is a single voxel at
+    this input grid (small grids on a CPU: Grad-CAMO would then be the mask's volume
+    share whatever the model does), the last block output with more than one voxel."""
+    import re
+
+    from gradcamo_dask.layers import default_layer, layer_grids
+
+    name = default_layer(model, input_shape)
+    grids = layer_grids(model, input_shape)
+    if math.prod(grids.get(name, (2,))) > 1:
+        return name
+    wider = [n for n, g in grids.items() if math.prod(g) > 1]
+    blocks = [n for n in wider if re.fullmatch(r"_blocks\.\d+\.\d+", n)]
+    if not (blocks or wider):
+        raise InputError(f"no layer of the model has more than one voxel at input grid {input_shape}; use a larger "
+                         "input_shape")
+    return (blocks or wider)[-1]
+
+
 def _prepare(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
@@ -302,7 +322,9 @@ def train(
     regularizer : float
         ``lambda`` of ``loss = CE - lambda * mean Grad-CAMO``; 0 = plain CE.
     regularizer_layer : str, optional
-        Grad-CAM layer of the regulariser (default: the model's default layer).
+        Grad-CAM layer of the regulariser (default: the model's default layer, or
+        the last block output with more than one voxel when the default layer's
+        grid is a single voxel at ``input_shape``).
     regularizer_target : ``"label"`` or ``"predicted"``
         Class whose map is scored by the regulariser.
     layers : list of str, optional
@@ -352,7 +374,6 @@ def train(
     """
     from gradcamo_dask.bundles import save_bundle
     from gradcamo_dask.cells import cell_table
-    from gradcamo_dask.layers import default_layer
     from gradcamo_dask.models import efficientnet3d
     from gradcamo_dask.platemap import platemap_of, read_platemap, validate_platemap
 
@@ -409,7 +430,7 @@ def train(
         channels_last = device.type == "cuda"
     torch.manual_seed(_seed_of(seed, 999_999))
     model = efficientnet3d(len(channels), len(classes), input_shape, **(model_options or {}))
-    layer = regularizer_layer or (layers[0] if layers else default_layer(model, input_shape))
+    layer = regularizer_layer or (layers[0] if layers else _informative_layer(model, input_shape))
     bundle_layers = list(layers) if layers else [layer]
     if batchnorm_momentum not in (None, "epoch") and not isinstance(batchnorm_momentum, (int, float)):
         raise InputError(f"batchnorm_momentum must be 'epoch', a float or None, got {batchnorm_momentum!r}")
