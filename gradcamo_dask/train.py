@@ -503,6 +503,11 @@ def train(
                                      autocast=autocast)
                 record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             history.append(record)
+            if progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"epoch {epoch + 1}/{epochs}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in record.items() if k != "epoch" and isinstance(v, float)))
             improved = record.get("val_loss", -epoch) < best["val_loss"]
             weights = {k: v for k, v in model.state_dict().items()}
             if improved:

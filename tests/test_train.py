@@ -91,11 +91,11 @@ def test_seeded_runs_are_identical_and_resume_is_bit_identical(plate, tmp_path):
 
 def test_regularized_training_runs_and_records(plate, tmp_path):
     out = train(plate.image, plate.labels, plate.platemap, out=tmp_path / "reg", epochs=1, regularizer=1.0,
-                regularizer_layer="_blocks.4.10", augmentation=Augmentation(p=0.0), **FAST)
+                regularizer_layer="_blocks.2.4", augmentation=Augmentation(p=0.0), **FAST)
     prov = json.loads((out / "config.json").read_text())["provenance"]
-    assert prov["regularizer"] == {"lambda": 1.0, "layer": "_blocks.4.10", "target": "label"}
+    assert prov["regularizer"] == {"lambda": 1.0, "layer": "_blocks.2.4", "target": "label"}
     assert 0 <= prov["history"][0]["train_gradcamo"] <= 1
-    assert prov["test"]["layer"] == "_blocks.4.10"
+    assert prov["test"]["layer"] == "_blocks.2.4"
 
 
 def test_optimizer_state_round_trip_without_pickle():
@@ -147,3 +147,17 @@ def test_cli_train(plate, tmp_path):
     assert main(["train", str(path), "--out", str(tmp_path / "cli_bundle"), "--epochs", "2", "--lr", "0.1",
                  "--crop-size", "24", "24", "--input-shape", *map(str, GRID), "--batch-size", "4",
                  "--max-train-cells", "8", "--test-rows", "C", "--resume", "--quiet"]) == 1
+
+
+def test_default_layer_has_more_than_one_voxel():
+    from gradcamo_dask.layers import layer_grids
+    from gradcamo_dask.models import efficientnet3d
+    from gradcamo_dask.train import _informative_layer
+
+    assert _informative_layer(efficientnet3d(6, 4, (64, 224, 224)), (64, 224, 224)) == "_head_swish"
+    small = efficientnet3d(6, 4, GRID)
+    name = _informative_layer(small, GRID)
+    grids = layer_grids(small, GRID)
+    assert grids["_head_swish"] == (1, 1, 1) and np.prod(grids[name]) > 1
+    later = list(grids)[list(grids).index(name) + 1:]
+    assert all(np.prod(grids[n]) == 1 for n in later if n.startswith("_blocks.") and n.count(".") == 2)
