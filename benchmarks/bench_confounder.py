@@ -91,6 +91,9 @@ def run(mode: str, out_dir: Path, device: str | None) -> dict:
                 "cells_per_s_trained": round(cells_trained / seconds, 2), "history": prov["history"],
                 "chance_accuracy": 1 / len(prov["classes"]),
             }
+            partial = Path(out_dir) / f"bench_confounder_{mode}_partial.json"
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(results, indent=2) + "\n")  # survives an interrupted run
             print(f"[bench_confounder] {name}: accuracy {results[name]['test_accuracy']:.3f}, Grad-CAMO "
                   f"{results[name]['test_gradcamo_mean']:.3f} +- {results[name]['test_gradcamo_sd']:.3f}, "
                   f"{seconds:.0f} s", flush=True)
