@@ -42,6 +42,9 @@ _EXPORTS: dict[str, str] = {
     "rescale_crops": "cells",
     "fit_normalization": "cells",
     "normalize_crops": "cells",
+    "classic_feature_names": "classic",
+    "classic_features": "classic",
+    "site_classic_features": "classic",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
