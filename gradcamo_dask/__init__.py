@@ -45,6 +45,9 @@ _EXPORTS: dict[str, str] = {
     "classic_feature_names": "classic",
     "classic_features": "classic",
     "site_classic_features": "classic",
+    "Whitening": "whitening",
+    "apply_whitening": "whitening",
+    "fit_whitening": "whitening",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
