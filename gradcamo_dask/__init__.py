@@ -48,6 +48,8 @@ _EXPORTS: dict[str, str] = {
     "Whitening": "whitening",
     "apply_whitening": "whitening",
     "fit_whitening": "whitening",
+    "cellprofiler_table": "export",
+    "to_cellprofiler_table": "export",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
