@@ -50,6 +50,12 @@ _EXPORTS: dict[str, str] = {
     "fit_whitening": "whitening",
     "cellprofiler_table": "export",
     "to_cellprofiler_table": "export",
+    "filter_profiles": "qc",
+    "flag_profiles": "qc",
+    "gradcamo_counts": "qc",
+    "layer_sweep": "qc",
+    "rank_layers": "qc",
+    "summarize_gradcamo": "qc",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -82,9 +82,9 @@ def _provenance(profiles: xr.Dataset) -> dict:
 
 
 def model_name_of(profiles: xr.Dataset) -> str:
-    """The model's name recorded in the provenance (architecture), else ``"Deep"``."""
+    """The model's name recorded in the provenance (its architecture name), else ``"Deep"``."""
     prov = _provenance(profiles)
-    candidates = [prov.get("model_name"), prov.get("architecture")]
+    candidates: list[Any] = [prov.get("model_name"), prov.get("architecture")]
     for key in ("bundle", "model"):
         sub = prov.get(key)
         if isinstance(sub, dict):
@@ -95,6 +95,8 @@ def model_name_of(profiles: xr.Dataset) -> str:
         elif isinstance(sub, str) and key == "model":
             candidates.append(sub)
     for cand in candidates:
+        if isinstance(cand, dict):  # a bundle's architecture: {"name": "efficientnet3d", ...}
+            cand = cand.get("name")
         if isinstance(cand, str) and re.search(r"[A-Za-z0-9]", cand):
             return cellprofiler_name(cand)
     return "Deep"

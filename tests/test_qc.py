@@ -1,0 +1,94 @@
+"""Grad-CAMO quality control: flags, filters, summaries by any grouping, layer ranking and sweep."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradcamo_dask import InputError
+from gradcamo_dask.qc import (
+    filter_profiles,
+    flag_profiles,
+    gradcamo_counts,
+    gradcamo_status,
+    rank_layers,
+    summarize_gradcamo,
+)
+from feature_profiles import LAYERS, make_profiles, synthetic_cells
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    return make_profiles(synthetic_cells(n_wells=4, sites=2, cells_per_site=10), n_undefined=5)
+
+
+def test_status_counts_and_undefined_are_not_zero(profiles):
+    score = profiles["gradcamo"].sel(layer=LAYERS[0]).values
+    status = gradcamo_status(profiles)
+    assert (status[np.isnan(score)] == "undefined").all() and (status == "undefined").sum() == 5
+    assert (status[score >= 0.25] == "on_target").all() and (status[score < 0.25] == "off_target").all()
+    counts = gradcamo_counts(profiles)
+    assert counts["n_undefined"] == 5 and counts["n"] == 80 and counts["layer"] == LAYERS[0]
+    assert counts["n_on_target"] + counts["n_off_target"] + counts["n_undefined"] == 80
+    defined = score[~np.isnan(score)]
+    assert counts["share_on_target"] == pytest.approx((defined >= 0.25).mean())  # among defined only
+    # a cut-off of 0 puts every defined score on target, never the undefined ones
+    assert gradcamo_counts(profiles, cutoff=0.0)["n_on_target"] == 75
+    assert gradcamo_counts(profiles, layer=LAYERS[1])["n_undefined"] == 0
+    with pytest.raises(InputError, match=r"cut-off must be in \[0, 1\]"):
+        gradcamo_status(profiles, cutoff=25)
+    with pytest.raises(InputError, match="scored layers"):
+        gradcamo_status(profiles, layer="nope")
+
+
+def test_flag_and_filter(profiles):
+    flagged = flag_profiles(profiles, cutoff=0.3)
+    assert flagged["gradcamo_qc"].dims == ("cell",) and flagged.sizes == profiles.sizes
+    assert json.loads(flagged.attrs["gradcamo_qc"])["cutoff"] == 0.3
+    kept = filter_profiles(profiles)
+    score = profiles["gradcamo"].sel(layer=LAYERS[0]).values
+    assert kept.sizes["cell"] == int((score >= 0.25).sum())
+    assert (kept["gradcamo"].sel(layer=LAYERS[0]).values >= 0.25).all()
+    assert set(kept["well"].values) <= set(profiles["well"].values) and "deep" in kept
+    info = json.loads(kept.attrs["gradcamo_filter"])
+    assert info["n_kept"] == kept.sizes["cell"] and info["n_undefined"] == 5
+    with_undefined = filter_profiles(profiles, keep_undefined=True)
+    assert with_undefined.sizes["cell"] == kept.sizes["cell"] + 5
+    by_head = filter_profiles(profiles, layer=LAYERS[1])
+    assert by_head.sizes["cell"] == int((profiles["gradcamo"].sel(layer=LAYERS[1]).values >= 0.25).sum())
+
+
+def test_summaries_by_any_grouping(profiles):
+    by_treatment = summarize_gradcamo(profiles, by="treatment")
+    assert list(by_treatment.columns) == ["layer", "treatment", "n", "mean", "sd", "share_on_target", "n_undefined"]
+    assert len(by_treatment) == len(LAYERS) * profiles["treatment"].to_series().nunique()
+    frame = pd.DataFrame({"treatment": profiles["treatment"].values,
+                          "score": profiles["gradcamo"].sel(layer=LAYERS[0]).values})
+    for treatment, group in frame.groupby("treatment"):
+        row = by_treatment[(by_treatment.layer == LAYERS[0]) & (by_treatment.treatment == treatment)].iloc[0]
+        defined = group["score"].dropna()
+        assert row.n == len(group) and row.n_undefined == group["score"].isna().sum()
+        assert row["mean"] == pytest.approx(defined.mean()) and row.sd == pytest.approx(defined.std(ddof=1))
+        assert row.share_on_target == pytest.approx((defined >= 0.25).mean())
+    one_layer = summarize_gradcamo(profiles, by=["well", "site"], layer=LAYERS[1])
+    assert list(one_layer.columns[:2]) == ["well", "site"] and len(one_layer) == 8
+    by_dose = summarize_gradcamo(profiles, by="dose", cutoff=0.5)
+    assert set(by_dose["dose"]) == set(profiles["dose"].values)
+    overall = summarize_gradcamo(profiles)
+    assert overall["n"].tolist() == [80, 80] and overall["n_undefined"].tolist() == [5, 0]
+    with pytest.raises(InputError, match="cannot group by"):
+        summarize_gradcamo(profiles, by="compound")
+    with pytest.raises(InputError, match="no Grad-CAMO scores"):
+        summarize_gradcamo(profiles.drop_vars(["gradcamo"]), by="treatment")
+
+
+def test_rank_layers_from_stored_scores(profiles):
+    ranked = rank_layers(profiles)
+    assert ranked["rank"].tolist() == [1, 2]
+    means = {layer: np.nanmean(profiles["gradcamo"].sel(layer=layer).values) for layer in LAYERS}
+    assert ranked["layer"].tolist() == sorted(means, key=means.get, reverse=True)
+    assert ranked["mean"].is_monotonic_decreasing
+    assert dict(zip(ranked.layer, ranked.grid)) == {"_blocks.10": (2, 7, 7), "_head_swish": (1, 4, 4)}
