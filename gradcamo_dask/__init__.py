@@ -56,6 +56,8 @@ _EXPORTS: dict[str, str] = {
     "layer_sweep": "qc",
     "rank_layers": "qc",
     "summarize_gradcamo": "qc",
+    "load_profiles": "report",
+    "write_report": "report",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -52,6 +52,15 @@ QC_UNDEFINED = "Metadata_cqc_gradcamo_undefined"
 DEFAULT_CUTOFF = 0.25
 
 
+def str_values(values: Any) -> np.ndarray:
+    """Any array of text (NumPy ``<U``, object, or the ``StringDType`` that Zarr v3 stores
+    return) as a NumPy ``<U`` array."""
+    values = np.asarray(values)
+    if values.dtype.kind == "U":
+        return values
+    return np.array([str(v) for v in values.reshape(-1).tolist()], dtype=str).reshape(values.shape)
+
+
 def cellprofiler_name(name: str) -> str:
     """A model or layer name as one CellProfiler-safe CamelCase token.
 
@@ -164,12 +173,12 @@ def cellprofiler_table(
     columns: dict[str, Any] = {}
     for coord, name in KEY_COLUMNS.items():
         values = np.asarray(profiles[coord].values)
-        columns[name] = values.astype(str) if coord in ("plate", "well") else values.astype(np.int64)
+        columns[name] = str_values(values) if coord in ("plate", "well") else values.astype(np.int64)
     cell_coords = [c for c, v in profiles.coords.items() if v.dims == ("cell",) and c not in KEY_COLUMNS
                    and c not in ("center_x", "center_y", "center_z")]
     for coord in cell_coords:
         values = np.asarray(profiles[coord].values)
-        columns[f"Metadata_{coord}"] = values.astype(str) if values.dtype.kind in "OUS" else values
+        columns[f"Metadata_{coord}"] = str_values(values) if values.dtype.kind in "OUST" else values
     for axis in ("X", "Y", "Z"):
         coord = f"center_{axis.lower()}"
         if coord in profiles.coords:
@@ -192,18 +201,18 @@ def cellprofiler_table(
         columns[QC_BELOW] = ~undefined & (np.where(undefined, np.inf, score) < cutoff)
         columns[QC_UNDEFINED] = undefined
     if "predicted" in profiles and "class" in profiles.coords:
-        classes = np.asarray(profiles["class"].values).astype(str)
+        classes = str_values(profiles["class"].values)
         predicted = np.asarray(profiles["predicted"].values).astype(np.int64)
         columns["Metadata_Predicted"] = classes[predicted] if n else np.array([], dtype=str)
     if "logits" in profiles and "class" in profiles.coords:
         logits = np.asarray(profiles["logits"].values, dtype=np.float32)
-        for j, cls in enumerate(np.asarray(profiles["class"].values).astype(str)):
+        for j, cls in enumerate(str_values(profiles["class"].values)):
             columns[f"Metadata_Logit_{cls}"] = logits[:, j]
 
     blocks = [pd.DataFrame(columns, index=pd.RangeIndex(n))]
     if classic and "classic" in profiles:
         arr = profiles["classic"]
-        names = [f"{compartment}_{nm}" for nm in np.asarray(arr[arr.dims[1]].values).astype(str)]
+        names = [f"{compartment}_{nm}" for nm in str_values(arr[arr.dims[1]].values)]
         blocks.append(pd.DataFrame(np.asarray(arr.values, dtype=np.float32), columns=names))
     if deep and "deep" in profiles:
         blocks.append(_deep_block(profiles["deep"], model_name or model_name_of(profiles), compartment))
@@ -218,10 +227,10 @@ def _deep_block(arr: xr.DataArray, model: str, compartment: str) -> pd.DataFrame
     dim = arr.dims[1]
     model = cellprofiler_name(model)
     if "feature_layer" in arr.coords and "feature_index" in arr.coords:
-        layers = np.asarray(arr["feature_layer"].values).astype(str)
+        layers = str_values(arr["feature_layer"].values)
         index = np.asarray(arr["feature_index"].values).astype(np.int64)
     else:  # features named "<layer>_<i>"
-        names = np.asarray(arr[dim].values).astype(str)
+        names = str_values(arr[dim].values)
         split = [nm.rsplit("_", 1) for nm in names]
         layers = np.array([s[0] if len(s) == 2 else "features" for s in split])
         index = np.array([int(s[1]) if len(s) == 2 and s[1].isdigit() else i for i, s in enumerate(split)])

@@ -41,6 +41,7 @@ import pandas as pd
 import xarray as xr
 
 from gradcamo_dask.errors import InputError
+from gradcamo_dask.export import str_values
 
 __all__ = ["METHODS", "Whitening", "apply_whitening", "fit_whitening"]
 
@@ -144,11 +145,11 @@ def _default_controls(data: Any) -> Any:
 
 def _treatments(data: Any) -> np.ndarray | None:
     if isinstance(data, (xr.Dataset, xr.DataArray)) and "treatment" in data.coords:
-        return np.asarray(data["treatment"].values).astype(str)
+        return str_values(data["treatment"].values)
     if isinstance(data, pd.DataFrame):
         for col in ("treatment", "Metadata_treatment", "Metadata_Treatment"):
             if col in data.columns:
-                return data[col].astype(str).to_numpy()
+                return str_values(data[col].to_numpy())
     return None
 
 
