@@ -7,26 +7,29 @@ measurement modules as plain functions); this module chooses what to measure, tr
 each crop to the cell, names the results the way CellProfiler does and lays them out
 as one float32 row per cell.
 
-Measurements (``cp_measure.bulk.get_core_measurements_3d``), and what each costs per
-cell on one CPU core for a typical synthetic cell (about 12,000 voxels in a
-21 x 128 x 128 crop, trimmed to its 16 x 70 x 62 box), measured with
-``benchmarks``-style timings on the development machine (noisy, 2 shared cores):
+Measurements (``cp_measure.bulk.get_core_measurements_3d``) and what each costs per
+cell on one CPU core, for synthetic cells of about 11,800 voxels in 21 x 128 x 128
+crops (``benchmarks/bench_classic.py --quick``, 2 shared and busy cores, so upper
+bounds; see ``benchmarks/results/bench_classic.md``):
 
 =============  ==========================================  =======================
 name           features                                     cost per cell
 =============  ==========================================  =======================
-sizeshape      ``AreaShape_*`` (once per cell), 197          ~60 ms
-intensity      ``Intensity_*_<channel>``, 15 per channel     ~3 ms per channel
-texture        ``Texture_*_<channel>_<scale>_<dir>_256``,    ~9 ms per channel and
-               13 Haralick x 13 directions per scale         scale
-granularity    ``Granularity_<k>_<channel>``, 16 per         ~250 ms per channel
+sizeshape      ``AreaShape_*`` (once per cell), 139          ~0.16 s
+intensity      ``Intensity_*_<channel>``, 15 per channel     ~0.015 s per channel
+texture        ``Texture_*_<channel>_<scale>_<dir>_256``,    ~0.034 s per channel
+               13 Haralick x 13 directions per scale         and scale
+granularity    ``Granularity_<k>_<channel>``, 16 per         ~0.76 s per channel
                channel
 =============  ==========================================  =======================
 
 The default set (``"default"``: size/shape, intensity and texture at scale 3, all
-channels) costs about 0.13 s per 6-channel cell; ``"full"`` adds granularity and
-texture at scales 3, 5 and 10 (CellProfiler's JUMP settings) for about 1.7 s per cell,
-dominated by granularity's 16 grey-scale openings per channel.
+channels; 1,243 features for 6 channels) costs about 0.4 s per 6-channel cell;
+``"full"`` adds granularity and texture at scales 5 and 10 (CellProfiler's JUMP
+settings; 3,367 features) for about 6 s per cell, dominated by granularity's 16
+grey-scale reconstructions per channel, each followed by a full-resolution
+interpolation in cp_measure's 3D code. Trimming each crop to the cell's box (below)
+makes granularity 4x and intensity 3x cheaper than on the whole crop.
 
 Units and conventions
 ---------------------
