@@ -231,7 +231,7 @@ def layer_sweep(
     """
     from gradcamo_dask.explain import explain
     from gradcamo_dask.gradcamo import gradcamo_summary
-    from gradcamo_dask.models import layer_grids
+    from gradcamo_dask.layers import layer_grids
 
     cutoff = _check_cutoff(cutoff)
     bundle = model if hasattr(model, "model") and hasattr(model, "config") else None
