@@ -9,6 +9,8 @@ Dask workers, which import the package once per process).
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -42,6 +44,25 @@ _EXPORTS: dict[str, str] = {
     "rescale_crops": "cells",
     "fit_normalization": "cells",
     "normalize_crops": "cells",
+    "CAMResult": "explain",
+    "Explanation": "explain",
+    "GradCAM": "explain",
+    "explain": "explain",
+    "gradcamo_lowres": "gradcamo",
+    "gradcamo_score": "gradcamo",
+    "gradcamo_summary": "gradcamo",
+    "interpolation_matrix": "gradcamo",
+    "upsample_cam": "gradcamo",
+    "Bundle": "bundles",
+    "BundleConfig": "bundles",
+    "load_bundle": "bundles",
+    "save_bundle": "bundles",
+    "default_layer": "layers",
+    "layer_grids": "layers",
+    "EfficientNet3D": "models",
+    "convert_efficientnet_pytorch_3d": "models",
+    "efficientnet3d": "models",
+    "from_efficientnet_pytorch_3d": "models",
     "classic_feature_names": "classic",
     "classic_features": "classic",
     "site_classic_features": "classic",
@@ -74,3 +95,22 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+class _Package(types.ModuleType):
+    """The package module; keeps public functions named like their module.
+
+    Importing a submodule binds it on the package, so the first import of
+    ``gradcamo_dask.explain`` (the module) would hide ``gradcamo_dask.explain``
+    (the function). Such names keep the function; the module stays reachable as
+    ``sys.modules["gradcamo_dask.explain"]`` and through ``from gradcamo_dask.explain
+    import ...``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU check for the engine (issue #2): on a machine with CUDA, run the engine's tests with the
+# GPU-marked ones (CUDA vs CPU, CuPy in/out, bf16 autocast, channels_last_3d) and the explain
+# benchmark on the GPU, print cells/s, and leave everything under benchmarks/results/:
+#   gpu_check_tests.txt, gpu_check_bench.txt, bench_explain_cuda.json, bench_explain_cuda.md
+# Usage (repository root or anywhere):  benchmarks/gpu_check.sh [extra bench_explain.py options]
+# Set PYTHON to pick the interpreter (default: python3). Exit status: non-zero when a test fails,
+# when no CUDA device is visible, or when CUDA tests were skipped (a missing CuPy only warns).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=benchmarks/results
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "gpu_check: no CUDA device visible to torch; run this on a GPU machine" >&2
+    exit 2
+fi
+"$PYTHON" -c 'import torch; print("gpu_check:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)' | tee "$OUT/gpu_check_tests.txt"
+
+"$PYTHON" -m pytest tests/test_models.py tests/test_explain.py tests/test_gradcamo.py -rA -p no:cacheprovider \
+    2>&1 | tee -a "$OUT/gpu_check_tests.txt"
+tests_status=${PIPESTATUS[0]}
+if grep -E "^SKIPPED .*needs a CUDA GPU" "$OUT/gpu_check_tests.txt" >/dev/null; then
+    echo "gpu_check: GPU tests were skipped although CUDA is visible" >&2
+    [ "$tests_status" -eq 0 ] && tests_status=3
+fi
+if grep -E "^SKIPPED .*cupy" "$OUT/gpu_check_tests.txt" >/dev/null; then
+    echo "gpu_check: WARNING: CuPy is not installed, its checks were skipped (pip install -e '.[gpu]')" >&2
+fi
+
+"$PYTHON" benchmarks/bench_explain.py --device cuda "$@" 2>&1 | tee "$OUT/gpu_check_bench.txt"
+bench_status=${PIPESTATUS[0]}
+
+echo "gpu_check: tests exit $tests_status, benchmark exit $bench_status; cells/s:"
+grep -E "cells/s|^\[bench_explain\]" "$OUT/gpu_check_bench.txt" || true
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
