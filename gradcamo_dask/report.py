@@ -191,9 +191,12 @@ def _cam_variable(profiles: xr.Dataset, layer: str) -> str | None:
 
 
 def _gallery_examples(profiles: xr.Dataset, layer: str, per_bin: int, channel: str | None,
-                      plate_path: Any, labels_path: Any, size: Any) -> tuple[list, str]:
+                      plate_path: Any, labels_path: Any, size: Any) -> tuple[list, str, dict]:
+    """Rows of gallery examples, the channel shown, and a check: the Grad-CAMO recomputed from
+    the upsampled CAM and the mask read back, against the stored score (they agree when the
+    crops read back are the crops that were scored)."""
     from gradcamo_dask.cells import crop_site
-    from gradcamo_dask.gradcamo import upsample_cam
+    from gradcamo_dask.gradcamo import gradcamo_score, upsample_cam
     from gradcamo_dask.plate import open_labels, open_plate
 
     cam_name = _cam_variable(profiles, layer)
@@ -228,19 +231,25 @@ def _gallery_examples(profiles: xr.Dataset, layer: str, per_bin: int, channel: s
             crops_of[i] = (crops[j, c_index], masks[j])
     cams = np.asarray(profiles[cam_name].isel(cell=wanted).values, dtype=np.float32)
     cam_of = {i: cams[j] for j, i in enumerate(wanted)}
-    rows_out = []
+    rows_out, differences, cells_shown = [], [], []
     for label, idx in picks:
         examples = []
         for i in idx:
             crop, mask = crops_of[int(i)]
             full = upsample_cam(cam_of[int(i)], crop.shape)
+            recomputed = float(gradcamo_score(full, mask)[0])
+            differences.append(abs(recomputed - scores[i]) if math.isfinite(recomputed) else math.inf)
+            cells_shown.append({"bin": label, "well": str(coords["well"][i]), "site": int(coords["site"][i]),
+                                "object_number": int(coords["object_number"][i]), "gradcamo": float(scores[i])})
             zs = np.flatnonzero(mask.any(axis=(1, 2)))
             z = int((zs.min() + zs.max()) // 2) if zs.size else crop.shape[0] // 2
             examples.append({"image": crop[z], "cam": np.asarray(full[z]), "mask": mask[z],
                              "caption": f"{coords['well'][i]}/s{coords['site'][i]} #{coords['object_number'][i]}  "
                                         f"{scores[i]:.2f}"})
         rows_out.append((f"{label} Grad-CAMO", examples))
-    return rows_out, shown
+    check = {"channel": shown, "cells": cells_shown,
+             "max_score_difference": max(differences) if differences else None}
+    return rows_out, shown, check
 
 
 class _Missing(Exception):
@@ -384,8 +393,13 @@ def write_report(
     if has_scores and n and "gallery" not in missing:
         prov_plate, prov_labels, size = _paths_from_provenance(prov)
         try:
-            rows, shown = _gallery_examples(profiles, layer, gallery_per_bin, channel, plate or prov_plate,
-                                            labels or prov_labels, size)
+            rows, shown, check = _gallery_examples(profiles, layer, gallery_per_bin, channel, plate or prov_plate,
+                                                   labels or prov_labels, size)
+            summary["gallery"] = check
+            if check["max_score_difference"] is not None and not check["max_score_difference"] <= 1e-3:
+                notes.append(f"gallery: the Grad-CAMO recomputed from the crops read back differs from the stored "
+                             f"scores by up to {check['max_score_difference']:.3g}; the plate, labels or crop size "
+                             f"used for the gallery may not be those that were scored")
             figures["gallery"] = figs.gallery_figure(
                 figures_dir / "gallery.png", rows,
                 f"Example cells ({shown}, central slice) and Grad-CAM of {layer}; yellow: the cell's mask")

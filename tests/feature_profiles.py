@@ -112,3 +112,68 @@ def make_profiles(
     ds.attrs["provenance"] = json.dumps(prov)
     ds.attrs["plate"] = str(cells["plate"].iloc[0]) if n else "plate"
     return ds
+
+
+def tiny_cnn(in_channels: int, num_classes: int, seed: int = 0):
+    """A small 3D CNN (conv-relu-conv-relu-pool-linear) for tests that need real Grad-CAM maps."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class TinyCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv3d(in_channels, 8, 3, padding=1)
+            self.act1 = nn.ReLU()
+            self.conv2 = nn.Conv3d(8, 8, 3, stride=(1, 4, 4), padding=1)
+            self.act2 = nn.ReLU()
+            self.pool = nn.AdaptiveAvgPool3d(1)
+            self.fc = nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.act2(self.conv2(self.act1(self.conv1(x))))).flatten(1))
+
+    return TinyCNN().eval()
+
+
+def profiles_from_model(image, labels, cells: pd.DataFrame, size, model, layers, *, provenance=None) -> xr.Dataset:
+    """Profiles (CONTRACTS layout) scored for real: crops, one explain pass, low-res CAMs.
+
+    A stand-in for the pipeline's ``score_plate`` on a tiny model: what it stores
+    (scores, sums and low-res maps) comes from :func:`gradcamo_dask.explain`.
+    """
+    from gradcamo_dask import explain, extract_crops, rescale_crops
+
+    crops, masks = extract_crops(image, labels, cells, size)
+    crops, masks = np.asarray(crops.compute()), np.asarray(masks.compute())
+    classes = sorted(set(cells["treatment"]), key=lambda t: float(cells.loc[cells.treatment == t, "dose"].iloc[0]))
+    out = explain(model, np.asarray(rescale_crops(crops)), masks, layers=list(layers))
+    cells = cells.reset_index(drop=True)
+    coords = {col: ("cell", cells[col].to_numpy()) for col in cells.columns}
+    feats = np.concatenate([out.features[layer] for layer in layers], axis=1).astype(np.float32)
+    coords.update({
+        "feature": np.asarray([f"{layer}_{i}" for layer in layers for i in range(out.features[layer].shape[1])]),
+        "feature_layer": ("feature", np.asarray([layer for layer in layers for _ in range(out.features[layer].shape[1])])),
+        "feature_index": ("feature", np.concatenate([np.arange(out.features[layer].shape[1]) for layer in layers])),
+        "class": np.asarray(classes[: out.logits.shape[1]] + [f"class_{k}" for k in range(len(classes),
+                                                                                          out.logits.shape[1])]),
+        "layer": np.asarray(list(layers)),
+    })
+    ds = xr.Dataset({
+        "deep": (("cell", "feature"), feats),
+        "logits": (("cell", "class"), out.logits.astype(np.float32)),
+        "predicted": ("cell", out.predicted.astype(np.int16)),
+        "gradcamo": (("cell", "layer"), np.stack([out.gradcamo[layer] for layer in layers], axis=1)),
+        "cam_inside": (("cell", "layer"), np.stack([out.cam_inside[layer] for layer in layers], axis=1)),
+        "cam_total": (("cell", "layer"), np.stack([out.cam_total[layer] for layer in layers], axis=1)),
+    }, coords=coords)
+    for k, layer in enumerate(layers):
+        ds[f"cam_lowres_{k}"] = (("cell", f"cam{k}_z", f"cam{k}_y", f"cam{k}_x"), out.cams[layer].astype(np.float32))
+        ds[f"cam_lowres_{k}"].attrs["layer"] = layer
+    prov = {"bundle": {"path": None, "hash": None, "architecture": "tinycnn"}, "layers": list(layers),
+            "crop_size": [None if s is None else int(s) for s in size]}
+    prov.update(provenance or {})
+    ds.attrs["provenance"] = json.dumps(prov)
+    ds.attrs["plate"] = str(cells["plate"].iloc[0])
+    return ds

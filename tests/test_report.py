@@ -11,22 +11,24 @@ import pytest
 from gradcamo_dask import InputError, cell_table, synthetic_plate, write_plate
 from gradcamo_dask.cli import main
 from gradcamo_dask.report import FIGURES, write_report
-from feature_profiles import LAYERS, make_profiles
+from feature_profiles import profiles_from_model, tiny_cnn
 
 SIZE = (None, 48, 48)
+LAYERS = ("act1", "act2")
 
 
 @pytest.fixture(scope="module")
 def plate_and_profiles(tmp_path_factory):
-    """A written 4-well plate (control and 10 µM, 2 sites each) and profiles naming it in their provenance."""
+    """A written 4-well plate (control and 10 µM, 2 sites each) and profiles scored on it with a tiny CNN
+    (real Grad-CAM maps and scores from one explain pass), naming the plate in their provenance."""
     root = tmp_path_factory.mktemp("report")
     plate = synthetic_plate(doses_um=(0, 10), wells_per_treatment=2, sites_per_well=2, site_shape=(12, 96, 96),
                             cell_radius=14)
     path = root / "plate.zarr"
     write_plate(path, plate.image, plate.labels, platemap=plate.platemap, progress=False)
     cells = cell_table(plate.labels, plate.platemap, size=SIZE)
-    profiles = make_profiles(cells, provenance={"plate_path": str(path), "labels_path": str(path),
-                                                "crop_size": list(SIZE)})
+    profiles = profiles_from_model(plate.image, plate.labels, cells, SIZE, tiny_cnn(6, 2), LAYERS,
+                                   provenance={"plate_path": str(path), "labels_path": str(path)})
     return root, profiles
 
 
@@ -63,6 +65,13 @@ def test_report_renders_every_figure(full_report, plate_and_profiles):
     assert summary["umap"]["whitening"].startswith("ZCA-whitened on")
     assert summary["umap_filtered"]["n_cells"] == int((score >= 0.25).sum())
     assert "Missing parts" not in text and "By well and site" in text
+    # the gallery's crops read back from the plate are the ones that were scored: the Grad-CAMO
+    # recomputed from the upsampled stored CAM and the read-back mask equals the stored score
+    gallery = summary["gallery"]
+    assert len(gallery["cells"]) == 9 and gallery["max_score_difference"] < 1e-6
+    assert [c["bin"] for c in gallery["cells"]] == ["high"] * 3 + ["middle"] * 3 + ["low"] * 3
+    shown = [c["gradcamo"] for c in gallery["cells"]]
+    assert min(shown[:3]) >= max(shown[3:6]) >= max(shown[6:]) and shown[0] == np.nanmax(score)
 
 
 def test_profiles_without_gradcamo_say_what_is_missing(plate_and_profiles, full_report):
@@ -98,10 +107,16 @@ def test_report_command_on_a_zarr_store(plate_and_profiles, full_report, capsys)
     root, profiles = plate_and_profiles
     store = root / "profiles.zarr"
     profiles.to_zarr(store, mode="w")
-    assert main(["report", str(store), "--out", str(root / "cli"), "--layer", LAYERS[1], "--gallery", "2"]) == 0
+    args = ["report", str(store), "--out", str(root / "cli"), "--layer", LAYERS[1], "--gallery", "2"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "wrote" in out and "5 figures" in out
     summary = json.loads((root / "cli" / "summary.json").read_text())
-    assert summary["layer"] == LAYERS[1] and summary["missing"] == {}
+    assert summary["layer"] == LAYERS[1] and f"({len(summary['figures'])} figures)" in out
+    for part, reason in summary["missing"].items():  # e.g. too few on-target cells at this layer
+        assert f"missing {part}: {reason}" in out
+    assert main([*args, "--cutoff", "0"]) == 0  # every defined score is on target
+    summary = json.loads((root / "cli" / "summary.json").read_text())
+    assert summary["missing"] == {} and "5 figures" in capsys.readouterr().out
+    assert summary["gallery"]["max_score_difference"] < 1e-6  # read back from the plate named in the store
     assert main(["report", str(root / "nothing.zarr"), "--out", str(root / "cli2")]) == 1
     assert "no profiles at" in capsys.readouterr().err
