@@ -46,3 +46,8 @@ class ClusterError(GradcamoError, ConnectionError):
 
 class TrainingError(GradcamoError, ValueError):
     """Training cannot start or resume as asked (splits, classes, checkpoints)."""
+
+
+class WeightsFormatError(GradcamoError, ValueError):
+    """A weights file exists but cannot be used: not a model of the expected kind, or made for
+    another major version of the library that runs it; names the file and what it holds."""
