@@ -53,6 +53,9 @@ Units and conventions
   ``Granularity_1_DNA``); the per-object export adds ``Cells_``.
 * Undefined measurements (e.g. texture of a cell too thin for the texture scale) are
   NaN, as in CellProfiler.
+* A cell larger than the crop is measured on its part inside the crop, the part the
+  model sees: its ``AreaShape_Volume`` is then below the cell table's ``volume_voxels``.
+  Choose a crop size that holds whole cells when classic features matter on their own.
 """
 
 from __future__ import annotations

@@ -54,14 +54,23 @@ NO_SCORES = ("the profiles have no Grad-CAMO variables (gradcamo, cam_inside, ca
 
 
 def load_profiles(path: str | Path) -> xr.Dataset:
-    """Open a profiles Zarr store (as the pipeline writes it) lazily."""
+    """Open a profiles Zarr store (as the pipeline writes it) lazily.
+
+    Bookkeeping variables (names starting with ``_``, such as the pipeline's
+    ``_done_chunks``) are dropped, and a store whose resumable write has not
+    finished (``gradcamo_complete`` false) is refused rather than reported half-empty.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"no profiles at {path}; give the Zarr store written by `gradcamo-dask score` or write_profiles")
     try:
-        return xr.open_zarr(path)
+        ds = xr.open_zarr(path)
     except Exception as err:  # zarr raises several unrelated types for "not a store"
         raise InputError(f"{path} is not a readable profiles Zarr store ({type(err).__name__}: {err})") from err
+    if "gradcamo_complete" in ds.attrs and not ds.attrs["gradcamo_complete"]:
+        raise InputError(f"{path}: the profiles write did not finish; run the same `gradcamo-dask score` command "
+                         f"again to resume it, then make the report")
+    return ds.drop_vars([v for v in ds.variables if str(v).startswith("_")])
 
 
 def _provenance(profiles: xr.Dataset) -> dict:
@@ -164,8 +173,9 @@ def _paths_from_provenance(prov: dict) -> tuple[Any, Any, Any]:
                     return scope[key]
         return None
 
-    plate = find("plate_path", "plate", "image_path", "image")
-    labels = find("labels_path", "labels")
+    # paths only: score_plate's provenance also has "plate", the plate's NAME
+    plate = find("plate_path", "image_path")
+    labels = find("labels_path")
     size = find("crop_size", "crop_shape", "size")
     if size is None and isinstance(prov.get("bundle"), dict):
         size = prov["bundle"].get("crop_shape")

@@ -10,6 +10,8 @@ import pytest
 
 from gradcamo_dask import InputError, cell_table, crop_site, synthetic_plate
 from gradcamo_dask.classic import classic_feature_names, classic_features, site_classic_features
+from gradcamo_dask.export import cellprofiler_table
+from feature_profiles import make_profiles
 
 SPACING = (1.1115, 0.65, 0.65)
 SIZE = (None, 48, 48)
@@ -154,3 +156,14 @@ def test_lazy_per_site_matches_the_site_function(small_plate, site_crops):
     _, direct = site_classic_features(crops, masks, channels, SPACING, measurements=["sizeshape", "intensity"])
     np.testing.assert_array_equal(values[: len(rows)], direct)
     assert np.isfinite(values).all()
+    # the 'classic' variable beside 'deep' in a profiles dataset of the same cells, exported as Cells_*
+    profiles = make_profiles(cells)
+    profiles["classic"] = arr
+    assert profiles["classic"].dims == ("cell", "classic_feature") and "deep" in profiles
+    table = cellprofiler_table(profiles)
+    column = list(arr["classic_feature"].values)
+    for name in ("AreaShape_Volume", "AreaShape_SurfaceArea", "Intensity_MeanIntensity_DNA", f"Intensity_MaxIntensity_{channels[-1]}"):
+        np.testing.assert_array_equal(table[f"Cells_{name}"], values[:, column.index(name)])
+    # measured on the crop the model sees: a cell wider than the crop keeps only its part inside it
+    volume = table["Cells_AreaShape_Volume"].to_numpy()
+    assert (volume <= cells["volume_voxels"].to_numpy()).all() and (volume == cells["volume_voxels"]).mean() > 0.5

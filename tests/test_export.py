@@ -77,9 +77,21 @@ def test_columns_follow_cellprofiler_naming(profiles):
         cellprofiler_table(profiles, layer="_blocks.3")
 
 
-def test_model_name_from_provenance_and_profiles_without_scores(profiles):
+def test_model_name_from_provenance_and_profiles_without_scores(profiles, tmp_path):
     table = cellprofiler_table(profiles)  # provenance bundle.architecture = "efficientnet3d"
     assert "Cells_Efficientnet3D_HeadSwish_0" in table
+    # score_plate's layout: a 'cell' index coord and flat provenance naming the bundle's directory,
+    # whose config.json gives the architecture
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "config.json").write_text(json.dumps({"architecture": {"name": "efficientnet3d"}}))
+    scored = profiles.assign_coords(cell=np.arange(profiles.sizes["cell"]))
+    scored.attrs["provenance"] = json.dumps({"bundle_path": str(tmp_path / "bundle"), "bundle_hash": "sha256:0",
+                                             "plate": "P1", "layers": list(LAYERS)})
+    table = cellprofiler_table(scored)
+    assert "Cells_Efficientnet3D_HeadSwish_0" in table and "Metadata_cell" not in table
+    assert list(table.columns) == list(cellprofiler_table(profiles).columns)
+    scored.attrs["provenance"] = json.dumps({"bundle_path": str(tmp_path / "gone")})  # not readable here
+    assert "Cells_Deep_HeadSwish_0" in cellprofiler_table(scored)
     bare = profiles.drop_vars(["gradcamo", "cam_inside", "cam_total"])
     table = cellprofiler_table(bare)
     assert "Metadata_GradCAMO" not in table and QC_BELOW not in table

@@ -90,9 +90,10 @@ def test_profiles_without_gradcamo_say_what_is_missing(plate_and_profiles, full_
 def test_missing_plate_and_no_controls(plate_and_profiles, full_report):
     root, profiles = plate_and_profiles
     no_plate = profiles.copy()
-    prov = json.loads(no_plate.attrs["provenance"])
-    prov["plate_path"] = prov["labels_path"] = None
-    no_plate.attrs["provenance"] = json.dumps(prov)
+    # score_plate's provenance when the image had no source path: "plate" is the plate's NAME, not a path
+    no_plate.attrs["provenance"] = json.dumps({"bundle_path": "bundle", "plate": "P1", "plate_path": "",
+                                               "labels_path": "", "layers": list(LAYERS),
+                                               "parameters": {"crop_size": list(SIZE)}})
     no_plate = no_plate.assign_coords(is_control=("cell", np.zeros(no_plate.sizes["cell"], bool)))
     html_path = write_report(no_plate, root / "noplate")
     summary = json.loads((html_path.parent / "summary.json").read_text())
@@ -120,3 +121,20 @@ def test_report_command_on_a_zarr_store(plate_and_profiles, full_report, capsys)
     assert summary["gallery"]["max_score_difference"] < 1e-6  # read back from the plate named in the store
     assert main(["report", str(root / "nothing.zarr"), "--out", str(root / "cli2")]) == 1
     assert "no profiles at" in capsys.readouterr().err
+
+
+def test_load_profiles_drops_bookkeeping_and_refuses_unfinished_stores(plate_and_profiles, tmp_path):
+    from gradcamo_dask.report import load_profiles
+
+    _root, profiles = plate_and_profiles
+    # as write_profiles leaves a store: a '_done_chunks' marker array and completion attrs
+    store = profiles.assign(_done_chunks=("chunk", np.ones(3, bool)))
+    store.attrs.update(gradcamo_fingerprint="f", gradcamo_complete=True)
+    store.to_zarr(tmp_path / "done.zarr", mode="w")
+    loaded = load_profiles(tmp_path / "done.zarr")
+    assert "_done_chunks" not in loaded.variables and "chunk" not in loaded.dims
+    assert loaded.sizes["cell"] == profiles.sizes["cell"] and "gradcamo" in loaded
+    store.attrs["gradcamo_complete"] = False
+    store.to_zarr(tmp_path / "half.zarr", mode="w")
+    with pytest.raises(InputError, match="write did not finish"):
+        load_profiles(tmp_path / "half.zarr")
