@@ -64,7 +64,9 @@ def load_profiles(path: str | Path) -> xr.Dataset:
     if not path.exists():
         raise InputError(f"no profiles at {path}; give the Zarr store written by `gradcamo-dask score` or write_profiles")
     try:
-        ds = xr.open_zarr(path)
+        with warnings.catch_warnings():  # write_profiles does not consolidate: that fallback is expected
+            warnings.filterwarnings("ignore", message=".*consolidated metadata", category=RuntimeWarning)
+            ds = xr.open_zarr(path)
     except Exception as err:  # zarr raises several unrelated types for "not a store"
         raise InputError(f"{path} is not a readable profiles Zarr store ({type(err).__name__}: {err})") from err
     if "gradcamo_complete" in ds.attrs and not ds.attrs["gradcamo_complete"]:
