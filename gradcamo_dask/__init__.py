@@ -70,6 +70,22 @@ _EXPORTS: dict[str, str] = {
     "Segmenter": "segmenters",
     "resolve_cellpose_weights": "cellpose_adapter",
     "check_cellpose_weights": "cellpose_adapter",
+    "classic_feature_names": "classic",
+    "classic_features": "classic",
+    "site_classic_features": "classic",
+    "Whitening": "whitening",
+    "apply_whitening": "whitening",
+    "fit_whitening": "whitening",
+    "cellprofiler_table": "export",
+    "to_cellprofiler_table": "export",
+    "filter_profiles": "qc",
+    "flag_profiles": "qc",
+    "gradcamo_counts": "qc",
+    "layer_sweep": "qc",
+    "rank_layers": "qc",
+    "summarize_gradcamo": "qc",
+    "load_profiles": "report",
+    "write_report": "report",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
