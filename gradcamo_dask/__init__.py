@@ -70,6 +70,12 @@ _EXPORTS: dict[str, str] = {
     "Segmenter": "segmenters",
     "resolve_cellpose_weights": "cellpose_adapter",
     "check_cellpose_weights": "cellpose_adapter",
+    "score_plate": "pipeline",
+    "write_profiles": "pipeline",
+    "open_profiles": "pipeline",
+    "describe_store": "pipeline",
+    "done_sites": "pipeline",
+    "connect": "cluster",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

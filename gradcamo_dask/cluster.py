@@ -228,9 +228,10 @@ def _probe_tcp(scheduler: str, timeout: float) -> None:
         ) from None
 
 
-def _join(scheduler: str, timeout: float) -> Any:
+def _join(scheduler: str, timeout: float, security: Any = None) -> Any:
     from distributed import Client
 
+    extra = {"security": security} if security is not None else {}
     try:
         if not _is_scheduler_file(scheduler):
             _probe_tcp(scheduler, timeout)
@@ -238,8 +239,8 @@ def _join(scheduler: str, timeout: float) -> Any:
             if not Path(scheduler).is_file():
                 raise ClusterError(f"scheduler file {scheduler} does not exist; start the scheduler with "
                                    f"`dask scheduler --scheduler-file {scheduler}` or pass its address")
-            return Client(scheduler_file=scheduler, timeout=timeout)
-        return Client(scheduler, timeout=timeout)
+            return Client(scheduler_file=scheduler, timeout=timeout, **extra)
+        return Client(scheduler, timeout=timeout, **extra)
     except ClusterError:
         raise
     except (OSError, TimeoutError, ValueError) as err:  # distributed raises OSError on timeouts
@@ -253,7 +254,10 @@ def _join(scheduler: str, timeout: float) -> Any:
 def connect(
     scheduler: str | None = None,
     *,
+    cluster: str | None = None,
+    cluster_config: Any = None,
     n_workers: int | None = None,
+    security: Any = None,
     threads_per_worker: int | None = None,
     device: str = "auto",
     cuda_visible_devices: Sequence[str] | None = None,
@@ -268,8 +272,15 @@ def connect(
     Parameters
     ----------
     scheduler : str, optional
-        ``tcp://host:port`` of a running scheduler, or the path of its scheduler JSON
-        file; None starts a local cluster.
+        ``tcp://host:port`` (or ``tls://``) of a running scheduler, or the path of its
+        scheduler JSON file; None starts a cluster (``cluster``).
+    cluster : "local" or "slurm", optional
+        Cluster to start when no scheduler is given: local (default) or SLURM through
+        ``gradcamo_dask.slurm.slurm_cluster(cluster_config, n_workers=n_workers)``.
+    cluster_config : path or dict, optional
+        The SLURM cluster's settings (see ``gradcamo_dask.slurm``).
+    security : distributed.security.Security, optional
+        TLS settings for the client (and the local cluster).
     n_workers, threads_per_worker : int, optional
         Local CPU cluster size (default: :func:`local_cluster_shape`); for a CUDA
         cluster ``n_workers`` is ignored (one worker per GPU).
@@ -305,8 +316,25 @@ def connect(
 
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if cluster not in (None, "local", "slurm"):
+        raise InputError(f"cluster must be 'local' or 'slurm', got {cluster!r}")
+    if scheduler and cluster == "slurm":
+        raise InputError("pass either a scheduler address or cluster='slurm', not both")
+    if cluster == "slurm":
+        try:
+            from gradcamo_dask.slurm import slurm_cluster
+        except ImportError as err:
+            raise ClusterError(f"cluster='slurm' needs gradcamo_dask.slurm (issue #8, dask-jobqueue), which is not "
+                               f"available here ({err}); start the cluster yourself and pass --scheduler ADDRESS") \
+                from None
+        slurm = slurm_cluster(cluster_config, n_workers=n_workers)
+        client = Client(slurm, timeout=timeout, security=security) if security is not None else \
+            Client(slurm, timeout=timeout)
+        client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads)))
+        _announce(client, "SLURM cluster", quiet)
+        return client
     if scheduler:
-        client = _join(str(scheduler), float(timeout))
+        client = _join(str(scheduler), float(timeout), security)
         hosts = workers_per_host(client)
         client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads, hosts)))
         _announce(client, f"joined {scheduler}", quiet)
@@ -327,10 +355,12 @@ def connect(
         visible = list(cuda_visible_devices) if cuda_visible_devices is not None else gpus
         per_gpu = max(1, usable_cores() // len(visible))
         options = dict(CUDA_VISIBLE_DEVICES=",".join(visible), threads_per_worker=threads_per_worker or 1,
-                       dashboard_address=dashboard_address, protocol="tcp", host="127.0.0.1")
+                       dashboard_address=dashboard_address, host="127.0.0.1")
+        if security is not None:
+            options["security"] = security
         options.update(cluster_options)
-        cluster = LocalCUDACluster(**options)
-        client = Client(cluster, timeout=timeout)
+        local = LocalCUDACluster(**options)
+        client = Client(local, timeout=timeout, **({"security": security} if security is not None else {}))
         client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads or per_gpu)))
         _announce(client, f"LocalCUDACluster: {len(visible)} GPU worker(s) ({','.join(visible)})", quiet)
         return client
@@ -339,12 +369,14 @@ def connect(
     shape = local_cluster_shape(n_workers, threads_per_worker)
     options = dict(n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker, processes=True,
                    memory_limit=shape.memory_limit, dashboard_address=dashboard_address, host="127.0.0.1")
+    if security is not None:
+        options["security"] = security
     options.update(cluster_options)
     try:
-        cluster = LocalCluster(**options)
+        local = LocalCluster(**options)
     except Exception as err:  # noqa: BLE001 - ports, permissions, spawn failures
         raise ClusterError(f"could not start a local Dask cluster ({type(err).__name__}: {err})") from err
-    client = Client(cluster, timeout=timeout)
+    client = Client(local, timeout=timeout, **({"security": security} if security is not None else {}))
     client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads or shape.torch_threads)))
     _announce(client, f"LocalCluster: {shape.n_workers} worker process(es) x {shape.threads_per_worker} thread(s), "
                       f"{torch_threads or shape.torch_threads} torch thread(s) each", quiet)

@@ -371,6 +371,10 @@ def score_plate(
 
     with (client.as_current() if client is not None else _null()):
         if cells is None:
+            if platemap is None:
+                from gradcamo_dask.platemap import platemap_of
+
+                platemap = platemap_of(image)
             cells = cell_table(labels, platemap, size=crop_size)
     cells = cells.reset_index(drop=True)
     if check_classes and len(cells) and "treatment" in cells:
@@ -691,3 +695,49 @@ def done_sites(path: Any) -> pd.DataFrame:
 
 def _env_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+
+
+def describe_store(path: Any) -> dict:
+    """What a store holds: a profiles store (cells, layers, bundle, done sites) or a plate.
+
+    Returns
+    -------
+    dict
+        For profiles: ``kind="profiles"``, ``plate``, ``cells``, ``layers``,
+        ``classes``, ``features``, ``bundle``, ``complete``, ``chunks_done``,
+        ``sites_done``/``sites_pending`` (``"B02/0"``...). For plates:
+        ``kind="plate"``, ``plate``, ``wells``, ``sites``, ``channels``, ``zyx``,
+        ``spacing_zyx_um``, ``labels`` (bool).
+    """
+    from gradcamo_dask.errors import GradcamoError
+    from gradcamo_dask.plate import open_labels, open_plate
+
+    group = _existing(path)
+    if group is None:
+        raise FileNotFoundError(f"{path} does not exist")
+    if group is not False and FINGERPRINT_ATTR in group.attrs:
+        prov = json.loads(group.attrs.get("provenance", "{}"))
+        sites = done_sites(path)
+        done = np.asarray(group[DONE_ARRAY][:])
+        return {
+            "kind": "profiles", "plate": group.attrs.get("plate"), "cells": int(group["cell"].shape[0]),
+            "layers": [str(v) for v in group["layer"][:]], "classes": [str(v) for v in group["class"][:]],
+            "features": int(group["feature"].shape[0]), "bundle": prov.get("bundle_path"),
+            "bundle_hash": prov.get("bundle_hash"), "complete": bool(group.attrs.get(COMPLETE_ATTR)),
+            "chunks_done": f"{int(done.sum())}/{len(done)}",
+            "sites_done": [f"{w}/{s}" for w, s, d in zip(sites["well"], sites["site"], sites["done"]) if d],
+            "sites_pending": [f"{w}/{s}" for w, s, d in zip(sites["well"], sites["site"], sites["done"]) if not d],
+        }
+    image = open_plate(path)
+    try:
+        open_labels(path, like=image)
+        has_labels = True
+    except GradcamoError:
+        has_labels = False
+    return {
+        "kind": "plate", "plate": image.attrs.get("plate"), "wells": [str(w) for w in image["well"].values],
+        "sites": [int(s) for s in image["site"].values], "channels": [str(c) for c in image["c"].values],
+        "zyx": [int(image.sizes[d]) for d in "zyx"], "spacing_zyx_um": image.attrs.get("spacing_zyx_um"),
+        "dtype": str(image.dtype), "labels": has_labels,
+        "treatments": sorted({str(t) for t in image["treatment"].values}) if "treatment" in image.coords else [],
+    }
