@@ -243,6 +243,11 @@ def _join(scheduler: str, timeout: float, security: Any = None) -> Any:
         return Client(scheduler, timeout=timeout, **extra)
     except ClusterError:
         raise
+    except (MemoryError, EOFError) as err:  # something answered that does not speak Dask's protocol
+        raise ClusterError(
+            f"{scheduler} answered, but not as a Dask scheduler ({type(err).__name__}); check the address and port "
+            "(the scheduler's default port is 8786; 8787 is its dashboard)"
+        ) from None
     except (OSError, TimeoutError, ValueError) as err:  # distributed raises OSError on timeouts
         raise ClusterError(
             f"cannot reach a Dask scheduler at {scheduler} within {timeout:g} s ({type(err).__name__}: {err}); "
