@@ -59,3 +59,20 @@ def assert_same_profiles(a, b, atol: float = 0.0) -> None:
             np.testing.assert_allclose(x, y, atol=atol, rtol=0, equal_nan=True, err_msg=name)
         else:
             np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def slow_sites(seconds: float) -> None:
+    """Run on each worker (``client.run``): every site task takes ``seconds`` longer, room to kill a worker
+    mid-run. Lives here, importable as ``tests.plate_fixtures`` by separately started workers."""
+    import time
+
+    from gradcamo_dask import pipeline as p
+
+    real = getattr(p, "_real_score_site", p.score_site)
+    p._real_score_site = real
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    p.score_site = slow

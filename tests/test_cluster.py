@@ -24,7 +24,7 @@ from gradcamo_dask import pipeline
 from gradcamo_dask.cluster import connect, cuda_devices, local_cluster_shape
 from gradcamo_dask.errors import ClusterError
 from gradcamo_dask.pipeline import open_profiles, score_plate, write_profiles
-from tests.plate_fixtures import assert_same_profiles, make_bundle, make_plate, open_tiny, strings
+from tests.plate_fixtures import assert_same_profiles, make_bundle, make_plate, open_tiny, slow_sites, strings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,20 +83,6 @@ def test_slurm_without_its_module_says_what_to_do(monkeypatch):
 # ------------------------------------------------------------------ real clusters
 
 
-def _slow_sites(seconds: float) -> None:
-    """Runs on each worker: make every site task take at least ``seconds`` (room to kill a worker mid-run)."""
-    from gradcamo_dask import pipeline as p
-
-    real = getattr(p, "_real_score_site", p.score_site)
-    p._real_score_site = real
-
-    def slow(*args, **kwargs):
-        time.sleep(seconds)
-        return real(*args, **kwargs)
-
-    p.score_site = slow
-
-
 def _kill_one_worker_mid_run(client, store: Path, pids: dict, killed: list) -> None:
     """Wait until the write is under way (a chunk is done, work remains), then SIGKILL a busy worker."""
     deadline = time.monotonic() + 120
@@ -117,7 +103,7 @@ def _kill_one_worker_mid_run(client, store: Path, pids: dict, killed: list) -> N
 
 def _score_and_kill(client, tiny, store: Path) -> list:
     pids = client.run(os.getpid)
-    client.run(_slow_sites, 0.7)
+    client.run(slow_sites, 0.7)
     killed: list = []
     ds = score_plate(tiny["image"], tiny["labels"], tiny["bundle"], client=client)
     killer = threading.Thread(target=_kill_one_worker_mid_run, args=(client, store, pids, killed))
