@@ -45,10 +45,20 @@ def tiny(tmp_path_factory):
             "other": make_bundle(root / "other", seed=2)}
 
 
-def test_score_then_info_then_refuse_another_bundle(tiny, capsys):
+@pytest.fixture(scope="module")
+def scheduler():
+    """One single-worker cluster that the CLI calls join with --scheduler (starting one per call costs ~20 s)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def test_score_then_info_then_refuse_another_bundle(tiny, scheduler, capsys):
     out = tiny["root"] / "profiles.zarr"
     args = ["score", str(tiny["plate"]), "--labels", str(tiny["plate"]), "--model", str(tiny["bundle"]),
-            "--out", str(out), "--workers", "1", "--quiet", "--chunk-cells", "8"]
+            "--out", str(out), "--scheduler", scheduler, "--quiet", "--chunk-cells", "8"]
     assert cli.main(args) == 0
     printed = capsys.readouterr()
     assert "scoring" in printed.out and "wrote" in printed.out
@@ -73,7 +83,7 @@ def test_score_then_info_then_refuse_another_bundle(tiny, capsys):
     assert cli.main([*other, "--overwrite"]) == 0
 
 
-def test_score_refuses_bad_input_with_exit_1(tiny, capsys):
+def test_score_refuses_bad_input_with_exit_1(tiny, scheduler, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -84,18 +94,18 @@ def test_score_refuses_bad_input_with_exit_1(tiny, capsys):
     assert time.monotonic() - start < 30
     assert "ClusterError" in capsys.readouterr().err
     wrong = make_bundle(tiny["root"] / "wrong", classes=["control", "compound_1uM"])
-    assert cli.main([*base[:5], str(wrong), *base[6:], "--workers", "1"]) == 1
+    assert cli.main([*base[:5], str(wrong), *base[6:], "--scheduler", scheduler]) == 1
     err = capsys.readouterr().err
     assert "BundleMismatchError" in err and "compound_10uM" in err
     assert not (tiny["root"] / "never.zarr").exists()  # bad input never leaves a store behind
 
 
-def test_demo_code_path_trains_scores_and_summarises(tmp_path):
+def test_demo_code_path_trains_scores_and_summarises(tmp_path, scheduler):
     from gradcamo_dask.demo import format_summary, run_demo
 
     tiny_settings = dict(doses_um=(0.0, 10.0), sites_per_well=1, site_shape=(9, 96, 96), cell_radius=12.0,
                          crop_shape=(None, 48, 48), input_shape=(8, 32, 32), epochs=1)
-    result = run_demo(tmp_path / "demo", settings=tiny_settings, n_workers=1, progress=False, log=lambda *_: None)
+    result = run_demo(tmp_path / "demo", settings=tiny_settings, scheduler=scheduler, progress=False, log=lambda *_: None)
     summary = result["summary"]
     assert set(summary["treatment"]) == {"control", "compound_10uM"}
     assert summary["n"].sum() == result["n_cells"] > 0

@@ -206,3 +206,18 @@ def test_model_cache_loads_once_per_process_and_refuses_a_changed_bundle(tiny, t
     make_bundle(tmp_path / "b", seed=3)  # replaced on disk after planning
     with pytest.raises(BundleMismatchError, match="changed on disk"):
         pipeline.cached_bundle(str(copy), h, "cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_worker_path_agrees_with_cpu(tiny):
+    """On a CUDA machine: crops built with CuPy on the device, explain on the GPU (float32, no autocast
+    differences beyond bf16 tolerance), same cells and close scores as the CPU reference."""
+    pytest.importorskip("cupy")
+    with dask.config.set(scheduler="sync"):
+        gpu = score_plate(tiny["image"], tiny["labels"], tiny["bundle"], device="cuda").compute()
+    ref = tiny["reference"]
+    np.testing.assert_array_equal(strings(gpu["object_number"].values), strings(ref["object_number"].values))
+    assert np.nanmax(np.abs(gpu["gradcamo"].values - ref["gradcamo"].values)) < 0.05  # bf16 autocast on CUDA
+    agree = (gpu["predicted"].values == ref["predicted"].values).mean()
+    assert agree > 0.9
+    assert pipeline.share_cuda_memory() is True
