@@ -248,7 +248,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         "segment it with the watershed baseline), train a small EfficientNet-B0 3D for a few epochs on the wells "
         "of the first row (or use --model), score the held-out wells on a Dask cluster into OUT/profiles.zarr and "
         "print mean ± sd Grad-CAMO, the share of cells >= 0.25 and the count of undefined (NaN) scores by "
-        "treatment and site. About 2-4 minutes on 2 CPU cores. Rerunning resumes finished work.",
+        "treatment and site. About 1-2 minutes on 2 CPU cores. Rerunning resumes finished work.",
     )
     parser.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     parser.add_argument("--labels", choices=["truth", "watershed"], default="truth",
@@ -327,7 +327,7 @@ def _run_score(args: argparse.Namespace) -> int:
         labels = open_labels(args.labels, name=args.label_name, like=image)
         client = _connect(args)
         ds = score_plate(image, labels, args.model, layers=args.layers, client=client, batch_size=args.batch_size,
-                         check_classes=not args.any_classes)
+                         check_classes=not args.any_classes, plate_path=args.plate, labels_path=args.labels)
         print(f"scoring {ds.sizes['cell']} cells of plate {ds.attrs['plate']!r} "
               f"({image.sizes['well']} wells x {image.sizes['site']} sites), layers {', '.join(ds['layer'].values)}")
         report = write_profiles(ds, args.out, client=client, overwrite=args.overwrite, chunk_cells=args.chunk_cells,

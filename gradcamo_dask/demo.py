@@ -242,7 +242,8 @@ def run_demo(
     t2 = time.perf_counter()
     client = connect(scheduler, n_workers=n_workers)
     try:
-        ds = score_plate(image.sel(well=test_wells), labels.sel(well=test_wells), bundle, client=client)
+        ds = score_plate(image.sel(well=test_wells), labels.sel(well=test_wells), bundle, client=client,
+                         plate_path=str(plate_path), labels_path=str(plate_path) if labels_method == "truth" else "")
         log(f"scoring {ds.sizes['cell']} cells of held-out wells {', '.join(test_wells)} "
             f"(layers {', '.join(map(str, ds['layer'].values))})")
         write_profiles(ds, out / "profiles.zarr", client=client, overwrite=overwrite, progress=progress,

@@ -297,7 +297,9 @@ def _table_coords(cells: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def _site_key(cells: pd.DataFrame) -> str:
-    keys = cells[["well", "site", "object_number"]].astype(str).agg("/".join, axis=1) if len(cells) else []
+    columns = [c for c in ("well", "site", "object_number", "center_z", "center_y", "center_x", "volume_voxels")
+               if c in cells]
+    keys = cells[columns].astype(str).agg("/".join, axis=1) if len(cells) else []
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
@@ -314,6 +316,8 @@ def score_plate(
     check_classes: bool = True,
     device: str | None = None,
     cells: pd.DataFrame | None = None,
+    plate_path: str | None = None,
+    labels_path: str | None = None,
 ) -> xr.Dataset:
     """Lazy profiles of every cell of a plate: deep features, logits, Grad-CAM(O) per layer.
 
@@ -342,6 +346,9 @@ def score_plate(
         to score new compounds with a model trained on others).
     device : str, optional
         Force ``"cpu"`` or ``"cuda"`` on the workers (default: each worker's own).
+    plate_path, labels_path : str, optional
+        Recorded in the provenance (so that a report can read crops back); default:
+        the paths xarray recorded, if any.
     cells : DataFrame, optional
         A precomputed cell table (default: :func:`~gradcamo_dask.cell_table` at the
         bundle's crop grid; computed now, one task per site).
@@ -473,8 +480,8 @@ def score_plate(
     provenance = {
         "bundle_path": bundle_path, "bundle_hash": loaded.hash, "bundle_classes": list(cfg.classes),
         "layers": layers, "layer_grids": {n: list(shapes[n][1]) for n in layers},
-        "plate": plate, "plate_path": str(image.encoding.get("source", image.attrs.get("source", ""))),
-        "labels_path": str(labels.encoding.get("source", labels.attrs.get("source", ""))),
+        "plate": plate, "plate_path": str(plate_path or image.encoding.get("source", image.attrs.get("source", ""))),
+        "labels_path": str(labels_path or labels.encoding.get("source", labels.attrs.get("source", ""))),
         "wells": list(wells), "sites": list(sites), "n_cells": n_cells, "cells_sha256": _site_key(cells),
         "parameters": parameters, "versions": _versions(),
     }
