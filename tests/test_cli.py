@@ -108,7 +108,9 @@ def test_demo_code_path_trains_scores_and_summarises(tmp_path, scheduler):
     result = run_demo(tmp_path / "demo", settings=tiny_settings, scheduler=scheduler, progress=False, log=lambda *_: None)
     summary = result["summary"]
     assert set(summary["treatment"]) == {"control", "compound_10uM"}
-    assert summary["n"].sum() == result["n_cells"] > 0
+    assert set(summary["layer"]) == {"_blocks.4.10", "_head_swish"}  # the demo's two layers
+    for _, per_layer in summary.groupby("layer"):
+        assert per_layer["n"].sum() == result["n_cells"] > 0
     assert ((summary["share_on_target"] >= 0) & (summary["share_on_target"] <= 1)).all()
     text = format_summary(summary)
     assert "±" in text and "compound_10uM" in text
