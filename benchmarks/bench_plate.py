@@ -102,9 +102,10 @@ def make_plate(path: Path, n_sites: int, site_shape, cell_radius: float) -> Path
     from gradcamo_dask.plate import write_plate
     from gradcamo_dask.synthetic import synthetic_plate
 
-    wells = {1: (1, 1), 4: (2, 2), 16: (2, 8)}[n_sites]  # (wells per treatment x 2 doses) x sites per well
-    plate = synthetic_plate(doses_um=(0.0, 10.0), wells_per_treatment=wells[0] if n_sites > 1 else 1,
-                            sites_per_well=wells[1], site_shape=site_shape, cell_radius=cell_radius, seed=1)
+    # 2 doses x wells per treatment = wells; wells x sites per well = sites
+    per_treatment, per_well = {1: (1, 1), 4: (1, 2), 16: (2, 4)}[n_sites]
+    plate = synthetic_plate(doses_um=(0.0, 10.0), wells_per_treatment=per_treatment, sites_per_well=per_well,
+                            site_shape=site_shape, cell_radius=cell_radius, seed=1)
     image, labels = plate.image, plate.labels
     if n_sites == 1:
         image, labels = image.isel(well=[0]), labels.isel(well=[0])
