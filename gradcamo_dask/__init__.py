@@ -86,6 +86,12 @@ _EXPORTS: dict[str, str] = {
     "summarize_gradcamo": "qc",
     "load_profiles": "report",
     "write_report": "report",
+    "score_plate": "pipeline",
+    "write_profiles": "pipeline",
+    "open_profiles": "pipeline",
+    "describe_store": "pipeline",
+    "done_sites": "pipeline",
+    "connect": "cluster",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
