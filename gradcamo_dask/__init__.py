@@ -70,6 +70,10 @@ _EXPORTS: dict[str, str] = {
     "Segmenter": "segmenters",
     "resolve_cellpose_weights": "cellpose_adapter",
     "check_cellpose_weights": "cellpose_adapter",
+    "slurm_cluster": "slurm",
+    "load_slurm_config": "slurm",
+    "check_writable": "storage",
+    "normalize_output_url": "storage",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
