@@ -74,6 +74,8 @@ _EXPORTS: dict[str, str] = {
     "load_slurm_config": "slurm",
     "check_writable": "storage",
     "normalize_output_url": "storage",
+    "tls_security": "tls",
+    "open_tls_client": "tls",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
