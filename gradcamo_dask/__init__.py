@@ -76,6 +76,12 @@ _EXPORTS: dict[str, str] = {
     "normalize_output_url": "storage",
     "tls_security": "tls",
     "open_tls_client": "tls",
+    "score_plate": "pipeline",
+    "write_profiles": "pipeline",
+    "open_profiles": "pipeline",
+    "describe_store": "pipeline",
+    "done_sites": "pipeline",
+    "connect": "cluster",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
