@@ -80,7 +80,9 @@ def check_writable(url: str | os.PathLike, client: Any, *, storage_options: dict
         The output store: a local path (made absolute on the client, see
         :func:`normalize_output_url`) or an fsspec URL such as ``s3://bucket/p.zarr``.
     client
-        A connected :class:`distributed.Client`.
+        A connected :class:`distributed.Client`; ``None`` uses the current client
+        (``distributed.default_client()``) or, without one, checks from this process
+        (Dask's local schedulers write from here).
     storage_options
         fsspec options (credentials, endpoint) passed to the filesystem on the workers.
     worker_timeout_s
@@ -100,6 +102,18 @@ def check_writable(url: str | os.PathLike, client: Any, *, storage_options: dict
         No worker joined within ``worker_timeout_s``.
     """
     target = normalize_output_url(url)
+    if client is None:
+        try:
+            from distributed import default_client
+
+            client = default_client()
+        except (ImportError, ValueError):
+            try:
+                return {"local": probe_writable(target, storage_options)}
+            except Exception as error:  # noqa: BLE001 - any filesystem error means "cannot write"
+                raise OutputStoreError(f"the output {target} is not writable from this process "
+                                       f"({type(error).__name__}: {error}); choose a writable location. "
+                                       "Nothing was computed.") from error
     if not client.scheduler_info().get("workers"):
         try:
             client.wait_for_workers(1, timeout=worker_timeout_s)

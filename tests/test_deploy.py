@@ -404,6 +404,22 @@ def test_check_writable_refuses_a_read_only_location(tmp_path, thread_client):
     assert target in str(info.value) and "Nothing was computed" in str(info.value)
 
 
+def test_check_writable_without_a_client_checks_from_this_process(tmp_path, monkeypatch):
+    import distributed
+
+    from gradcamo_dask.storage import check_writable
+
+    def no_client():
+        raise ValueError("No clients found")
+
+    monkeypatch.setattr(distributed, "default_client", no_client)  # other tests' clients may be alive
+
+    assert set(check_writable(tmp_path / "p.zarr", None)) == {"local"}
+    assert not (tmp_path / "p.zarr").exists()
+    with pytest.raises(OutputStoreError, match="not writable from this process"):
+        check_writable("/proc/gradcamo-cannot-write-here/p.zarr", None)
+
+
 def test_check_writable_without_workers_times_out_clearly():
     from distributed import Client, LocalCluster
 
