@@ -270,3 +270,58 @@ def test_tls_options_name_a_missing_file(local_pki, tmp_path):
     with pytest.raises(ClusterError, match=r"--tls-cert .*absent\.pem: no such file"):
         tls_security(local_pki["ca"], tmp_path / "absent.pem", local_pki["key"])
     assert tls_security(local_pki["ca"], local_pki["cert"], local_pki["key"]).require_encryption
+
+
+# --------------------------------------------------------------------------- a plate across hosts
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny plate and bundle, and its profiles scored locally (threads, no cluster)."""
+    from tests.tiny_plate import write_tiny_plate_and_bundle
+
+    from gradcamo_dask.pipeline import score_plate, write_profiles
+    from gradcamo_dask.plate import open_labels, open_plate
+
+    directory = tmp_path_factory.mktemp("tiny")
+    paths = write_tiny_plate_and_bundle(directory)
+    image = open_plate(paths["plate"])
+    labels = open_labels(paths["plate"], like=image)
+    paths["local"] = directory / "local.zarr"
+    write_profiles(score_plate(image, labels, paths["bundle"]), paths["local"])
+    return paths
+
+
+def _score_from_client_namespace(lab, pki, tls_cluster, tiny, out: str):
+    files = pki["trusted"]["client"]
+    return lab.run("client", [
+        sys.executable, "-m", "gradcamo_dask.cli", "score", str(tiny["plate"]), "--labels", str(tiny["plate"]),
+        "--model", str(tiny["bundle"]), "--out", out, "--scheduler", tls_cluster["address"],
+        "--tls-ca-file", str(files["ca"]), "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"]), "--quiet",
+    ], env=_env(), timeout=400)
+
+
+def test_plate_scored_across_hosts_over_tls_equals_local_run(lab, pki, tls_cluster, tiny):
+    import numpy as np
+    import xarray as xr
+
+    out = tiny["plate"].parent / "multihost.zarr"
+    result = _score_from_client_namespace(lab, pki, tls_cluster, tiny, str(out))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert f"scheduler {tls_cluster['address']}" in result.stderr  # joined the TLS cluster, started none
+    remote = xr.open_zarr(out, consolidated=False).load()
+    local = xr.open_zarr(tiny["local"], consolidated=False).load()
+    assert remote.sizes["cell"] == local.sizes["cell"] > 0
+    for key in ("well", "site", "object_number"):
+        np.testing.assert_array_equal(remote[key].values, local[key].values)
+    for name in ("gradcamo", "cam_inside", "cam_total", "logits", "deep"):
+        np.testing.assert_allclose(remote[name].values, local[name].values, rtol=1e-4, atol=1e-6,
+                                   equal_nan=True, err_msg=name)
+    np.testing.assert_array_equal(remote["predicted"].values, local["predicted"].values)
+
+
+def test_unwritable_output_stops_before_scoring(lab, pki, tls_cluster, tiny):
+    out = "/proc/gradcamo-not-writable/profiles.zarr"  # not writable on any host, not even for root
+    result = _score_from_client_namespace(lab, pki, tls_cluster, tiny, out)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "OutputStoreError" in result.stderr and "not writable from 2 of 2 Dask workers" in result.stderr
+    assert "wrote" not in result.stdout
