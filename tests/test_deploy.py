@@ -436,3 +436,31 @@ def test_relative_output_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert normalize_output_url("out/p.zarr") == str(tmp_path / "out" / "p.zarr")
     assert normalize_output_url("s3://bucket/p.zarr") == "s3://bucket/p.zarr"
+
+
+# --------------------------------------------------------------------------- connect(cluster="slurm")
+
+def test_connect_starts_the_slurm_cluster_from_the_config(tls_files):
+    # No sbatch here: with no workers asked for, nothing is submitted; the cluster's
+    # scheduler runs in this process and its job script is the one jobs would get.
+    from distributed.security import Security
+
+    from gradcamo_dask.cluster import connect
+
+    client = connect(cluster="slurm", cluster_config=str(SLURM_CONFIG), quiet=True)
+    try:
+        script = client.cluster.job_script()
+        assert "#SBATCH --gres=gpu:1" in script and "-m dask_cuda.cli tcp://" in script
+    finally:
+        client.close()
+        client.cluster.close()
+    paths = {f"tls_{role}_{part}": str(tls_files["cert" if part == "cert" else "key"])
+             for role in ("scheduler", "worker", "client") for part in ("cert", "key")}
+    security = Security(tls_ca_file=str(tls_files["ca"]), require_encryption=True, **paths)
+    client = connect(cluster="slurm", cluster_config=str(SLURM_CONFIG), security=security, quiet=True)
+    try:
+        assert client.scheduler.address.startswith("tls://")
+        assert "-m dask_cuda.cli tls://" in client.cluster.job_script()
+    finally:
+        client.close()
+        client.cluster.close()
