@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.netns_lab import NetnsLab, netns_unavailable_reason, remove_stale_labs
+from tests.tiny_plate import tiny_plate  # noqa: F401  (fixture)
 from tests.tls_certs import write_test_pki
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,20 +276,8 @@ def test_tls_options_name_a_missing_file(local_pki, tmp_path):
 # --------------------------------------------------------------------------- a plate across hosts
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny plate and bundle, and its profiles scored locally (threads, no cluster)."""
-    from tests.tiny_plate import write_tiny_plate_and_bundle
-
-    from gradcamo_dask.pipeline import score_plate, write_profiles
-    from gradcamo_dask.plate import open_labels, open_plate
-
-    directory = tmp_path_factory.mktemp("tiny")
-    paths = write_tiny_plate_and_bundle(directory)
-    image = open_plate(paths["plate"])
-    labels = open_labels(paths["plate"], like=image)
-    paths["local"] = directory / "local.zarr"
-    write_profiles(score_plate(image, labels, paths["bundle"]), paths["local"])
-    return paths
+def tiny(tiny_plate):
+    return tiny_plate
 
 
 def _score_from_client_namespace(lab, pki, tls_cluster, tiny, out: str):

@@ -31,3 +31,27 @@ def write_tiny_plate_and_bundle(directory: Path, *, seed: int = 0) -> dict[str, 
                          input_shape=(8, 32, 32),
                          normalization={"mean": [0.5] * len(channels), "std": [0.25] * len(channels)})
     return {"plate": plate_path, "bundle": Path(bundle)}
+
+
+def _tiny(tmp_path_factory) -> dict[str, Path]:
+    from gradcamo_dask.pipeline import score_plate, write_profiles
+    from gradcamo_dask.plate import open_labels, open_plate
+
+    directory = tmp_path_factory.mktemp("tiny")
+    paths = write_tiny_plate_and_bundle(directory)
+    image = open_plate(paths["plate"])
+    labels = open_labels(paths["plate"], like=image)
+    paths["local"] = directory / "local.zarr"
+    write_profiles(score_plate(image, labels, paths["bundle"]), paths["local"])
+    return paths
+
+
+try:
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def tiny_plate(tmp_path_factory):
+        """Tiny plate, bundle, and its profiles scored locally (Dask threads, no cluster): ``local``."""
+        return _tiny(tmp_path_factory)
+except ImportError:  # pragma: no cover - only tests import this module
+    pass
