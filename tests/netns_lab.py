@@ -56,15 +56,33 @@ def remove_stale_labs() -> None:
 class NetnsLab:
     """Hosts on one private /24: ``lab.add_host("scheduler") -> "10.77.0.2"``."""
 
+    _count = 0
+
     def __init__(self, subnet: str = "10.77.0") -> None:
-        self.tag = f"{_PREFIX}{os.getpid()}"
+        NetnsLab._count += 1
+        self.tag = f"{_PREFIX}{os.getpid()}-{NetnsLab._count}"
         self.subnet = subnet
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen] = []
         self.hosts: dict[str, str] = {}
-        self.switch = self._add_namespace("sw")
-        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.switch, "link", "set", "br0", "up")
+        try:
+            self.switch = self._add_namespace("sw")
+            _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.switch, "link", "set", "br0", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "NetnsLab":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def namespace_names(self) -> list[str]:
+        """This lab's namespaces as ``ip netns list`` shows them now."""
+        listing = _ip("netns", "list", check=False).stdout
+        return [line.split()[0] for line in listing.splitlines() if line.startswith(f"{self.tag}-")]
 
     def _add_namespace(self, suffix: str) -> str:
         name = f"{self.tag}-{suffix}"

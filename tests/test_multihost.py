@@ -121,6 +121,18 @@ def _last_json(result):
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def test_lab_is_removed_even_when_the_test_body_fails(lab):
+    # Same clean-up path as the module's lab: processes stopped, namespaces (and veths) gone.
+    other = NetnsLab(subnet="10.78.0")
+    with pytest.raises(RuntimeError, match="test body failed"):
+        with other:
+            other.add_host("a")
+            sleeper = other.popen("a", ["sleep", "300"], env=_env(), log=Path(os.devnull))
+            assert len(other.namespace_names()) == 2
+            raise RuntimeError("test body failed")
+    assert other.namespace_names() == [] and sleeper.poll() is not None
+
+
 def test_dask_computation_across_three_namespaces_over_tls(lab, pki, tls_cluster):
     workers = tls_cluster["workers"]
     assert len(workers) == 2 and all(w.startswith("tls://") for w in workers)
