@@ -75,9 +75,10 @@ def quick_train(
 
     from gradcamo_dask.models import efficientnet3d
 
-    from gradcamo_dask.cluster import usable_cores
-
-    torch.set_num_threads(usable_cores())
+    # One thread: on a shared 2-core machine two intra-op threads ran up to 50x slower (OpenMP
+    # spin-waiting against other processes); denormals are flushed for the same reason.
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     generator = np.random.default_rng(seed)
     model = efficientnet3d(crops.shape[1], n_classes, tuple(input_shape))

@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 FINGERPRINT_ATTR = "gradcamo_fingerprint"
 COMPLETE_ATTR = "gradcamo_complete"
 CHUNK_ATTR = "gradcamo_chunk_cells"
-DONE_ARRAY = "_done_chunks"
+DONE_ARRAY = "_gradcamo/done_chunks"  # in a subgroup: xarray.open_zarr(store) shows the profiles only
 DEFAULT_CHUNK_CELLS = 512
 
 # ------------------------------------------------------------------ model cache
@@ -201,8 +201,17 @@ def score_site(
     from gradcamo_dask.explain import explain
     from gradcamo_dask.normalize import normalize_crops
 
+    import torch
+
     SITE_CALLS["n"] += 1
     device = spec.get("device") or _worker_device()
+    # Denormal activations make CPU convolutions up to 10x slower and change nothing a score can see.
+    torch.set_flush_denormal(True)
+    if not _in_distributed_worker():
+        # In-process schedulers run sites on several threads of one process: one torch thread per task.
+        # (Measured on 2 busy cores: 2 intra-op threads per task were 50x slower than 1.) Workers of a
+        # cluster get their share of cores from cluster.TorchThreads instead.
+        torch.set_num_threads(int(spec.get("torch_threads") or 1))
     bundle = cached_bundle(spec["bundle_path"], spec["bundle_hash"], device)
     image_site = np.asarray(image_site)
     labels_site = np.asarray(labels_site)
@@ -230,6 +239,16 @@ def score_site(
     for k, name in enumerate(layers):
         out[f"cam_lowres_{k}"] = to_numpy(result.cams[name]).astype(np.float32)
     return out
+
+
+def _in_distributed_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
 
 
 def _score_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, spec: dict) -> dict:
@@ -505,19 +524,52 @@ def _existing(path: Any) -> Any:
         return False
 
 
-def _write_chunk(path: str, index: int, start: int, stop: int, names: list[str], *blocks: np.ndarray) -> int:
+def _write_chunk(path: str, index: int, start: int, stop: int, names: list[str], parts: list[list],
+                 cuts: list[list[tuple[int, int]]]) -> int:
     """Write cells ``[start, stop)`` of every data variable, then mark chunk ``index`` done.
 
-    Exactly one task writes each Zarr chunk, so concurrent tasks never touch the
-    same chunk; the done marker is its own chunk of size 1. Re-running this task
-    (a lost worker) rewrites the same bytes.
+    ``parts[v]`` are the site blocks of variable ``v`` that overlap the chunk and
+    ``cuts[v]`` the rows of each block that fall in it. Exactly one task writes
+    each Zarr chunk, so concurrent tasks never touch the same chunk; the done
+    marker is its own chunk of size 1. Re-running this task (a lost worker)
+    rewrites the same bytes.
     """
     group = _open_group(path, "r+")
-    for name, block in zip(names, blocks):
-        array = group[name]
-        array[start:stop] = np.asarray(block)
+    for name, blocks, rows in zip(names, parts, cuts):
+        pieces = [np.asarray(block)[a:b] for block, (a, b) in zip(blocks, rows)]
+        group[name][start:stop] = np.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0]
     group[DONE_ARRAY][index] = 1
     return stop - start
+
+
+def _write_graph(ds: xr.Dataset, path: str, bounds: list[tuple[int, int]], todo: list[int], names: list[str],
+                 token: str) -> list:
+    """Delayed write tasks that depend directly on the site blocks they need.
+
+    Built by hand rather than with ``dask.delayed(f)(array[a:b])``: delayed
+    finalises each array argument with its own optimisation, which fuses the
+    site task into every variable's chain and runs it once per variable.
+    """
+    from dask.delayed import Delayed
+    from dask.optimization import cull
+
+    arrays = [ds[name].data for name in names]
+    graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays])) if arrays else {}
+    offsets = [np.concatenate([[0], np.cumsum(a.chunks[0])]).astype(int) for a in arrays]
+    keys = []
+    for i in todo:
+        start, stop = bounds[i]
+        parts, cuts = [], []
+        for array, off in zip(arrays, offsets):
+            tail = (0,) * (array.ndim - 1)
+            blocks = [b for b in range(len(array.chunks[0])) if off[b] < stop and off[b + 1] > start]
+            parts.append([(array.name, b, *tail) for b in blocks])
+            cuts.append([(max(start, off[b]) - off[b], min(stop, off[b + 1]) - off[b]) for b in blocks])
+        key = f"write-profiles-{token}-{i}"
+        graph[key] = (_write_chunk, path, i, start, stop, names, parts, cuts)
+        keys.append(key)
+    culled, _ = cull(graph, keys)
+    return [Delayed(key, culled) for key in keys]
 
 
 def write_profiles(
@@ -598,12 +650,7 @@ def write_profiles(
     group = _open_group(path, "r+")
     done = np.asarray(group[DONE_ARRAY][:]) if bounds else np.zeros(0)
     todo = [i for i in range(len(bounds)) if not done[i]]
-    tasks = []
-    for i in todo:
-        start, stop = bounds[i]
-        blocks = [ds[name].data[start:stop] for name in names]
-        tasks.append(dask.delayed(_write_chunk, pure=False)(str(path), i, start, stop, names, *blocks,
-                                                           dask_key_name=f"write-profiles-{tokenize(fingerprint, str(path))}-{i}"))
+    tasks = _write_graph(ds, str(path), bounds, todo, names, tokenize(fingerprint, str(path), time.time()))
     if tasks:
         _run(tasks, client, progress)
     group = _open_group(path, "r+")
@@ -625,13 +672,14 @@ def _write_template(ds: xr.Dataset, path: Any, fingerprint: str, chunk_cells: in
     target = str(path) if isinstance(path, Path) else path
     template.to_zarr(target, mode="w", compute=False, encoding=encoding, consolidated=False)
     group = _open_group(path, "r+")
-    group.create_array(DONE_ARRAY, shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, overwrite=True,
-                       dimension_names=["profile_chunk"])
+    sub = group.require_group(DONE_ARRAY.split("/")[0])
+    sub.create_array(DONE_ARRAY.split("/")[1], shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                     overwrite=True)
 
 
 def _run(tasks: list, client: Any, progress: bool) -> None:
     if client is not None:
-        futures = client.compute(tasks)
+        futures = client.compute(tasks, optimize_graph=False)
         if progress:
             from distributed import progress as show
 
@@ -649,9 +697,9 @@ def _run(tasks: list, client: Any, progress: bool) -> None:
         from dask.diagnostics import ProgressBar
 
         with ProgressBar():
-            dask.compute(*tasks)
+            dask.compute(*tasks, optimize_graph=False)
     else:
-        dask.compute(*tasks)
+        dask.compute(*tasks, optimize_graph=False)
 
 
 def open_profiles(path: Any) -> xr.Dataset:
@@ -662,8 +710,7 @@ def open_profiles(path: Any) -> xr.Dataset:
     if not group.attrs.get(COMPLETE_ATTR):
         raise OutputStoreError(f"{path}: the write did not finish ({done_summary(path)}); run the same score "
                                f"command again to resume it")
-    return xr.open_zarr(str(path) if isinstance(path, Path) else path, consolidated=False).drop_vars(
-        [DONE_ARRAY], errors="ignore")
+    return xr.open_zarr(str(path) if isinstance(path, Path) else path, consolidated=False)
 
 
 def done_summary(path: Any) -> str:
