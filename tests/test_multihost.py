@@ -185,9 +185,10 @@ def test_client_without_certificate_is_refused_by_the_scheduler(lab, pki, tls_cl
     result = lab.run("rogue", [sys.executable, "-c", code, str(ca), lab.hosts["scheduler"], str(PORT)],
                      env=_env(), timeout=60)
     assert result.stdout.startswith("REFUSED"), result.stdout + result.stderr
-    # TLS 1.3 reports the missing certificate by name; TLS 1.2 as a handshake failure.
-    assert "CERTIFICATE_REQUIRED" in result.stdout.upper() or "HANDSHAKE_FAILURE" in result.stdout.upper(), \
-        result.stdout
+    # TLS 1.3 reports the missing certificate by name (TLS 1.2 as a handshake failure); on a busy
+    # machine the server's close can arrive before its alert is read, seen as EOF or reset.
+    reasons = ("CERTIFICATE_REQUIRED", "HANDSHAKE_FAILURE", "EOF OCCURRED", "SSLEOFERROR", "CONNECTIONRESETERROR")
+    assert any(reason in result.stdout.upper() for reason in reasons), result.stdout
 
 
 @pytest.mark.parametrize("case", ["no certificate (plain tcp)", "certificate from another CA"])
