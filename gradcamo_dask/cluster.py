@@ -332,7 +332,7 @@ def connect(
             raise ClusterError(f"cluster='slurm' needs gradcamo_dask.slurm (issue #8, dask-jobqueue), which is not "
                                f"available here ({err}); start the cluster yourself and pass --scheduler ADDRESS") \
                 from None
-        slurm = slurm_cluster(cluster_config, n_workers=n_workers)
+        slurm = slurm_cluster(cluster_config, n_workers=n_workers, security=security)
         client = Client(slurm, timeout=timeout, security=security) if security is not None else \
             Client(slurm, timeout=timeout)
         client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads)))
