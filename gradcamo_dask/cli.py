@@ -329,7 +329,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(format_summary(result["summary"]))
     t = result["timings"]
     print(f"\nheld-out accuracy {result['accuracy']:.2f}; profiles: {result['profiles']}; model: {result['bundle']}; "
-          f"summary: {args.out}/summary.csv")
+          f"summary: {args.out}/summary.csv; report: {result['report']}")
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
     return 0
 
@@ -375,11 +375,15 @@ def _run_score(args: argparse.Namespace) -> int:
         image = open_plate(args.plate, platemap=args.platemap)
         labels = open_labels(args.labels, name=args.label_name, like=image)
         client = _connect(args)
+        from gradcamo_dask.storage import check_writable, normalize_output_url
+
+        out = normalize_output_url(args.out)  # absolute: workers do not share this working directory
+        check_writable(out, client)  # every worker can write OUT, before any site work starts
         ds = score_plate(image, labels, args.model, layers=args.layers, client=client, batch_size=args.batch_size,
                          check_classes=not args.any_classes, plate_path=args.plate, labels_path=args.labels)
         print(f"scoring {ds.sizes['cell']} cells of plate {ds.attrs['plate']!r} "
               f"({image.sizes['well']} wells x {image.sizes['site']} sites), layers {', '.join(ds['layer'].values)}")
-        report = write_profiles(ds, args.out, client=client, overwrite=args.overwrite, chunk_cells=args.chunk_cells,
+        report = write_profiles(ds, out, client=client, overwrite=args.overwrite, chunk_cells=args.chunk_cells,
                                 progress=not args.quiet)
     except GradcamoError as err:
         print(f"gradcamo-dask score: {type(err).__name__}: {err}", file=sys.stderr)
@@ -395,7 +399,7 @@ def _run_score(args: argparse.Namespace) -> int:
     if report["n_cells"]:
         import xarray as xr
 
-        summary = gradcamo_summary(xr.open_zarr(args.out, consolidated=False)[["gradcamo"]].to_dataframe()
+        summary = gradcamo_summary(xr.open_zarr(out, consolidated=False)[["gradcamo"]].to_dataframe()
                                    .reset_index(), by=["layer"])
         print(summary.to_string(index=False))
     return 0

@@ -258,9 +258,15 @@ def run_demo(
     accuracy = float((profiles["predicted"].values == np.asarray(
         [list(map(str, profiles["class"].values)).index(str(t)) for t in profiles["treatment"].values])).mean()) \
         if profiles.sizes["cell"] else float("nan")
+    t3 = time.perf_counter()
+    from gradcamo_dask.report import write_report
+
+    report = write_report(out / "profiles.zarr", out / "report", plate=plate_path,
+                          labels=plate_path if labels_method == "truth" else None)
+    timings["report"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
     (out / "demo.json").write_text(json.dumps({"timings_s": timings, "test_accuracy": accuracy}, indent=2))
-    return {"profiles": out / "profiles.zarr", "bundle": Path(model), "summary": summary, "timings": timings,
+    return {"profiles": out / "profiles.zarr", "report": report, "bundle": Path(model), "summary": summary, "timings": timings,
             "accuracy": accuracy, "n_cells": int(profiles.sizes["cell"])}
 
 

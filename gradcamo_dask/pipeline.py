@@ -29,6 +29,7 @@ import operator
 import os
 import threading
 import time
+from urllib.request import url2pathname
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -629,6 +630,10 @@ def write_profiles(
     started = time.perf_counter()
     if chunk_cells < 1:
         raise InputError(f"chunk_cells must be >= 1, got {chunk_cells}")
+    if isinstance(path, str) and path.startswith("file://"):
+        # fsspec's LocalFileSystem does not create the store's folder (auto_mkdir=False) and
+        # to_zarr(mode="w") removes an existing one: write file:// URLs as the local path they name.
+        path = Path(url2pathname(path[len("file://"):]))
     fingerprint = profiles_fingerprint(ds)
     n_cells = int(ds.sizes["cell"])
     bounds = _chunk_bounds(n_cells, chunk_cells)

@@ -490,12 +490,7 @@ def _profiles_equal(url, reference) -> None:
 
 @pytest.mark.parametrize("url", [
     "memory://gradcamo-test/profiles.zarr",
-    pytest.param("file://{tmp}/profiles.zarr", marks=pytest.mark.xfail(
-        strict=True, raises=FileNotFoundError,
-        reason="pipeline.write_profiles: xarray/zarr's fsspec store for file:// does not create the store's folder "
-               "(to_zarr mode='w' even removes an existing one) "
-               "(LocalFileSystem auto_mkdir=False); plain paths work. Fix in pipeline.py: create the "
-               "folder or pass storage_options={'auto_mkdir': True} for file:// (reported to the lead)")),
+    "file://{tmp}/profiles.zarr",
 ])
 def test_write_profiles_to_an_fsspec_url_and_resume(tiny_plate, tmp_path, url):
     from gradcamo_dask.pipeline import score_plate, write_profiles
