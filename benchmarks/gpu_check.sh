@@ -19,7 +19,8 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 "$PYTHON" -c 'import torch; print("gpu_check:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)' | tee "$OUT/gpu_check_tests.txt"
 
-"$PYTHON" -m pytest tests/test_models.py tests/test_explain.py tests/test_gradcamo.py -rA -p no:cacheprovider \
+"$PYTHON" -m pytest tests/test_models.py tests/test_explain.py tests/test_gradcamo.py tests/test_pipeline.py \
+    -rA -p no:cacheprovider \
     2>&1 | tee -a "$OUT/gpu_check_tests.txt"
 tests_status=${PIPESTATUS[0]}
 if grep -E "^SKIPPED .*needs a CUDA GPU" "$OUT/gpu_check_tests.txt" >/dev/null; then
@@ -33,6 +34,10 @@ fi
 "$PYTHON" benchmarks/bench_explain.py --device cuda "$@" 2>&1 | tee "$OUT/gpu_check_bench.txt"
 bench_status=${PIPESTATUS[0]}
 
+# plate scale (issue #4): LocalCUDACluster, paper crop and grid, crops read from Zarr; cells/s per GPU
+"$PYTHON" benchmarks/bench_plate.py --device cuda 2>&1 | tee "$OUT/gpu_check_bench_plate.txt"
+plate_status=${PIPESTATUS[0]}
+
 # Training (issue #6): GPU-marked training tests, then cells/s trained (bf16 autocast, channels_last_3d)
 # at the paper's grids for plain cross-entropy and with the Grad-CAMO regulariser.
 "$PYTHON" -m pytest tests/test_train.py tests/test_regularize.py -rA -p no:cacheprovider \
@@ -41,7 +46,9 @@ train_tests_status=${PIPESTATUS[0]}
 "$PYTHON" benchmarks/bench_train_speed.py --device cuda 2>&1 | tee "$OUT/gpu_check_train.txt"
 train_status=${PIPESTATUS[0]}
 
-echo "gpu_check: tests exit $tests_status, benchmark exit $bench_status, training tests exit" \
-    "$train_tests_status, training speed exit $train_status; cells/s:"
-grep -E "cells/s|^\[bench_explain\]|^\[bench_train_speed\]" "$OUT/gpu_check_bench.txt" "$OUT/gpu_check_train.txt" || true
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$train_tests_status" -eq 0 ] && [ "$train_status" -eq 0 ]
+echo "gpu_check: tests exit $tests_status, benchmark exit $bench_status, plate benchmark exit $plate_status," \
+    "training tests exit $train_tests_status, training speed exit $train_status; cells/s:"
+grep -E "cells/s|^\[bench_explain\]|^\[bench_train_speed\]" "$OUT/gpu_check_bench.txt" "$OUT/gpu_check_bench_plate.txt" \
+    "$OUT/gpu_check_train.txt" || true
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$plate_status" -eq 0 ] && [ "$train_tests_status" -eq 0 ] \
+    && [ "$train_status" -eq 0 ]

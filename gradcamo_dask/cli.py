@@ -75,6 +75,55 @@ def _run_synth(args: argparse.Namespace) -> int:
 _COMMANDS.append(_add_synth)
 
 
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "report",
+        help="write the Grad-CAMO report (HTML, figures, JSON summary) of a profiles store",
+        description="Write DIR/index.html, DIR/summary.json and DIR/figures/: Grad-CAMO summaries by treatment, dose, "
+        "well and site; Grad-CAMO distributions by treatment and site; UMAP of whitened deep features coloured by "
+        "treatment and site, before and after Grad-CAMO filtering; a gallery of example cells with their Grad-CAM "
+        "maps (crops read back from the plate named in the provenance). Parts that cannot be made are listed with "
+        "the reason instead of failing.",
+    )
+    parser.add_argument("profiles", metavar="PROFILES", help="profiles Zarr store (as written by score)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the report into")
+    parser.add_argument("--cutoff", type=float, default=0.25, help="Grad-CAMO cut-off for 'on target' (default 0.25)")
+    parser.add_argument("--layer", default=None, help="scored layer to report (default: the first)")
+    parser.add_argument("--whitening", default="ZCA", choices=["ZCA", "PCA", "ZCA-cor", "PCA-cor"],
+                        help="whitening fit on control cells before UMAP (default ZCA)")
+    parser.add_argument("--gallery", type=int, default=4, metavar="N",
+                        help="example cells per score bin: high, middle, low (default 4)")
+    parser.add_argument("--channel", default=None, help="channel shown in the gallery (default DNA)")
+    parser.add_argument("--plate", default=None, help="plate to read gallery crops from (default: from provenance)")
+    parser.add_argument("--labels", default=None, help="labels of that plate (default: from provenance)")
+    parser.add_argument("--max-umap-cells", type=int, default=20000, help="UMAP at most this many cells (default 20000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the UMAP and its subset (default 0)")
+    parser.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import json
+
+    from gradcamo_dask.errors import GradcamoError
+    from gradcamo_dask.report import write_report
+
+    try:
+        path = write_report(args.profiles, args.out, cutoff=args.cutoff, layer=args.layer, whitening=args.whitening,
+                            gallery_per_bin=args.gallery, channel=args.channel, max_umap_cells=args.max_umap_cells,
+                            seed=args.seed, plate=args.plate, labels=args.labels)
+    except GradcamoError as err:
+        print(f"gradcamo-dask report: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    summary = json.loads((path.parent / "summary.json").read_text())
+    print(f"wrote {path} ({len(summary['figures'])} figures) and {path.parent / 'summary.json'}")
+    for part, reason in summary["missing"].items():
+        print(f"missing {part}: {reason}")
+    return 0
+
+
+_COMMANDS.append(_add_report)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -291,6 +340,191 @@ def _run_train(args) -> int:
 
 _COMMANDS.append(_add_train)
 
+
+
+# ------------------------------------------------------------------ demo, score, info (issue #4)
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Dask cluster (default: a local cluster sized to this machine, "
+                                      "one worker per GPU when CUDA GPUs are present)")
+    group.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="join a running Dask scheduler (tcp://host:port, tls://host:port or a scheduler JSON file)")
+    group.add_argument("--cluster", choices=["local", "slurm"], default=None,
+                       help="cluster to start when no --scheduler is given (default local)")
+    group.add_argument("--cluster-config", default=None, metavar="PATH", help="settings of the SLURM cluster (YAML)")
+    group.add_argument("--workers", type=int, default=None, help="worker processes of a local CPU cluster")
+    group.add_argument("--tls-ca-file", default=None, help="TLS: CA certificate (PEM) of the cluster")
+    group.add_argument("--tls-cert", default=None, help="TLS: client certificate (PEM)")
+    group.add_argument("--tls-key", default=None, help="TLS: client private key (PEM)")
+
+
+def _security(args: argparse.Namespace):
+    if not (args.tls_ca_file or args.tls_cert or args.tls_key):
+        return None
+    from distributed.security import Security
+
+    return Security(tls_ca_file=args.tls_ca_file, tls_client_cert=args.tls_cert, tls_client_key=args.tls_key,
+                    require_encryption=True)
+
+
+def _connect(args: argparse.Namespace):
+    from gradcamo_dask.cluster import connect
+
+    return connect(args.scheduler, cluster=args.cluster, cluster_config=args.cluster_config, n_workers=args.workers,
+                   security=_security(args))
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="the main job on a synthetic plate: labels, quick model, scores of held-out wells, summary",
+        description="Write a small synthetic 3D Cell Painting plate (OME-Zarr), take its ground-truth labels (or "
+        "segment it with the watershed baseline), train a small EfficientNet-B0 3D for a few epochs on the wells "
+        "of the first row (or use --model), score the held-out wells on a Dask cluster into OUT/profiles.zarr and "
+        "print mean ± sd Grad-CAMO, the share of cells >= 0.25 and the count of undefined (NaN) scores by "
+        "treatment and site. About 1-2 minutes on 2 CPU cores. Rerunning resumes finished work.",
+    )
+    parser.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
+    parser.add_argument("--labels", choices=["truth", "watershed"], default="truth",
+                        help="ground-truth labels of the synthetic plate (default) or the watershed segmenter")
+    parser.add_argument("--model", default=None, metavar="BUNDLE", help="score with this bundle instead of training one")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the plate and the training (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild the plate and profiles in OUT")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cluster_options(parser)
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from gradcamo_dask.demo import format_summary, run_demo
+    from gradcamo_dask.errors import GradcamoError
+
+    if args.cluster == "slurm" or _security(args) is not None:
+        print("gradcamo-dask demo: use --scheduler for remote clusters; the demo starts local ones only",
+              file=sys.stderr)
+        return 2
+    try:
+        result = run_demo(args.out, labels_method=args.labels, model=args.model, scheduler=args.scheduler,
+                          n_workers=args.workers, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+    except GradcamoError as err:
+        print(f"gradcamo-dask demo: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print()
+    print(f"Grad-CAMO of {result['n_cells']} held-out cells (cut-off 0.25; NaN = all-zero Grad-CAM map):")
+    print(format_summary(result["summary"]))
+    t = result["timings"]
+    print(f"\nheld-out accuracy {result['accuracy']:.2f}; profiles: {result['profiles']}; model: {result['bundle']}; "
+          f"summary: {args.out}/summary.csv; report: {result['report']}")
+    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
+    return 0
+
+
+def _add_score(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "score",
+        help="score every cell of a plate: deep features, logits, Grad-CAM and Grad-CAMO into a Zarr store",
+        description="Score every cell of a plate with a model bundle, one Dask task per site (crops are built on the "
+        "workers, the model is loaded once per worker), and write the profiles resumably to OUT (Zarr): an "
+        "interrupted run, rerun with the same arguments, skips the finished sites. OUT holding another plate's or "
+        "bundle's results is refused unless --overwrite.",
+    )
+    parser.add_argument("plate", metavar="PLATE", help="the plate (OME-Zarr HCS, plain Zarr or TIFF; see open_plate)")
+    parser.add_argument("--labels", required=True, metavar="LABELS",
+                        help="cell labels: a labels store (gradcamo-dask segment), or the plate itself when its fields "
+                        "hold labels/ groups")
+    parser.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle directory")
+    parser.add_argument("--out", required=True, metavar="OUT", help="output Zarr store (path or fsspec URL)")
+    parser.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
+                        help="Grad-CAM / feature layers (default: the bundle's), e.g. _head_swish _blocks.4.10")
+    parser.add_argument("--platemap", default=None, help="platemap CSV (default: the plate's platemap.csv)")
+    parser.add_argument("--label-name", default=None, help="which NGFF labels image (default: the first)")
+    parser.add_argument("--batch-size", type=int, default=8, help="cells per forward pass (default 8)")
+    parser.add_argument("--chunk-cells", type=int, default=512,
+                        help="cells per Zarr chunk and per resumable write task (default 512)")
+    parser.add_argument("--any-classes", action="store_true",
+                        help="score treatments the bundle was not trained on (default: refuse them)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds other results")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cluster_options(parser)
+    parser.set_defaults(run=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from gradcamo_dask.errors import GradcamoError
+    from gradcamo_dask.gradcamo import gradcamo_summary
+    from gradcamo_dask.pipeline import score_plate, write_profiles
+    from gradcamo_dask.plate import open_labels, open_plate
+
+    client = None
+    try:
+        image = open_plate(args.plate, platemap=args.platemap)
+        labels = open_labels(args.labels, name=args.label_name, like=image)
+        client = _connect(args)
+        from gradcamo_dask.storage import check_writable, normalize_output_url
+
+        out = normalize_output_url(args.out)  # absolute: workers do not share this working directory
+        check_writable(out, client)  # every worker can write OUT, before any site work starts
+        ds = score_plate(image, labels, args.model, layers=args.layers, client=client, batch_size=args.batch_size,
+                         check_classes=not args.any_classes, plate_path=args.plate, labels_path=args.labels)
+        print(f"scoring {ds.sizes['cell']} cells of plate {ds.attrs['plate']!r} "
+              f"({image.sizes['well']} wells x {image.sizes['site']} sites), layers {', '.join(ds['layer'].values)}")
+        report = write_profiles(ds, out, client=client, overwrite=args.overwrite, chunk_cells=args.chunk_cells,
+                                progress=not args.quiet)
+    except GradcamoError as err:
+        print(f"gradcamo-dask score: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as err:
+        print(f"gradcamo-dask score: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    print(f"wrote {args.out}: {report['n_cells']} cells in {report['chunks']} chunks "
+          f"({report['written']} written now, {report['skipped']} already done) in {report['seconds']:.1f} s")
+    if report["n_cells"]:
+        import xarray as xr
+
+        summary = gradcamo_summary(xr.open_zarr(out, consolidated=False)[["gradcamo"]].to_dataframe()
+                                   .reset_index(), by=["layer"])
+        print(summary.to_string(index=False))
+    return 0
+
+
+def _add_info(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "info",
+        help="describe a plate or a profiles store (wells, sites, channels, cells, layers, done sites)",
+        description="Describe STORE: a plate (wells, sites, channels, site shape, voxel size, labels) or a profiles "
+        "store written by `gradcamo-dask score` (plate, cells, layers, bundle, and which sites are done).",
+    )
+    parser.add_argument("store", metavar="STORE", help="a plate or a profiles store")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.set_defaults(run=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import json
+
+    from gradcamo_dask.errors import GradcamoError
+    from gradcamo_dask.pipeline import describe_store
+
+    try:
+        info = describe_store(args.store)
+    except (GradcamoError, FileNotFoundError) as err:
+        print(f"gradcamo-dask info: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, list) and len(value) > 12:
+            value = f"{value[:12]} ... ({len(value)})"
+        print(f"{key}: {value}")
+    return 0
+
+
+_COMMANDS.extend([_add_demo, _add_score, _add_info])
 
 
 if __name__ == "__main__":

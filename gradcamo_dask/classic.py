@@ -1,0 +1,379 @@
+"""Classic CellProfiler measurements of single cells in 3D, with ``cp_measure``.
+
+Each cell is measured on its own crop and central-cell mask, the same arrays the
+model sees (:func:`gradcamo_dask.cells.crop_site`), so classic and deep features
+describe exactly the same voxels. The work is done by ``cp_measure`` (CellProfiler's
+measurement modules as plain functions); this module chooses what to measure, trims
+each crop to the cell, names the results the way CellProfiler does and lays them out
+as one float32 row per cell.
+
+Measurements (``cp_measure.bulk.get_core_measurements_3d``) and what each costs per
+cell on one CPU core, for synthetic cells of about 11,800 voxels in 21 x 128 x 128
+crops (``benchmarks/bench_classic.py --quick``, 2 shared and busy cores, so upper
+bounds; see ``benchmarks/results/bench_classic.md``):
+
+=============  ==========================================  =======================
+name           features                                     cost per cell
+=============  ==========================================  =======================
+sizeshape      ``AreaShape_*`` (once per cell), 139          ~0.16 s
+intensity      ``Intensity_*_<channel>``, 15 per channel     ~0.015 s per channel
+texture        ``Texture_*_<channel>_<scale>_<dir>_256``,    ~0.034 s per channel
+               13 Haralick x 13 directions per scale         and scale
+granularity    ``Granularity_<k>_<channel>``, 16 per         ~0.76 s per channel
+               channel
+=============  ==========================================  =======================
+
+The default set (``"default"``: size/shape, intensity and texture at scale 3, all
+channels; 1,243 features for 6 channels) costs about 0.4 s per 6-channel cell;
+``"full"`` adds granularity and texture at scales 5 and 10 (CellProfiler's JUMP
+settings; 3,367 features) for about 6 s per cell, dominated by granularity's 16
+grey-scale reconstructions per channel, each followed by a full-resolution
+interpolation in cp_measure's 3D code. Trimming each crop to the cell's box (below)
+makes granularity 4x and intensity 3x cheaper than on the whole crop.
+
+Units and conventions
+---------------------
+* Intensities are divided by ``intensity_max`` first (CellProfiler reads a 16-bit
+  image as ``value / 65535``), so intensity features of uint16 plates match
+  CellProfiler's scale. Texture quantises ``[0, 1]`` to 256 grey levels (values above
+  1 are clipped for texture only).
+* ``AreaShape_Volume``, ``BoundingBoxVolume``, axis lengths and moments are in voxels;
+  ``AreaShape_SurfaceArea`` is in µm² (marching cubes on the voxel grid scaled by
+  ``spacing_zyx_um``).
+* Measurements that only say where the cell sits in its crop are left out: centres,
+  bounding-box corners, spatial (uncentred) moments, and the intensity-weighted and
+  brightest-voxel locations. Positions come from the cell table instead
+  (``Location_Center_X/Y/Z`` in the per-object export).
+* Each crop is trimmed to the cell's bounding box plus ``margin`` voxels before
+  measuring. Size/shape, intensity and texture do not look beyond the mask (they are
+  the same as on the whole crop); granularity subtracts a background estimated inside
+  the trimmed box, so it differs somewhat from CellProfiler's whole-image granularity.
+* Names follow CellProfiler without the compartment prefix (``AreaShape_Volume``,
+  ``Intensity_MeanIntensity_DNA``, ``Texture_Contrast_DNA_3_00_256``,
+  ``Granularity_1_DNA``); the per-object export adds ``Cells_``.
+* Undefined measurements (e.g. texture of a cell too thin for the texture scale) are
+  NaN, as in CellProfiler.
+* A cell larger than the crop is measured on its part inside the crop, the part the
+  model sees: its ``AreaShape_Volume`` is then below the cell table's ``volume_voxels``.
+  Choose a crop size that holds whole cells when classic features matter on their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from gradcamo_dask.arrays import to_numpy
+from gradcamo_dask.errors import InputError
+
+__all__ = [
+    "ALL_MEASUREMENTS",
+    "DEFAULT_MEASUREMENTS",
+    "classic_feature_names",
+    "classic_features",
+    "site_classic_features",
+]
+
+ALL_MEASUREMENTS: tuple[str, ...] = ("sizeshape", "intensity", "texture", "granularity")
+DEFAULT_MEASUREMENTS: tuple[str, ...] = ("sizeshape", "intensity", "texture")
+DEFAULT_TEXTURE_SCALES: tuple[int, ...] = (3,)
+FULL_TEXTURE_SCALES: tuple[int, ...] = (3, 5, 10)  # CellProfiler's JUMP Cell Painting settings
+GRAY_LEVELS = 256
+
+# cp_measure names that only locate the cell inside its crop (see the module notes).
+_POSITION_PREFIXES = (
+    "Center_", "BoundingBoxMinimum_", "BoundingBoxMaximum_", "SpatialMoment_",
+    "Location_CenterMassIntensity_", "Location_MaxIntensity_",
+)
+
+
+def _resolve(measurements: str | Sequence[str], texture_scales: Sequence[int] | None) -> tuple[tuple, tuple]:
+    if isinstance(measurements, str):
+        if measurements == "default":
+            chosen, scales = DEFAULT_MEASUREMENTS, DEFAULT_TEXTURE_SCALES
+        elif measurements in ("full", "all"):
+            chosen, scales = ALL_MEASUREMENTS, FULL_TEXTURE_SCALES
+        elif measurements in ALL_MEASUREMENTS:
+            chosen, scales = (measurements,), DEFAULT_TEXTURE_SCALES
+        else:
+            raise InputError(f"measurements must be 'default', 'full' or a list among {list(ALL_MEASUREMENTS)}, "
+                             f"got {measurements!r}")
+    else:
+        chosen = tuple(measurements)
+        unknown = [m for m in chosen if m not in ALL_MEASUREMENTS]
+        if unknown or not chosen or len(set(chosen)) != len(chosen):
+            raise InputError(f"measurements must be distinct names among {list(ALL_MEASUREMENTS)}, got {list(chosen)}")
+        scales = DEFAULT_TEXTURE_SCALES
+        chosen = tuple(m for m in ALL_MEASUREMENTS if m in chosen)  # canonical order
+    if texture_scales is not None:
+        scales = tuple(int(s) for s in texture_scales)
+        if not scales or min(scales) < 1 or len(set(scales)) != len(scales):
+            raise InputError(f"texture_scales must be distinct distances >= 1 voxel, got {texture_scales}")
+    return chosen, scales
+
+
+def _keep(name: str) -> bool:
+    if name.startswith(_POSITION_PREFIXES):
+        return False
+    if name.startswith("NormalizedMoment_"):  # orders 0 and 1 are undefined (always NaN)
+        return sum(int(k) for k in name.split("_")[1:]) >= 2
+    return True
+
+
+def _rename(kind: str, name: str, channel: str | None) -> str:
+    """cp_measure's key -> CellProfiler's feature name (no compartment prefix)."""
+    if kind == "sizeshape":
+        return f"AreaShape_{name}"
+    if kind == "intensity":  # Intensity_MeanIntensity -> Intensity_MeanIntensity_DNA
+        return f"{name}_{channel}"
+    if kind == "texture":  # Contrast_3_00_256 -> Texture_Contrast_DNA_3_00_256
+        feature, rest = name.split("_", 1)
+        return f"Texture_{feature}_{channel}_{rest}"
+    if kind == "granularity":  # Granularity_1 -> Granularity_1_DNA
+        return f"{name}_{channel}"
+    raise AssertionError(kind)
+
+
+def _functions() -> dict[str, Any]:
+    from cp_measure.bulk import get_core_measurements_3d
+
+    # Our masks hold one object labelled 1: cp_measure's relabelling is not needed.
+    return get_core_measurements_3d(sanitize=False)
+
+
+def _measure_cell(
+    functions: dict[str, Any],
+    mask: np.ndarray,
+    pixels: np.ndarray,
+    channels: Sequence[str],
+    spacing: tuple[float, float, float],
+    chosen: tuple[str, ...],
+    scales: tuple[int, ...],
+    granularity_length: int,
+) -> dict[str, float]:
+    """All chosen measurements of one cell: ``mask`` (z, y, x) int32 of 0/1, ``pixels`` (c, z, y, x) in [0, ~1]."""
+    out: dict[str, float] = {}
+
+    def put(kind: str, result: dict, channel: str | None) -> None:
+        for key, values in result.items():
+            if _keep(key):
+                value = np.asarray(values, dtype=float).reshape(-1)
+                out[_rename(kind, key, channel)] = float(value[0]) if value.size else float("nan")
+
+    if "sizeshape" in chosen:
+        put("sizeshape", functions["sizeshape"](mask, None, spacing=spacing), None)
+    for c, channel in enumerate(channels):
+        image = pixels[c]
+        if "intensity" in chosen:
+            put("intensity", functions["intensity"](mask, image), channel)
+        if "texture" in chosen:
+            clipped = np.clip(image, 0.0, 1.0)
+            for scale in scales:
+                put("texture", functions["texture"](mask, clipped, scale=scale, gray_levels=GRAY_LEVELS), channel)
+        if "granularity" in chosen:
+            put("granularity", functions["granularity"](mask, image, granular_spectrum_length=granularity_length),
+                channel)
+    return out
+
+
+@lru_cache(maxsize=32)
+def _raw_keys(kind: str, option: int) -> tuple[str, ...]:
+    # The names come from cp_measure itself, measured once per kind on a small ball
+    # (one channel), so that they always match what it returns and an empty site
+    # still knows its columns. ``option``: the texture scale or the spectrum length.
+    zz, yy, xx = np.mgrid[:12, :16, :16]
+    mask = (((zz - 5.5) / 4.5) ** 2 + ((yy - 7.5) / 6) ** 2 + ((xx - 7.5) / 6) ** 2 <= 1).astype(np.int32)
+    pixels = 0.2 + 0.6 * np.random.default_rng(0).random(mask.shape)
+    functions = _functions()
+    if kind == "sizeshape":
+        result = functions[kind](mask, None, spacing=(1.0, 1.0, 1.0))
+    elif kind == "texture":
+        result = functions[kind](mask, pixels, scale=option, gray_levels=GRAY_LEVELS)
+    elif kind == "granularity":
+        result = functions[kind](mask, pixels, granular_spectrum_length=option)
+    else:
+        result = functions[kind](mask, pixels)
+    return tuple(key for key in result if _keep(key))
+
+
+def _names(channels: tuple[str, ...], chosen: tuple[str, ...], scales: tuple[int, ...],
+           granularity_length: int) -> list[str]:
+    names = [_rename("sizeshape", k, None) for k in _raw_keys("sizeshape", 0)] if "sizeshape" in chosen else []
+    for channel in channels:
+        if "intensity" in chosen:
+            names += [_rename("intensity", k, channel) for k in _raw_keys("intensity", 0)]
+        if "texture" in chosen:
+            for scale in scales:
+                names += [_rename("texture", k, channel) for k in _raw_keys("texture", scale)]
+        if "granularity" in chosen:
+            names += [_rename("granularity", k, channel) for k in _raw_keys("granularity", granularity_length)]
+    return names
+
+
+def classic_feature_names(
+    channels: Sequence[str],
+    measurements: str | Sequence[str] = "default",
+    *,
+    texture_scales: Sequence[int] | None = None,
+    granularity_length: int = 16,
+) -> list[str]:
+    """The feature names :func:`site_classic_features` returns for these options, in order."""
+    chosen, scales = _resolve(measurements, texture_scales)
+    return _names(tuple(str(c) for c in channels), chosen, scales, int(granularity_length))
+
+
+def site_classic_features(
+    crops: Any,
+    masks: Any,
+    channels: Sequence[str],
+    spacing_zyx_um: Sequence[float],
+    *,
+    measurements: str | Sequence[str] = "default",
+    texture_scales: Sequence[int] | None = None,
+    granularity_length: int = 16,
+    intensity_max: float = 65535.0,
+    margin: int = 4,
+) -> tuple[list[str], np.ndarray]:
+    """CellProfiler measurements of every cell of one site, on its crop and central mask.
+
+    Parameters
+    ----------
+    crops : array (cell, c, z, y, x)
+        Raw intensities as from :func:`~gradcamo_dask.crop_site` (not normalised).
+        CuPy arrays are copied to the host (cp_measure runs on the CPU).
+    masks : array (cell, z, y, x) of bool
+        Central-cell masks on the crop grid.
+    channels : sequence of str
+        Channel names, one per crop channel (``"DNA"``, ``"ER"``, ...); they end
+        the per-channel feature names.
+    spacing_zyx_um : (float, float, float)
+        Voxel size in µm (used for ``AreaShape_SurfaceArea``).
+    measurements : "default", "full" or list of str
+        ``"default"``: size/shape, intensity and texture at scale 3;
+        ``"full"``: also granularity, texture at scales 3, 5 and 10; or a list
+        among ``"sizeshape", "intensity", "texture", "granularity"``. Costs per cell
+        are in the module notes.
+    texture_scales : sequence of int, optional
+        Texture distances in voxels (overrides the set's scales).
+    granularity_length : int
+        Length of the granular spectrum (CellProfiler: 16).
+    intensity_max : float
+        The value that maps to intensity 1.0 (65535 for uint16 plates, 255 for
+        uint8, 1.0 for float images already in [0, 1]).
+    margin : int
+        Voxels kept around each cell's bounding box when trimming the crop.
+
+    Returns
+    -------
+    names : list of str
+        CellProfiler-style names without the compartment prefix, the same for every
+        site with these options (:func:`classic_feature_names`).
+    values : numpy.ndarray (cell, len(names)) float32
+        One row per cell; NaN where a measurement is undefined or the mask is empty.
+    """
+    crops = to_numpy(crops)
+    masks = to_numpy(masks)
+    channels = [str(c) for c in channels]
+    if crops.ndim != 5:
+        raise InputError(f"crops must be (cell, c, z, y, x), got shape {crops.shape}")
+    if masks.shape != (crops.shape[0], *crops.shape[2:]):
+        raise InputError(f"masks {masks.shape} do not match crops {crops.shape}: expected (cell, z, y, x) = "
+                         f"{(crops.shape[0], *crops.shape[2:])}")
+    if len(channels) != crops.shape[1]:
+        raise InputError(f"crops have {crops.shape[1]} channels but {len(channels)} channel names were given "
+                         f"({channels}); give one name per channel")
+    if len(set(channels)) != len(channels):
+        raise InputError(f"channel names repeat: {channels}")
+    spacing = tuple(float(s) for s in spacing_zyx_um)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise InputError(f"spacing_zyx_um must be 3 positive voxel sizes in µm, got {spacing_zyx_um}")
+    if not intensity_max > 0:
+        raise InputError(f"intensity_max must be > 0, got {intensity_max}")
+    if int(margin) < 1:
+        raise InputError(f"margin must be >= 1 voxel (marching cubes and edge intensities need it), got {margin}")
+    chosen, scales = _resolve(measurements, texture_scales)
+    names = list(_names(tuple(channels), chosen, scales, int(granularity_length)))
+    column = {name: j for j, name in enumerate(names)}
+    values = np.full((crops.shape[0], len(names)), np.nan, dtype=np.float32)
+    if crops.shape[0] == 0:
+        return names, values
+    functions = _functions()
+    scale = 1.0 / float(intensity_max)
+    for i in range(crops.shape[0]):
+        mask = masks[i] != 0
+        if not mask.any():
+            continue
+        box = tuple(
+            slice(max(int(idx.min()) - margin, 0), min(int(idx.max()) + 1 + margin, n))
+            for idx, n in zip(np.nonzero(mask), mask.shape)
+        )
+        cell_mask = mask[box].astype(np.int32)
+        pixels = crops[(i, slice(None), *box)].astype(np.float64) * scale
+        result = _measure_cell(functions, cell_mask, pixels, channels, spacing, chosen, scales,
+                               int(granularity_length))
+        for name, value in result.items():
+            j = column.get(name)
+            if j is not None:
+                values[i, j] = value
+    return names, values
+
+
+def _classic_block(crops: np.ndarray, masks: np.ndarray, channels: tuple, spacing: tuple, kwargs: dict) -> np.ndarray:
+    return site_classic_features(crops, masks, channels, spacing, **kwargs)[1]
+
+
+def classic_features(
+    image: xr.DataArray,
+    labels: xr.DataArray,
+    cells: pd.DataFrame,
+    size: Sequence[int | None] = (None, 128, 128),
+    **options: Any,
+) -> xr.DataArray:
+    """Lazy classic features of every cell of a cell table, one Dask task per site.
+
+    The standalone form of what the pipeline does on its workers with
+    ``classic=True``: crops and masks of each site (:func:`~gradcamo_dask.extract_crops`)
+    go straight into :func:`site_classic_features` inside the same task.
+
+    Parameters
+    ----------
+    image, labels, cells, size
+        As for :func:`~gradcamo_dask.extract_crops`.
+    **options
+        Passed to :func:`site_classic_features` (``measurements``, ``texture_scales``,
+        ``intensity_max``, ...). ``intensity_max`` defaults to the largest value of
+        the image's integer dtype (1.0 for float images).
+
+    Returns
+    -------
+    xarray.DataArray (cell, classic_feature) float32, Dask-backed
+        Named ``"classic"``, with the cell table's columns as coords on ``cell``.
+    """
+    from gradcamo_dask.cells import extract_crops
+
+    channels = tuple(str(c) for c in image["c"].values)
+    spacing = tuple(float(s) for s in image.attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0)))
+    if "intensity_max" not in options:
+        options["intensity_max"] = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else 1.0
+    names = classic_feature_names(channels, options.get("measurements", "default"),
+                                  texture_scales=options.get("texture_scales"),
+                                  granularity_length=options.get("granularity_length", 16))
+    crops, masks = extract_crops(image, labels, cells, size)
+    blocks = []
+    for crop_block, mask_block, n in zip(crops.to_delayed().ravel(), masks.to_delayed().ravel(), crops.chunks[0]):
+        task = dask.delayed(_classic_block)(crop_block, mask_block, channels, spacing, dict(options))
+        blocks.append(da.from_delayed(task, shape=(n, len(names)), dtype=np.float32))
+    data = (da.concatenate(blocks, axis=0) if blocks
+            else da.zeros((0, len(names)), dtype=np.float32, chunks=(0, len(names))))
+    table = cells.reset_index(drop=True)
+    coords = {col: ("cell", table[col].to_numpy()) for col in table.columns}
+    coords["classic_feature"] = np.asarray(names, dtype=str)
+    return xr.DataArray(data, dims=("cell", "classic_feature"), coords=coords, name="classic")
+

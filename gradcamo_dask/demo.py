@@ -1,0 +1,281 @@
+"""The README's main job, end to end in a few minutes on 2 CPU cores.
+
+synthetic plate (OME-Zarr) -> labels (ground truth, or the watershed baseline) ->
+a small EfficientNet-B0 3D trained quickly on the training wells (or a given
+bundle) -> :func:`~gradcamo_dask.pipeline.score_plate` on the held-out wells on a
+Dask cluster -> ``profiles.zarr`` -> Grad-CAMO summary by treatment and site.
+
+The quick training here is a stand-in: a few epochs of Adam on crops of the
+training wells at a small input grid, with the paper's flips. It will be replaced
+by ``gradcamo_dask.train`` (issue #6) once that is on main.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["DemoSettings", "quick_train", "run_demo"]
+
+#: Small enough for 5 minutes on 2 CPU cores (measured: see README), big enough to learn the dose.
+DEMO = dict(
+    doses_um=(0.0, 1.0, 10.0),
+    wells_per_treatment=2,
+    sites_per_well=2,
+    site_shape=(21, 128, 128),
+    cell_radius=14.0,
+    crop_shape=(None, 64, 64),
+    input_shape=(16, 48, 48),
+    # At this small grid the last conv map is 1 x 2 x 2: for a cell centred in its crop every one of the
+    # four map voxels covers the mask alike, so its Grad-CAMO is the same for any model (about the mask's
+    # share of the crop). A stage-4 block (1 x 3 x 3 here) has a centre voxel and can tell. The paper's
+    # grid gives the last map 1 x 4 x 4.
+    layers=("_blocks.4.10", "_head_swish"),
+    epochs=6,
+    batch_size=8,
+    learning_rate=3e-4,
+)
+
+
+class DemoSettings(dict):
+    """The demo's settings (:data:`DEMO` with overrides)."""
+
+
+def quick_train(
+    crops: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    input_shape: Sequence[int],
+    *,
+    epochs: int = 4,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    log: Any = print,
+) -> Any:
+    """Train an EfficientNet-B0 3D on normalised crops for a few epochs (Adam, cross-entropy, x/y flips).
+
+    Parameters
+    ----------
+    crops : array (cell, c, z, y, x) float32
+        Normalised crops (:func:`~gradcamo_dask.normalize_crops`).
+    labels : array (cell,) int
+        Class index per crop.
+    n_classes : int
+    input_shape : (z, y, x)
+        Model grid, voxels; crops are resampled to it trilinearly.
+
+    Returns
+    -------
+    EfficientNet3D in eval mode
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from gradcamo_dask.models import efficientnet3d
+
+    # One thread: on a shared 2-core machine two intra-op threads ran up to 50x slower (OpenMP
+    # spin-waiting against other processes); denormals are flushed for the same reason.
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(seed)
+    generator = np.random.default_rng(seed)
+    model = efficientnet3d(crops.shape[1], n_classes, tuple(input_shape))
+    with torch.no_grad():  # start from uniform class probabilities (loss log K), not from large random logits
+        model._fc.weight.zero_()
+        model._fc.bias.zero_()
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    x_all = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    model.train()
+    for epoch in range(epochs):
+        order = generator.permutation(len(x_all))
+        total, correct, seen = 0.0, 0, 0
+        for start in range(0, len(order), batch_size):
+            idx = torch.from_numpy(order[start:start + batch_size])
+            if len(idx) < 2:  # batch norm needs two samples
+                continue
+            x, y = x_all[idx], y_all[idx]
+            if generator.random() < 0.5:
+                x = x.flip(-1)
+            if generator.random() < 0.5:
+                x = x.flip(-2)
+            x = F.interpolate(x, size=tuple(input_shape), mode="trilinear", align_corners=False)
+            optimizer.zero_grad()
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(idx)
+        log(f"  epoch {epoch + 1}/{epochs}: loss {total / max(seen, 1):.3f}, train accuracy {correct / max(seen, 1):.2f}")
+    _recalibrate_batch_norm(model, x_all, tuple(input_shape), batch_size)
+    return model.eval()
+
+
+def _recalibrate_batch_norm(model: Any, crops: Any, input_shape: tuple, batch_size: int) -> None:
+    """Set batch-norm running statistics to the exact averages over the training crops.
+
+    MONAI's EfficientNet uses a batch-norm momentum of 0.01, and a fresh network's activations
+    are tiny (they shrink ~30x per stage), so after a few hundred steps the running variances are
+    still near their initial 1 while the true ones are orders of magnitude smaller: in eval mode
+    the network then gives the same logits for every input (and all-zero Grad-CAM maps). One
+    pass without gradients in train mode with cumulative averaging fixes them.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(crops), batch_size):
+            x = crops[start:start + batch_size]
+            if len(x) < 2:
+                continue
+            model(F.interpolate(x, size=input_shape, mode="trilinear", align_corners=False))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+def run_demo(
+    out: str | Path = "demo-output",
+    *,
+    labels_method: str = "truth",
+    model: str | Path | None = None,
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    settings: dict | None = None,
+    log: Any = print,
+) -> dict:
+    """Run the demo; returns paths, timings and the summary table.
+
+    Parameters
+    ----------
+    out : path
+        Output folder: ``plate.zarr``, ``model/`` (unless ``model`` is given),
+        ``profiles.zarr``, ``summary.csv``.
+    labels_method : "truth" or "watershed"
+        Ground-truth labels of the synthetic plate, or the classical segmenter.
+    model : path, optional
+        A bundle to use instead of training one.
+    scheduler : str, optional
+        Address of a running Dask scheduler (default: a local cluster).
+    """
+    from gradcamo_dask.bundles import load_bundle, save_bundle
+    from gradcamo_dask.cells import cell_table, extract_crops
+    from gradcamo_dask.cluster import connect
+    from gradcamo_dask.gradcamo import gradcamo_summary
+    from gradcamo_dask.normalize import fit_normalization, normalize_crops
+    from gradcamo_dask.pipeline import open_profiles, score_plate, write_profiles
+    from gradcamo_dask.plate import open_labels, open_plate, write_plate
+    from gradcamo_dask.platemap import platemap_of
+    from gradcamo_dask.synthetic import synthetic_plate
+
+    cfg = {**DEMO, **(settings or {})}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    plate_path = out / "plate.zarr"
+    if not (plate_path / "zarr.json").is_file() or overwrite:
+        plate = synthetic_plate(doses_um=cfg["doses_um"], wells_per_treatment=cfg["wells_per_treatment"],
+                                sites_per_well=cfg["sites_per_well"], site_shape=cfg["site_shape"],
+                                cell_radius=cfg["cell_radius"], seed=seed, plate="demo")
+        write_plate(plate_path, plate.image, plate.labels, overwrite=True)
+    image = open_plate(plate_path)
+    if labels_method == "truth":
+        labels = open_labels(plate_path, like=image)
+    elif labels_method == "watershed":
+        from gradcamo_dask.segment import segment
+
+        labels = segment(image, "watershed")
+    else:
+        from gradcamo_dask.errors import InputError
+
+        raise InputError(f"labels must be 'truth' or 'watershed', got {labels_method!r}")
+    timings["plate"] = time.perf_counter() - t0
+    log(f"plate {plate_path}: {image.sizes['well']} wells x {image.sizes['site']} sites, "
+        f"{image.sizes['z']}x{image.sizes['y']}x{image.sizes['x']} voxels, labels: {labels_method}")
+
+    wells = [str(w) for w in image["well"].values]
+    rows = [str(r) for r in image["row"].values]
+    train_wells = [w for w, r in zip(wells, rows) if r == rows[0]]
+    test_wells = [w for w in wells if w not in train_wells]
+    treatments = list(pd.unique(image["treatment"].values))  # plate order = dose order in the synthetic layout
+
+    if model is None:
+        t1 = time.perf_counter()
+        train_image, train_labels = image.sel(well=train_wells), labels.sel(well=train_wells)
+        cells = cell_table(train_labels, platemap_of(train_image), size=cfg["crop_shape"])
+        crops, _ = extract_crops(train_image, train_labels, cells, cfg["crop_shape"])
+        raw = crops.compute()
+        normalization = fit_normalization(raw)
+        x = normalize_crops(raw, normalization)
+        y = np.asarray([treatments.index(t) for t in cells["treatment"]])
+        log(f"training a small EfficientNet-B0 3D on {len(y)} cells of wells {', '.join(train_wells)} "
+            f"(input grid {cfg['input_shape']}, {cfg['epochs']} epochs)")
+        net = quick_train(x, y, len(treatments), cfg["input_shape"], epochs=cfg["epochs"],
+                          batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"], seed=seed, log=log)
+        model = save_bundle(out / "model", net, channels=[str(c) for c in image["c"].values], classes=treatments,
+                            crop_shape=cfg["crop_shape"], input_shape=cfg["input_shape"],
+                            normalization=normalization, layers=list(cfg["layers"]),
+                            provenance={"trainer": "gradcamo_dask.demo.quick_train", "train_wells": train_wells,
+                                        "epochs": cfg["epochs"], "seed": seed})
+        timings["train"] = time.perf_counter() - t1
+    bundle = load_bundle(model)
+
+    t2 = time.perf_counter()
+    client = connect(scheduler, n_workers=n_workers)
+    try:
+        ds = score_plate(image.sel(well=test_wells), labels.sel(well=test_wells), bundle, client=client,
+                         plate_path=str(plate_path), labels_path=str(plate_path) if labels_method == "truth" else "")
+        log(f"scoring {ds.sizes['cell']} cells of held-out wells {', '.join(test_wells)} "
+            f"(layers {', '.join(map(str, ds['layer'].values))})")
+        write_profiles(ds, out / "profiles.zarr", client=client, overwrite=overwrite, progress=progress,
+                       chunk_cells=64)
+    finally:
+        client.close()
+    timings["score"] = time.perf_counter() - t2
+    profiles = open_profiles(out / "profiles.zarr")
+    frame = profiles[["gradcamo"]].to_dataframe().reset_index()
+    summary = gradcamo_summary(frame, by=["layer", "treatment", "site"])
+    summary.to_csv(out / "summary.csv", index=False)
+    accuracy = float((profiles["predicted"].values == np.asarray(
+        [list(map(str, profiles["class"].values)).index(str(t)) for t in profiles["treatment"].values])).mean()) \
+        if profiles.sizes["cell"] else float("nan")
+    t3 = time.perf_counter()
+    from gradcamo_dask.report import write_report
+
+    report = write_report(out / "profiles.zarr", out / "report", plate=plate_path,
+                          labels=plate_path if labels_method == "truth" else None)
+    timings["report"] = time.perf_counter() - t3
+    timings["total"] = time.perf_counter() - t0
+    (out / "demo.json").write_text(json.dumps({"timings_s": timings, "test_accuracy": accuracy}, indent=2))
+    return {"profiles": out / "profiles.zarr", "report": report, "bundle": Path(model), "summary": summary, "timings": timings,
+            "accuracy": accuracy, "n_cells": int(profiles.sizes["cell"])}
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """The summary as aligned text: mean ± sd, share >= 0.25, NaN count per layer, treatment and site."""
+    lines = [f"{'layer':<14} {'treatment':<16} {'site':>4} {'cells':>5}  {'Grad-CAMO mean ± sd':<20} "
+             f"{'>= 0.25':>7} {'NaN':>4}"]
+    for _, r in summary.iterrows():
+        sd = "nan" if pd.isna(r["sd"]) else f"{r['sd']:.3f}"
+        lines.append(f"{str(r['layer']):<14} {str(r['treatment']):<16} {int(r['site']):>4} {int(r['n']):>5}  "
+                     f"{r['mean']:.3f} ± {sd:<12} {r['share_on_target']:>7.2f} {int(r['n_undefined']):>4}")
+    return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""Start GPU Dask workers on a SLURM cluster through dask-jobqueue.
+
+The configuration is one YAML file (``deploy/slurm/jobqueue.yaml`` is the shipped
+example) with two sections:
+
+``gradcamo.slurm``
+    what this package needs to know: ``gpus-per-job`` (GPUs each SLURM job asks for
+    with ``--gres=gpu:N``; one dask-cuda worker runs per GPU).
+``jobqueue.slurm``
+    ordinary dask-jobqueue settings (``cores``, ``memory``, ``queue``, ``account``,
+    ``walltime``, ``job-script-prologue``, ...; the keys dask-jobqueue documents),
+    so the same section also works as ``~/.config/dask/jobqueue.yaml``.
+
+:func:`slurm_cluster` adds the GPU parts itself: the ``--gres`` directive, one
+worker process per GPU, the dask-cuda worker command and the ``GPU=1`` worker
+resource. dask-jobqueue runs ``python -m <worker-command>``; the dask-cuda worker's
+module form is ``dask_cuda.cli`` (its ``__main__`` block runs the ``worker``
+command; ``dask-cuda-worker`` is only a console-script name and fails after
+``-m``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from gradcamo_dask.errors import ClusterError
+
+#: Module that ``python -m`` turns into a dask-cuda worker (see the module docstring).
+DASK_CUDA_WORKER_MODULE = "dask_cuda.cli"
+
+#: The config key holding the GPU count per job, as written in the YAML file.
+GPU_COUNT_KEY = "gradcamo.slurm.gpus-per-job"
+
+# jobqueue.slurm keys this module sets itself from gpus-per-job; a value in the file
+# would silently fight ours, so it is an error that names the key.
+_MANAGED_KEYS = {
+    "processes": "one worker process per GPU is derived from gradcamo.slurm.gpus-per-job",
+    "worker-command": f"the dask-cuda worker module ({DASK_CUDA_WORKER_MODULE}) is set by gradcamo-dask",
+}
+_REQUIRED_KEYS = ("cores", "memory")
+
+
+def load_slurm_config(config_path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a gradcamo-dask SLURM configuration file.
+
+    Parameters
+    ----------
+    config_path
+        YAML file with ``gradcamo.slurm.gpus-per-job`` and a ``jobqueue.slurm``
+        section (see ``deploy/slurm/jobqueue.yaml``).
+
+    Returns
+    -------
+    dict
+        Keyword arguments for :class:`dask_jobqueue.SLURMCluster` (underscored
+        names), with the GPU directive, worker count per job, dask-cuda worker
+        command and ``GPU=1`` resource filled in.
+
+    Raises
+    ------
+    ClusterError
+        The file is missing or not YAML, or a key is missing or wrong; the message
+        names the file and the key (e.g. ``gradcamo.slurm.gpus-per-job``).
+    """
+    import yaml
+
+    path = Path(config_path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ClusterError(f"cannot read the SLURM configuration {path}: {err}; pass the path of a YAML "
+                           "file like deploy/slurm/jobqueue.yaml with --cluster-config") from err
+    try:
+        document = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ClusterError(f"the SLURM configuration {path} is not valid YAML: {err}") from err
+    if not isinstance(document, dict):
+        raise ClusterError(f"the SLURM configuration {path} must be a YAML mapping with 'gradcamo' and "
+                           "'jobqueue' sections (see deploy/slurm/jobqueue.yaml)")
+
+    gpus = _lookup(document, GPU_COUNT_KEY)
+    if gpus is None:
+        raise ClusterError(f"the SLURM configuration {path} has no GPU count: set {GPU_COUNT_KEY} "
+                           "(GPUs per SLURM job, e.g. 1 or 4; one dask-cuda worker runs per GPU)")
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ClusterError(f"{GPU_COUNT_KEY} in {path} must be a whole number >= 1, got {gpus!r}")
+
+    slurm = _lookup(document, "jobqueue.slurm")
+    if not isinstance(slurm, dict):
+        raise ClusterError(f"the SLURM configuration {path} has no 'jobqueue.slurm' section (dask-jobqueue "
+                           "settings: cores, memory, queue, walltime, ...)")
+    for key in _REQUIRED_KEYS:
+        if slurm.get(key) in (None, ""):
+            raise ClusterError(f"jobqueue.slurm.{key} is missing in {path} (per SLURM job, e.g. cores: 8, "
+                               "memory: 64GiB)")
+    known = _known_jobqueue_keys()
+    unknown = sorted(set(slurm) - known) if known else []
+    if unknown:
+        raise ClusterError(f"dask-jobqueue has no setting jobqueue.slurm.{unknown[0]} (in {path}); known "
+                           f"settings: {', '.join(sorted(known))}")
+    for key, why in _MANAGED_KEYS.items():
+        if key in slurm:
+            raise ClusterError(f"remove jobqueue.slurm.{key} from {path}: {why}")
+    for key in ("job-extra-directives", "worker-extra-args", "job-script-prologue"):
+        if slurm.get(key) is not None and not isinstance(slurm[key], list):
+            raise ClusterError(f"jobqueue.slurm.{key} in {path} must be a list of strings")
+    directives = list(slurm.get("job-extra-directives") or [])
+    if any("--gres" in str(d) for d in directives):
+        raise ClusterError(f"remove the --gres directive from jobqueue.slurm.job-extra-directives in {path}: "
+                           f"it is made from {GPU_COUNT_KEY}")
+
+    kwargs = {key.replace("-", "_"): value for key, value in slurm.items()}
+    kwargs["processes"] = gpus
+    kwargs["worker_command"] = DASK_CUDA_WORKER_MODULE
+    kwargs["job_extra_directives"] = [*directives, f"--gres=gpu:{gpus}"]
+    extra_args = list(slurm.get("worker-extra-args") or [])
+    if "--resources" not in extra_args:
+        extra_args += ["--resources", "GPU=1"]
+    kwargs["worker_extra_args"] = extra_args
+    return kwargs
+
+
+def slurm_cluster(config_path: str | os.PathLike, n_workers: int | None = None, *,
+                  security: Any = None) -> Any:
+    """Start a :class:`dask_jobqueue.SLURMCluster` of dask-cuda GPU workers.
+
+    Parameters
+    ----------
+    config_path
+        The YAML configuration (see :func:`load_slurm_config`).
+    n_workers
+        GPU workers to ask for now (jobs = ``ceil(n_workers / gpus-per-job)``);
+        ``None`` or 0 asks for none (scale or adapt the cluster afterwards).
+    security
+        A :class:`distributed.security.Security` for TLS between scheduler, workers
+        and client; the workers get the certificate paths on their command line,
+        so the files must sit on a filesystem the compute nodes share.
+
+    Returns
+    -------
+    dask_jobqueue.SLURMCluster
+        The scheduler runs in this process; close the cluster to cancel the jobs.
+    """
+    kwargs = load_slurm_config(config_path)
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as err:
+        raise ClusterError("--cluster slurm needs dask-jobqueue: pip install 'gradcamo-dask[hpc]'") from err
+    if security is not None:
+        kwargs["security"] = security
+    try:
+        cluster = SLURMCluster(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ClusterError(f"dask-jobqueue rejected the jobqueue.slurm settings in {config_path}: {err}") from err
+    if n_workers:
+        cluster.scale(n=n_workers)
+    return cluster
+
+
+def _known_jobqueue_keys() -> set[str]:
+    """The jobqueue.slurm settings dask-jobqueue documents (its shipped defaults)."""
+    try:
+        import dask
+        import dask_jobqueue  # noqa: F401  (registers the jobqueue defaults)
+    except ImportError:
+        return set()
+    return set(dask.config.get("jobqueue.slurm", default={}) or {})
+
+
+def _lookup(document: dict, dotted: str) -> Any:
+    node: Any = document
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node

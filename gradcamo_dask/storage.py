@@ -1,0 +1,134 @@
+"""Output locations on shared filesystems and object stores (fsspec URLs).
+
+The profiles store is written by the workers, not by the client, so a path the client
+can write proves nothing on a cluster. :func:`check_writable` writes and removes a
+small probe file from every worker before any site is submitted, so that a read-only
+mount, a missing bucket or missing credentials stop the run at once, with the worker
+and the URL named, instead of after the first hour of GPU time.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from gradcamo_dask.errors import ClusterError, OutputStoreError
+
+_PROBE_PREFIX = ".gradcamo-write-check-"
+
+
+def normalize_output_url(url: str | os.PathLike) -> str:
+    """Return ``url`` in a form every host reads the same way.
+
+    Local paths become absolute (workers do not share the client's working
+    directory); URLs with a protocol (``s3://``, ``gs://``, ``file://``,
+    ``memory://``, ...) are returned unchanged.
+    """
+    text = os.fspath(url)
+    if "://" in text:
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def probe_writable(url: str, storage_options: dict | None = None) -> str:
+    """Write, read back and remove a probe file under ``url`` on this host.
+
+    Creates ``url`` (as a directory or prefix) when it does not exist and removes it
+    again when it was created only for the probe. Runs on a worker; the client
+    calls it through :func:`check_writable`.
+
+    Returns
+    -------
+    str
+        The path of the probe that was written (already removed).
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    existed = fs.exists(root)
+    if not existed:
+        fs.makedirs(root, exist_ok=True)
+    probe = f"{root.rstrip('/')}/{_PROBE_PREFIX}{uuid.uuid4().hex}"
+    payload = b"gradcamo-dask write check"
+    try:
+        with fs.open(probe, "wb") as handle:
+            handle.write(payload)
+        with fs.open(probe, "rb") as handle:
+            if handle.read() != payload:
+                raise OSError(f"the probe file {probe} read back different bytes")
+    finally:
+        if fs.exists(probe):
+            fs.rm(probe)
+        if not existed and fs.exists(root) and not fs.ls(root):
+            fs.rmdir(root)
+    return probe
+
+
+def check_writable(url: str | os.PathLike, client: Any, *, storage_options: dict | None = None,
+                   worker_timeout_s: float | None = 600.0) -> dict[str, str]:
+    """Prove that every worker of ``client`` can write the output ``url``.
+
+    Call it after connecting and before submitting any site. Each worker writes,
+    reads back and removes a small probe file under ``url`` (see
+    :func:`probe_writable`); nothing else is written, and a store that did not
+    exist is not left behind.
+
+    Parameters
+    ----------
+    url
+        The output store: a local path (made absolute on the client, see
+        :func:`normalize_output_url`) or an fsspec URL such as ``s3://bucket/p.zarr``.
+    client
+        A connected :class:`distributed.Client`; ``None`` uses the current client
+        (``distributed.default_client()``) or, without one, checks from this process
+        (Dask's local schedulers write from here).
+    storage_options
+        fsspec options (credentials, endpoint) passed to the filesystem on the workers.
+    worker_timeout_s
+        How long to wait for a first worker when the cluster has none yet (SLURM jobs
+        in the queue, pods starting); ``None`` waits without limit.
+
+    Returns
+    -------
+    dict
+        Worker address -> probe path written there.
+
+    Raises
+    ------
+    OutputStoreError
+        A worker cannot write ``url``; names the URL, the worker and the cause.
+    ClusterError
+        No worker joined within ``worker_timeout_s``.
+    """
+    target = normalize_output_url(url)
+    if client is None:
+        try:
+            from distributed import default_client
+
+            client = default_client()
+        except (ImportError, ValueError):
+            try:
+                return {"local": probe_writable(target, storage_options)}
+            except Exception as error:  # noqa: BLE001 - any filesystem error means "cannot write"
+                raise OutputStoreError(f"the output {target} is not writable from this process "
+                                       f"({type(error).__name__}: {error}); choose a writable location. "
+                                       "Nothing was computed.") from error
+    if not client.scheduler_info().get("workers"):
+        try:
+            client.wait_for_workers(1, timeout=worker_timeout_s)
+        except TimeoutError as err:
+            raise ClusterError(
+                f"no Dask worker joined the scheduler {client.scheduler.address} within "
+                f"{worker_timeout_s:g} s, so the output {target} could not be checked; look at the "
+                "cluster's queue (squeue, kubectl get pods) and the worker logs") from err
+    results = client.run(probe_writable, target, storage_options, on_error="return")
+    failures = {worker: result for worker, result in results.items() if isinstance(result, BaseException)}
+    if failures:
+        worker, error = sorted(failures.items())[0]
+        raise OutputStoreError(
+            f"the output {target} is not writable from {len(failures)} of {len(results)} Dask workers "
+            f"(e.g. {worker}: {type(error).__name__}: {error}); give a location every worker can write "
+            "(a shared filesystem mounted on all nodes, or an object-store URL such as s3://bucket/p.zarr "
+            "with credentials available on the workers). Nothing was computed.") from error
+    return dict(results)
