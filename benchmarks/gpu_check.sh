@@ -38,6 +38,17 @@ bench_status=${PIPESTATUS[0]}
 "$PYTHON" benchmarks/bench_plate.py --device cuda 2>&1 | tee "$OUT/gpu_check_bench_plate.txt"
 plate_status=${PIPESTATUS[0]}
 
-echo "gpu_check: tests exit $tests_status, benchmark exit $bench_status, plate benchmark exit $plate_status; cells/s:"
-grep -E "cells/s|^\[bench_explain\]" "$OUT/gpu_check_bench.txt" "$OUT/gpu_check_bench_plate.txt" || true
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$plate_status" -eq 0 ]
+# Training (issue #6): GPU-marked training tests, then cells/s trained (bf16 autocast, channels_last_3d)
+# at the paper's grids for plain cross-entropy and with the Grad-CAMO regulariser.
+"$PYTHON" -m pytest tests/test_train.py tests/test_regularize.py -rA -p no:cacheprovider \
+    2>&1 | tee "$OUT/gpu_check_train_tests.txt"
+train_tests_status=${PIPESTATUS[0]}
+"$PYTHON" benchmarks/bench_train_speed.py --device cuda 2>&1 | tee "$OUT/gpu_check_train.txt"
+train_status=${PIPESTATUS[0]}
+
+echo "gpu_check: tests exit $tests_status, benchmark exit $bench_status, plate benchmark exit $plate_status," \
+    "training tests exit $train_tests_status, training speed exit $train_status; cells/s:"
+grep -E "cells/s|^\[bench_explain\]|^\[bench_train_speed\]" "$OUT/gpu_check_bench.txt" "$OUT/gpu_check_bench_plate.txt" \
+    "$OUT/gpu_check_train.txt" || true
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$plate_status" -eq 0 ] && [ "$train_tests_status" -eq 0 ] \
+    && [ "$train_status" -eq 0 ]
