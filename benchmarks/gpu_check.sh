@@ -19,7 +19,8 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 "$PYTHON" -c 'import torch; print("gpu_check:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)' | tee "$OUT/gpu_check_tests.txt"
 
-"$PYTHON" -m pytest tests/test_models.py tests/test_explain.py tests/test_gradcamo.py tests/test_pipeline.py \
+"$PYTHON" -m pytest tests/test_models.py tests/test_explain.py tests/test_gradcamo.py tests/test_cells.py \
+    tests/test_segment.py tests/test_pipeline.py tests/test_cluster.py tests/test_deploy.py \
     -rA -p no:cacheprovider \
     2>&1 | tee -a "$OUT/gpu_check_tests.txt"
 tests_status=${PIPESTATUS[0]}
