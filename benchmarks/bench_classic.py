@@ -25,30 +25,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
+from machine_info import machine  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 SPACING = (1.1115, 0.65, 0.65)
-
-
-def _machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine()}
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:  # pragma: no cover
-        info["torch_threads"], info["gpu"] = None, None
-    return info
-
 
 def _cells(n_cells: int):
     import numpy as np
@@ -116,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     n_cells = 6 if args.quick else 32
     result = {"benchmark": "bench_classic", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "mode": "quick" if args.quick else "full", "machine": _machine(), **run(n_cells)}
+              "mode": "quick" if args.quick else "full", "machine": machine(), **run(n_cells)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_classic.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -30,13 +30,13 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from machine_info import machine  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -114,20 +114,6 @@ def worker(plate_path: str, n_sites: int, threads: int, naive: bool) -> dict:
         t_naive = time.perf_counter() - start
         out.update(naive_cells_per_s=len(cells) / t_naive, naive_s=t_naive, wells=len(wells))
     return out
-
-
-def _machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine()}
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:  # pragma: no cover
-        info["torch_threads"], info["gpu"] = None, None
-    return info
-
 
 def _write_plate(path: Path, site_shape: tuple[int, int, int]) -> dict:
     from gradcamo_dask import synthetic_plate, write_plate
@@ -212,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
     result = {
         "benchmark": "bench_crops", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "mode": "quick" if args.quick else "full", "machine": _machine(), "threads": args.threads,
+        "mode": "quick" if args.quick else "full", "machine": machine(), "threads": args.threads,
         "crop_size": ["all z", 128, 128], "plate": plate, "runs": runs[1] + (runs[args.threads] if args.threads != 1 else []),
         "peak_memory_growth_1_to_16": runs[1][-1]["peak_rss_mib"] / runs[1][0]["peak_rss_mib"],
         "peak_memory_growth_1_to_16_at_threads": runs[args.threads][-1]["peak_rss_mib"] / runs[args.threads][0]["peak_rss_mib"],
