@@ -444,6 +444,10 @@ def _add_score(commands: argparse._SubParsersAction) -> None:
                         help="cells per Zarr chunk and per resumable write task (default 512)")
     parser.add_argument("--any-classes", action="store_true",
                         help="score treatments the bundle was not trained on (default: refuse them)")
+    parser.add_argument("--classic", choices=["default", "full"], default=None,
+                        help="also measure CellProfiler's 3D features (cp_measure) on the same crops and masks: "
+                        "'default' (size/shape, intensity, texture; ~0.3 s per cell on one core) or 'full' "
+                        "(+ granularity, more texture scales; ~7 s per cell)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds other results")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_cluster_options(parser)
@@ -466,7 +470,8 @@ def _run_score(args: argparse.Namespace) -> int:
         out = normalize_output_url(args.out)  # absolute: workers do not share this working directory
         check_writable(out, client)  # every worker can write OUT, before any site work starts
         ds = score_plate(image, labels, args.model, layers=args.layers, client=client, batch_size=args.batch_size,
-                         check_classes=not args.any_classes, plate_path=args.plate, labels_path=args.labels)
+                         check_classes=not args.any_classes, plate_path=args.plate, labels_path=args.labels,
+                         classic={"measurements": args.classic} if args.classic else False)
         print(f"scoring {ds.sizes['cell']} cells of plate {ds.attrs['plate']!r} "
               f"({image.sizes['well']} wells x {image.sizes['site']} sites), layers {', '.join(ds['layer'].values)}")
         report = write_profiles(ds, out, client=client, overwrite=args.overwrite, chunk_cells=args.chunk_cells,

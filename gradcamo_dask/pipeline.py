@@ -196,7 +196,9 @@ def score_site(
     dict of NumPy arrays, one row per cell
         ``deep (n, features)`` float32, ``logits`` float32, ``predicted`` int16,
         ``gradcamo``/``cam_inside``/``cam_total`` ``(n, layers)`` float64 and
-        ``cam_lowres_<k>`` per layer.
+        ``cam_lowres_<k>`` per layer; ``classic (n, classic features)`` float32 when
+        ``spec["classic"]`` holds ``channels``, ``spacing`` and ``options`` for
+        :func:`~gradcamo_dask.classic.site_classic_features`.
     """
     from gradcamo_dask.cells import crop_site
     from gradcamo_dask.explain import explain
@@ -226,6 +228,13 @@ def score_site(
             pass
     crops, masks = crop_site(image_site, labels_site, cells_site, tuple(spec["crop_size"]),
                              plate=spec["plate"], well=spec["well"], site=spec["site"])
+    classic = None
+    if spec.get("classic") is not None:  # CellProfiler measurements on the same raw crops and masks
+        from gradcamo_dask.classic import site_classic_features
+
+        c = spec["classic"]
+        classic = site_classic_features(to_numpy(crops), to_numpy(masks), tuple(c["channels"]), tuple(c["spacing"]),
+                                        **c["options"])[1].astype(np.float32)
     crops = normalize_crops(crops, bundle.config.normalization)
     layers = list(spec["layers"])
     result = explain(bundle.model, crops, masks, layers=layers, target=spec["target"],
@@ -239,6 +248,8 @@ def score_site(
         out[kind] = np.stack([to_numpy(getattr(result, kind)[name]).astype(np.float64) for name in layers], axis=1)
     for k, name in enumerate(layers):
         out[f"cam_lowres_{k}"] = to_numpy(result.cams[name]).astype(np.float32)
+    if classic is not None:
+        out["classic"] = classic
     return out
 
 
@@ -319,6 +330,7 @@ def score_plate(
     cells: pd.DataFrame | None = None,
     plate_path: str | None = None,
     labels_path: str | None = None,
+    classic: bool | dict = False,
 ) -> xr.Dataset:
     """Lazy profiles of every cell of a plate: deep features, logits, Grad-CAM(O) per layer.
 
@@ -353,6 +365,11 @@ def score_plate(
     cells : DataFrame, optional
         A precomputed cell table (default: :func:`~gradcamo_dask.cell_table` at the
         bundle's crop grid; computed now, one task per site).
+    classic : bool or dict
+        Also measure CellProfiler's 3D features (:mod:`gradcamo_dask.classic`) on the
+        same raw crops and masks, in the same site task, into ``classic (cell,
+        classic_feature)``; a dict gives :func:`~gradcamo_dask.site_classic_features`
+        options (``measurements="full"``, ...).
 
     Returns
     -------
@@ -395,6 +412,19 @@ def score_plate(
     if not layers or not all(layers):
         raise InputError("no layers to explain: pass layers=[...] (the bundle names none)")
     shapes = _layer_shapes(loaded.model, cfg.input_shape, layers)
+    classic_spec, classic_names = None, []
+    if classic:
+        from gradcamo_dask.classic import classic_feature_names
+
+        options = dict(classic) if isinstance(classic, dict) else {}
+        if "intensity_max" not in options:  # CellProfiler divides by the dtype's maximum
+            options["intensity_max"] = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) \
+                else 1.0
+        spacing = [float(v) for v in image.attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0))]
+        classic_spec = {"channels": channels, "spacing": spacing, "options": options}
+        classic_names = classic_feature_names(tuple(channels), options.get("measurements", "default"),
+                                              texture_scales=options.get("texture_scales"),
+                                              granularity_length=options.get("granularity_length", 16))
 
     with (client.as_current() if client is not None else _null()):
         if cells is None:
@@ -418,10 +448,11 @@ def score_plate(
     lab = _per_site(labels.data if isinstance(labels.data, da.Array) else da.asarray(labels.data), 3)
     parameters = {"layers": layers, "target": target if isinstance(target, (str, int)) else "per-cell",
                   "batch_size": int(batch_size), "crop_size": list(crop_size), "input_shape": list(cfg.input_shape),
-                  "normalization": cfg.normalization, "check_classes": bool(check_classes)}
+                  "normalization": cfg.normalization, "check_classes": bool(check_classes),
+                  "classic": classic_spec}
     spec_common = {"bundle_path": bundle_path, "bundle_hash": loaded.hash, "layers": layers,
                    "crop_size": crop_size, "batch_size": int(batch_size), "target": target, "plate": plate,
-                   "device": device}
+                   "device": device, "classic": classic_spec}
 
     n_cells = len(cells)
     n_features = sum(c for c, _ in shapes.values())
@@ -436,6 +467,8 @@ def score_plate(
     }
     for k, name in enumerate(layers):
         variables[f"cam_lowres_{k}"] = ((f"cam{k}_z", f"cam{k}_y", f"cam{k}_x"), shapes[name][1], np.float32)
+    if classic_spec is not None:
+        variables["classic"] = (("classic_feature",), (len(classic_names),), np.float32)
 
     from gradcamo_dask.cells import _site_runs
 
@@ -473,6 +506,7 @@ def score_plate(
         "feature_index": ("feature", np.concatenate([np.arange(shapes[n][0]) for n in layers]).astype(np.int64)),
         "class": np.asarray([str(c) for c in cfg.classes], dtype=object),
         "layer": np.asarray(layers, dtype=object),
+        **({"classic_feature": np.asarray(classic_names, dtype=object)} if classic_spec is not None else {}),
         **_table_coords(cells),
     }
     ds = xr.Dataset(data_vars, coords=coords)

@@ -80,7 +80,14 @@ def test_score_then_info_then_refuse_another_bundle(tiny, scheduler, capsys):
     assert cli.main(other) == 1
     assert "OutputStoreError" in capsys.readouterr().err
     np.testing.assert_array_equal(open_profiles(out)["logits"].values, ds["logits"].values)  # untouched
-    assert cli.main([*other, "--overwrite"]) == 0
+    assert cli.main([*other, "--overwrite", "--classic", "default"]) == 0  # classic features ride along
+    replaced = open_profiles(out)
+    names = [str(v) for v in replaced["classic_feature"].values]
+    values = replaced["classic"].values
+    assert len(names) > 100 and values.shape == (replaced.sizes["cell"], len(names))
+    for name in ("AreaShape_Volume", "Intensity_MeanIntensity_DNA"):  # measured for every cell
+        column = values[:, names.index(name)]
+        assert np.all(np.isfinite(column)) and np.all(column > 0), name
 
 
 def test_score_refuses_bad_input_with_exit_1(tiny, scheduler, capsys):

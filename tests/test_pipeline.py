@@ -221,3 +221,25 @@ def test_gpu_worker_path_agrees_with_cpu(tiny):
     agree = (gpu["predicted"].values == ref["predicted"].values).mean()
     assert agree > 0.9
     assert pipeline.share_cuda_memory() is True
+
+
+def test_classic_features_ride_along_in_the_site_task(tiny, tmp_path):
+    from gradcamo_dask.classic import classic_features
+
+    image, labels = tiny["image"], tiny["labels"]
+    cells = cell_table(labels, platemap_of(image), size=CROP_SHAPE).iloc[:4]
+    ds = score_plate(image, labels, tiny["bundle"], cells=cells, classic=True)
+    assert ds["classic"].dims == ("cell", "classic_feature") and isinstance(ds["classic"].data, da.Array)
+    assert json.loads(ds.attrs["provenance"])["parameters"]["classic"]["options"]["intensity_max"] == 65535.0
+    with dask.config.set(scheduler="sync"):
+        got = ds.compute()
+        want = classic_features(image, labels, cells, CROP_SHAPE).compute()
+    # the same CellProfiler measurements as the standalone route, on the crops the model saw
+    assert strings(got["classic_feature"].values).tolist() == strings(want["classic_feature"].values).tolist()
+    assert got.sizes["classic_feature"] > 100
+    np.testing.assert_allclose(got["classic"].values, want.values, rtol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(got["deep"].values, tiny["reference"]["deep"].values[:4], atol=1e-5)
+    with dask.config.set(scheduler="threads"):
+        write_profiles(ds, tmp_path / "classic.zarr")
+    back = open_profiles(tmp_path / "classic.zarr")
+    np.testing.assert_allclose(back["classic"].values, got["classic"].values, equal_nan=True)
