@@ -32,11 +32,14 @@ def normalize_output_url(url: str | os.PathLike) -> str:
 
 
 def probe_writable(url: str, storage_options: dict | None = None) -> str:
-    """Write, read back and remove a probe file under ``url`` on this host.
+    """Write, read back and remove a probe file for ``url`` on this host.
 
-    Creates ``url`` (as a directory or prefix) when it does not exist and removes it
-    again when it was created only for the probe. Runs on a worker; the client
-    calls it through :func:`check_writable`.
+    Nothing is left behind and no folder is created: on a local filesystem a store
+    that does not exist yet is probed in its nearest existing parent folder (where
+    it will be created); object stores have no folders and are probed under ``url``
+    itself. Several workers probing the same location at once therefore never
+    remove a folder under each other's feet. Runs on a worker; the client calls it
+    through :func:`check_writable`.
 
     Returns
     -------
@@ -46,10 +49,17 @@ def probe_writable(url: str, storage_options: dict | None = None) -> str:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    existed = fs.exists(root)
-    if not existed:
-        fs.makedirs(root, exist_ok=True)
-    probe = f"{root.rstrip('/')}/{_PROBE_PREFIX}{uuid.uuid4().hex}"
+    folder = root.rstrip("/")
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "file" in protocols or "local" in protocols:
+        while not fs.exists(folder):
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                break
+            folder = parent
+        if not fs.isdir(folder):
+            raise NotADirectoryError(f"{folder} is a file, so {root} cannot be created")
+    probe = f"{folder}/{_PROBE_PREFIX}{uuid.uuid4().hex}"
     payload = b"gradcamo-dask write check"
     try:
         with fs.open(probe, "wb") as handle:
@@ -60,8 +70,6 @@ def probe_writable(url: str, storage_options: dict | None = None) -> str:
     finally:
         if fs.exists(probe):
             fs.rm(probe)
-        if not existed and fs.exists(root) and not fs.ls(root):
-            fs.rmdir(root)
     return probe
 
 

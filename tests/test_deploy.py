@@ -504,3 +504,17 @@ def test_write_profiles_to_an_fsspec_url_and_resume(tiny_plate, tmp_path, url):
     _profiles_equal(url, tiny_plate["local"])
     again = write_profiles(ds, url)  # a rerun skips what is done
     assert again["written"] == 0 and again["skipped"] == first["chunks"]
+
+
+def test_concurrent_probes_of_one_new_store_all_succeed_and_leave_nothing(tmp_path):
+    # workers sharing a filesystem probe the same new store at once (bench_plate hit a race here when
+    # each probe created and removed the store's folder)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradcamo_dask.storage import probe_writable
+
+    target = tmp_path / "new" / "p.zarr"
+    with ThreadPoolExecutor(8) as pool:
+        probes = list(pool.map(lambda _: probe_writable(str(target)), range(32)))
+    assert len(set(probes)) == 32 and all(p.startswith(str(tmp_path)) for p in probes)
+    assert list(tmp_path.iterdir()) == []  # no store, no folder, no probe left behind
