@@ -269,9 +269,9 @@ CHANGES = [
     "layer has ~1/6 the norm of the cross-entropy's, so lambda 1 barely moves training; 10 puts the two "
     "terms at the same order.",
     "- **Data and epochs sized to the time budget** (<= 25 min for the three models on 2 CPU cores): 8 sites "
-    "per well, at most 256 training cells, 2 epochs. A 1-epoch calibration of the regularised model at 12 "
-    "sites per well and 320 cells took 336 s (0.95 cells/s with set-up and test audit; the second-order "
-    "backward pass of the regulariser dominates), so more epochs did not fit.",
+    "per well, at most 256 training cells, 2 epochs, sized from a 1-epoch calibration of the regularised "
+    "model at 12 sites and 320 cells that took 336 s (`bench_confounder_calibration.md`; the machine was "
+    "probably still shared then: the whole 3-model run afterwards took 214 s).",
     "- **Audit on both plates:** every model is also evaluated (forward pass only) on the test cells of the "
     "other plate (same cells and stains, with or without the background grating): a model that relies on the "
     "grating should lose accuracy on the clean plate. Balanced accuracy and per-class recall are reported "
