@@ -265,9 +265,9 @@ CHANGES = [
     "and x: a control cell is ~6 voxels across) instead of `_blocks.1.2` (2 x 6 x 6) or deeper blocks "
     "(1 x 3 x 3 and below); chosen from `gradcamo_dask.layers.layer_grids`. A larger model grid would make "
     "deeper layers finer but costs time on 2 CPU cores.",
-    "- **lambda 10** instead of 1: at initialisation the gradient of the batch's mean Grad-CAMO at this "
-    "layer has ~1/6 the norm of the cross-entropy's, so lambda 1 barely moves training; 10 puts the two "
-    "terms at the same order.",
+    "- **lambda 10** instead of 1: at initialisation (measured once, on random inputs with a disc mask) the "
+    "gradient of the batch's mean Grad-CAMO at this layer has ~1/6 the norm of the cross-entropy's, so "
+    "lambda 1 barely moves training; 10 puts the two terms at the same order.",
     "- **Data and epochs sized to the time budget** (<= 25 min for the three models on 2 CPU cores): 12 "
     "sites per well, at most 320 training cells, 5 epochs (514 s for the three models on a quiet machine). "
     "A first sizing (8 sites, 256 cells, 2 epochs; 214 s) came from a 1-epoch calibration that took 336 s "
