@@ -474,7 +474,7 @@ def _run_score(args: argparse.Namespace) -> int:
                          classic={"measurements": args.classic} if args.classic else False)
         print(f"scoring {ds.sizes['cell']} cells of plate {ds.attrs['plate']!r} "
               f"({image.sizes['well']} wells x {image.sizes['site']} sites), layers {', '.join(ds['layer'].values)}")
-        report = write_profiles(ds, out, client=client, overwrite=args.overwrite, chunk_cells=args.chunk_cells,
+        report = write_profiles(ds, out, client=client, check=False, overwrite=args.overwrite, chunk_cells=args.chunk_cells,
                                 progress=not args.quiet)
     except GradcamoError as err:
         print(f"gradcamo-dask score: {type(err).__name__}: {err}", file=sys.stderr)

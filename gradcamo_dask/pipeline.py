@@ -29,7 +29,6 @@ import operator
 import os
 import threading
 import time
-from urllib.request import url2pathname
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -622,6 +621,7 @@ def write_profiles(
     client: Any = None,
     chunk_cells: int = DEFAULT_CHUNK_CELLS,
     progress: bool = False,
+    check: bool = True,
 ) -> dict:
     """Write profiles to Zarr, resumably; ``xarray.open_zarr(path)`` reads them back.
 
@@ -649,6 +649,10 @@ def write_profiles(
         Cells per Zarr chunk (and per resumable write task).
     progress : bool
         Show a progress bar.
+    check : bool
+        First prove that every worker can write ``path``
+        (:func:`~gradcamo_dask.storage.check_writable`); False when the caller
+        already did, before scoring.
 
     Returns
     -------
@@ -664,20 +668,15 @@ def write_profiles(
     started = time.perf_counter()
     if chunk_cells < 1:
         raise InputError(f"chunk_cells must be >= 1, got {chunk_cells}")
-    if isinstance(path, str) and path.startswith("file://"):
-        # fsspec's LocalFileSystem does not create the store's folder (auto_mkdir=False) and
-        # to_zarr(mode="w") removes an existing one: write file:// URLs as the local path they name.
-        path = Path(url2pathname(path[len("file://"):]))
+    from gradcamo_dask.storage import check_writable, normalize_output_url
+
+    path = normalize_output_url(path)  # absolute; file:// URLs become the local path they name
     fingerprint = profiles_fingerprint(ds)
     n_cells = int(ds.sizes["cell"])
     bounds = _chunk_bounds(n_cells, chunk_cells)
     names = [name for name in ds.data_vars]
-    try:
-        from gradcamo_dask import storage  # issue #8: checks that workers can write there
-    except ImportError:
-        storage = None
-    if storage is not None and hasattr(storage, "check_writable"):
-        storage.check_writable(str(path), client)
+    if check:
+        check_writable(path, client)  # every worker can write there, before any site work
 
     existing = _existing(path)
     resume = False

@@ -22,11 +22,17 @@ def normalize_output_url(url: str | os.PathLike) -> str:
     """Return ``url`` in a form every host reads the same way.
 
     Local paths become absolute (workers do not share the client's working
-    directory); URLs with a protocol (``s3://``, ``gs://``, ``file://``,
-    ``memory://``, ...) are returned unchanged.
+    directory), and so do ``file://`` URLs: fsspec's local filesystem does not
+    create a store's folder (``auto_mkdir=False``) and ``to_zarr(mode="w")``
+    removes an existing one. Other URLs (``s3://``, ``gs://``, ``memory://``, ...)
+    are returned unchanged.
     """
     text = os.fspath(url)
-    if "://" in text:
+    if text.startswith("file://"):
+        from urllib.request import url2pathname
+
+        text = url2pathname(text[len("file://"):])
+    elif "://" in text:
         return text
     return os.path.abspath(os.path.expanduser(text))
 
