@@ -1,7 +1,7 @@
 """Classic-feature cost per cell: what each cp_measure measurement costs on the paper's crops.
 
 What it measures (one run, same cells, same machine): seconds per cell of
-:func:`gradcamo_dask.classic.site_classic_features` for each measurement alone
+:func:`gradcamo_dask.profiles.classic.site_classic_features` for each measurement alone
 (size/shape once per cell; intensity, texture at scale 3 and granularity on one channel,
 then times the channel count) and for the two sets, ``"default"`` (size/shape,
 intensity and texture at scale 3 on all 6 channels) and ``"full"`` (plus granularity,
@@ -65,7 +65,7 @@ def _time(fn, repeat: int = 1) -> float:
 
 
 def run(n_cells: int) -> dict:
-    from gradcamo_dask.classic import site_classic_features
+    from gradcamo_dask.profiles.classic import site_classic_features
 
     crops, masks, channels = _cells(n_cells)
     n = len(crops)

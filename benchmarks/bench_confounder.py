@@ -79,9 +79,9 @@ def audit(bundle_path: Path, plate, table, layer: str | None, device: str | None
     import numpy as np
     import torch
 
-    from gradcamo_dask.bundles import load_bundle
-    from gradcamo_dask.train import _Batches, evaluate_split
-    from gradcamo_dask.trainset import SiteReader
+    from gradcamo_dask.engine.bundles import load_bundle
+    from gradcamo_dask.jobs.train import _Batches, evaluate_split
+    from gradcamo_dask.jobs.trainset import SiteReader
 
     bundle = load_bundle(bundle_path)
     cfg = bundle.config
@@ -125,7 +125,7 @@ def uniform_reference(plate, table, crop_size, input_shape) -> dict:
     """Grad-CAMO of a uniform map = the central cell's share of its crop, over the test cells."""
     import numpy as np
 
-    from gradcamo_dask.trainset import SiteReader
+    from gradcamo_dask.jobs.trainset import SiteReader
 
     reader = SiteReader(plate.image, plate.labels, table, crop_size, input_shape, cache=False)
     try:
@@ -140,8 +140,8 @@ def run(mode: str, out_dir: Path, device: str | None, only: list[str] | None = N
     import pandas as pd
 
     from gradcamo_dask.cells import cell_table
-    from gradcamo_dask.synthetic import synthetic_plate
-    from gradcamo_dask.train import train
+    from gradcamo_dask.io.synthetic import synthetic_plate
+    from gradcamo_dask.jobs.train import train
 
     s, c = SETTINGS[mode], COMMON
     plates = {
@@ -263,7 +263,7 @@ CHANGES = [
     "unbalanced, so the majority-class share and the balanced accuracy are reported too.",
     "- **Grad-CAM layer `_blocks.0.0`** (grid 3 x 12 x 12 at the 12 x 48 x 48 model grid, 4 px per voxel in y "
     "and x: a control cell is ~6 voxels across) instead of `_blocks.1.2` (2 x 6 x 6) or deeper blocks "
-    "(1 x 3 x 3 and below); chosen from `gradcamo_dask.layers.layer_grids`. A larger model grid would make "
+    "(1 x 3 x 3 and below); chosen from `gradcamo_dask.engine.layers.layer_grids`. A larger model grid would make "
     "deeper layers finer but costs time on 2 CPU cores.",
     "- **lambda 10** instead of 1: at initialisation (measured once, on random inputs with a disc mask) the "
     "gradient of the batch's mean Grad-CAMO at this layer has ~1/6 the norm of the cross-entropy's, so "

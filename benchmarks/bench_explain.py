@@ -4,7 +4,7 @@ On the same EfficientNet-B0 3D and the same crops, in one run, with the methods
 interleaved and the median of several repeats:
 
 * ``features``: feature extraction alone (one forward pass, no gradients);
-* ``explain_last`` / ``explain_stage4``: :func:`gradcamo_dask.explain`, features
+* ``explain_last`` / ``explain_stage4``: :func:`gradcamo_dask.engine.explain`, features
   + Grad-CAM + Grad-CAMO in one pass, at the last conv activation or a stage-4 block;
 * ``features+captum``: the features pass, then captum ``LayerGradCam`` (what a
   user would compose), its map upsampled to the crop grid and scored;

@@ -88,8 +88,8 @@ def machine() -> dict:
 def make_bundle(path: Path, device: str, input_shape, crop_shape, seed: int = 0) -> Path:
     import torch
 
-    from gradcamo_dask.bundles import save_bundle
-    from gradcamo_dask.models import efficientnet3d
+    from gradcamo_dask.engine.bundles import save_bundle
+    from gradcamo_dask.engine.models import efficientnet3d
 
     torch.manual_seed(seed)
     model = efficientnet3d(6, 2, input_shape)
@@ -99,8 +99,8 @@ def make_bundle(path: Path, device: str, input_shape, crop_shape, seed: int = 0)
 
 
 def make_plate(path: Path, n_sites: int, site_shape, cell_radius: float) -> Path:
-    from gradcamo_dask.plate import write_plate
-    from gradcamo_dask.synthetic import synthetic_plate
+    from gradcamo_dask.io.plate import write_plate
+    from gradcamo_dask.io.synthetic import synthetic_plate
 
     # 2 doses x wells per treatment = wells; wells x sites per well = sites
     per_treatment, per_well = {1: (1, 1), 4: (1, 2), 16: (2, 4)}[n_sites]
@@ -114,8 +114,8 @@ def make_plate(path: Path, n_sites: int, site_shape, cell_radius: float) -> Path
 
 
 def run_once(client, plate: Path, bundle: Path, out: Path, chunk_cells: int) -> dict:
-    from gradcamo_dask.pipeline import score_plate, write_profiles
-    from gradcamo_dask.plate import open_labels, open_plate
+    from gradcamo_dask.jobs.score import score_plate, write_profiles
+    from gradcamo_dask.io.plate import open_labels, open_plate
 
     shutil.rmtree(out, ignore_errors=True)
     image = open_plate(plate)
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
-    from gradcamo_dask.cluster import connect
+    from gradcamo_dask.jobs.cluster import connect
 
     if args.device == "cuda":
         site, radius, crop, grid, sizes = (21, 256, 256), 28.0, (None, 128, 128), (64, 224, 224), (1, 4, 16)

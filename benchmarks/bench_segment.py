@@ -7,7 +7,7 @@ Measures, in one run on the same plate:
   ground truth, for the classical watershed baseline and for Cellpose, over all
   cells and over interior cells (not touching the site's y/x border, the cells
   the crop extraction keeps);
-- sites per second of the lazy ``segment()`` graph on the default local Dask
+- sites per second of the lazy ``segment_plate()`` graph on the default local Dask
   scheduler, on CPU (and on GPU for Cellpose when torch sees one).
 
 Cellpose weights: pass ``--cellpose-weights`` to use weights at hand. Without
@@ -231,7 +231,7 @@ def train_cellpose(
 
 def run_method(image, truth, method: str, **options) -> dict:
     """Segment the plate lazily, time the computation, score against the truth."""
-    labels = gd.segment(image, method, **options)
+    labels = gd.segment_plate(image, method, **options)
     started = time.perf_counter()
     values = labels.values
     seconds = time.perf_counter() - started
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
             print(f"[{mode}] Cellpose on {device} ...", flush=True)
             # load the model before timing (the per-process cache keeps it), on a small corner
             load_started = time.perf_counter()
-            _ = gd.segment(image.isel(**corner), "cellpose", model=weights["weights"], device=device).values
+            _ = gd.segment_plate(image.isel(**corner), "cellpose", model=weights["weights"], device=device).values
             report[f"cellpose_model_load_s_{device}"] = round(time.perf_counter() - load_started, 2)
             report["results"].append(run_method(image, truth, "cellpose", model=weights["weights"], device=device))
     report["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -1,6 +1,6 @@
 """Training throughput: cells/s trained by the recipe's step (Adam, batch 8) on random crops.
 
-Measures, on one device in one run, the optimisation step of :func:`gradcamo_dask.train`
+Measures, on one device in one run, the optimisation step of :func:`gradcamo_dask.jobs.train`
 (forward, cross-entropy, backward, Adam) with plain cross-entropy and with the
 Grad-CAMO regulariser (double backward through the Grad-CAM weights), at a given
 model grid. On CUDA it uses bf16 autocast and ``channels_last_3d`` as training does.
@@ -32,9 +32,9 @@ sys.path.insert(0, str(HERE.parent))
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from gradcamo_dask.models import efficientnet3d
-    from gradcamo_dask.regularize import gradcamo_loss
-    from gradcamo_dask.train import _autocast, _prepare
+    from gradcamo_dask.engine.models import efficientnet3d
+    from gradcamo_dask.engine.regularize import gradcamo_loss
+    from gradcamo_dask.jobs.train import _autocast, _prepare
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -19,8 +19,8 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 "$PYTHON" -c 'import torch; print("gpu_check:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)' | tee "$OUT/gpu_check_tests.txt"
 
-"$PYTHON" -m pytest tests/test_models.py tests/test_explain.py tests/test_gradcamo.py tests/test_cells.py \
-    tests/test_segment.py tests/test_pipeline.py tests/test_cluster.py tests/test_deploy.py \
+"$PYTHON" -m pytest tests/engine/test_models.py tests/engine/test_explain.py tests/engine/test_gradcamo.py tests/test_cells.py \
+    tests/segment/test_segment.py tests/jobs/test_pipeline.py tests/jobs/test_cluster.py tests/jobs/test_deploy.py \
     -rA -p no:cacheprovider \
     2>&1 | tee -a "$OUT/gpu_check_tests.txt"
 tests_status=${PIPESTATUS[0]}
@@ -41,7 +41,7 @@ plate_status=${PIPESTATUS[0]}
 
 # Training (issue #6): GPU-marked training tests, then cells/s trained (bf16 autocast, channels_last_3d)
 # at the paper's grids for plain cross-entropy and with the Grad-CAMO regulariser.
-"$PYTHON" -m pytest tests/test_train.py tests/test_regularize.py -rA -p no:cacheprovider \
+"$PYTHON" -m pytest tests/jobs/test_train.py tests/engine/test_regularize.py -rA -p no:cacheprovider \
     2>&1 | tee "$OUT/gpu_check_train_tests.txt"
 train_tests_status=${PIPESTATUS[0]}
 "$PYTHON" benchmarks/bench_train_speed.py --device cuda 2>&1 | tee "$OUT/gpu_check_train.txt"

@@ -9,8 +9,6 @@ Dask workers, which import the package once per process).
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -28,16 +26,16 @@ _EXPORTS: dict[str, str] = {
     "ClusterError": "errors",
     "TrainingError": "errors",
     "WeightsFormatError": "errors",
-    "open_plate": "plate",
-    "open_labels": "plate",
-    "write_plate": "plate",
-    "read_platemap": "plate",
-    "attach_platemap": "plate",
-    "select_channels": "plate",
-    "check_labels": "plate",
-    "labels_like": "plate",
-    "SyntheticPlate": "synthetic",
-    "synthetic_plate": "synthetic",
+    "open_plate": "io.plate",
+    "open_labels": "io.plate",
+    "write_plate": "io.plate",
+    "read_platemap": "io.plate",
+    "attach_platemap": "io.plate",
+    "select_channels": "io.plate",
+    "check_labels": "io.plate",
+    "labels_like": "io.plate",
+    "SyntheticPlate": "io.synthetic",
+    "synthetic_plate": "io.synthetic",
     "site_cells": "cells",
     "cell_table": "cells",
     "crop_site": "cells",
@@ -45,63 +43,63 @@ _EXPORTS: dict[str, str] = {
     "rescale_crops": "cells",
     "fit_normalization": "cells",
     "normalize_crops": "cells",
-    "CAMResult": "explain",
-    "Explanation": "explain",
-    "GradCAM": "explain",
-    "explain": "explain",
-    "gradcamo_lowres": "gradcamo",
-    "gradcamo_score": "gradcamo",
-    "gradcamo_summary": "gradcamo",
-    "interpolation_matrix": "gradcamo",
-    "upsample_cam": "gradcamo",
-    "Bundle": "bundles",
-    "BundleConfig": "bundles",
-    "load_bundle": "bundles",
-    "save_bundle": "bundles",
-    "default_layer": "layers",
-    "layer_grids": "layers",
-    "EfficientNet3D": "models",
-    "convert_efficientnet_pytorch_3d": "models",
-    "efficientnet3d": "models",
-    "from_efficientnet_pytorch_3d": "models",
-    "segment": "segment",
-    "segment_site": "segment",
-    "make_segmenter": "segmenters",
-    "Segmenter": "segmenters",
-    "resolve_cellpose_weights": "cellpose_adapter",
-    "Augmentation": "augment",
-    "augment_batch": "augment",
-    "gradcamo_loss": "regularize",
-    "train": "train",
-    "check_cellpose_weights": "cellpose_adapter",
-    "classic_feature_names": "classic",
-    "classic_features": "classic",
-    "site_classic_features": "classic",
-    "Whitening": "whitening",
-    "apply_whitening": "whitening",
-    "fit_whitening": "whitening",
-    "cellprofiler_table": "export",
-    "to_cellprofiler_table": "export",
-    "filter_profiles": "qc",
-    "flag_profiles": "qc",
-    "gradcamo_counts": "qc",
-    "layer_sweep": "qc",
-    "rank_layers": "qc",
-    "summarize_gradcamo": "qc",
-    "load_profiles": "report",
-    "write_report": "report",
-    "slurm_cluster": "slurm",
-    "load_slurm_config": "slurm",
-    "check_writable": "storage",
-    "normalize_output_url": "storage",
-    "tls_security": "tls",
-    "open_tls_client": "tls",
-    "score_plate": "pipeline",
-    "write_profiles": "pipeline",
-    "open_profiles": "pipeline",
-    "describe_store": "pipeline",
-    "done_sites": "pipeline",
-    "connect": "cluster",
+    "CAMResult": "engine.explain",
+    "Explanation": "engine.explain",
+    "GradCAM": "engine.explain",
+    "explain": "engine.explain",
+    "gradcamo_lowres": "engine.gradcamo",
+    "gradcamo_score": "engine.gradcamo",
+    "gradcamo_summary": "engine.gradcamo",
+    "interpolation_matrix": "engine.gradcamo",
+    "upsample_cam": "engine.gradcamo",
+    "Bundle": "engine.bundles",
+    "BundleConfig": "engine.bundles",
+    "load_bundle": "engine.bundles",
+    "save_bundle": "engine.bundles",
+    "default_layer": "engine.layers",
+    "layer_grids": "engine.layers",
+    "EfficientNet3D": "engine.models",
+    "convert_efficientnet_pytorch_3d": "engine.models",
+    "efficientnet3d": "engine.models",
+    "from_efficientnet_pytorch_3d": "engine.models",
+    "segment_plate": "segment.plate",
+    "segment_site": "segment.plate",
+    "make_segmenter": "segment.segmenters",
+    "Segmenter": "segment.segmenters",
+    "resolve_cellpose_weights": "segment.cellpose_adapter",
+    "Augmentation": "engine.augment",
+    "augment_batch": "engine.augment",
+    "gradcamo_loss": "engine.regularize",
+    "train": "jobs.train",
+    "check_cellpose_weights": "segment.cellpose_adapter",
+    "classic_feature_names": "profiles.classic",
+    "classic_features": "profiles.classic",
+    "site_classic_features": "profiles.classic",
+    "Whitening": "profiles.whitening",
+    "apply_whitening": "profiles.whitening",
+    "fit_whitening": "profiles.whitening",
+    "cellprofiler_table": "profiles.export",
+    "to_cellprofiler_table": "profiles.export",
+    "filter_profiles": "profiles.qc",
+    "flag_profiles": "profiles.qc",
+    "gradcamo_counts": "profiles.qc",
+    "layer_sweep": "profiles.qc",
+    "rank_layers": "profiles.qc",
+    "summarize_gradcamo": "profiles.qc",
+    "load_profiles": "profiles.report",
+    "write_report": "profiles.report",
+    "slurm_cluster": "jobs.slurm",
+    "load_slurm_config": "jobs.slurm",
+    "check_writable": "io.storage",
+    "normalize_output_url": "io.storage",
+    "tls_security": "jobs.tls",
+    "open_tls_client": "jobs.tls",
+    "score_plate": "jobs.score",
+    "write_profiles": "jobs.score",
+    "open_profiles": "jobs.score",
+    "describe_store": "jobs.score",
+    "done_sites": "jobs.score",
+    "connect": "jobs.cluster",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -119,21 +117,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return __all__
 
-
-class _Package(types.ModuleType):
-    """The package module; keeps public functions named like their module.
-
-    Importing a submodule binds it on the package, so the first import of
-    ``gradcamo_dask.explain`` (the module) would hide ``gradcamo_dask.explain``
-    (the function). Such names keep the function; the module stays reachable as
-    ``sys.modules["gradcamo_dask.explain"]`` and through ``from gradcamo_dask.explain
-    import ...``.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -53,8 +53,8 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
 
 def _run_synth(args: argparse.Namespace) -> int:
     from gradcamo_dask.errors import GradcamoError
-    from gradcamo_dask.plate import describe, write_plate
-    from gradcamo_dask.synthetic import DEFAULT_DOSES_UM, synthetic_plate
+    from gradcamo_dask.io.plate import describe, write_plate
+    from gradcamo_dask.io.synthetic import DEFAULT_DOSES_UM, synthetic_plate
 
     try:
         plate = synthetic_plate(
@@ -105,7 +105,7 @@ def _run_report(args: argparse.Namespace) -> int:
     import json
 
     from gradcamo_dask.errors import GradcamoError
-    from gradcamo_dask.report import write_report
+    from gradcamo_dask.profiles.report import write_report
 
     try:
         path = write_report(args.profiles, args.out, cutoff=args.cutoff, layer=args.layer, whitening=args.whitening,
@@ -179,7 +179,7 @@ def _run_segment(args) -> int:
         if os.path.exists(args.out):
             raise OutputStoreError(f"{args.out} exists; choose a new --out (labels are never written over)")
         image = gradcamo_dask.open_plate(args.plate)
-        labels = gradcamo_dask.segment(
+        labels = gradcamo_dask.segment_plate(
             image,
             args.method,
             nucleus_channel=args.nucleus_channel,
@@ -304,7 +304,7 @@ def _add_train(commands) -> None:
 
 def _run_train(args) -> int:
     import gradcamo_dask
-    from gradcamo_dask.augment import Augmentation
+    from gradcamo_dask.engine.augment import Augmentation
     from gradcamo_dask.errors import GradcamoError
 
     try:
@@ -369,7 +369,7 @@ def _security(args: argparse.Namespace):
 
 
 def _connect(args: argparse.Namespace):
-    from gradcamo_dask.cluster import connect
+    from gradcamo_dask.jobs.cluster import connect
 
     return connect(args.scheduler, cluster=args.cluster, cluster_config=args.cluster_config, n_workers=args.workers,
                    security=_security(args))
@@ -397,7 +397,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from gradcamo_dask.demo import format_summary, run_demo
+    from gradcamo_dask.jobs.demo import format_summary, run_demo
     from gradcamo_dask.errors import GradcamoError
 
     if args.cluster == "slurm" or _security(args) is not None:
@@ -456,16 +456,16 @@ def _add_score(commands: argparse._SubParsersAction) -> None:
 
 def _run_score(args: argparse.Namespace) -> int:
     from gradcamo_dask.errors import GradcamoError
-    from gradcamo_dask.gradcamo import gradcamo_summary
-    from gradcamo_dask.pipeline import score_plate, write_profiles
-    from gradcamo_dask.plate import open_labels, open_plate
+    from gradcamo_dask.engine.gradcamo import gradcamo_summary
+    from gradcamo_dask.jobs.score import score_plate, write_profiles
+    from gradcamo_dask.io.plate import open_labels, open_plate
 
     client = None
     try:
         image = open_plate(args.plate, platemap=args.platemap)
         labels = open_labels(args.labels, name=args.label_name, like=image)
         client = _connect(args)
-        from gradcamo_dask.storage import check_writable, normalize_output_url
+        from gradcamo_dask.io.storage import check_writable, normalize_output_url
 
         out = normalize_output_url(args.out)  # absolute: workers do not share this working directory
         check_writable(out, client)  # every worker can write OUT, before any site work starts
@@ -512,7 +512,7 @@ def _run_info(args: argparse.Namespace) -> int:
     import json
 
     from gradcamo_dask.errors import GradcamoError
-    from gradcamo_dask.pipeline import describe_store
+    from gradcamo_dask.jobs.score import describe_store
 
     try:
         info = describe_store(args.store)

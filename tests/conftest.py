@@ -10,8 +10,7 @@ import pytest
 # Keep tests reproducible and within the 2 cores of the CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = REPO.parent / "shared" / "data" / "real"
+from tests.helpers.paths import REAL_DATA, REPO  # noqa: F401  (re-exported for fixtures)
 
 
 def _cuda_available() -> bool:

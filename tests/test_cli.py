@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from gradcamo_dask import cli
-from gradcamo_dask.pipeline import open_profiles
-from tests.plate_fixtures import make_bundle, make_plate
+from gradcamo_dask.jobs.score import open_profiles
+from tests.helpers.plate_fixtures import make_bundle, make_plate
 
 
 def _subcommands() -> list[str]:
@@ -108,7 +108,7 @@ def test_score_refuses_bad_input_with_exit_1(tiny, scheduler, capsys):
 
 
 def test_demo_code_path_trains_scores_and_summarises(tmp_path, scheduler):
-    from gradcamo_dask.demo import format_summary, run_demo
+    from gradcamo_dask.jobs.demo import format_summary, run_demo
 
     tiny_settings = dict(doses_um=(0.0, 10.0), sites_per_well=1, site_shape=(9, 96, 96), cell_radius=12.0,
                          crop_shape=(None, 48, 48), input_shape=(8, 32, 32), epochs=1)

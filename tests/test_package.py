@@ -11,7 +11,7 @@ import pytest
 
 import gradcamo_dask
 from gradcamo_dask import arrays
-from conftest import REPO
+from tests.helpers.paths import REPO
 
 
 def test_import_is_cheap_and_lazy():

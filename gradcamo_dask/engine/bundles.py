@@ -1,0 +1,276 @@
+"""Model bundles: ``model.safetensors`` + ``config.json``; loading never unpickles.
+
+The config names the architecture (rebuilt from :data:`ARCHITECTURES`), the
+channel and class names, the crop and model grids, the normalisation statistics,
+the default Grad-CAM layers and the training provenance. A content hash over both
+files identifies the bundle in output provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradcamo_dask.errors import BundleMismatchError, InputError
+from gradcamo_dask.engine.layers import find_layer
+from gradcamo_dask.engine.models import efficientnet3d
+
+__all__ = ["ARCHITECTURES", "Bundle", "BundleConfig", "load_bundle", "save_bundle"]
+
+BUNDLE_FORMAT = "gradcamo-dask-bundle"
+BUNDLE_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+ARCHITECTURES = {"efficientnet3d": efficientnet3d}
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """What a bundle's ``config.json`` says (item access works too: ``config["channels"]``).
+
+    Grids are ``(z, y, x)`` in voxels; a ``None`` entry of ``crop_shape`` means
+    "any" (e.g. all z slices of a site).
+    """
+
+    architecture: dict
+    channels: list[str]
+    classes: list[str]
+    crop_shape: list[int | None]
+    input_shape: list[int]
+    normalization: dict
+    layers: list[str]
+    provenance: dict = field(default_factory=dict)
+    weights_sha256: str = ""
+    format: str = BUNDLE_FORMAT
+    version: int = BUNDLE_VERSION
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _names(kind: str, names: Sequence[str]) -> str:
+    return f"{len(names)} {kind} ({', '.join(map(str, names))})"
+
+
+@dataclass
+class Bundle:
+    """A loaded model bundle.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        In eval mode on the requested device.
+    config : BundleConfig
+    hash : str
+        ``"sha256:<hex>"`` over the weights file and ``config.json`` bytes.
+    path : pathlib.Path
+    """
+
+    model: nn.Module
+    config: BundleConfig
+    hash: str
+    path: Path
+
+    def check_fits(
+        self,
+        channels: Sequence[str] | None = None,
+        classes: Sequence[str] | None = None,
+        crop_shape: Sequence[int | None] | None = None,
+    ) -> None:
+        """Refuse data that this model cannot score; the error names both sides.
+
+        Parameters
+        ----------
+        channels : list of str, optional
+            The plate's channel names; must equal the bundle's, in order.
+        classes : list of str, optional
+            Class (treatment) names the data will use as targets; each must be one
+            of the bundle's classes.
+        crop_shape : (z, y, x), optional
+            The crop grid in voxels; ``None`` entries (here or in the bundle) match
+            anything.
+
+        Raises
+        ------
+        BundleMismatchError
+        """
+        cfg = self.config
+        if channels is not None and list(channels) != list(cfg.channels):
+            if len(channels) != len(cfg.channels):
+                raise BundleMismatchError(
+                    f"bundle expects {_names('channels', cfg.channels)}, plate has {len(channels)} "
+                    f"({', '.join(map(str, channels))}); select the bundle's channels or use a "
+                    "bundle trained on these"
+                )
+            raise BundleMismatchError(
+                f"bundle expects channels ({', '.join(cfg.channels)}) in this order, plate has "
+                f"({', '.join(map(str, channels))}); reorder the plate's channels or rename them"
+            )
+        if classes is not None:
+            unknown = [c for c in classes if c not in cfg.classes]
+            if unknown:
+                raise BundleMismatchError(
+                    f"bundle knows {_names('classes', cfg.classes)}, data has "
+                    f"{_names('classes', list(classes))}; not in the bundle: {', '.join(map(str, unknown))}"
+                )
+        if crop_shape is not None:
+            crop = list(crop_shape)
+            ok = len(crop) == len(cfg.crop_shape) and all(
+                a is None or b is None or int(a) == int(b) for a, b in zip(crop, cfg.crop_shape)
+            )
+            if not ok:
+                raise BundleMismatchError(
+                    f"bundle expects crops of {tuple(cfg.crop_shape)} voxels (z, y, x; None = any), "
+                    f"data has {tuple(crop)}; crop the cells at the bundle's grid"
+                )
+
+
+def _jsonable_shape(shape: Sequence[int | None], what: str) -> list[int | None]:
+    values = [None if n is None else int(n) for n in shape]
+    if len(values) != 3:
+        raise InputError(f"{what} must be (z, y, x) in voxels, got {tuple(shape)}")
+    return values
+
+
+def save_bundle(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    channels: Sequence[str],
+    classes: Sequence[str],
+    crop_shape: Sequence[int | None],
+    input_shape: Sequence[int],
+    normalization: Mapping[str, Sequence[float]],
+    provenance: Mapping[str, Any] | None = None,
+    layers: Sequence[str] | None = None,
+) -> Path:
+    """Write ``model`` as a bundle directory: ``model.safetensors`` + ``config.json``.
+
+    Parameters
+    ----------
+    path : str or Path
+        Directory (created; existing bundle files in it are replaced).
+    model : EfficientNet3D
+        A model with an ``architecture`` attribute naming a known architecture.
+    channels, classes : list of str
+        Names in the order of the model's input channels and output logits.
+    crop_shape : (z, y, x)
+        Crop grid in voxels (``None`` for "all z").
+    input_shape : (z, y, x)
+        Model input grid in voxels; must be the grid the model was built for.
+    normalization : dict
+        ``{"mean": [...], "std": [...]}``, one value per channel (of rescaled
+        intensities, see DESIGN §2).
+    provenance : dict, optional
+        Training provenance (data, parameters, versions); JSON-able.
+    layers : list of str, optional
+        Default Grad-CAM layers (default: the model's ``default_cam_layer``).
+
+    Returns
+    -------
+    pathlib.Path
+        The bundle directory.
+    """
+    from safetensors.torch import save_file
+
+    arch = getattr(model, "architecture", None)
+    if not isinstance(arch, dict) or arch.get("name") not in ARCHITECTURES:
+        raise InputError(
+            f"cannot bundle a {type(model).__name__}: bundles rebuild the network from its "
+            f"architecture name, known ones are {sorted(ARCHITECTURES)}; build it with efficientnet3d()"
+        )
+    channels, classes = [str(c) for c in channels], [str(c) for c in classes]
+    if len(channels) != arch["in_channels"]:
+        raise InputError(f"model takes {arch['in_channels']} channels, got {_names('channel names', channels)}")
+    if len(classes) != arch["num_classes"]:
+        raise InputError(f"model has {arch['num_classes']} classes, got {_names('class names', classes)}")
+    if list(_jsonable_shape(input_shape, "input_shape")) != list(arch["input_shape"]):
+        raise InputError(
+            f"input_shape {tuple(input_shape)} differs from the grid the model was built for "
+            f"{tuple(arch['input_shape'])}; rebuild the model with efficientnet3d(input_shape=...)"
+        )
+    norm = {key: [float(v) for v in normalization[key]] for key in ("mean", "std")}
+    if any(len(v) != len(channels) for v in norm.values()):
+        raise InputError(f"normalization needs one mean and one std per channel ({len(channels)})")
+    layers = list(layers) if layers is not None else [getattr(model, "default_cam_layer", "")]
+    for name in layers:
+        find_layer(model, name)
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": BUNDLE_FORMAT})
+    weights_hash = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest()
+    config = BundleConfig(
+        architecture=dict(arch),
+        channels=channels,
+        classes=classes,
+        crop_shape=_jsonable_shape(crop_shape, "crop_shape"),
+        input_shape=list(arch["input_shape"]),
+        normalization=norm,
+        layers=layers,
+        provenance=json.loads(json.dumps(dict(provenance or {}))),
+        weights_sha256=weights_hash,
+    )
+    (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return directory
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle written by :func:`save_bundle`; never unpickles anything.
+
+    The network is rebuilt from the config's architecture, the weights come from
+    safetensors, and the model is returned in eval mode on ``device``.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the directory lacks ``config.json`` or ``model.safetensors``.
+    BundleMismatchError
+        When the weights do not match the config (hash or tensor names).
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a model bundle: {name} is missing")
+    config_bytes = (directory / CONFIG_FILE).read_bytes()
+    weights_bytes = (directory / WEIGHTS_FILE).read_bytes()
+    raw = json.loads(config_bytes)
+    if raw.get("format") != BUNDLE_FORMAT:
+        raise BundleMismatchError(f"{directory / CONFIG_FILE} is not a {BUNDLE_FORMAT} config")
+    config = BundleConfig(**{k: raw[k] for k in BundleConfig.__dataclass_fields__ if k in raw})
+    weights_hash = hashlib.sha256(weights_bytes).hexdigest()
+    if config.weights_sha256 and config.weights_sha256 != weights_hash:
+        raise BundleMismatchError(
+            f"{directory / WEIGHTS_FILE} has sha256 {weights_hash[:12]}..., config.json expects "
+            f"{config.weights_sha256[:12]}...; the weights were replaced, save the bundle again"
+        )
+    arch = dict(config.architecture)
+    builder = ARCHITECTURES.get(arch.pop("name", None))
+    if builder is None:
+        raise BundleMismatchError(f"unknown architecture {config.architecture.get('name')!r} in {directory}")
+    model = builder(arch.pop("in_channels"), arch.pop("num_classes"), arch.pop("input_shape"), **arch)
+    state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise BundleMismatchError(
+            f"weights in {directory} do not fit {config.architecture['name']}: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.load_state_dict(state)
+    model.to(device).eval()
+    digest = hashlib.sha256(weights_bytes + b"\0" + config_bytes).hexdigest()
+    return Bundle(model=model, config=config, hash=f"sha256:{digest}", path=directory)

@@ -1,0 +1,456 @@
+"""Plates as lazy labeled arrays: open and write plates, read platemaps.
+
+A plate is an ``xarray.DataArray`` named ``"image"`` with dims
+``(well, site, c, z, y, x)``, backed by a Dask array with one chunk per site (the unit
+of work). Coords: ``well`` ("B02"), ``row`` ("B") and ``column`` (2) on ``well``,
+``site`` (the field index, 0-based), ``c`` (channel names). Attrs: ``plate`` (name)
+and ``spacing_zyx_um`` (voxel size, µm). A platemap adds ``treatment``, ``dose``,
+``is_control`` and any extra columns as coords on ``well``. Labels are the same
+without ``c``, named ``"labels"``, int32.
+
+Supported layouts (see the README's "Plates" section):
+
+* **OME-Zarr HCS** plates, NGFF 0.4 (Zarr v2) and 0.5 (Zarr v3), read and written by
+  :mod:`gradcamo_dask.io.ngff`; also a single OME-Zarr image (one well, one site).
+* **Plain Zarr**: a group with an array ``image`` of dims ``(well, site, c, z, y, x)``
+  (or ``(site, c, z, y, x)``, or ``(c, z, y, x)``), an optional integer array ``labels``
+  without the ``c`` dim, and optional group attributes ``plate`` (str), ``wells``
+  (list of names), ``channels`` (list of names) and ``spacing_zyx_um`` (3 floats).
+* **TIFF stacks**: one file (one well "A01", one site), a folder of files named like
+  ``B02_s0.tif`` / ``B02_s0_labels.tif``, or a ``{(well, site): path}`` mapping;
+  axes from the file's metadata or the ``axes`` argument (e.g. ``"ZCYX"``).
+
+Opening reads metadata only: every site is one Dask task that reads its own
+chunks when computed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from gradcamo_dask.errors import LabelsError, MetadataError, PlateLayoutError
+from gradcamo_dask.io.platemap import (  # noqa: F401  (re-exported: plate.py is the public home)
+    PLATEMAP_FILE,
+    PathLike,
+    attach_platemap,
+    normalize_well,
+    plate_order,
+    platemap_of,
+    read_platemap,
+    split_well,
+    validate_platemap,
+    well_name,
+)
+
+
+# ------------------------------------------------------------------- lazy arrays
+
+
+def lazy_sites(
+    read: Any,
+    sources: Mapping[tuple[int, int], tuple],
+    n_wells: int,
+    n_sites: int,
+    site_shape: tuple[int, ...],
+    dtype: Any,
+    name: str,
+) -> da.Array:
+    """A ``(well, site, *site_shape)`` Dask array with one task per site.
+
+    ``read(*sources[(w, s)])`` must return the site as an array of shape
+    ``(1, 1, *site_shape)``. Sites without a source are zeros (a missing field).
+    """
+    dtype = np.dtype(dtype)
+    zeros_index = (0,) * len(site_shape)
+    dsk: dict = {}
+    for w in range(n_wells):
+        for s in range(n_sites):
+            src = sources.get((w, s))
+            key = (name, w, s, *zeros_index)
+            dsk[key] = (read, *src) if src is not None else (np.zeros, (1, 1, *site_shape), dtype)
+    chunks = ((1,) * n_wells, (1,) * n_sites, *((n,) for n in site_shape))
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
+    meta = np.empty((0,) * (2 + len(site_shape)), dtype=dtype)
+    return da.Array(graph, name, chunks=chunks, dtype=dtype, meta=meta)
+
+
+def plate_dataarray(
+    data: Any,
+    *,
+    wells: Sequence[str],
+    sites: Sequence[int] | None = None,
+    channels: Sequence[str] | None = None,
+    plate: str = "plate",
+    spacing_zyx_um: Sequence[float] = (1.0, 1.0, 1.0),
+    attrs: Mapping[str, Any] | None = None,
+) -> xr.DataArray:
+    """Wrap a ``(well, site, c, z, y, x)`` array (or ``(well, site, z, y, x)`` labels when
+    ``channels`` is None) in a DataArray with the package's coords and attrs."""
+    wells = [normalize_well(w) for w in wells]
+    labels = channels is None
+    dims = ("well", "site", "z", "y", "x") if labels else ("well", "site", "c", "z", "y", "x")
+    if not isinstance(data, da.Array):
+        data = da.asarray(data)
+    if data.ndim != len(dims):
+        raise PlateLayoutError(f'plate "{plate}": expected an array with dims {dims}, got shape {data.shape}')
+    sites = list(range(data.shape[1])) if sites is None else [int(s) for s in sites]
+    rows, columns = zip(*(split_well(w) for w in wells)) if wells else ((), ())
+    coords: dict[str, Any] = {
+        "well": ("well", list(wells)),
+        "row": ("well", list(rows)),
+        "column": ("well", np.asarray(columns, dtype=np.int64)),
+        "site": ("site", np.asarray(sites, dtype=np.int64)),
+    }
+    if not labels:
+        coords["c"] = ("c", [str(c) for c in channels])
+    out_attrs = {"plate": str(plate), "spacing_zyx_um": [float(v) for v in spacing_zyx_um]}
+    out_attrs.update(attrs or {})
+    return xr.DataArray(data, dims=dims, coords=coords, name="labels" if labels else "image", attrs=out_attrs)
+
+
+def labels_like(image: xr.DataArray, data: Any) -> xr.DataArray:
+    """Wrap ``(well, site, z, y, x)`` label data (NumPy, CuPy or Dask) as the labels of
+    ``image``: name ``"labels"``, int32, the image's ``well``/``site`` coords (platemap
+    coords included) and attrs. For segmenters that compute labels from a plate."""
+    expected = tuple(image.sizes[d] for d in ("well", "site", "z", "y", "x"))
+    if tuple(data.shape) != expected:
+        raise LabelsError(f'plate "{image.attrs.get("plate", "?")}": label data have shape {tuple(data.shape)}, '
+                          f"the plate needs (well, site, z, y, x) = {expected}")
+    if not np.issubdtype(data.dtype, np.integer):
+        raise LabelsError(f'plate "{image.attrs.get("plate", "?")}": label data have dtype {data.dtype}; labels must '
+                          f"be integers (0 = background)")
+    coords = {name: coord for name, coord in image.coords.items() if set(coord.dims) <= {"well", "site"}}
+    labels = xr.DataArray(data, dims=("well", "site", "z", "y", "x"), coords=coords, name="labels",
+                          attrs=dict(image.attrs))
+    return labels if labels.dtype == np.int32 else labels.astype(np.int32)
+
+
+def to_czyx(data: np.ndarray, axes: str, with_c: bool = True) -> np.ndarray:
+    """Reorder an array with the given axes to ``(c, z, y, x)`` (or ``(z, y, x)``); time point 0."""
+    if "T" in axes:
+        data = np.take(data, 0, axis=axes.index("T"))
+        axes = axes.replace("T", "")
+    for a in "CZ":
+        if a not in axes:
+            data, axes = data[None], a + axes
+    data = np.transpose(data, [axes.index(a) for a in "CZYX"])
+    if not with_c:
+        if data.shape[0] != 1:
+            raise LabelsError(f"label TIFF has {data.shape[0]} channels; labels must have one")
+        data = data[0]
+    return data
+
+
+def czyx_shape(shape: Sequence[int], axes: str) -> tuple[int, int, int, int]:
+    """The ``(c, z, y, x)`` shape :func:`to_czyx` makes of ``shape`` (from metadata, no data)."""
+    sizes = dict(zip(axes.upper(), shape))
+    return tuple(int(sizes.get(a, 1)) for a in "CZYX")
+
+
+# ----------------------------------------------------------------- shape checks
+
+
+def select_channels(image: xr.DataArray, channels: Sequence[str]) -> xr.DataArray:
+    """The plate restricted to ``channels``, in that order; a clear error for missing ones.
+
+    Raises
+    ------
+    PlateLayoutError
+        When a requested channel is not in the plate; names plate, well and site.
+    """
+    have = [str(c) for c in image["c"].values]
+    missing = [c for c in channels if c not in have]
+    if missing:
+        well = str(image["well"].values[0]) if image.sizes["well"] else "?"
+        site = int(image["site"].values[0]) if image.sizes["site"] else 0
+        raise PlateLayoutError(
+            f'plate "{image.attrs.get("plate", "?")}", well "{well}", site {site}: has {len(have)} channels '
+            f"({', '.join(have)}), {len(channels)} are expected ({', '.join(channels)}); missing: "
+            f"{', '.join(missing)}. Rename channels with open_plate(..., channels=[...]) if only the names differ."
+        )
+    return image.sel(c=list(channels))
+
+
+def check_labels(image: xr.DataArray, labels: xr.DataArray) -> None:
+    """Raise LabelsError unless ``labels`` fits ``image``: integer dtype, same wells and
+    sites, same ``(z, y, x)`` shape. The message names plate, well and site."""
+    plate = image.attrs.get("plate", labels.attrs.get("plate", "?"))
+    well0 = str(labels["well"].values[0]) if labels.sizes.get("well") else "?"
+    site0 = int(labels["site"].values[0]) if labels.sizes.get("site") else 0
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise LabelsError(
+            f'plate "{plate}", well "{well0}", site {site0}: labels have dtype {labels.dtype}; labels must be '
+            f"integers (0 = background). Cast whole-number labels with labels.astype('int32')."
+        )
+    for dim in ("well", "site"):
+        a, b = list(image[dim].values), list(labels[dim].values)
+        if a != b:
+            extra = [v for v in a if v not in b] or [v for v in b if v not in a] or a[:3]
+            raise LabelsError(
+                f'plate "{plate}": labels and image differ in {dim} (first difference around {extra[:3]}); '
+                f"select the same wells and sites in both (labels.sel({dim}=image.{dim}))"
+            )
+    img_zyx = tuple(image.sizes[d] for d in ("z", "y", "x"))
+    lab_zyx = tuple(labels.sizes[d] for d in ("z", "y", "x"))
+    if img_zyx != lab_zyx:
+        raise LabelsError(
+            f'plate "{plate}", well "{well0}", site {site0}: labels have shape (z, y, x) = {lab_zyx}, the image '
+            f"{img_zyx}; labels must be computed on the same grid as the image"
+        )
+
+
+# ------------------------------------------------------------------- plain Zarr
+
+
+def _open_plain(group: Any, where: str, array_name: str, plate: str | None) -> xr.DataArray:
+    """The plain-Zarr layout: arrays ``image``/``labels`` plus optional group attributes."""
+    labels = array_name == "labels"
+    arr = group[array_name]
+    attrs = dict(group.attrs)
+    full = 5 if labels else 6
+    lead = full - arr.ndim
+    if lead not in (0, 1, 2):
+        dims = "(well, site, z, y, x)" if labels else "(well, site, c, z, y, x)"
+        raise MetadataError(f"{where}/{array_name}: the plain-Zarr layout expects dims {dims} (leading well and "
+                            f"site optional), got shape {arr.shape}")
+    site_ndim = full - 2
+    chunks = (1,) * (arr.ndim - site_ndim) + tuple(arr.shape[arr.ndim - site_ndim:])
+    name = f"plain-{array_name}-{tokenize(where, arr.shape, str(arr.dtype))}"
+    data = da.from_array(arr, chunks=chunks, lock=False, meta=np.empty((0,) * arr.ndim, dtype=arr.dtype), name=name)
+    if lead:
+        data = data[(None,) * lead]
+    wells = attrs.get("wells") or [well_name("A", i + 1) for i in range(data.shape[0])]
+    if len(wells) != data.shape[0]:
+        raise MetadataError(f"{where}: attribute 'wells' lists {len(wells)} wells, array '{array_name}' has "
+                            f"{data.shape[0]}")
+    channels = None
+    if not labels:
+        channels = attrs.get("channels") or [f"channel_{i}" for i in range(data.shape[2])]
+        if len(channels) != data.shape[2]:
+            raise MetadataError(f"{where}: attribute 'channels' lists {len(channels)} names, array 'image' has "
+                                f"{data.shape[2]} channels")
+    spacing = attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0))
+    if not isinstance(spacing, (list, tuple)) or len(spacing) != 3:
+        raise MetadataError(f"{where}: attribute 'spacing_zyx_um' must hold 3 numbers (z, y, x in µm), got {spacing}")
+    name = plate or attrs.get("plate") or Path(where.rstrip("/")).stem
+    return plate_dataarray(data, wells=wells, channels=channels, plate=name, spacing_zyx_um=spacing)
+
+
+# -------------------------------------------------------------------- dispatch
+
+
+def _is_tiff(path: Any) -> bool:
+    if isinstance(path, Mapping):
+        return True
+    if isinstance(path, (str, Path)):
+        p = Path(path)
+        if p.suffix.lower() in (".tif", ".tiff"):
+            return True
+        return p.is_dir() and not any((p / m).exists() for m in ("zarr.json", ".zgroup", ".zarray"))
+    return False
+
+
+def _open_zarr_group(path: Any) -> tuple[Any, str]:
+    import zarr
+
+    if isinstance(path, zarr.Group):
+        return path, str(path.store)
+    where = str(path)
+    try:
+        group = zarr.open_group(path, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        raise FileNotFoundError(f"{where}: no Zarr group here ({err})") from None
+    return group, where
+
+
+def _plate_dir(path: Any) -> Path | None:
+    return Path(path) if isinstance(path, (str, Path)) and Path(path).is_dir() else None
+
+
+def open_plate(
+    path: Any,
+    platemap: pd.DataFrame | PathLike | bool | None = None,
+    *,
+    channels: Sequence[str] | None = None,
+    spacing_zyx_um: Sequence[float] | None = None,
+    axes: str | None = None,
+    plate: str | None = None,
+) -> xr.DataArray:
+    """Open a plate lazily as a ``(well, site, c, z, y, x)`` DataArray; reads metadata only.
+
+    Parameters
+    ----------
+    path : str, Path, zarr store or group, or {(well, site): tiff path}
+        An OME-Zarr HCS plate (NGFF 0.4 or 0.5) or image, a plain-Zarr plate, a TIFF
+        file or a folder of TIFFs (see the module docstring).
+    platemap : DataFrame or path, optional
+        Adds ``treatment``, ``dose``, ``is_control`` and extra columns as coords on
+        ``well``. When None and the plate folder holds ``platemap.csv`` (as written by
+        :func:`write_plate`), that file is used; pass ``False`` to skip it.
+    channels : list of str, optional
+        Channel names. If the plate records names, the plate is restricted to these
+        channels in this order (a missing one is an error); if it records none, these
+        name the channels (their number must match).
+    spacing_zyx_um : 3 floats, optional
+        Voxel size (µm) overriding what the metadata say (TIFFs often record none).
+    axes : str, optional
+        Axis order of TIFF files, e.g. ``"ZCYX"``.
+    plate : str, optional
+        Plate name (default: from the metadata, else the file or folder name).
+
+    Returns
+    -------
+    xarray.DataArray
+        Named ``"image"``, Dask-backed, one chunk per site.
+    """
+    if _is_tiff(path):
+        from gradcamo_dask.io.tiff import open_tiff
+
+        image = open_tiff(path, axes=axes, plate=plate)
+    else:
+        from gradcamo_dask.io import ngff
+
+        group, where = _open_zarr_group(path)
+        if ngff.is_ngff(group):
+            image = ngff.open_hcs(group, where, plate=plate)
+        elif "image" in group:
+            image = _open_plain(group, where, "image", plate)
+        else:
+            raise PlateLayoutError(
+                f"{where}: neither an OME-Zarr plate or image (no 'plate'/'multiscales' metadata in its "
+                f"attributes) nor a plain-Zarr plate (no 'image' array). If this store was being written, "
+                f"the write did not finish: write it again."
+            )
+    if spacing_zyx_um is not None:
+        if len(spacing_zyx_um) != 3:
+            raise ValueError(f"spacing_zyx_um must be 3 numbers (z, y, x in µm), got {spacing_zyx_um}")
+        image.attrs["spacing_zyx_um"] = [float(v) for v in spacing_zyx_um]
+    if channels is not None:
+        image = _apply_channel_names(image, list(channels))
+    if platemap is None and (d := _plate_dir(path)) is not None and (d / PLATEMAP_FILE).is_file():
+        platemap = d / PLATEMAP_FILE
+    if platemap is not None and platemap is not False:
+        image = attach_platemap(image, platemap)
+    return image
+
+
+def _apply_channel_names(image: xr.DataArray, channels: list[str]) -> xr.DataArray:
+    have = [str(c) for c in image["c"].values]
+    generic = all(re.fullmatch(r"channel_\d+", c) for c in have)
+    if generic and len(channels) == len(have):
+        return image.assign_coords(c=channels)
+    return select_channels(image, channels)
+
+
+def open_labels(
+    path: Any,
+    name: str | None = None,
+    *,
+    like: xr.DataArray | None = None,
+    axes: str | None = None,
+) -> xr.DataArray:
+    """Open labels lazily as a ``(well, site, z, y, x)`` int DataArray.
+
+    Parameters
+    ----------
+    path : str, Path, zarr store or group, or {(well, site): tiff path}
+        An OME-Zarr plate whose fields hold NGFF ``labels/`` groups, a separate
+        OME-Zarr plate whose fields are label images, a plain-Zarr plate with a
+        ``labels`` array, or label TIFFs (``B02_s0_labels.tif`` in a folder, a single
+        file, or a mapping).
+    name : str, optional
+        Which NGFF label image (``labels/<name>``); default the first one listed.
+    like : DataArray, optional
+        The plate image; the labels are checked against it (wells, sites, shape).
+    axes : str, optional
+        Axis order of TIFF files, e.g. ``"ZYX"``.
+    """
+    if _is_tiff(path):
+        from gradcamo_dask.io.tiff import open_tiff
+
+        labels = open_tiff(path, axes=axes, labels=True)
+    else:
+        from gradcamo_dask.io import ngff
+
+        group, where = _open_zarr_group(path)
+        if ngff.is_ngff(group):
+            labels = ngff.open_hcs_labels(group, where, name=name)
+        elif "labels" in group:
+            labels = _open_plain(group, where, "labels", None)
+        else:
+            raise LabelsError(f"{where}: no labels found (no NGFF plate with labels, no plain-Zarr 'labels' array)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise LabelsError(f'plate "{labels.attrs.get("plate")}": labels at {path} have dtype {labels.dtype}; labels must '
+                          f"be integers (0 = background)")
+    if labels.dtype != np.int32:  # the package's label dtype; ids beyond 2**31 do not occur in practice
+        labels = labels.astype(np.int32)
+    if like is not None:
+        labels.attrs["plate"] = like.attrs.get("plate", labels.attrs["plate"])
+        check_labels(like, labels)
+    return labels
+
+
+def write_plate(
+    path: PathLike,
+    image: xr.DataArray,
+    labels: xr.DataArray | None = None,
+    *,
+    platemap: pd.DataFrame | None = None,
+    label_name: str = "cells",
+    overwrite: bool = False,
+    compute: bool = True,
+    progress: bool = False,
+) -> Any:
+    """Write an OME-Zarr 0.5 HCS plate (Zarr v3), with labels and ``platemap.csv``.
+
+    One Dask task per site; the plate-level metadata are written last, so an
+    interrupted or failed write never looks like a complete plate.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.zarr`` folder to create.
+    image : DataArray
+        ``(well, site, c, z, y, x)``, as from :func:`open_plate` or
+        :func:`~gradcamo_dask.synthetic_plate`.
+    labels : DataArray, optional
+        ``(well, site, z, y, x)`` integers; written as ``labels/<label_name>`` of each field.
+    platemap : DataFrame, optional
+        Written as ``platemap.csv`` inside the plate folder; default: the platemap
+        carried by ``image``'s coords, if any.
+    overwrite : bool
+        Replace an existing Zarr store at ``path``.
+    compute : bool
+        If False, create the store's groups and arrays now and return a
+        ``dask.delayed`` object that writes the data and, last, the plate metadata.
+    progress : bool
+        Show a Dask progress bar (local schedulers).
+    """
+    from gradcamo_dask.io import ngff
+
+    if labels is not None:
+        check_labels(image, labels)
+    if platemap is None:
+        platemap = platemap_of(image)
+    return ngff.write_hcs(path, image, labels, platemap=platemap, label_name=label_name, overwrite=overwrite,
+                          compute=compute, progress=progress)
+
+
+def describe(image: xr.DataArray) -> str:
+    """One line about a plate: name, wells, sites, channels, site shape, spacing."""
+    return json.dumps({
+        "plate": image.attrs.get("plate"), "wells": image.sizes["well"], "sites": image.sizes["site"],
+        "channels": [str(c) for c in image["c"].values] if "c" in image.coords else None,
+        "zyx": [image.sizes[d] for d in ("z", "y", "x")], "spacing_zyx_um": image.attrs.get("spacing_zyx_um"),
+    })

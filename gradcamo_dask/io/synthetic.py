@@ -1,0 +1,188 @@
+"""Synthetic 3D Cell Painting plates with ground truth and a confounder knob.
+
+:func:`synthetic_plate` returns a lazy plate (image, ground-truth labels, platemap)
+whose every site is one Dask task, rendered on demand by
+:func:`gradcamo_dask.io.synthetic_site.render_site` from a generator seeded with
+``[seed, well_index, site]``: a plate of any size costs no memory until computed, a
+site is the same whether computed alone or with the whole plate, and a plate is the
+same on every machine.
+
+Default layout, like the paper's: one compound at six doses (control included) x 2
+wells x 4 sites; treatment names are the class names. Wells of one dose share a
+column; replicate wells go down the rows (B, C, ...), so "leave wells out" means
+"leave a row out". Each well's response is a Hill curve of its dose (EC50 1 µM, Hill
+slope 1), and each cell draws its own response around it.
+
+Voxel size: 0.65 µm in y and x, 1.1115 µm in z (anisotropy 1.71, as in the paper).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+from dask.base import tokenize
+
+from gradcamo_dask.errors import InputError
+from gradcamo_dask.io.plate import plate_dataarray
+from gradcamo_dask.io.platemap import attach_platemap, well_name
+from gradcamo_dask.io.synthetic_site import CHANNELS, render_site, site_geometry
+
+DEFAULT_DOSES_UM: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0)
+SPACING_ZYX_UM: tuple[float, float, float] = (1.1115, 0.65, 0.65)  # z / xy = 1.71
+CONTROL = "control"
+
+
+class SyntheticPlate(NamedTuple):
+    """A synthetic plate: lazy image and labels DataArrays and the platemap."""
+
+    image: xr.DataArray
+    labels: xr.DataArray
+    platemap: pd.DataFrame
+
+
+def treatment_name(dose_um: float) -> str:
+    """Class name of a dose: ``"control"`` for 0, else e.g. ``"compound_0.3uM"``."""
+    return CONTROL if dose_um == 0 else f"compound_{dose_um:g}uM"
+
+
+def dose_response(dose_um: float | np.ndarray, ec50_um: float = 1.0, hill: float = 1.0) -> np.ndarray:
+    """Hill curve ``d^h / (d^h + EC50^h)`` in [0, 1]; 0 at dose 0."""
+    d = np.asarray(dose_um, dtype=float)
+    return d**hill / (d**hill + ec50_um**hill)
+
+
+def synthetic_platemap(
+    doses_um: Sequence[float] = DEFAULT_DOSES_UM,
+    wells_per_treatment: int = 2,
+    ec50_um: float = 1.0,
+) -> pd.DataFrame:
+    """Platemap of the synthetic layout: one column per dose, one row per replicate.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``well, treatment, dose, is_control`` plus ``response`` (the well's mean
+        response in [0, 1]) and ``replicate`` (0-based), in plate order.
+    """
+    doses = [float(d) for d in doses_um]
+    if len(set(doses)) != len(doses) or any(d < 0 for d in doses):
+        raise InputError(f"doses must be distinct and >= 0 (µM), got {doses}")
+    if not 1 <= wells_per_treatment <= 14 or not 1 <= len(doses) <= 22:
+        raise InputError("the synthetic layout fits 1-14 wells per treatment and 1-22 doses on a 384-well plate")
+    rows = []
+    for rep in range(wells_per_treatment):
+        for i, dose in enumerate(sorted(doses)):
+            rows.append({
+                "well": well_name(chr(ord("B") + rep), 2 + i), "treatment": treatment_name(dose), "dose": dose,
+                "is_control": dose == 0, "response": float(dose_response(dose, ec50_um)), "replicate": rep,
+            })
+    return pd.DataFrame(rows)
+
+
+def _render_block(
+    what: str,
+    seed: int,
+    responses: tuple[float, ...],
+    treatment_index: tuple[int, ...],
+    n_treatments: int,
+    site_shape: tuple[int, int, int],
+    confounder: float,
+    cell_radius: float,
+    block_id: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """One site as a Dask block: ``(1, 1, 6, z, y, x)`` image or ``(1, 1, z, y, x)`` labels."""
+    well, site = block_id[0], block_id[1]
+    rng = np.random.default_rng([seed, well, site])
+    if what == "labels":  # geometry is the first thing render_site draws: same labels, a tenth of the work
+        return site_geometry(rng, site_shape, responses[well], cell_radius).labels[None, None]
+    image, _ = render_site(rng, site_shape, responses[well], treatment_index[well], n_treatments,
+                           confounder=confounder, cell_radius=cell_radius)
+    return image[None, None]
+
+
+def synthetic_plate(
+    *,
+    doses_um: Sequence[float] = DEFAULT_DOSES_UM,
+    wells_per_treatment: int = 2,
+    sites_per_well: int = 4,
+    site_shape: Sequence[int] = (21, 256, 256),
+    cell_radius: float = 28.0,
+    seed: int = 0,
+    confounder: float = 0.0,
+    ec50_um: float = 1.0,
+    plate: str = "synthetic",
+) -> SyntheticPlate:
+    """A lazy synthetic 3D Cell Painting plate with ground-truth labels.
+
+    Parameters
+    ----------
+    doses_um : sequence of float
+        Doses of the one compound, µM; 0 is the control. Each dose is a treatment
+        (class) named by :func:`treatment_name`.
+    wells_per_treatment : int
+        Replicate wells per dose (rows B, C, ...).
+    sites_per_well : int
+        Fields per well.
+    site_shape : (int, int, int)
+        ``(z, y, x)`` of a site, voxels. The default (21, 256, 256) holds about 35
+        cells (about 16 not touching the border); the paper's sites were larger.
+    cell_radius : float
+        Typical radius of a control cell in y and x, pixels (28 px = 18 µm).
+    seed : int
+        Seed; site ``(w, s)`` is rendered from ``numpy.random.default_rng([seed, w, s])``.
+    confounder : float
+        In [0, 1]: strength of a treatment-specific grating planted outside the cells
+        (label 0), i.e. label information a model can use to cheat. 0 = none.
+    ec50_um : float
+        Dose of half-maximal response, µM.
+    plate : str
+        Plate name.
+
+    Returns
+    -------
+    SyntheticPlate
+        ``image`` (well, site, c, z, y, x) uint16 with the platemap as coords,
+        ``labels`` (well, site, z, y, x) int32, ``platemap``; all lazy, one task per site.
+    """
+    if not 0.0 <= float(confounder) <= 1.0:
+        raise InputError(f"confounder must be in [0, 1], got {confounder}")
+    site_shape = tuple(int(n) for n in site_shape)
+    if len(site_shape) != 3 or site_shape[0] < 3 or min(site_shape[1:]) < 32:
+        raise InputError(f"site_shape must be (z, y, x) with z >= 3 and y, x >= 32 voxels, got {site_shape}")
+    if sites_per_well < 1:
+        raise InputError(f"sites_per_well must be >= 1, got {sites_per_well}")
+    platemap = synthetic_platemap(doses_um, wells_per_treatment, ec50_um)
+    treatments = sorted(set(platemap["treatment"]), key=lambda t: platemap.loc[platemap.treatment == t, "dose"].iloc[0])
+    n_wells = len(platemap)
+    common = dict(
+        seed=int(seed), responses=tuple(platemap["response"]),
+        treatment_index=tuple(treatments.index(t) for t in platemap["treatment"]), n_treatments=len(treatments),
+        site_shape=site_shape, confounder=float(confounder), cell_radius=float(cell_radius),
+    )
+    recipe = json.dumps({**{k: v for k, v in common.items() if k not in ("responses", "treatment_index")},
+                         "doses_um": [float(d) for d in doses_um], "wells_per_treatment": wells_per_treatment,
+                         "sites_per_well": sites_per_well, "ec50_um": ec50_um, "generator": "gradcamo_dask.io.synthetic"})
+    token = tokenize(recipe)
+    well_site = ((1,) * n_wells, (1,) * sites_per_well)
+    z, y, x = site_shape
+    image = da.map_blocks(
+        _render_block, "image", **common, chunks=(*well_site, (len(CHANNELS),), (z,), (y,), (x,)),
+        dtype=np.uint16, meta=np.empty((0,) * 6, np.uint16), name=f"synthetic-image-{token}",
+    )
+    labels = da.map_blocks(
+        _render_block, "labels", **common, chunks=(*well_site, (z,), (y,), (x,)),
+        dtype=np.int32, meta=np.empty((0,) * 5, np.int32), name=f"synthetic-labels-{token}",
+    )
+    attrs = {"synthetic": recipe}
+    wells = list(platemap["well"])
+    image_da = plate_dataarray(image, wells=wells, channels=list(CHANNELS), plate=plate,
+                               spacing_zyx_um=SPACING_ZYX_UM, attrs=attrs)
+    labels_da = plate_dataarray(labels, wells=wells, channels=None, plate=plate, spacing_zyx_um=SPACING_ZYX_UM,
+                                attrs=attrs)
+    return SyntheticPlate(attach_platemap(image_da, platemap), labels_da, platemap)

@@ -1,0 +1,1 @@
+"""What is done with stored profiles: QC, whitening, classic features, export, report."""

@@ -1,0 +1,78 @@
+"""A tiny plate on disk and tiny model bundles, shared by the pipeline, cluster and CLI tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gradcamo_dask.engine.bundles import save_bundle
+from gradcamo_dask.engine.models import efficientnet3d
+from gradcamo_dask.io.plate import open_labels, open_plate, write_plate
+from gradcamo_dask.io.synthetic import synthetic_plate
+from tests.helpers.engine_models import lively
+
+CHANNELS = ["DNA", "ER", "RNA", "AGP", "Actin", "Mito"]
+CLASSES = ["control", "compound_10uM"]
+INPUT_SHAPE = (8, 32, 32)
+CROP_SHAPE = (None, 48, 48)
+LAYERS = ["_head_swish", "_blocks.4.10"]
+
+
+def make_plate(path: Path, *, wells_per_treatment: int = 2, sites: int = 2, seed: int = 0) -> Path:
+    """4 wells (control and 10 µM, 2 replicates) x 2 sites of 9 x 96 x 96 voxels, ~7 cells per site."""
+    plate = synthetic_plate(doses_um=(0.0, 10.0), wells_per_treatment=wells_per_treatment, sites_per_well=sites,
+                            site_shape=(9, 96, 96), cell_radius=12.0, seed=seed, plate="tiny")
+    write_plate(path, plate.image, plate.labels)
+    return path
+
+
+def make_bundle(path: Path, *, seed: int = 0, channels=CHANNELS, classes=CLASSES) -> Path:
+    torch.manual_seed(seed)
+    model = lively(efficientnet3d(len(channels), len(classes), INPUT_SHAPE), seed=seed)
+    return save_bundle(path, model, channels=channels, classes=classes, crop_shape=CROP_SHAPE,
+                       input_shape=INPUT_SHAPE, normalization={"mean": [0.3] * len(channels),
+                                                               "std": [0.2] * len(channels)},
+                       layers=LAYERS)
+
+
+def open_tiny(path: Path):
+    image = open_plate(path)
+    return image, open_labels(path, like=image)
+
+
+def strings(values) -> np.ndarray:
+    """Any array of strings (NumPy str, object or StringDType as Zarr v3 gives back) as a NumPy str array."""
+    return np.asarray([str(v) for v in np.asarray(values).ravel()], dtype=str)
+
+
+def assert_same_profiles(a, b, atol: float = 0.0) -> None:
+    """Same cells (keys, order) and the same values in every data variable."""
+    for key in ("well", "site", "object_number"):
+        np.testing.assert_array_equal(strings(a[key].values), strings(b[key].values))
+    assert set(a.data_vars) == set(b.data_vars)
+    for name in a.data_vars:
+        x, y = np.asarray(a[name].values), np.asarray(b[name].values)
+        assert x.shape == y.shape, name
+        if atol:
+            np.testing.assert_allclose(x, y, atol=atol, rtol=0, equal_nan=True, err_msg=name)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def slow_sites(seconds: float) -> None:
+    """Run on each worker (``client.run``): every site task takes ``seconds`` longer, room to kill a worker
+    mid-run. Lives here, importable as ``tests.plate_fixtures`` by separately started workers."""
+    import time
+
+    from gradcamo_dask.jobs import score as p
+
+    real = getattr(p, "_real_score_site", p.score_site)
+    p._real_score_site = real
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    p.score_site = slow

@@ -1,0 +1,188 @@
+"""connect() and plate scoring on real multi-process clusters: killed workers, 1 vs 2 workers.
+
+Everything runs on 127.0.0.1: a LocalCluster of worker processes, and a `dask scheduler`
+with two `dask worker` processes started as separate subprocesses.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import zarr
+
+from gradcamo_dask.jobs import score as pipeline
+from gradcamo_dask.jobs.cluster import connect, cuda_devices, local_cluster_shape
+from gradcamo_dask.errors import ClusterError
+from gradcamo_dask.jobs.score import open_profiles, score_plate, write_profiles
+from tests.helpers.plate_fixtures import assert_same_profiles, make_bundle, make_plate, open_tiny, slow_sites, strings
+
+from tests.helpers.paths import REPO
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    plate = make_plate(root / "plate.zarr")
+    bundle = make_bundle(root / "bundle")
+    image, labels = open_tiny(plate)
+    with dask.config.set(scheduler="sync"):
+        reference = score_plate(image, labels, bundle).compute()
+    return {"root": root, "plate": plate, "bundle": bundle, "image": image, "labels": labels, "reference": reference}
+
+
+# ------------------------------------------------------------------ connect
+
+
+def test_gpu_detection_reads_cuda_visible_devices_without_cuda():
+    assert cuda_devices({"CUDA_VISIBLE_DEVICES": "0,2"}) == ["0", "2"]
+    assert cuda_devices({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert cuda_devices({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    assert "torch" not in sys.modules or True  # connect never needs torch in the client for detection
+
+
+def test_local_cluster_shape_shares_cores_between_processes_and_torch():
+    two = local_cluster_shape(cores=2, memory=24 * 2**30)
+    assert (two.n_workers, two.threads_per_worker, two.torch_threads) == (2, 1, 1)
+    big = local_cluster_shape(cores=16, memory=8 * 2**30)  # memory, not cores, limits processes
+    assert big.n_workers == 2 and big.torch_threads == 8
+    one = local_cluster_shape(1, cores=4, memory=24 * 2**30)
+    assert one.n_workers == 1 and one.torch_threads == 4
+
+
+def test_unreachable_scheduler_fails_fast_with_a_clear_error():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match="cannot reach a Dask scheduler"):
+        connect(f"tcp://127.0.0.1:{port}", timeout=5)
+    # a black-holed address (TEST-NET-1, RFC 5737: no answer at all) must also give up within the timeout
+    with pytest.raises(ClusterError):
+        connect("tcp://192.0.2.1:8786", timeout=3)
+    assert time.monotonic() - start < 30
+    with pytest.raises(ClusterError, match="does not exist"):
+        connect("/nonexistent/scheduler.json")
+
+
+def test_slurm_without_its_module_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradcamo_dask.jobs.slurm", None)  # as if the module were absent
+    with pytest.raises(ClusterError, match="--scheduler"):
+        connect(cluster="slurm")
+
+
+# ------------------------------------------------------------------ real clusters
+
+
+def _kill_one_worker_mid_run(client, store: Path, pids: dict, killed: list) -> None:
+    """Wait until the write is under way (a chunk is done, work remains), then SIGKILL a busy worker."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            done = np.asarray(zarr.open_group(str(store), mode="r")[pipeline.DONE_ARRAY][:])
+        except Exception:  # noqa: BLE001 - template not written yet
+            time.sleep(0.05)
+            continue
+        if done.sum() >= 1:
+            busy = [w for w, keys in client.processing().items() if keys]
+            if busy and done.sum() < len(done):
+                os.kill(pids[busy[0]], signal.SIGKILL)
+                killed.append((busy[0], int(done.sum()), len(done)))
+            return
+        time.sleep(0.05)
+
+
+def _score_and_kill(client, tiny, store: Path) -> list:
+    pids = client.run(os.getpid)
+    client.run(slow_sites, 0.7)
+    killed: list = []
+    ds = score_plate(tiny["image"], tiny["labels"], tiny["bundle"], client=client)
+    killer = threading.Thread(target=_kill_one_worker_mid_run, args=(client, store, pids, killed))
+    killer.start()
+    write_profiles(ds, store, client=client, chunk_cells=4)
+    killer.join()
+    return killed
+
+
+def _check_no_cell_lost_or_duplicated(tiny, store: Path) -> None:
+    back = open_profiles(store)
+    keys = [f"{w}/{s}/{o}" for w, s, o in zip(strings(back["well"].values), back["site"].values,
+                                               back["object_number"].values)]
+    assert len(keys) == len(set(keys)) == tiny["reference"].sizes["cell"]
+    assert_same_profiles(tiny["reference"], back, atol=1e-5)
+
+
+def test_killed_worker_on_a_local_cluster_loses_no_cell_and_two_workers_agree_with_one(tiny, tmp_path):
+    with connect(n_workers=2, quiet=True) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        killed = _score_and_kill(client, tiny, tmp_path / "killed.zarr")
+    assert killed, "the run finished before a worker could be killed"
+    _check_no_cell_lost_or_duplicated(tiny, tmp_path / "killed.zarr")
+
+    # determinism: 1 worker vs 2 workers (above) vs the in-process scheduler (the reference)
+    with connect(n_workers=1, quiet=True) as client:
+        ds = score_plate(tiny["image"], tiny["labels"], tiny["bundle"], client=client)
+        write_profiles(ds, tmp_path / "one.zarr", client=client)
+    one = open_profiles(tmp_path / "one.zarr")
+    two = open_profiles(tmp_path / "killed.zarr")
+    for name in ("gradcamo", "cam_inside", "cam_total", "logits", "deep"):
+        ref = tiny["reference"][name].values
+        assert np.nanmax(np.abs(one[name].values - ref)) <= 1e-5
+        assert np.nanmax(np.abs(two[name].values - ref)) <= 1e-5
+        np.testing.assert_array_equal(np.isnan(one[name].values), np.isnan(ref))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_killed_worker_with_separate_scheduler_and_worker_processes(tiny, tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask_cli = [sys.executable, "-m", "distributed.cli"]
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                  "--port", str(port), "--no-dashboard"], env=env, cwd=tmp_path,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                 "--no-nanny", "--no-dashboard", "--host", "127.0.0.1", "--name", f"w{i}"],
+                                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for i in range(2)]
+    del dask_cli
+    try:
+        deadline = time.monotonic() + 60
+        client = None
+        while client is None:
+            try:
+                client = connect(address, timeout=5, quiet=True)
+            except ClusterError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        with client:
+            client.wait_for_workers(2, timeout=60)
+            killed = _score_and_kill(client, tiny, tmp_path / "killed.zarr")
+        assert killed, "the run finished before a worker could be killed"
+        assert sum(w.poll() is not None for w in workers) == 1  # one worker process really died
+        _check_no_cell_lost_or_duplicated(tiny, tmp_path / "killed.zarr")
+    finally:
+        for proc in (*workers, scheduler):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in (*workers, scheduler):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
