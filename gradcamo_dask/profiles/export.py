@@ -41,7 +41,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from gradcamo_dask.engine.gradcamo import DEFAULT_CUTOFF
 from gradcamo_dask.errors import InputError
+from gradcamo_dask.provenance import read_provenance
 
 __all__ = ["cellprofiler_name", "cellprofiler_table", "to_cellprofiler_table"]
 
@@ -49,7 +51,6 @@ KEY_COLUMNS = {"plate": "Metadata_Plate", "well": "Metadata_Well", "site": "Meta
                "object_number": "Metadata_ObjectNumber"}
 QC_BELOW = "Metadata_cqc_gradcamo_below_cutoff"
 QC_UNDEFINED = "Metadata_cqc_gradcamo_undefined"
-DEFAULT_CUTOFF = 0.25
 
 
 def str_values(values: Any) -> np.ndarray:
@@ -80,16 +81,6 @@ def cellprofiler_name(name: str) -> str:
     return out
 
 
-def _provenance(profiles: xr.Dataset) -> dict:
-    raw = profiles.attrs.get("provenance")
-    if not raw:
-        return {}
-    try:
-        return json.loads(raw) if isinstance(raw, str) else dict(raw)
-    except (TypeError, ValueError):
-        return {}
-
-
 def _bundle_architecture(path: Any) -> Any:
     """The ``architecture`` in a bundle's ``config.json`` when ``path`` is a readable local bundle, else None."""
     if not isinstance(path, str) or not path:
@@ -108,7 +99,7 @@ def model_name_of(profiles: xr.Dataset) -> str:
     ``config.json`` of the bundle the provenance points to (``bundle_path``, as
     ``score_plate`` records it) when that bundle is readable here.
     """
-    prov = _provenance(profiles)
+    prov = read_provenance(profiles)
     candidates: list[Any] = [prov.get("model_name"), prov.get("architecture")]
     bundle_paths = [prov.get("bundle_path")]  # score_plate's flat provenance
     for key in ("bundle", "model"):
@@ -303,7 +294,7 @@ def to_cellprofiler_table(
     table = cellprofiler_table(profiles, **options)
     paths = _paths(path, formats)
     next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"provenance": _provenance(profiles), "export": {
+    meta = {"provenance": read_provenance(profiles), "export": {
         "cutoff": options.get("cutoff", DEFAULT_CUTOFF), "layer": table["Metadata_GradCAMO_Layer"].iloc[0]
         if "Metadata_GradCAMO_Layer" in table and len(table) else options.get("layer"),
         "qc_columns": [c for c in (QC_BELOW, QC_UNDEFINED) if c in table]}}

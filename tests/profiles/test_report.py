@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import re
 
+import dask
 import numpy as np
 import pytest
 
-from gradcamo_dask import InputError, cell_table, synthetic_plate, write_plate
+from gradcamo_dask import InputError, OutputStoreError, cell_table, synthetic_plate, write_plate
 from gradcamo_dask.cli import main
 from gradcamo_dask.profiles.report import FIGURES, write_report
 from tests.helpers.feature_profiles import profiles_from_model, tiny_cnn
@@ -106,8 +107,11 @@ def test_missing_plate_and_no_controls(plate_and_profiles, full_report):
 
 def test_report_command_on_a_zarr_store(plate_and_profiles, full_report, capsys):
     root, profiles = plate_and_profiles
+    from gradcamo_dask.profiles.store import write_profiles
+
     store = root / "profiles.zarr"
-    profiles.to_zarr(store, mode="w")
+    with dask.config.set(scheduler="threads"):
+        write_profiles(profiles.chunk({"cell": 16}), store, overwrite=True)
     args = ["report", str(store), "--out", str(root / "cli"), "--layer", LAYERS[1], "--gallery", "2"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -123,18 +127,17 @@ def test_report_command_on_a_zarr_store(plate_and_profiles, full_report, capsys)
     assert "no profiles at" in capsys.readouterr().err
 
 
-def test_load_profiles_drops_bookkeeping_and_refuses_unfinished_stores(plate_and_profiles, tmp_path):
-    from gradcamo_dask.profiles.report import load_profiles
+def test_open_profiles_hides_bookkeeping_and_refuses_unfinished_stores(plate_and_profiles, tmp_path):
+    import zarr
+
+    from gradcamo_dask.profiles.store import open_profiles, write_profiles
 
     _root, profiles = plate_and_profiles
-    # as write_profiles leaves a store: a '_done_chunks' marker array and completion attrs
-    store = profiles.assign(_done_chunks=("chunk", np.ones(3, bool)))
-    store.attrs.update(gradcamo_fingerprint="f", gradcamo_complete=True)
-    store.to_zarr(tmp_path / "done.zarr", mode="w")
-    loaded = load_profiles(tmp_path / "done.zarr")
-    assert "_done_chunks" not in loaded.variables and "chunk" not in loaded.dims
+    with dask.config.set(scheduler="threads"):
+        write_profiles(profiles.chunk({"cell": 7}), tmp_path / "done.zarr", chunk_cells=7)
+    loaded = open_profiles(tmp_path / "done.zarr")
+    assert not [v for v in loaded.variables if str(v).startswith("_")]
     assert loaded.sizes["cell"] == profiles.sizes["cell"] and "gradcamo" in loaded
-    store.attrs["gradcamo_complete"] = False
-    store.to_zarr(tmp_path / "half.zarr", mode="w")
-    with pytest.raises(InputError, match="write did not finish"):
-        load_profiles(tmp_path / "half.zarr")
+    zarr.open_group(str(tmp_path / "done.zarr"), mode="r+").attrs["gradcamo_complete"] = False
+    with pytest.raises(OutputStoreError, match="write did not finish"):
+        open_profiles(tmp_path / "done.zarr")
