@@ -258,32 +258,39 @@ def _run(tasks: list, client: Any, progress: bool) -> None:
 
 
 def open_profiles(path: Any) -> xr.Dataset:
-    """The profiles at ``path``, lazily; refuses anything else and a store whose write did not finish.
+    """The profiles at ``path``, lazily: a store from :func:`write_profiles` (or ``Dataset.to_zarr``).
+
+    Bookkeeping variables (names starting with ``_``) are dropped.
 
     Raises
     ------
     OutputStoreError
-        ``path`` does not exist, is not a profiles store, or its resumable write
-        has not finished (rerun the same score command to finish it).
+        ``path`` does not exist, holds no profiles (no ``cell`` dim), or is a
+        store whose resumable write has not finished (rerun the same score command).
     """
     from gradcamo_dask.io.storage import normalize_output_url
 
     path = normalize_output_url(path)
     group = _existing(path)
+    what = "give the Zarr store written by `gradcamo-dask score` (or write_profiles)"
     if group is None:
-        raise OutputStoreError(f"no profiles at {path}; give the Zarr store written by `gradcamo-dask score` "
-                               f"(or write_profiles)")
-    if not group or FINGERPRINT_ATTR not in group.attrs:
-        raise OutputStoreError(f"{path} is not a gradcamo-dask profiles store; give the Zarr store written by "
-                               f"`gradcamo-dask score` (or write_profiles)")
-    if not group.attrs.get(COMPLETE_ATTR):
+        raise OutputStoreError(f"no profiles at {path}; {what}")
+    if group is not False and FINGERPRINT_ATTR in group.attrs and not group.attrs.get(COMPLETE_ATTR):
         raise OutputStoreError(f"{path}: the write did not finish ({done_summary(path)}); run the same score "
                                f"command again to resume it")
-    return xr.open_zarr(str(path) if isinstance(path, Path) else path, consolidated=False)
+    try:
+        ds = xr.open_zarr(str(path) if isinstance(path, Path) else path, consolidated=False)
+    except Exception as err:  # noqa: BLE001 - zarr raises several unrelated types for "not a store"
+        raise OutputStoreError(f"{path} is not a readable profiles store ({type(err).__name__}: {err}); {what}") from err
+    if "cell" not in ds.dims:
+        raise OutputStoreError(f"{path} holds no profiles (no 'cell' dim); {what}")
+    return ds.drop_vars([v for v in ds.variables if str(v).startswith("_")])
 
 
 def done_summary(path: Any) -> str:
     group = _open_group(path, "r")
+    if DONE_ARRAY not in group:
+        return "its setup was interrupted before any chunk was planned"
     done = np.asarray(group[DONE_ARRAY][:])
     return f"{int(done.sum())} of {len(done)} cell chunks written"
 

@@ -488,7 +488,7 @@ def test_each_worker_process_loads_its_own_model(cellpose_weights):
         with distributed.Client(cluster) as client:
             labels = segment_plate(image, "cellpose", model=str(cellpose_weights), device="cpu")
             values = labels.compute()
-            loaded = client.run(lambda: len(__import__("gradcamo_dask.segment.cellpose_adapter").cellpose_adapter._CACHE))
+            loaded = client.run(lambda: len(__import__("importlib").import_module("gradcamo_dask.segment.cellpose_adapter")._CACHE))
     assert list(loaded.values()) == [1]  # one model in the one worker process
     assert len(cellpose_adapter._CACHE) == 0  # and none in the client
     assert values.shape == (1, 2, 4, 64, 64)
