@@ -34,6 +34,7 @@ from gradcamo_dask.arrays import array_module, from_torch, is_cupy_array, is_tor
 from gradcamo_dask.errors import InputError
 from gradcamo_dask.engine.gradcamo import gradcamo_lowres
 from gradcamo_dask.engine.layers import default_layer, find_layer, first_conv_channels
+from gradcamo_dask.engine.precision import autocast_context, resolve_autocast
 
 __all__ = ["CAMResult", "Explanation", "GradCAM", "explain"]
 
@@ -333,12 +334,7 @@ def _nonfinite_cells(crops: Any, batch_size: int) -> list[int]:
 
 
 def _autocast(device: torch.device, autocast: Any) -> contextlib.AbstractContextManager:
-    if autocast is None:
-        autocast = torch.bfloat16 if device.type == "cuda" else False
-    if autocast is False:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if autocast is True else autocast
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return autocast_context(device, autocast)
 
 
 def explain(
@@ -433,6 +429,7 @@ def explain(
     dtype = _model_dtype(model)
     if channels_last is None:
         channels_last = device.type == "cuda"
+    autocast = resolve_autocast(device, autocast)  # once: a known-bad bf16 warns once per call
     # Switching modes walks every module (~15 ms for an EfficientNet): only when needed.
     training = [m for m in model.modules() if m.training]
     for module in training:

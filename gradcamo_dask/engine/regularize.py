@@ -69,8 +69,9 @@ def mask_weights(masks: Any, grid: tuple[int, int, int], dtype: torch.dtype, dev
     """``(inside weights (N, z, y, x), total weights (z, y, x))`` of masks at the crop grid
     for a CAM at ``grid`` (the two constants of the low-resolution route)."""
     m = torch.as_tensor(masks, device=device)
-    inside = contract_mask(m, grid).to(dtype)
-    total = total_weights(grid, tuple(m.shape[1:]), m.to(torch.float64)).to(dtype)
+    with torch.autocast(device_type=m.device.type, enabled=False):  # never bf16, also under a caller's autocast
+        inside = contract_mask(m, grid).to(dtype)
+        total = total_weights(grid, tuple(m.shape[1:]), m.to(torch.float64)).to(dtype)
     return inside, total
 
 
@@ -135,12 +136,15 @@ def gradcamo_loss(
     chosen = logits.gather(1, classes.view(-1, 1)).sum()
     with torch.enable_grad():
         (gradient,) = torch.autograd.grad(chosen, activation, create_graph=True)
-    a, g = _wide(activation), _wide(gradient)
-    weights = g.mean(dim=(2, 3, 4), keepdim=True)
-    cam = torch.relu((weights * a).sum(dim=1) / a.shape[1])  # (N, z, y, x)
-    inside_w, total_w = mask_weights(masks, tuple(cam.shape[1:]), cam.dtype, cam.device)
-    inside = (cam * inside_w).sum(dim=(1, 2, 3))
-    total = (cam * total_w[None]).sum(dim=(1, 2, 3))
+    # The map and the mask contractions in float32 (float64 for a float64 model), outside any autocast:
+    # bf16 matmuls would round the interpolation weights and the scores.
+    with torch.autocast(device_type=activation.device.type, enabled=False):
+        a, g = _wide(activation), _wide(gradient)
+        weights = g.mean(dim=(2, 3, 4), keepdim=True)
+        cam = torch.relu((weights * a).sum(dim=1) / a.shape[1])  # (N, z, y, x)
+        inside_w, total_w = mask_weights(masks, tuple(cam.shape[1:]), cam.dtype, cam.device)
+        inside = (cam * inside_w).sum(dim=(1, 2, 3))
+        total = (cam * total_w[None]).sum(dim=(1, 2, 3))
     defined = total > 0
     safe_total = torch.where(defined, total, torch.ones_like(total))
     ratio = torch.where(defined, inside / safe_total, torch.zeros_like(total))
