@@ -186,6 +186,14 @@ class EfficientNet3D(EfficientNet):
         x = self._avg_pooling(x).flatten(start_dim=1)
         return self._fc(self._dropout(x))
 
+    def pooled_linear(self, layer: str) -> nn.Linear | None:
+        """The linear layer that ``layer`` feeds through global average pooling alone, or None.
+
+        ``_head_swish`` -> ``_fc`` (dropout in between is the identity in eval mode):
+        its Grad-CAM then needs no backward pass (see :func:`~gradcamo_dask.engine.explain.head_cam`).
+        """
+        return self._fc if layer == "_head_swish" else None
+
     def set_swish(self, memory_efficient: bool = True) -> None:
         """Switch every swish, the head's included, between MONAI's two forms."""
         super().set_swish(memory_efficient)
