@@ -80,9 +80,18 @@ def machine() -> dict:
         info["load_average"] = list(os.getloadavg())
     except OSError:
         pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+    return info  # no torch.cuda call here: the client must not create a CUDA context before the cluster starts
+
+
+def worker_gpus(client) -> list[str]:
+    """GPU names as the workers see them (asked on the workers, never in the client)."""
+
+    def name() -> str:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+
+    return sorted(set(client.run(name).values()))
 
 
 def make_bundle(path: Path, device: str, input_shape, crop_shape, seed: int = 0) -> Path:
@@ -158,6 +167,8 @@ def main(argv=None) -> int:
         for n_workers in workers:
             with connect(n_workers=n_workers, device=args.device, quiet=True) as client:
                 n_now = len(client.scheduler_info()["workers"])
+                if args.device == "cuda":
+                    result["machine"]["gpu"] = ", ".join(worker_gpus(client))
                 run_once(client, plates[sizes[0]], bundle, tmp / "warm.zarr", 64)  # model loaded, imports done
                 for n in (sizes if n_workers in (2, None) else sizes[-1:]):
                     row = {"workers": n_now, **run_once(client, plates[n], bundle, tmp / f"out{n}.zarr", 64)}

@@ -1,26 +1,16 @@
 """One pass of a CNN over single-cell crops: logits, pooled features, Grad-CAM, Grad-CAMO.
 
-For class ``k`` and a layer with activations ``A`` (``C'`` channels), Grad-CAM
-(DESIGN §2, paper Eq. 3-4) is ``G~ = ReLU((1/C') sum_c w_c A_c)`` with
-``w_c = mean over voxels of dY_k/dA_c`` and ``Y_k`` the logit. Grad-CAMO (Eq. 5)
+:func:`explain` runs the model over crops in micro-batches, resampled on the
+device to the model grid, and gets each layer's Grad-CAM map from
+:class:`~gradcamo_dask.engine.gradcam.GradCAM` (forward-only where the layer
+allows it, else one backward pass to the layer's activations). Grad-CAMO (Eq. 5)
 is then scored on the mask's grid with the exact low-resolution route of
 :mod:`gradcamo_dask.engine.gradcamo`.
-
-Why it costs little more than feature extraction: the forward pass starts under
-``torch.no_grad()``; the forward hook of the earliest hooked layer switches
-gradient recording on (thread-locally) and hands the rest of the network a leaf
-copy of its output. No graph exists before that layer, and
-``torch.autograd.grad(logit, activations)`` computes activation gradients only,
-never parameter gradients, so frozen parameters work and nothing accumulates in
-``.grad``. Hooks are released when the :class:`GradCAM` context exits, also on
-error; they only act in the thread that called, so a model shared by threaded
-Dask workers is safe.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,217 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradcamo_dask.arrays import array_module, from_torch, is_cupy_array, is_torch_tensor, to_torch
+from gradcamo_dask.arrays import array_module, from_torch, is_cupy_array, is_torch_tensor, to_numpy, to_torch
 from gradcamo_dask.errors import InputError
+from gradcamo_dask.engine.gradcam import CAMResult, GradCAM, analytic_heads, grad_cam, head_cam, resolve_targets
 from gradcamo_dask.engine.gradcamo import gradcamo_lowres
-from gradcamo_dask.engine.layers import default_layer, find_layer, first_conv_channels
+from gradcamo_dask.engine.layers import default_layer, first_conv_channels
+from gradcamo_dask.engine.precision import autocast_context, resolve_autocast
 
-__all__ = ["CAMResult", "Explanation", "GradCAM", "explain"]
+__all__ = ["CAMResult", "Explanation", "GradCAM", "analytic_heads", "eval_mode", "explain", "grad_cam", "head_cam",
+           "model_input", "resolve_targets"]
 
 DEFAULT_BATCH_SIZE = 8
-
-
-@dataclass
-class CAMResult:
-    """What one :class:`GradCAM` call returns (torch tensors, detached, float32).
-
-    Attributes
-    ----------
-    logits : (N, K)
-    targets : (N,) int64, the class explained for each cell (``None`` without CAMs)
-    features : {layer: (N, C)} activations averaged over voxels
-    cams : {layer: (N, z, y, x)} Grad-CAM maps at each layer's grid (empty without CAMs)
-    grids : {layer: (z, y, x)} layer grids in voxels
-    """
-
-    logits: torch.Tensor
-    targets: torch.Tensor | None
-    features: dict[str, torch.Tensor]
-    cams: dict[str, torch.Tensor]
-    grids: dict[str, tuple[int, int, int]]
-
-
-class _CallState:
-    def __init__(self, want_grad: bool) -> None:
-        self.want_grad = want_grad
-        self.grad_on = False
-        self.calls: dict[str, int] = {}
-        self.activations: dict[str, torch.Tensor] = {}
-        self.features: dict[str, torch.Tensor] = {}
-        self.grids: dict[str, tuple[int, int, int]] = {}
-        self.bad_output: dict[str, str] = {}
-
-
-class GradCAM:
-    """Grad-CAM on named layers of any PyTorch CNN, hooks held in a context manager.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Takes ``(N, C, z, y, x)`` and returns logits ``(N, K)``. Used as it is (put
-        it in eval mode yourself; :func:`explain` does).
-    layers : str or list of str
-        Names from ``model.named_modules()``; each must output ``(N, C, z, y, x)``
-        and run once per forward pass.
-    cams : bool
-        False: features and logits only, in one pass without any gradient.
-
-    Examples
-    --------
-    >>> with GradCAM(model, ["_head_swish", "_blocks.4.8"]) as cam:  # doctest: +SKIP
-    ...     result = cam(inputs, target="predicted")
-    >>> result.cams["_head_swish"].shape  # doctest: +SKIP
-    torch.Size([8, 1, 4, 4])
-    """
-
-    def __init__(self, model: nn.Module, layers: str | Sequence[str], *, cams: bool = True) -> None:
-        self.model = model
-        self.layers = [layers] if isinstance(layers, str) else list(layers)
-        if not self.layers:
-            raise InputError("give at least one layer name for Grad-CAM")
-        if len(set(self.layers)) != len(self.layers):
-            raise InputError(f"layer names repeat: {self.layers}")
-        self.modules = {name: find_layer(model, name) for name in self.layers}
-        self.cams = cams
-        self._handles: list = []
-        self._local = threading.local()
-
-    # -- hooks ----------------------------------------------------------------
-    def __enter__(self) -> GradCAM:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Release every hook (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
-
-    def _hook(self, name: str):
-        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-            state: _CallState | None = getattr(self._local, "state", None)
-            if state is None:  # not our call (another thread, or a plain forward)
-                return None
-            state.calls[name] = state.calls.get(name, 0) + 1
-            if not isinstance(output, torch.Tensor) or output.ndim != 5:
-                shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-                state.bad_output[name] = str(shape)
-                return None
-            state.features[name] = _wide(output.detach()).mean(dim=(2, 3, 4))
-            state.grids[name] = tuple(int(n) for n in output.shape[2:])
-            if not state.want_grad:
-                return None
-            if not state.grad_on:
-                # Earliest hooked layer: record gradients from here on only.
-                torch.set_grad_enabled(True)
-                state.grad_on = True
-                output = output.detach().requires_grad_()
-            state.activations[name] = output
-            # Downstream gets a copy, so in-place ops after this layer (MONAI's
-            # inplace swish) can neither change the recorded activation nor hit a leaf.
-            return output.clone()
-
-        return hook
-
-    # -- one batch ------------------------------------------------------------
-    def __call__(self, inputs: torch.Tensor, target: Any = "predicted") -> CAMResult:
-        """Run the model once on ``inputs`` ``(N, C, z, y, x)`` at the model grid.
-
-        ``target``: ``"predicted"`` (the argmax logit, paper), an int (one class for
-        all cells) or a length-N sequence of class indices (e.g. true labels).
-        """
-        if not self._handles:
-            raise RuntimeError("use GradCAM as a context manager: `with GradCAM(model, layers) as cam:`")
-        state = _CallState(want_grad=self.cams)
-        self._local.state = state
-        try:
-            with torch.no_grad():  # the earliest hook switches recording on
-                logits = self.model(inputs)
-            self._check_run(state, logits, inputs)
-            features = dict(state.features)
-            if not self.cams:
-                return CAMResult(_wide(logits.detach()), None, features, {}, dict(state.grids))
-            targets = resolve_targets(target, logits)
-            acts = [state.activations[name] for name in self.layers]
-            if not logits.requires_grad:
-                raise InputError(f"layers {self.layers} do not feed the logits; pick layers on the path to the output")
-            with torch.enable_grad():  # the caller may be under no_grad
-                selected = logits.gather(1, targets[:, None]).sum()
-                grads = torch.autograd.grad(selected, acts, allow_unused=True)
-            cams = {}
-            for name, act, grad in zip(self.layers, acts, grads):
-                if grad is None:
-                    raise InputError(f"layer {name!r} does not feed the logits; pick a layer on the path to the output")
-                cams[name] = grad_cam(act.detach(), grad)
-            return CAMResult(_wide(logits.detach()), targets, features, cams, dict(state.grids))
-        finally:
-            self._local.state = None
-
-    def _check_run(self, state: _CallState, logits: Any, inputs: torch.Tensor) -> None:
-        for name in self.layers:
-            calls = state.calls.get(name, 0)
-            if calls == 0:
-                raise InputError(f"layer {name!r} did not run in the forward pass; pick a layer the model uses")
-            if calls > 1:
-                raise InputError(
-                    f"layer {name!r} runs {calls} times per forward pass (a shared module); pick a layer "
-                    "that runs once, e.g. a block output"
-                )
-            if name in state.bad_output:
-                raise InputError(
-                    f"layer {name!r} outputs {state.bad_output[name]}, not a spatial map (N, C, z, y, x); "
-                    "Grad-CAM needs a convolutional layer: see gradcamo_dask.layer_grids(model)"
-                )
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != inputs.shape[0]:
-            raise InputError(f"the model must return logits (N, K); it returned {type(logits).__name__}")
-
-
-def _wide(tensor: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 (autocast) as float32; float32 and float64 unchanged."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
-
-
-def grad_cam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-    """``ReLU((1/C') sum_c w_c A_c)`` with ``w_c`` the voxel mean of the gradients.
-
-    ``activations`` and ``gradients``: ``(N, C', z, y, x)``; returns ``(N, z, y, x)``
-    in float32 (float64 for float64 inputs).
-    """
-    a, g = _wide(activations), _wide(gradients)
-    weights = g.mean(dim=(2, 3, 4), keepdim=True)
-    return torch.relu((weights * a).sum(dim=1) / a.shape[1])
-
-
-def resolve_targets(target: Any, logits: torch.Tensor) -> torch.Tensor:
-    """Class index per cell: ``"predicted"``, one int, or one index per cell."""
-    n, k = logits.shape
-    if isinstance(target, str):
-        if target != "predicted":
-            raise InputError(f"target must be 'predicted', a class index or one index per cell, got {target!r}")
-        return logits.detach().float().argmax(dim=1)
-    if isinstance(target, (int, np.integer)):
-        targets = torch.full((n,), int(target), dtype=torch.long, device=logits.device)
-    else:
-        targets = torch.as_tensor(np.asarray(_host(target)), device=logits.device).reshape(-1)
-        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-            raise InputError(f"per-cell targets must be integer class indices, got dtype {targets.dtype}")
-        targets = targets.long()
-        if targets.numel() != n:
-            raise InputError(f"got {targets.numel()} targets for {n} cells; give one class index per cell")
-    if n and (int(targets.min()) < 0 or int(targets.max()) >= k):
-        raise InputError(f"target class indices must be in [0, {k - 1}] (the model has {k} classes)")
-    return targets
-
-
-def _host(x: Any) -> Any:
-    if is_torch_tensor(x):
-        return x.detach().cpu().numpy()
-    if is_cupy_array(x):
-        return x.get()
-    return x
 
 
 # --------------------------------------------------------------------- explain
@@ -327,18 +117,13 @@ def _nonfinite_cells(crops: Any, batch_size: int) -> list[int]:
             xp = array_module(flat)
             with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN sums are the point
                 sums = flat.sum(axis=1)
-            suspects = np.flatnonzero(~np.asarray(_host(xp.isfinite(sums)))).tolist()
+            suspects = np.flatnonzero(~np.asarray(to_numpy(xp.isfinite(sums)))).tolist()
             bad.extend(start + i for i in suspects if not bool(xp.isfinite(flat[i]).all()))
     return bad
 
 
 def _autocast(device: torch.device, autocast: Any) -> contextlib.AbstractContextManager:
-    if autocast is None:
-        autocast = torch.bfloat16 if device.type == "cuda" else False
-    if autocast is False:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if autocast is True else autocast
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return autocast_context(device, autocast)
 
 
 def explain(
@@ -353,6 +138,7 @@ def explain(
     autocast: Any = None,
     channels_last: bool | None = None,
     cams: bool = True,
+    route: str = "auto",
 ) -> Explanation:
     """Logits, pooled features, Grad-CAM and Grad-CAMO of single-cell crops, in one pass.
 
@@ -389,6 +175,10 @@ def explain(
     cams : bool
         False: logits and features only, from one pass without gradients
         (masks and target are then ignored).
+    route : "auto", "autograd" or "analytic"
+        Grad-CAM weights from the forward pass alone where the layer allows it
+        ("auto": ``_head_swish`` of EfficientNet-B0 3D, followed only by global
+        average pooling and a linear layer), else by autograd; see :class:`GradCAM`.
 
     Returns
     -------
@@ -402,6 +192,28 @@ def explain(
         layers (the message lists valid names), NaN or inf in crops (the message
         names the cells), bad targets. An empty batch returns empty results.
     """
+    input_shape, layers, batch_size = _plan(model, crops, masks, layers, target, input_shape, batch_size)
+    n_cells = int(crops.shape[0])
+    device, dtype = _model_device(model), _model_dtype(model)
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+    autocast = resolve_autocast(device, autocast)  # once: a known-bad bf16 warns once per call
+    parts: dict[str, list] = {}
+    grids: dict[str, tuple[int, int, int]] = {}
+    with eval_mode(model), GradCAM(model, layers, cams=cams, route=route) as cam:
+        for start in range(0, max(n_cells, 1), batch_size):
+            stop = min(start + batch_size, n_cells)
+            x = model_input(crops[start:stop], device, dtype, input_shape, channels_last)
+            t = target if isinstance(target, (str, int, np.integer)) else to_numpy(target)[start:stop]
+            with _autocast(device, autocast):
+                result = cam(x, target=t)
+            _collect(parts, grids, result, masks, start, stop, device, layers)
+    return _assemble(parts, grids, layers, input_shape, crops, masks is not None and cams)
+
+
+def _plan(model: nn.Module, crops: Any, masks: Any, layers: Any, target: Any, input_shape: Any,
+          batch_size: int | None) -> tuple[tuple[int, int, int], list[str], int]:
+    """Check the inputs of :func:`explain`; returns the model grid, the layers and the batch size."""
     _check_crops(model, crops, masks)
     n_cells, _c, *crop_grid = (int(n) for n in crops.shape)
     batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
@@ -426,36 +238,37 @@ def explain(
         shown = ", ".join(map(str, bad[:20])) + (f" ... ({len(bad)} cells)" if len(bad) > 20 else "")
         raise InputError(f"crops contain NaN or inf in cell(s) {shown}; fix or drop these cells first")
     if not isinstance(target, str) and not isinstance(target, (int, np.integer)):
-        if len(_host(target)) != n_cells:
-            raise InputError(f"got {len(_host(target))} targets for {n_cells} cells; give one per cell")
+        if len(to_numpy(target)) != n_cells:
+            raise InputError(f"got {len(to_numpy(target))} targets for {n_cells} cells; give one per cell")
+    return input_shape, layers, batch_size
 
-    device = _model_device(model)
-    dtype = _model_dtype(model)
-    if channels_last is None:
-        channels_last = device.type == "cuda"
-    # Switching modes walks every module (~15 ms for an EfficientNet): only when needed.
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Modules in training mode are switched to eval for the block, and back after it.
+
+    Switching walks every module (~15 ms for an EfficientNet): only modules that need it.
+    """
     training = [m for m in model.modules() if m.training]
     for module in training:
         module.training = False
-    parts: dict[str, list] = {}
-    grids: dict[str, tuple[int, int, int]] = {}
     try:
-        with GradCAM(model, layers, cams=cams) as cam:
-            for start in range(0, max(n_cells, 1), batch_size):
-                stop = min(start + batch_size, n_cells)
-                x = to_torch(crops[start:stop], device=device).to(dtype)
-                if tuple(x.shape[2:]) != input_shape:
-                    x = F.interpolate(x, size=input_shape, mode="trilinear", align_corners=False)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last_3d)
-                t = target if isinstance(target, (str, int, np.integer)) else _host(target)[start:stop]
-                with _autocast(device, autocast):
-                    result = cam(x, target=t)
-                _collect(parts, grids, result, masks, start, stop, device, layers)
+        yield model
     finally:
         for module in training:
             module.training = True
-    return _assemble(parts, grids, layers, input_shape, crops, masks is not None and cams)
+
+
+def model_input(chunk: Any, device: torch.device, dtype: torch.dtype, input_shape: Sequence[int],
+                channels_last: bool) -> torch.Tensor:
+    """Crops ``(n, c, z, y, x)`` (NumPy, CuPy or torch) as the model's input: on ``device``, in ``dtype``,
+    resampled trilinearly to ``input_shape`` (voxels), ``channels_last_3d`` if asked."""
+    x = to_torch(chunk, device=device).to(dtype)
+    if tuple(x.shape[2:]) != tuple(input_shape):
+        x = F.interpolate(x, size=tuple(input_shape), mode="trilinear", align_corners=False)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
 
 
 def _collect(parts: dict, grids: dict, result: CAMResult, masks: Any, start: int, stop: int,

@@ -180,11 +180,27 @@ class EfficientNet3D(EfficientNet):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)`` of inputs ``(N, C, z, y, x)`` at ``input_shape``."""
+        return self.head_and_logits(inputs)[1]
+
+    def head_and_logits(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(_head_swish activation (N, 1280, z, y, x), logits (N, num_classes))`` in one pass.
+
+        A hook-free form of the forward pass (for ``torch.compile``): with
+        :func:`~gradcamo_dask.engine.gradcam.head_cam` it gives the head's Grad-CAM.
+        """
         x = self._swish(self._bn0(self._conv_stem(self._conv_stem_padding(inputs))))
         x = self._blocks(x)
-        x = self._head_swish(self._bn1(self._conv_head(self._conv_head_padding(x))))
-        x = self._avg_pooling(x).flatten(start_dim=1)
-        return self._fc(self._dropout(x))
+        head = self._head_swish(self._bn1(self._conv_head(self._conv_head_padding(x))))
+        x = self._avg_pooling(head).flatten(start_dim=1)
+        return head, self._fc(self._dropout(x))
+
+    def pooled_linear(self, layer: str) -> nn.Linear | None:
+        """The linear layer that ``layer`` feeds through global average pooling alone, or None.
+
+        ``_head_swish`` -> ``_fc`` (dropout in between is the identity in eval mode):
+        its Grad-CAM then needs no backward pass (see :func:`~gradcamo_dask.engine.explain.head_cam`).
+        """
+        return self._fc if layer == "_head_swish" else None
 
     def set_swish(self, memory_efficient: bool = True) -> None:
         """Switch every swish, the head's included, between MONAI's two forms."""

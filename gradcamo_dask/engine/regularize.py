@@ -31,15 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcamo_dask.errors import InputError
+from gradcamo_dask.engine.gradcam import widen
 from gradcamo_dask.engine.gradcamo import contract_mask, total_weights
 from gradcamo_dask.engine.layers import find_layer
 
 __all__ = ["RegularizedLoss", "gradcamo_loss", "mask_weights"]
-
-
-def _wide(tensor: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 (autocast) as float32; float32 and float64 unchanged."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 @dataclass
@@ -69,8 +65,9 @@ def mask_weights(masks: Any, grid: tuple[int, int, int], dtype: torch.dtype, dev
     """``(inside weights (N, z, y, x), total weights (z, y, x))`` of masks at the crop grid
     for a CAM at ``grid`` (the two constants of the low-resolution route)."""
     m = torch.as_tensor(masks, device=device)
-    inside = contract_mask(m, grid).to(dtype)
-    total = total_weights(grid, tuple(m.shape[1:]), m.to(torch.float64)).to(dtype)
+    with torch.autocast(device_type=m.device.type, enabled=False):  # never bf16, also under a caller's autocast
+        inside = contract_mask(m, grid).to(dtype)
+        total = total_weights(grid, tuple(m.shape[1:]), m.to(torch.float64)).to(dtype)
     return inside, total
 
 
@@ -112,7 +109,7 @@ def gradcamo_loss(
         raise InputError(f"target must be 'label' or 'predicted', got {target!r}")
     if lam == 0:
         logits = model(inputs)
-        ce = F.cross_entropy(_wide(logits), labels)
+        ce = F.cross_entropy(widen(logits), labels)
         nan = torch.full((inputs.shape[0],), float("nan"), device=inputs.device)
         return RegularizedLoss(ce, ce, torch.zeros((), device=inputs.device), logits, nan, 0)
 
@@ -130,17 +127,20 @@ def gradcamo_loss(
     if len(captured) != 1 or not isinstance(captured[0], torch.Tensor) or captured[0].ndim != 5:
         raise InputError(f"layer {layer!r} must run once per forward pass and give (N, C, z, y, x) activations")
     activation = captured[0]
-    ce = F.cross_entropy(_wide(logits), labels)
+    ce = F.cross_entropy(widen(logits), labels)
     classes = labels if target == "label" else logits.detach().argmax(dim=1)
     chosen = logits.gather(1, classes.view(-1, 1)).sum()
     with torch.enable_grad():
         (gradient,) = torch.autograd.grad(chosen, activation, create_graph=True)
-    a, g = _wide(activation), _wide(gradient)
-    weights = g.mean(dim=(2, 3, 4), keepdim=True)
-    cam = torch.relu((weights * a).sum(dim=1) / a.shape[1])  # (N, z, y, x)
-    inside_w, total_w = mask_weights(masks, tuple(cam.shape[1:]), cam.dtype, cam.device)
-    inside = (cam * inside_w).sum(dim=(1, 2, 3))
-    total = (cam * total_w[None]).sum(dim=(1, 2, 3))
+    # The map and the mask contractions in float32 (float64 for a float64 model), outside any autocast:
+    # bf16 matmuls would round the interpolation weights and the scores.
+    with torch.autocast(device_type=activation.device.type, enabled=False):
+        a, g = widen(activation), widen(gradient)
+        weights = g.mean(dim=(2, 3, 4), keepdim=True)
+        cam = torch.relu((weights * a).sum(dim=1) / a.shape[1])  # (N, z, y, x)
+        inside_w, total_w = mask_weights(masks, tuple(cam.shape[1:]), cam.dtype, cam.device)
+        inside = (cam * inside_w).sum(dim=(1, 2, 3))
+        total = (cam * total_w[None]).sum(dim=(1, 2, 3))
     defined = total > 0
     safe_total = torch.where(defined, total, torch.ones_like(total))
     ratio = torch.where(defined, inside / safe_total, torch.zeros_like(total))

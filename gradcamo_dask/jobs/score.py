@@ -41,6 +41,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.arrays import to_numpy
 from gradcamo_dask.errors import BundleMismatchError, InputError, LabelsError
+from gradcamo_dask.jobs.devices import in_dask_worker, on_device, prepare_cuda, resolve_device, site_array
 from gradcamo_dask.provenance import package_versions
 
 __all__ = [
@@ -59,13 +60,6 @@ _CACHE: dict[tuple[str, str, str], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _worker_device() -> str:
-    """``"cuda"`` when this process sees a CUDA device (a dask-cuda worker sees exactly its own), else ``"cpu"``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def cached_bundle(path: str, expected_hash: str | None = None, device: str | None = None) -> Any:
     """The bundle at ``path`` loaded once per process and device (thread-safe).
 
@@ -77,11 +71,11 @@ def cached_bundle(path: str, expected_hash: str | None = None, device: str | Non
         ``Bundle.hash`` the caller scored with; a bundle changed on disk since
         then raises :class:`BundleMismatchError` instead of mixing two models.
     device : str, optional
-        ``"cpu"``, ``"cuda"``; default: CUDA when visible.
+        ``"cpu"``, ``"cuda"``, ``"cuda:<index>"``; default: CUDA when visible.
     """
     from gradcamo_dask.engine.bundles import load_bundle
 
-    device = device or _worker_device()
+    device = resolve_device(device)
     key = (str(Path(path).resolve()) if "://" not in str(path) else str(path), str(expected_hash or ""), device)
     with _CACHE_LOCK:
         bundle = _CACHE.get(key)
@@ -100,8 +94,9 @@ class ModelCache:
     """Worker plugin: load the bundle onto the worker's device once, when the worker starts.
 
     Registered by :func:`score_plate` with ``client.register_plugin``; site tasks
-    then find the model in :func:`cached_bundle`'s cache. Also wires CuPy to
-    PyTorch's caching allocator on GPU workers (:func:`share_cuda_memory`).
+    then find the model in :func:`cached_bundle`'s cache. On GPU workers it also
+    wires CuPy to PyTorch's caching allocator and turns on ``cudnn.benchmark``
+    (:func:`~gradcamo_dask.jobs.devices.prepare_cuda`).
     """
 
     idempotent = True
@@ -112,9 +107,9 @@ class ModelCache:
         self.name = f"gradcamo-model-{bundle_hash[-16:]}"
 
     def setup(self, worker: Any = None) -> None:
-        device = _worker_device()
-        if device == "cuda":
-            share_cuda_memory()
+        device = resolve_device()
+        if device.startswith("cuda"):
+            prepare_cuda()
         cached_bundle(self.path, self.bundle_hash, device)
 
 
@@ -131,29 +126,6 @@ def _as_worker_plugin(cache: ModelCache) -> Any:
     return _ModelCachePlugin()
 
 
-def share_cuda_memory() -> bool:
-    """Make CuPy allocate from PyTorch's CUDA caching allocator (one pool per GPU, no fight over memory).
-
-    Returns False when CuPy is not installed. Written by hand because neither
-    library ships the bridge (pytorch-pfn-extras has one, but is a heavy
-    dependency for ten lines).
-    """
-    try:
-        import cupy
-    except ImportError:
-        return False
-    import torch
-
-    def malloc(size: int, device: int, stream: int) -> int:
-        return torch.cuda.caching_allocator_alloc(size, device, stream)
-
-    def free(pointer: int, size: int, device: int, stream: int) -> None:
-        torch.cuda.caching_allocator_delete(pointer)
-
-    cupy.cuda.set_allocator(cupy.cuda.memory.PythonFunctionAllocator(malloc, free).malloc)
-    return True
-
-
 # ------------------------------------------------------------------ one site
 
 
@@ -168,7 +140,7 @@ def score_site(
     Parameters
     ----------
     image_site : array (c, z, y, x)
-        NumPy (moved to the GPU here on a CUDA worker).
+        NumPy or CuPy (moved to the GPU here on a CUDA worker, to the host on a CPU one).
     labels_site : array (z, y, x) of int
     cells_site : DataFrame
         The site's rows of the cell table (``object_number``, ``center_z/y/x``).
@@ -185,31 +157,31 @@ def score_site(
         ``spec["classic"]`` holds ``channels``, ``spacing`` and ``options`` for
         :func:`~gradcamo_dask.profiles.classic.site_classic_features`.
     """
-    from gradcamo_dask.cells import crop_site
-    from gradcamo_dask.engine.explain import explain
-    from gradcamo_dask.engine.normalize import normalize_crops
-
     import torch
 
-    device = spec.get("device") or _worker_device()
+    device = resolve_device(spec.get("device"))
     # Denormal activations make CPU convolutions up to 10x slower and change nothing a score can see.
     torch.set_flush_denormal(True)
-    if not _in_distributed_worker():
+    if not in_dask_worker():
         # In-process schedulers run sites on several threads of one process: one torch thread per task.
         # (Measured on 2 busy cores: 2 intra-op threads per task were 50x slower than 1.) Workers of a
         # cluster get their share of cores from cluster.TorchThreads instead.
         torch.set_num_threads(int(spec.get("torch_threads") or 1))
-    bundle = cached_bundle(spec["bundle_path"], spec["bundle_hash"], device)
-    image_site = np.asarray(image_site)
-    labels_site = np.asarray(labels_site)
     if device.startswith("cuda"):
-        try:
-            import cupy
+        prepare_cuda()
+    bundle = cached_bundle(spec["bundle_path"], spec["bundle_hash"], device)
+    with on_device(device):
+        return _score_on_device(bundle, image_site, labels_site, cells_site, spec, device)
 
-            share_cuda_memory()
-            image_site, labels_site = cupy.asarray(image_site), cupy.asarray(labels_site)
-        except ImportError:  # torch on the GPU still works; crops are then built on the host
-            pass
+
+def _score_on_device(bundle: Any, image_site: Any, labels_site: Any, cells_site: pd.DataFrame, spec: dict,
+                     device: str) -> dict[str, np.ndarray]:
+    from gradcamo_dask.cells import crop_site
+    from gradcamo_dask.engine.explain import explain
+    from gradcamo_dask.engine.normalize import normalize_crops
+
+    # NumPy or CuPy blocks, moved with the array's own API (CuPy refuses numpy.asarray).
+    image_site, labels_site = site_array(image_site, device), site_array(labels_site, device)
     crops, masks = crop_site(image_site, labels_site, cells_site, tuple(spec["crop_size"]),
                              plate=spec["plate"], well=spec["well"], site=spec["site"])
     classic = None
@@ -235,16 +207,6 @@ def score_site(
     if classic is not None:
         out["classic"] = classic
     return out
-
-
-def _in_distributed_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return True
-    except (ImportError, ValueError):
-        return False
 
 
 def _score_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, spec: dict) -> dict:

@@ -111,13 +111,9 @@ def _differences(saved: dict, current: dict) -> list[str]:
 
 
 def _autocast(device: torch.device, autocast: Any) -> Any:
-    import contextlib
+    from gradcamo_dask.engine.precision import autocast_context
 
-    if autocast is None:
-        autocast = device.type == "cuda"
-    if autocast is False:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if autocast is True else autocast)
+    return autocast_context(device, autocast)
 
 
 class _Batches:

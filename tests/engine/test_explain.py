@@ -386,3 +386,57 @@ def test_nonfinite_check_is_exact():
     for batch in (1, 2, 5):
         assert _nonfinite_cells(crops, batch) == [1, 2, 4]
         assert _nonfinite_cells(torch.from_numpy(crops), batch) == [1, 2, 4]
+
+
+# ----------------------------------------------------------- forward-only head
+def test_head_layer_needs_no_backward_and_equals_autograd(model, data, monkeypatch):
+    crops, masks = data
+    targets = np.array([3, 0, 2, 1])
+    reference = {t: explain(model, crops, masks, layers=LAYERS, batch_size=3, route="autograd", target=t)
+                 for t in ("predicted", 2)}
+    reference["cells"] = explain(model, crops, masks, layers=LAYERS, batch_size=3, route="autograd", target=targets)
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("autograd ran for a layer that needs no backward pass")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.autograd, "grad", no_backward)
+        head = explain(model, crops, masks, layers=["_head_swish"], batch_size=3)
+        with pytest.raises(AssertionError, match="autograd ran"):
+            explain(model, crops, masks, layers=["_head_swish"], route="autograd")
+    cells = explain(model, crops, masks, layers=LAYERS, batch_size=3, target=targets)
+    for got, want in ((head, reference["predicted"]), (cells, reference["cells"]),
+                      (explain(model, crops, masks, layers=LAYERS, batch_size=3, target=2), reference[2])):
+        for name in got.cams:
+            scale = assert_close(got.cams[name], want.cams[name], rel=1e-6)
+            assert scale > 0
+            np.testing.assert_allclose(got.gradcamo[name], want.gradcamo[name], atol=1e-6, rtol=0)
+            assert_close(got.cam_total[name], want.cam_total[name], rel=1e-6)
+        np.testing.assert_array_equal(got.targets, want.targets)
+
+
+def test_head_route_in_float64_is_exact_and_refused_where_it_does_not_hold(data):
+    from gradcamo_dask.engine.explain import GradCAM
+
+    crops, masks = data
+    model64 = lively(efficientnet3d(6, 4, MODEL_GRID), seed=8).double()
+    a = explain(model64, crops.astype(np.float64), masks, layers="_head_swish", route="analytic")
+    b = explain(model64, crops.astype(np.float64), masks, layers="_head_swish", route="autograd")
+    np.testing.assert_allclose(a.cams["_head_swish"], b.cams["_head_swish"], rtol=1e-12, atol=1e-15)
+    with pytest.raises(InputError, match="needs a backward pass"):
+        GradCAM(model64, [STAGE4], route="analytic")
+    with pytest.raises(InputError, match="route must be"):
+        GradCAM(model64, [STAGE4], route="fast")
+    assert GradCAM(TinyCNN(), ["act2"]).heads == {}  # a model that names no pooled head: autograd
+
+
+def test_head_cam_stays_float32_under_bf16_autocast(model, data):
+    from gradcamo_dask.engine.gradcam import head_cam
+
+    acts = torch.rand(3, 1280, 1, 2, 2)
+    weight = torch.randn(4, 1280)
+    targets = torch.tensor([0, 3, 1])
+    plain = head_cam(acts, weight, targets)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under = head_cam(acts, weight, targets)
+    assert under.dtype == torch.float32 and torch.equal(plain, under)

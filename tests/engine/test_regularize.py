@@ -229,3 +229,21 @@ def test_cuda_bf16_channels_last_training_step_matches_cpu():
     assert float(gpu.cross_entropy) == pytest.approx(float(cpu.cross_entropy), rel=0.05, abs=0.05)
     np.testing.assert_allclose(gpu.scores.cpu().numpy(), cpu.scores.numpy(), atol=0.05)
     assert all(torch.isfinite(p.grad).all() for p in gpu_model.parameters() if p.grad is not None)
+
+
+def test_mask_contractions_stay_float32_under_bf16_autocast():
+    from gradcamo_dask.engine.regularize import mask_weights
+
+    torch.manual_seed(3)
+    masks = torch.rand(3, 9, 20, 20) > 0.5
+    plain = mask_weights(masks, (2, 5, 5), torch.float32, torch.device("cpu"))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under = mask_weights(masks, (2, 5, 5), torch.float32, torch.device("cpu"))
+        model = nn.Sequential(nn.Conv3d(2, 5, 3, stride=2, padding=1), nn.Tanh(), nn.AdaptiveAvgPool3d(1),
+                              nn.Flatten(), nn.Linear(5, 3))
+        x, y, m = _data(4)
+        out = gradcamo_loss(model, x.float(), y, m, layer="1", lam=1.0)
+    for a, b in zip(plain, under):
+        assert b.dtype == torch.float32
+        assert torch.equal(a, b)  # bf16 matmuls would round the interpolation weights
+    assert out.scores.dtype == torch.float32 and out.mean_gradcamo.dtype == torch.float32

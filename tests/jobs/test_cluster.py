@@ -187,3 +187,28 @@ def test_killed_worker_with_separate_scheduler_and_worker_processes(tiny, tmp_pa
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.mark.gpu
+def test_cuda_cluster_scores_on_each_workers_own_gpu(tiny, tmp_path):
+    """dask-cuda numbers each worker's GPU 0: device='cuda:1' must mean 'this worker's GPU', and the CuPy
+    allocator bridge and cudnn.benchmark are set on the worker; results agree with the CPU reference."""
+    pytest.importorskip("dask_cuda")
+    with connect(device="cuda", quiet=True, dashboard=False) as client:
+        ds = score_plate(tiny["image"], tiny["labels"], tiny["bundle"], client=client, device="cuda:1")
+        write_profiles(ds, tmp_path / "cuda.zarr", client=client)
+
+        def worker_state():
+            import torch
+
+            from gradcamo_dask.jobs import devices
+
+            return torch.backends.cudnn.benchmark, devices._BRIDGE["installed"] or devices.rmm_in_use()
+
+        states = list(client.run(worker_state).values())
+    assert states and all(benchmark and bridged for benchmark, bridged in states)
+    back = open_profiles(tmp_path / "cuda.zarr")
+    ref = tiny["reference"]
+    np.testing.assert_array_equal(strings(back["object_number"].values), strings(ref["object_number"].values))
+    assert np.nanmax(np.abs(back["gradcamo"].values - ref["gradcamo"].values)) < 0.05  # bf16 autocast on CUDA
+    assert (back["predicted"].values == ref["predicted"].values).mean() > 0.9

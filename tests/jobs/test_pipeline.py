@@ -227,7 +227,9 @@ def test_gpu_worker_path_agrees_with_cpu(tiny):
     assert np.nanmax(np.abs(gpu["gradcamo"].values - ref["gradcamo"].values)) < 0.05  # bf16 autocast on CUDA
     agree = (gpu["predicted"].values == ref["predicted"].values).mean()
     assert agree > 0.9
-    assert pipeline.share_cuda_memory() is True
+    from gradcamo_dask.jobs.devices import share_cuda_memory
+
+    assert share_cuda_memory() is True
 
 
 def test_classic_features_ride_along_in_the_site_task(tiny, tmp_path):

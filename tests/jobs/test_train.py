@@ -161,3 +161,13 @@ def test_default_layer_has_more_than_one_voxel():
     assert grids["_head_swish"] == (1, 1, 1) and np.prod(grids[name]) > 1
     later = list(grids)[list(grids).index(name) + 1:]
     assert all(np.prod(grids[n]) == 1 for n in later if n.startswith("_blocks.") and n.count(".") == 2)
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_with_the_regulariser_runs_and_scores(plate, tmp_path):
+    out = train(plate.image, plate.labels, plate.platemap, out=tmp_path / "cuda", epochs=1, regularizer=1.0,
+                regularizer_layer="_blocks.2.4", augmentation=Augmentation(p=0.0), device="cuda", **FAST)
+    prov = json.loads((out / "config.json").read_text())["provenance"]
+    assert np.isfinite(prov["history"][0]["train_loss"])
+    assert 0 <= prov["history"][0]["train_gradcamo"] <= 1
+    assert 0 <= prov["test"]["gradcamo_mean"] <= 1
