@@ -139,6 +139,7 @@ def explain(
     channels_last: bool | None = None,
     cams: bool = True,
     route: str = "auto",
+    check_finite: bool = True,
 ) -> Explanation:
     """Logits, pooled features, Grad-CAM and Grad-CAMO of single-cell crops, in one pass.
 
@@ -179,6 +180,10 @@ def explain(
         Grad-CAM weights from the forward pass alone where the layer allows it
         ("auto": ``_head_swish`` of EfficientNet-B0 3D, followed only by global
         average pooling and a linear layer), else by autograd; see :class:`GradCAM`.
+    check_finite : bool
+        Scan the crops for NaN and inf first, and the maps before scoring (host
+        syncs on a GPU). False for crops that cannot hold them (cut from an integer
+        image): then nothing waits for the device between batches.
 
     Returns
     -------
@@ -192,7 +197,8 @@ def explain(
         layers (the message lists valid names), NaN or inf in crops (the message
         names the cells), bad targets. An empty batch returns empty results.
     """
-    input_shape, layers, batch_size = _plan(model, crops, masks, layers, target, input_shape, batch_size)
+    input_shape, layers, batch_size = _plan(model, crops, masks, layers, target, input_shape, batch_size,
+                                            check_finite)
     n_cells = int(crops.shape[0])
     device, dtype = _model_device(model), _model_dtype(model)
     if channels_last is None:
@@ -207,12 +213,12 @@ def explain(
             t = target if isinstance(target, (str, int, np.integer)) else to_numpy(target)[start:stop]
             with _autocast(device, autocast):
                 result = cam(x, target=t)
-            _collect(parts, grids, result, masks, start, stop, device, layers)
+            _collect(parts, grids, result, masks, start, stop, device, layers, check_finite)
     return _assemble(parts, grids, layers, input_shape, crops, masks is not None and cams)
 
 
 def _plan(model: nn.Module, crops: Any, masks: Any, layers: Any, target: Any, input_shape: Any,
-          batch_size: int | None) -> tuple[tuple[int, int, int], list[str], int]:
+          batch_size: int | None, check_finite: bool = True) -> tuple[tuple[int, int, int], list[str], int]:
     """Check the inputs of :func:`explain`; returns the model grid, the layers and the batch size."""
     _check_crops(model, crops, masks)
     n_cells, _c, *crop_grid = (int(n) for n in crops.shape)
@@ -233,7 +239,7 @@ def _plan(model: nn.Module, crops: Any, masks: Any, layers: Any, target: Any, in
     if layers is None:
         layers = [default_layer(model, input_shape)]
     layers = [layers] if isinstance(layers, str) else list(layers)
-    bad = _nonfinite_cells(crops, batch_size)
+    bad = _nonfinite_cells(crops, batch_size) if check_finite else []
     if bad:
         shown = ", ".join(map(str, bad[:20])) + (f" ... ({len(bad)} cells)" if len(bad) > 20 else "")
         raise InputError(f"crops contain NaN or inf in cell(s) {shown}; fix or drop these cells first")
@@ -272,7 +278,7 @@ def model_input(chunk: Any, device: torch.device, dtype: torch.dtype, input_shap
 
 
 def _collect(parts: dict, grids: dict, result: CAMResult, masks: Any, start: int, stop: int,
-             device: torch.device, layers: list[str]) -> None:
+             device: torch.device, layers: list[str], check: bool = True) -> None:
     def put(key: str, value: torch.Tensor) -> None:
         parts.setdefault(key, []).append(value)
 
@@ -293,7 +299,7 @@ def _collect(parts: dict, grids: dict, result: CAMResult, masks: Any, start: int
             cam = result.cams[name]
             put(f"cams/{name}", cam)
             if mask is not None:
-                score, inside, total = gradcamo_lowres(cam, mask)
+                score, inside, total = gradcamo_lowres(cam, mask, check=check)
                 put(f"gradcamo/{name}", score)
                 put(f"cam_inside/{name}", inside)
                 put(f"cam_total/{name}", total)

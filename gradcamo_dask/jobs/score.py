@@ -41,10 +41,9 @@ import xarray as xr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from gradcamo_dask.arrays import to_numpy
 from gradcamo_dask.errors import BundleMismatchError, InputError, LabelsError, OutputStoreError
-from gradcamo_dask.jobs.devices import (in_dask_worker, on_device, prepare_cuda, resolve_device, share_cuda_memory,
-                                        site_array)
+from gradcamo_dask.jobs.devices import in_dask_worker, on_device, prepare_cuda, resolve_device, share_cuda_memory
+from gradcamo_dask.jobs.feed import ExplainRunner, SiteJob, score_sites
 
 __all__ = [
     "ModelCache",
@@ -93,6 +92,10 @@ def cached_bundle(path: str, expected_hash: str | None = None, device: str | Non
         bundle = _CACHE.get(key)
         if bundle is None:
             bundle = load_bundle(path, device=device)
+            if device.startswith("cuda"):  # converted once per worker, not per batch
+                import torch
+
+                bundle.model.to(memory_format=torch.channels_last_3d)
             if expected_hash and bundle.hash != expected_hash:
                 raise BundleMismatchError(
                     f"bundle {path} has hash {bundle.hash[:19]}..., the run was planned with "
@@ -161,8 +164,11 @@ def score_site(
     cells_site : DataFrame
         The site's rows of the cell table (``object_number``, ``center_z/y/x``).
     spec : dict
-        ``bundle_path``, ``bundle_hash``, ``layers``, ``crop_size``, ``batch_size``,
-        ``target``, ``plate``, ``well``, ``site``, ``device`` (None = auto).
+        ``bundle_path``, ``bundle_hash``, ``layers``, ``crop_size``, ``batch_size``
+        (cells per micro-batch; crops are cut, normalised and resampled one batch at a
+        time), ``target``, ``plate``, ``well``, ``site``, ``device`` (None = auto);
+        optionally ``runner`` (a model runner, see :mod:`gradcamo_dask.jobs.feed`,
+        with ``normalization``) in place of the bundle's model.
 
     Returns
     -------
@@ -186,44 +192,33 @@ def score_site(
         torch.set_num_threads(int(spec.get("torch_threads") or 1))
     if device.startswith("cuda"):
         prepare_cuda()
-    bundle = cached_bundle(spec["bundle_path"], spec["bundle_hash"], device)
-    with on_device(device):
-        return _score_on_device(bundle, image_site, labels_site, cells_site, spec, device)
-
-
-def _score_on_device(bundle: Any, image_site: Any, labels_site: Any, cells_site: pd.DataFrame, spec: dict,
-                     device: str) -> dict[str, np.ndarray]:
-    from gradcamo_dask.cells import crop_site
-    from gradcamo_dask.engine.explain import explain
-    from gradcamo_dask.engine.normalize import normalize_crops
-
-    # NumPy or CuPy blocks, moved with the array's own API (CuPy refuses numpy.asarray).
-    image_site, labels_site = site_array(image_site, device), site_array(labels_site, device)
-    crops, masks = crop_site(image_site, labels_site, cells_site, tuple(spec["crop_size"]),
-                             plate=spec["plate"], well=spec["well"], site=spec["site"])
-    classic = None
-    if spec.get("classic") is not None:  # CellProfiler measurements on the same raw crops and masks
-        from gradcamo_dask.profiles.classic import site_classic_features
-
-        c = spec["classic"]
-        classic = site_classic_features(to_numpy(crops), to_numpy(masks), tuple(c["channels"]), tuple(c["spacing"]),
-                                        **c["options"])[1].astype(np.float32)
-    crops = normalize_crops(crops, bundle.config.normalization)
     layers = list(spec["layers"])
-    result = explain(bundle.model, crops, masks, layers=layers, target=spec["target"],
-                     batch_size=spec["batch_size"])
-    out = {
-        "deep": np.concatenate([to_numpy(result.features[name]).astype(np.float32) for name in layers], axis=1),
-        "logits": to_numpy(result.logits).astype(np.float32),
-        "predicted": to_numpy(result.predicted).astype(np.int16),
-    }
+    runner, normalization = spec.get("runner"), spec.get("normalization")
+    if runner is None:
+        bundle = cached_bundle(spec["bundle_path"], spec["bundle_hash"], device)
+        # crop_site refuses non-finite images, so crops are finite: no NaN scan, no host sync per batch
+        runner, normalization = ExplainRunner(bundle.model, layers, spec["target"], check_finite=False), \
+            bundle.config.normalization
+    job = SiteJob(read=lambda: (image_site, labels_site), cells=cells_site,
+                  where={"plate": spec["plate"], "well": spec["well"], "site": spec["site"]})
+    with on_device(device):
+        (out,) = score_sites([job], runner, crop_size=tuple(spec["crop_size"]), normalization=normalization,
+                             device=device, batch_size=int(spec["batch_size"]), prefetch=False,
+                             classic=spec.get("classic"))
+    return site_result_types(out, len(layers))
+
+
+def site_result_types(out: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
+    """A site's results in the dtypes of the profiles store (see :func:`score_site`)."""
+    typed = {"deep": out["deep"].astype(np.float32), "logits": out["logits"].astype(np.float32),
+             "predicted": out["predicted"].astype(np.int16)}
     for kind in ("gradcamo", "cam_inside", "cam_total"):
-        out[kind] = np.stack([to_numpy(getattr(result, kind)[name]).astype(np.float64) for name in layers], axis=1)
-    for k, name in enumerate(layers):
-        out[f"cam_lowres_{k}"] = to_numpy(result.cams[name]).astype(np.float32)
-    if classic is not None:
-        out["classic"] = classic
-    return out
+        typed[kind] = out[kind].astype(np.float64)
+    for k in range(n_layers):
+        typed[f"cam_lowres_{k}"] = out[f"cam_lowres_{k}"].astype(np.float32)
+    if "classic" in out:
+        typed["classic"] = out["classic"].astype(np.float32)
+    return typed
 
 
 def _score_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, spec: dict) -> dict:
