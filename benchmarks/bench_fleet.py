@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--gpus", default=None, help="comma-separated counts (default 1,2,4,8,16; quick 1,2)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--stem", default=None, help="file name stem (default bench_fleet[_quick])")
     args = parser.parse_args(argv)
     from distributed import Client, LocalCluster
 
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
     result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_fleet" + ("_quick" if args.quick else "")
+    stem = args.stem or ("bench_fleet" + ("_quick" if args.quick else ""))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     s, m = result["settings"], result["machine"]
     lines = [f"# bench_fleet ({result['mode']}, simulated GPUs)", "",

@@ -22,6 +22,7 @@ use (in-process schedulers).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -179,9 +180,22 @@ def score_site(
         ``spec["classic"]`` holds ``channels``, ``spacing`` and ``options`` for
         :func:`~gradcamo_dask.profiles.classic.site_classic_features`.
     """
+    return score_site_group([image_site], [labels_site], [cells_site], [spec])[0]
+
+
+def score_site_group(images: Sequence[Any], labels: Sequence[Any], cells: Sequence[pd.DataFrame],
+                     specs: Sequence[dict]) -> list[dict[str, np.ndarray]]:
+    """Score several sites in one task (see :func:`score_site` for the arguments, one per site).
+
+    Micro-batches of ``spec["batch_size"]`` cells span the sites, and with more than
+    one site the next site's crops are cut in a thread while the current batch runs
+    (:func:`~gradcamo_dask.jobs.feed.score_sites`). All specs share the bundle,
+    layers, device and batch size of the first.
+    """
     import torch
 
-    SITE_CALLS["n"] += 1
+    SITE_CALLS["n"] += len(specs)
+    spec = specs[0]
     device = resolve_device(spec.get("device"))
     # Denormal activations make CPU convolutions up to 10x slower and change nothing a score can see.
     torch.set_flush_denormal(True)
@@ -199,13 +213,18 @@ def score_site(
         # crop_site refuses non-finite images, so crops are finite: no NaN scan, no host sync per batch
         runner, normalization = ExplainRunner(bundle.model, layers, spec["target"], check_finite=False), \
             bundle.config.normalization
-    job = SiteJob(read=lambda: (image_site, labels_site), cells=cells_site,
-                  where={"plate": spec["plate"], "well": spec["well"], "site": spec["site"]})
+    jobs = [SiteJob(read=functools.partial(_pair, image, label), cells=rows,
+                    where={"plate": one["plate"], "well": one["well"], "site": one["site"]})
+            for image, label, rows, one in zip(images, labels, cells, specs)]
     with on_device(device):
-        (out,) = score_sites([job], runner, crop_size=tuple(spec["crop_size"]), normalization=normalization,
-                             device=device, batch_size=int(spec["batch_size"]), prefetch=False,
-                             classic=spec.get("classic"))
-    return site_result_types(out, len(layers))
+        outs = score_sites(jobs, runner, crop_size=tuple(spec["crop_size"]), normalization=normalization,
+                           device=device, batch_size=int(spec["batch_size"]), prefetch=len(jobs) > 1,
+                           classic=spec.get("classic"))
+    return [site_result_types(out, len(layers)) for out in outs]
+
+
+def _pair(image: Any, labels: Any) -> tuple[Any, Any]:
+    return image, labels
 
 
 def site_result_types(out: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
@@ -223,6 +242,10 @@ def site_result_types(out: dict[str, np.ndarray], n_layers: int) -> dict[str, np
 
 def _score_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, spec: dict) -> dict:
     return score_site(image_block[0, 0], labels_block[0, 0], cells_site, spec)
+
+
+def _score_group_blocks(image_blocks: list, labels_blocks: list, cells: list, specs: list) -> list[dict]:
+    return score_site_group([b[0, 0] for b in image_blocks], [b[0, 0] for b in labels_blocks], cells, specs)
 
 
 # ------------------------------------------------------------------ the plate
@@ -289,6 +312,7 @@ def score_plate(
     plate_path: str | None = None,
     labels_path: str | None = None,
     classic: bool | dict = False,
+    sites_per_task: int = 1,
 ) -> xr.Dataset:
     """Lazy profiles of every cell of a plate: deep features, logits, Grad-CAM(O) per layer.
 
@@ -329,6 +353,11 @@ def score_plate(
         classic_feature)``; a dict gives :func:`~gradcamo_dask.site_classic_features`
         options (``measurements="full"``, ...).
 
+    sites_per_task : int
+        Sites scored by one task: above 1, micro-batches span them and the next
+        site's crops are cut while the current batch runs (suits GPU workers; the
+        results equal one site per task to float rounding).
+
     Returns
     -------
     xarray.Dataset
@@ -366,6 +395,8 @@ def score_plate(
     if crop_size[0] is not None and crop_size[0] != zyx[0] and crop_size[0] > zyx[0]:
         raise BundleMismatchError(f"bundle expects crops of {crop_size} voxels, plate {plate!r} sites are only "
                                   f"{zyx}; use a bundle made for this plate's grid")
+    if int(sites_per_task) < 1:
+        raise InputError(f"sites_per_task must be >= 1, got {sites_per_task}")
     layers = list(cfg.layers) if layers is None else ([layers] if isinstance(layers, str) else list(layers))
     if not layers or not all(layers):
         raise InputError("no layers to explain: pass layers=[...] (the bundle names none)")
@@ -408,6 +439,8 @@ def score_plate(
                   "batch_size": int(batch_size), "crop_size": list(crop_size), "input_shape": list(cfg.input_shape),
                   "normalization": cfg.normalization, "check_classes": bool(check_classes),
                   "classic": classic_spec}
+    if int(sites_per_task) != 1:  # recorded only when set, so that earlier stores keep their fingerprint
+        parameters["sites_per_task"] = int(sites_per_task)
     spec_common = {"bundle_path": bundle_path, "bundle_hash": loaded.hash, "layers": layers,
                    "crop_size": crop_size, "batch_size": int(batch_size), "target": target, "plate": plate,
                    "device": device, "classic": classic_spec}
@@ -444,6 +477,14 @@ def score_plate(
         site_dsk[(site_name, k)] = (_score_block, (img.name, wells[w], sites[s], 0, 0, 0, 0),
                                     (lab.name, wells[w], sites[s], 0, 0, 0), rows, spec)
         counts.append(j - i)
+    if sites_per_task > 1:  # one task per group of sites: batches span them, the next site is cut ahead
+        group_name = f"score-sites-{token}"
+        for g in range(0, len(runs), sites_per_task):
+            members = [site_dsk[(site_name, k)] for k in range(g, min(g + sites_per_task, len(runs)))]
+            site_dsk[(group_name, g)] = (_score_group_blocks, [m[1] for m in members], [m[2] for m in members],
+                                         [m[3] for m in members], [m[4] for m in members])
+            for j in range(len(members)):
+                site_dsk[(site_name, g + j)] = (operator.getitem, (group_name, g), j)
     base = HighLevelGraph.from_collections(site_name, site_dsk, dependencies=[img, lab])
     data_vars = {}
     for var, (dims, tail, dtype) in variables.items():

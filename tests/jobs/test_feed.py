@@ -147,3 +147,27 @@ def test_no_host_sync_inside_the_batch_loop(tiny, monkeypatch):
     checked(*crop_site(*sites[0][:3], CROP_SHAPE))
     counter.active = False
     assert len(counter.calls) >= 1
+
+
+def test_score_plate_with_several_sites_per_task_equals_one_site_per_task(tmp_path):
+    from gradcamo_dask.jobs import score as pipeline
+    from gradcamo_dask.jobs.score import open_profiles, score_plate, write_profiles
+    from tests.helpers.plate_fixtures import assert_same_profiles
+
+    image, labels = open_tiny(make_plate(tmp_path / "plate.zarr", wells_per_treatment=1, sites=2))
+    bundle = make_bundle(tmp_path / "bundle")
+    with dask.config.set(scheduler="sync"):
+        one = score_plate(image, labels, bundle).compute()
+        grouped_ds = score_plate(image, labels, bundle, sites_per_task=3, batch_size=5)
+        before = pipeline.SITE_CALLS["n"]
+        grouped = grouped_ds.compute()
+        assert pipeline.SITE_CALLS["n"] - before == 4  # 4 sites in 2 tasks (3 + 1)
+    tasks = [k for k in grouped_ds["deep"].data.__dask_graph__() if str(k[0] if isinstance(k, tuple) else k)
+             .startswith("score-sites-")]
+    assert len(tasks) == 2
+    assert_same_profiles(one, grouped, atol=1e-5)
+    with dask.config.set(scheduler="threads"):
+        write_profiles(grouped_ds, tmp_path / "p.zarr", chunk_cells=5)
+    assert_same_profiles(grouped, open_profiles(tmp_path / "p.zarr"))
+    with pytest.raises(Exception, match="sites_per_task"):
+        score_plate(image, labels, bundle, sites_per_task=0)
