@@ -146,44 +146,36 @@ def explain(
     Parameters
     ----------
     model : torch.nn.Module
-        A CNN returning logits ``(N, K)``, run on its own device in eval mode
-        (modules in training mode are switched for the call; a model shared by
-        threads should already be in eval mode, as :func:`load_bundle` returns it).
+        A CNN returning logits ``(N, K)``, run on its own device in eval mode (a model
+        shared by threads should already be in eval mode, as :func:`load_bundle` gives it).
     crops : array (cell, c, z, y, x)
-        NumPy, CuPy or torch; float, already normalised (DESIGN §2). Cast to the
-        model's dtype (float32 normally).
+        NumPy, CuPy or torch; float, already normalised; cast to the model's dtype.
     masks : array (cell, z, y, x), optional
         Central-cell masks on the crop grid (bool; nonzero = inside). With masks,
         Grad-CAMO and its two sums are returned per layer.
     layers : str or list of str, optional
-        Grad-CAM layers (any number at once); default: the last convolutional
-        activation (``_head_swish`` for :func:`~gradcamo_dask.efficientnet3d`).
-        :func:`~gradcamo_dask.layer_grids` lists the candidates and their grids.
+        Grad-CAM layers (any number); default: the last convolutional activation
+        (``_head_swish``); :func:`~gradcamo_dask.layer_grids` lists the candidates.
     target : "predicted", int or sequence of int
-        Class explained: the predicted class (paper), one class for all cells, or
-        one class index per cell (e.g. the true label).
+        Class explained: predicted (paper), one for all cells, or one per cell.
     input_shape : (z, y, x), optional
-        Model grid in voxels the crops are resampled to (trilinear,
-        ``align_corners=False``). Default: ``model.input_shape`` if the model has
-        one, else the crop grid.
+        Model grid in voxels the crops are resampled to (trilinear); default:
+        ``model.input_shape``, else the crop grid.
     batch_size : int, optional
         Cells per forward pass (default 8).
     autocast : None, bool or torch.dtype
-        Mixed precision; default bf16 on CUDA, float32 on CPU. CAMs, sums and
-        features are always accumulated in float32/float64.
+        Mixed precision; default bf16 on CUDA, float32 on CPU (CAMs, sums and
+        features are accumulated in float32/float64).
     channels_last : bool, optional
         Feed the model ``channels_last_3d`` inputs (default: on CUDA).
     cams : bool
-        False: logits and features only, from one pass without gradients
-        (masks and target are then ignored).
+        False: logits and features only, without gradients (masks, target ignored).
     route : "auto", "autograd" or "analytic"
-        Grad-CAM weights from the forward pass alone where the layer allows it
-        ("auto": ``_head_swish`` of EfficientNet-B0 3D, followed only by global
-        average pooling and a linear layer), else by autograd; see :class:`GradCAM`.
+        "auto": forward-only Grad-CAM where the layer allows it (``_head_swish``),
+        autograd elsewhere; see :class:`GradCAM`.
     check_finite : bool
-        Scan the crops for NaN and inf first, and the maps before scoring (host
-        syncs on a GPU). False for crops that cannot hold them (cut from an integer
-        image): then nothing waits for the device between batches.
+        Scan crops and maps for NaN and inf (host syncs on a GPU); False for crops
+        that cannot hold them: then nothing waits for the device between batches.
 
     Returns
     -------
@@ -194,8 +186,7 @@ def explain(
     ------
     InputError
         Wrong channel count, masks not matching crops, unknown or non-spatial
-        layers (the message lists valid names), NaN or inf in crops (the message
-        names the cells), bad targets. An empty batch returns empty results.
+        layers, NaN or inf in crops (naming the cells), bad targets.
     """
     input_shape, layers, batch_size = _plan(model, crops, masks, layers, target, input_shape, batch_size,
                                             check_finite)
