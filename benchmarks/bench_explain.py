@@ -266,7 +266,8 @@ def markdown(report: dict) -> str:
         f"with {m['torch_threads']} threads, device {m['device']}" + (f" ({m['gpu']})" if m["gpu"] else ""),
         f"- load average at start / end: {m.get('load_average_1_5_15')} / {report.get('load_average_end')}",
         f"- command: `{report['command']}`",
-        f"- clock: {report.get('clock', 'wall')} ({'process CPU seconds' if report.get('clock') == 'cpu' else 'elapsed seconds'})",
+        f"- clock: {report.get('clock', 'wall')} "
+        f"({'process CPU seconds' if report.get('clock') == 'cpu' else 'elapsed seconds'})",
         "",
     ]
     for cfg in report["configs"]:
@@ -331,7 +332,8 @@ def main(argv=None) -> int:
     batch = args.batch_size or (16 if gpu else 8)  # CPU: explain's default micro-batch
     repeats = args.repeats or 5
     prefix = args.out_prefix or ("bench_explain_cuda" if gpu else "bench_explain")
-    report = {"quick": args.quick, "clock": args.clock, "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+    report = {"quick": args.quick, "clock": args.clock,
+              "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
               "machine": machine(device), "targets": TARGETS, "configs": []}
     for name, crop_grid, input_shape in [("paper", (21, 128, 128), paper_grid),
                                          ("raw", (21, 128, 128), (21, 128, 128))]:
