@@ -86,8 +86,13 @@ def _matrix(xp: Any, like: Any, n_in: int, n_out: int, dtype: Any = None) -> Any
     matrix = _ON_DEVICE.get(key)
     if matrix is None:
         u = np.array(interpolation_matrix(n_in, n_out))  # writable copy for torch
-        matrix = xp.asarray(u, dtype=dtype, device=device) if xp.__name__.endswith("torch") and device is not None \
-            else xp.asarray(u, dtype=dtype)
+        if xp.__name__.endswith("torch") and device is not None:
+            import torch
+
+            with torch.inference_mode(False):  # a cached inference tensor would break later autograd use
+                matrix = xp.asarray(u, dtype=dtype, device=device)
+        else:
+            matrix = xp.asarray(u, dtype=dtype)
         _ON_DEVICE[key] = matrix
     return matrix
 
