@@ -183,20 +183,23 @@ def _prefetched(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
     done = object()
     stop = threading.Event()
 
+    def put(item: Any) -> bool:
+        while not stop.is_set():  # never blocks for good once the consumer has gone
+            try:
+                box.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for batch in source:
-                while not stop.is_set():
-                    try:
-                        box.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(batch):
                     return
-            box.put(done)
+            put(done)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            box.put(err)
+            put(err)
 
     thread = threading.Thread(target=produce, name="gradcamo-prefetch", daemon=True)
     thread.start()
