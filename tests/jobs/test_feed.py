@@ -171,3 +171,17 @@ def test_score_plate_with_several_sites_per_task_equals_one_site_per_task(tmp_pa
     assert_same_profiles(grouped, open_profiles(tmp_path / "p.zarr"))
     with pytest.raises(Exception, match="sites_per_task"):
         score_plate(image, labels, bundle, sites_per_task=0)
+
+
+def test_a_read_error_in_the_prefetch_thread_reaches_the_caller(tiny):
+    sites = tiny["sites"]
+
+    def broken():
+        raise OSError("chunk 0.0.0 of plate.zarr cannot be read")
+
+    jobs = _jobs(sites[:1]) + [SiteJob(broken, sites[1][2], sites[1][3])]
+    started = time.perf_counter()
+    with pytest.raises(OSError, match="cannot be read"):
+        score_sites(jobs, SleepRunner(0.001, {"deep": ((2,), np.float32)}), crop_size=CROP_SHAPE,
+                    normalization=tiny["bundle"].config.normalization, batch_size=64, prefetch=True)
+    assert time.perf_counter() - started < 5  # no hang waiting for the thread
