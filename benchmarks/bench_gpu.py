@@ -269,7 +269,8 @@ def part_profile(part: Part, sizes: dict, device: str, args) -> None:
     part.put("profiled", {"batches": args.profile_batches, "cells": args.profile_batches * batch,
                           "span_ms": round(span_ms, 1), "device_busy_share": None if busy is None else round(busy, 3),
                           "device_idle_share": None if busy is None else round(1 - busy, 3),
-                          "kernels_are": "CUDA kernels and copies" if device.startswith("cuda") else "CPU ops (dry run)"})
+                          "kernels_are": "CUDA kernels and copies" if device.startswith("cuda")
+                          else "CPU ops (dry run)"})
     part.put("top10", [{"name": n[:120], "ms": round(v[0] / 1e3, 2), "share": round(v[0] / whole, 3), "count": v[1]}
                        for n, v in top])
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
@@ -355,8 +356,9 @@ def summary(out: Path) -> str:
     env = parts.get("env", {}).get("figures", {}).get("versions", {})
     lines = ["# gpu_check", "", f"{merged['date']}, GPU {env.get('gpu')}, torch {env.get('torch')}, CUDA "
              f"{env.get('cuda')}, cuDNN {env.get('cudnn')}, CuPy {env.get('cupy')}; bf16 conv3d problem: "
-             f"{env.get('bf16_conv3d_problem')}", "", "Random weights; crops 6 x 21 x 128 x 128 resampled to 64 x 224 x "
-             "224 inside the timed call; layer _head_swish; Grad-CAMO against masks. Measured, not estimated.", "",
+             f"{env.get('bf16_conv3d_problem')}", "",
+             "Random weights; crops 6 x 21 x 128 x 128 resampled to 64 x 224 x 224 inside the timed call; layer "
+             "_head_swish; Grad-CAMO against masks. Measured, not estimated.", "",
              "| part | figure | value |", "|---|---|---|"]
     for name, data in parts.items():
         if name == "env":

@@ -43,7 +43,8 @@ copy_out() {  # at most 8 files come back from $OUT: 6 here
     for f in gpu_check.log gpu_check.json gpu_check.md gpu_check_profile.txt gpu_check_tests.txt; do
         [ -f "$RESULTS/$f" ] && cp -f "$RESULTS/$f" "$OUT/$f"
     done
-    (cd "$RESULTS" && ls gpu_check_*.json >/dev/null 2>&1 && tar czf "$OUT/gpu_check_parts.tgz" gpu_check_*.json) || true
+    (cd "$RESULTS" && ls gpu_check_*.json >/dev/null 2>&1 \
+        && tar czf "$OUT/gpu_check_parts.tgz" gpu_check_*.json) || true
 }
 
 FAILED=()

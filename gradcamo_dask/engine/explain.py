@@ -139,46 +139,43 @@ def explain(
     channels_last: bool | None = None,
     cams: bool = True,
     route: str = "auto",
+    check_finite: bool = True,
 ) -> Explanation:
     """Logits, pooled features, Grad-CAM and Grad-CAMO of single-cell crops, in one pass.
 
     Parameters
     ----------
     model : torch.nn.Module
-        A CNN returning logits ``(N, K)``, run on its own device in eval mode
-        (modules in training mode are switched for the call; a model shared by
-        threads should already be in eval mode, as :func:`load_bundle` returns it).
+        A CNN returning logits ``(N, K)``, run on its own device in eval mode (a model
+        shared by threads should already be in eval mode, as :func:`load_bundle` gives it).
     crops : array (cell, c, z, y, x)
-        NumPy, CuPy or torch; float, already normalised (DESIGN §2). Cast to the
-        model's dtype (float32 normally).
+        NumPy, CuPy or torch; float, already normalised; cast to the model's dtype.
     masks : array (cell, z, y, x), optional
         Central-cell masks on the crop grid (bool; nonzero = inside). With masks,
         Grad-CAMO and its two sums are returned per layer.
     layers : str or list of str, optional
-        Grad-CAM layers (any number at once); default: the last convolutional
-        activation (``_head_swish`` for :func:`~gradcamo_dask.efficientnet3d`).
-        :func:`~gradcamo_dask.layer_grids` lists the candidates and their grids.
+        Grad-CAM layers (any number); default: the last convolutional activation
+        (``_head_swish``); :func:`~gradcamo_dask.layer_grids` lists the candidates.
     target : "predicted", int or sequence of int
-        Class explained: the predicted class (paper), one class for all cells, or
-        one class index per cell (e.g. the true label).
+        Class explained: predicted (paper), one for all cells, or one per cell.
     input_shape : (z, y, x), optional
-        Model grid in voxels the crops are resampled to (trilinear,
-        ``align_corners=False``). Default: ``model.input_shape`` if the model has
-        one, else the crop grid.
+        Model grid in voxels the crops are resampled to (trilinear); default:
+        ``model.input_shape``, else the crop grid.
     batch_size : int, optional
         Cells per forward pass (default 8).
     autocast : None, bool or torch.dtype
-        Mixed precision; default bf16 on CUDA, float32 on CPU. CAMs, sums and
-        features are always accumulated in float32/float64.
+        Mixed precision; default bf16 on CUDA, float32 on CPU (CAMs, sums and
+        features are accumulated in float32/float64).
     channels_last : bool, optional
         Feed the model ``channels_last_3d`` inputs (default: on CUDA).
     cams : bool
-        False: logits and features only, from one pass without gradients
-        (masks and target are then ignored).
+        False: logits and features only, without gradients (masks, target ignored).
     route : "auto", "autograd" or "analytic"
-        Grad-CAM weights from the forward pass alone where the layer allows it
-        ("auto": ``_head_swish`` of EfficientNet-B0 3D, followed only by global
-        average pooling and a linear layer), else by autograd; see :class:`GradCAM`.
+        "auto": forward-only Grad-CAM where the layer allows it (``_head_swish``),
+        autograd elsewhere; see :class:`GradCAM`.
+    check_finite : bool
+        Scan crops and maps for NaN and inf (host syncs on a GPU); False for crops
+        that cannot hold them: then nothing waits for the device between batches.
 
     Returns
     -------
@@ -189,10 +186,10 @@ def explain(
     ------
     InputError
         Wrong channel count, masks not matching crops, unknown or non-spatial
-        layers (the message lists valid names), NaN or inf in crops (the message
-        names the cells), bad targets. An empty batch returns empty results.
+        layers, NaN or inf in crops (naming the cells), bad targets.
     """
-    input_shape, layers, batch_size = _plan(model, crops, masks, layers, target, input_shape, batch_size)
+    input_shape, layers, batch_size = _plan(model, crops, masks, layers, target, input_shape, batch_size,
+                                            check_finite)
     n_cells = int(crops.shape[0])
     device, dtype = _model_device(model), _model_dtype(model)
     if channels_last is None:
@@ -207,12 +204,12 @@ def explain(
             t = target if isinstance(target, (str, int, np.integer)) else to_numpy(target)[start:stop]
             with _autocast(device, autocast):
                 result = cam(x, target=t)
-            _collect(parts, grids, result, masks, start, stop, device, layers)
+            _collect(parts, grids, result, masks, start, stop, device, layers, check_finite)
     return _assemble(parts, grids, layers, input_shape, crops, masks is not None and cams)
 
 
 def _plan(model: nn.Module, crops: Any, masks: Any, layers: Any, target: Any, input_shape: Any,
-          batch_size: int | None) -> tuple[tuple[int, int, int], list[str], int]:
+          batch_size: int | None, check_finite: bool = True) -> tuple[tuple[int, int, int], list[str], int]:
     """Check the inputs of :func:`explain`; returns the model grid, the layers and the batch size."""
     _check_crops(model, crops, masks)
     n_cells, _c, *crop_grid = (int(n) for n in crops.shape)
@@ -233,7 +230,7 @@ def _plan(model: nn.Module, crops: Any, masks: Any, layers: Any, target: Any, in
     if layers is None:
         layers = [default_layer(model, input_shape)]
     layers = [layers] if isinstance(layers, str) else list(layers)
-    bad = _nonfinite_cells(crops, batch_size)
+    bad = _nonfinite_cells(crops, batch_size) if check_finite else []
     if bad:
         shown = ", ".join(map(str, bad[:20])) + (f" ... ({len(bad)} cells)" if len(bad) > 20 else "")
         raise InputError(f"crops contain NaN or inf in cell(s) {shown}; fix or drop these cells first")
@@ -272,7 +269,7 @@ def model_input(chunk: Any, device: torch.device, dtype: torch.dtype, input_shap
 
 
 def _collect(parts: dict, grids: dict, result: CAMResult, masks: Any, start: int, stop: int,
-             device: torch.device, layers: list[str]) -> None:
+             device: torch.device, layers: list[str], check: bool = True) -> None:
     def put(key: str, value: torch.Tensor) -> None:
         parts.setdefault(key, []).append(value)
 
@@ -293,7 +290,7 @@ def _collect(parts: dict, grids: dict, result: CAMResult, masks: Any, start: int
             cam = result.cams[name]
             put(f"cams/{name}", cam)
             if mask is not None:
-                score, inside, total = gradcamo_lowres(cam, mask)
+                score, inside, total = gradcamo_lowres(cam, mask, check=check)
                 put(f"gradcamo/{name}", score)
                 put(f"cam_inside/{name}", inside)
                 put(f"cam_total/{name}", total)

@@ -75,13 +75,29 @@ def _device_of(x: Any) -> Any:
     return getattr(x, "device", None)
 
 
+#: Interpolation matrices already on a device, by (namespace, device, n_in, n_out, dtype): uploaded once
+#: per process, not once per batch and layer (each upload waits for the GPU).
+_ON_DEVICE: dict[tuple, Any] = {}
+
+
 def _matrix(xp: Any, like: Any, n_in: int, n_out: int, dtype: Any = None) -> Any:
-    u = interpolation_matrix(n_in, n_out)
     dtype = xp.float64 if dtype is None else dtype
+    if xp is np or getattr(xp, "__name__", "").endswith("numpy"):
+        return np.asarray(interpolation_matrix(n_in, n_out), dtype=dtype)  # host: cached float64, no copy
     device = _device_of(like)
-    if xp.__name__.endswith("torch") and device is not None:
-        return xp.asarray(np.array(u), dtype=dtype, device=device)  # writable copy for torch
-    return xp.asarray(u, dtype=dtype)
+    key = (xp.__name__, str(device), int(n_in), int(n_out), str(dtype))
+    matrix = _ON_DEVICE.get(key)
+    if matrix is None:
+        u = np.array(interpolation_matrix(n_in, n_out))  # writable copy for torch
+        if xp.__name__.endswith("torch") and device is not None:
+            import torch
+
+            with torch.inference_mode(False):  # a cached inference tensor would break later autograd use
+                matrix = xp.asarray(u, dtype=dtype, device=device)
+        else:
+            matrix = xp.asarray(u, dtype=dtype)
+        _ON_DEVICE[key] = matrix
+    return matrix
 
 
 def _check_cam(cam: Any, name: str = "cam") -> None:
@@ -172,7 +188,7 @@ def total_weights(grid: Sequence[int], shape: Sequence[int], like: Any) -> Any:
     return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
 
 
-def gradcamo_lowres(cam: Any, mask: Any) -> tuple[Any, Any, Any]:
+def gradcamo_lowres(cam: Any, mask: Any, *, check: bool = True) -> tuple[Any, Any, Any]:
     """Grad-CAMO from low-resolution maps, exactly, without upsampling them.
 
     Equals ``gradcamo_score(upsample_cam(cam, mask.shape[-3:]), mask)`` (to
@@ -184,6 +200,8 @@ def gradcamo_lowres(cam: Any, mask: Any) -> tuple[Any, Any, Any]:
         Non-negative Grad-CAM maps at a layer's grid.
     mask : array (N, Z, Y, X)
         Central-cell masks at the crop grid (bool or 0/1).
+    check : bool
+        Refuse maps with NaN, inf or negative values (costs two host syncs on a GPU).
 
     Returns
     -------
@@ -196,7 +214,8 @@ def gradcamo_lowres(cam: Any, mask: Any) -> tuple[Any, Any, Any]:
             f"cam {tuple(cam.shape)} must be (N, z, y, x) and mask {tuple(mask.shape)} (N, Z, Y, X) "
             "with the same number of cells N"
         )
-    _check_cam(cam)
+    if check:  # two host syncs; callers that made the map themselves (a ReLU of finite values) skip them
+        _check_cam(cam)
     cam64 = xp.astype(cam, xp.float64)
     grid = tuple(cam.shape[1:])
     inside = xp.sum(cam64 * contract_mask(mask, grid), axis=(1, 2, 3))

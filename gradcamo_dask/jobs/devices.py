@@ -27,7 +27,7 @@ from typing import Any
 from gradcamo_dask.arrays import to_numpy
 from gradcamo_dask.errors import InputError
 
-__all__ = ["device_index", "in_dask_worker", "on_device", "prepare_cuda", "resolve_device", "rmm_in_use", "share_cuda_memory", "site_array"]
+__all__ = ["cuda_memory_shared", "device_index", "in_dask_worker", "on_device", "prepare_cuda", "resolve_device", "rmm_in_use", "share_cuda_memory", "site_array"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,11 @@ def share_cuda_memory() -> bool:
         cupy.cuda.set_allocator(cupy.cuda.memory.PythonFunctionAllocator(malloc, free).malloc)
         _BRIDGE["installed"] = True
     return True
+
+
+def cuda_memory_shared() -> bool:
+    """True once :func:`share_cuda_memory` has bridged CuPy to PyTorch's allocator in this process."""
+    return bool(_BRIDGE["installed"])
 
 
 def prepare_cuda() -> None:

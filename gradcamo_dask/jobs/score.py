@@ -23,6 +23,7 @@ use (in-process schedulers).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -39,9 +40,9 @@ import xarray as xr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from gradcamo_dask.arrays import to_numpy
 from gradcamo_dask.errors import BundleMismatchError, InputError, LabelsError
-from gradcamo_dask.jobs.devices import in_dask_worker, on_device, prepare_cuda, resolve_device, site_array
+from gradcamo_dask.jobs.devices import in_dask_worker, on_device, prepare_cuda, resolve_device
+from gradcamo_dask.jobs.feed import ExplainRunner, SiteJob, score_sites
 from gradcamo_dask.provenance import package_versions
 
 __all__ = [
@@ -81,6 +82,10 @@ def cached_bundle(path: str, expected_hash: str | None = None, device: str | Non
         bundle = _CACHE.get(key)
         if bundle is None:
             bundle = load_bundle(path, device=device)
+            if device.startswith("cuda"):  # converted once per worker, not per batch
+                import torch
+
+                bundle.model.to(memory_format=torch.channels_last_3d)
             if expected_hash and bundle.hash != expected_hash:
                 raise BundleMismatchError(
                     f"bundle {path} has hash {bundle.hash[:19]}..., the run was planned with "
@@ -145,8 +150,11 @@ def score_site(
     cells_site : DataFrame
         The site's rows of the cell table (``object_number``, ``center_z/y/x``).
     spec : dict
-        ``bundle_path``, ``bundle_hash``, ``layers``, ``crop_size``, ``batch_size``,
-        ``target``, ``plate``, ``well``, ``site``, ``device`` (None = auto).
+        ``bundle_path``, ``bundle_hash``, ``layers``, ``crop_size``, ``batch_size``
+        (cells per micro-batch; crops are cut, normalised and resampled one batch at a
+        time), ``target``, ``plate``, ``well``, ``site``, ``device`` (None = auto);
+        optionally ``runner`` (a model runner, see :mod:`gradcamo_dask.jobs.feed`,
+        with ``normalization``) in place of the bundle's model.
 
     Returns
     -------
@@ -157,8 +165,21 @@ def score_site(
         ``spec["classic"]`` holds ``channels``, ``spacing`` and ``options`` for
         :func:`~gradcamo_dask.profiles.classic.site_classic_features`.
     """
+    return score_site_group([image_site], [labels_site], [cells_site], [spec])[0]
+
+
+def score_site_group(images: Sequence[Any], labels: Sequence[Any], cells: Sequence[pd.DataFrame],
+                     specs: Sequence[dict]) -> list[dict[str, np.ndarray]]:
+    """Score several sites in one task (see :func:`score_site` for the arguments, one per site).
+
+    Micro-batches of ``spec["batch_size"]`` cells span the sites, and with more than
+    one site the next site's crops are cut in a thread while the current batch runs
+    (:func:`~gradcamo_dask.jobs.feed.score_sites`). All specs share the bundle,
+    layers, device and batch size of the first.
+    """
     import torch
 
+    spec = specs[0]
     device = resolve_device(spec.get("device"))
     # Denormal activations make CPU convolutions up to 10x slower and change nothing a score can see.
     torch.set_flush_denormal(True)
@@ -169,48 +190,46 @@ def score_site(
         torch.set_num_threads(int(spec.get("torch_threads") or 1))
     if device.startswith("cuda"):
         prepare_cuda()
-    bundle = cached_bundle(spec["bundle_path"], spec["bundle_hash"], device)
-    with on_device(device):
-        return _score_on_device(bundle, image_site, labels_site, cells_site, spec, device)
-
-
-def _score_on_device(bundle: Any, image_site: Any, labels_site: Any, cells_site: pd.DataFrame, spec: dict,
-                     device: str) -> dict[str, np.ndarray]:
-    from gradcamo_dask.cells import crop_site
-    from gradcamo_dask.engine.explain import explain
-    from gradcamo_dask.engine.normalize import normalize_crops
-
-    # NumPy or CuPy blocks, moved with the array's own API (CuPy refuses numpy.asarray).
-    image_site, labels_site = site_array(image_site, device), site_array(labels_site, device)
-    crops, masks = crop_site(image_site, labels_site, cells_site, tuple(spec["crop_size"]),
-                             plate=spec["plate"], well=spec["well"], site=spec["site"])
-    classic = None
-    if spec.get("classic") is not None:  # CellProfiler measurements on the same raw crops and masks
-        from gradcamo_dask.profiles.classic import site_classic_features
-
-        c = spec["classic"]
-        classic = site_classic_features(to_numpy(crops), to_numpy(masks), tuple(c["channels"]), tuple(c["spacing"]),
-                                        **c["options"])[1].astype(np.float32)
-    crops = normalize_crops(crops, bundle.config.normalization)
     layers = list(spec["layers"])
-    result = explain(bundle.model, crops, masks, layers=layers, target=spec["target"],
-                     batch_size=spec["batch_size"])
-    out = {
-        "deep": np.concatenate([to_numpy(result.features[name]).astype(np.float32) for name in layers], axis=1),
-        "logits": to_numpy(result.logits).astype(np.float32),
-        "predicted": to_numpy(result.predicted).astype(np.int16),
-    }
+    runner, normalization = spec.get("runner"), spec.get("normalization")
+    if runner is None:
+        bundle = cached_bundle(spec["bundle_path"], spec["bundle_hash"], device)
+        # crop_site refuses non-finite images, so crops are finite: no NaN scan, no host sync per batch
+        runner, normalization = ExplainRunner(bundle.model, layers, spec["target"], check_finite=False), \
+            bundle.config.normalization
+    jobs = [SiteJob(read=functools.partial(_pair, image, label), cells=rows,
+                    where={"plate": one["plate"], "well": one["well"], "site": one["site"]})
+            for image, label, rows, one in zip(images, labels, cells, specs)]
+    with on_device(device):
+        outs = score_sites(jobs, runner, crop_size=tuple(spec["crop_size"]), normalization=normalization,
+                           device=device, batch_size=int(spec["batch_size"]), prefetch=len(jobs) > 1,
+                           classic=spec.get("classic"))
+    return [site_result_types(out, len(layers)) for out in outs]
+
+
+def _pair(image: Any, labels: Any) -> tuple[Any, Any]:
+    return image, labels
+
+
+def site_result_types(out: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
+    """A site's results in the dtypes of the profiles store (see :func:`score_site`)."""
+    typed = {"deep": out["deep"].astype(np.float32), "logits": out["logits"].astype(np.float32),
+             "predicted": out["predicted"].astype(np.int16)}
     for kind in ("gradcamo", "cam_inside", "cam_total"):
-        out[kind] = np.stack([to_numpy(getattr(result, kind)[name]).astype(np.float64) for name in layers], axis=1)
-    for k, name in enumerate(layers):
-        out[f"cam_lowres_{k}"] = to_numpy(result.cams[name]).astype(np.float32)
-    if classic is not None:
-        out["classic"] = classic
-    return out
+        typed[kind] = out[kind].astype(np.float64)
+    for k in range(n_layers):
+        typed[f"cam_lowres_{k}"] = out[f"cam_lowres_{k}"].astype(np.float32)
+    if "classic" in out:
+        typed["classic"] = out["classic"].astype(np.float32)
+    return typed
 
 
 def _score_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, spec: dict) -> dict:
     return score_site(image_block[0, 0], labels_block[0, 0], cells_site, spec)
+
+
+def _score_group_blocks(image_blocks: list, labels_blocks: list, cells: list, specs: list) -> list[dict]:
+    return score_site_group([b[0, 0] for b in image_blocks], [b[0, 0] for b in labels_blocks], cells, specs)
 
 
 # ------------------------------------------------------------------ the plate
@@ -261,6 +280,7 @@ def score_plate(
     plate_path: str | None = None,
     labels_path: str | None = None,
     classic: bool | dict = False,
+    sites_per_task: int = 1,
 ) -> xr.Dataset:
     """Lazy profiles of every cell of a plate: deep features, logits, Grad-CAM(O) per layer.
 
@@ -301,6 +321,11 @@ def score_plate(
         classic_feature)``; a dict gives :func:`~gradcamo_dask.site_classic_features`
         options (``measurements="full"``, ...).
 
+    sites_per_task : int
+        Sites scored by one task: above 1, micro-batches span them and the next
+        site's crops are cut while the current batch runs (suits GPU workers; the
+        results equal one site per task to float rounding).
+
     Returns
     -------
     xarray.Dataset
@@ -338,6 +363,8 @@ def score_plate(
     if crop_size[0] is not None and crop_size[0] != zyx[0] and crop_size[0] > zyx[0]:
         raise BundleMismatchError(f"bundle expects crops of {crop_size} voxels, plate {plate!r} sites are only "
                                   f"{zyx}; use a bundle made for this plate's grid")
+    if int(sites_per_task) < 1:
+        raise InputError(f"sites_per_task must be >= 1, got {sites_per_task}")
     layers = list(cfg.layers) if layers is None else ([layers] if isinstance(layers, str) else list(layers))
     if not layers or not all(layers):
         raise InputError("no layers to explain: pass layers=[...] (the bundle names none)")
@@ -381,6 +408,8 @@ def score_plate(
                   "batch_size": int(batch_size), "crop_size": list(crop_size), "input_shape": list(cfg.input_shape),
                   "normalization": cfg.normalization, "check_classes": bool(check_classes),
                   "classic": classic_spec}
+    if int(sites_per_task) != 1:  # recorded only when set, so that earlier stores keep their fingerprint
+        parameters["sites_per_task"] = int(sites_per_task)
     spec_common = {"bundle_path": bundle_path, "bundle_hash": loaded.hash, "layers": layers,
                    "crop_size": crop_size, "batch_size": int(batch_size), "target": target, "plate": plate,
                    "device": device, "classic": classic_spec}
@@ -405,6 +434,16 @@ def score_plate(
     site_name = f"score-site-{token}"
     base, counts = site_graph(image, labels, cells, _score_block, site_name,
                               lambda w, s: ({**spec_common, "well": w, "site": s},))
+    if sites_per_task > 1:  # one task per group of sites: batches span them, the next site is cut ahead
+        tasks = dict(base.layers[site_name])
+        group_name = f"score-sites-{token}"
+        for g in range(0, len(counts), sites_per_task):
+            members = [tasks[(site_name, k)] for k in range(g, min(g + sites_per_task, len(counts)))]
+            tasks[(group_name, g)] = (_score_group_blocks, [m[1] for m in members], [m[2] for m in members],
+                                      [m[3] for m in members], [m[4] for m in members])
+            for j in range(len(members)):
+                tasks[(site_name, g + j)] = (operator.getitem, (group_name, g), j)
+        base = HighLevelGraph({**base.layers, site_name: tasks}, dict(base.dependencies))
     data_vars = {}
     for var, (dims, tail, dtype) in variables.items():
         if counts:

@@ -203,7 +203,7 @@ def test_cuda_cluster_scores_on_each_workers_own_gpu(tiny, tmp_path):
 
             from gradcamo_dask.jobs import devices
 
-            return torch.backends.cudnn.benchmark, devices._BRIDGE["installed"] or devices.rmm_in_use()
+            return torch.backends.cudnn.benchmark, devices.cuda_memory_shared() or devices.rmm_in_use()
 
         states = list(client.run(worker_state).values())
     assert states and all(benchmark and bridged for benchmark, bridged in states)
