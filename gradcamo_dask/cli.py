@@ -171,46 +171,26 @@ def _add_segment(commands) -> None:
     parser.set_defaults(run=_run_segment)
 
 
-def _run_segment(args) -> int:
-    import os
+def _segmenter(args):
+    """The one segmenter object the options describe (weights checked now, for Cellpose)."""
+    from gradcamo_dask.segment.segmenters import CellposeSegmenter, WatershedSegmenter
 
+    if args.method == "watershed":
+        return WatershedSegmenter(anisotropy=args.anisotropy, min_size=args.min_size)
+    return CellposeSegmenter(
+        model=args.model, diameter=args.diameter, stitch_threshold=args.stitch_threshold,
+        flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold, anisotropy=args.anisotropy,
+        min_size=args.min_size, do_3D=args.do_3d, device=args.device, allow_download=args.allow_download,
+    )
+
+
+def _compute_labels(store, scheduler: str | None) -> None:
     import dask
 
-    import gradcamo_dask
-    from gradcamo_dask.errors import GradcamoError, OutputStoreError
-
-    try:
-        if os.path.exists(args.out):
-            raise OutputStoreError(f"{args.out} exists; choose a new --out (labels are never written over)")
-        image = gradcamo_dask.open_plate(args.plate)
-        labels = gradcamo_dask.segment_plate(
-            image,
-            args.method,
-            nucleus_channel=args.nucleus_channel,
-            cytoplasm_channel=None if args.cytoplasm_channel.lower() == "none" else args.cytoplasm_channel,
-            model=args.model,
-            diameter=args.diameter,
-            stitch_threshold=args.stitch_threshold,
-            flow_threshold=args.flow_threshold,
-            cellprob_threshold=args.cellprob_threshold,
-            anisotropy=args.anisotropy,
-            min_size=args.min_size,
-            do_3D=args.do_3d,
-            device=args.device,
-            tile_shape=None if args.tile_size <= 0 else (args.tile_size, args.tile_size),
-            tile_overlap=args.tile_overlap,
-            allow_download=args.allow_download,
-        )
-    except GradcamoError as error:
-        print(f"gradcamo-dask segment: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-    n_sites = labels.sizes["well"] * labels.sizes["site"]
-    print(f"segmenting {n_sites} site(s) of plate {labels.attrs.get('plate', args.plate)!r} with {args.method}")
-    store = _labels_store(labels, args.out)
-    if args.scheduler:
+    if scheduler:
         from distributed import Client, progress
 
-        with Client(args.scheduler) as client:
+        with Client(scheduler) as client:
             print(f"Dask dashboard: {client.dashboard_link}")
             future = client.compute(store)
             progress(future)
@@ -220,6 +200,33 @@ def _run_segment(args) -> int:
 
         with ProgressBar():
             dask.compute(store)
+
+
+def _run_segment(args) -> int:
+    import gradcamo_dask
+    from gradcamo_dask.errors import GradcamoError, OutputStoreError
+    from gradcamo_dask.io.layout import select_channels
+
+    cytoplasm = None if args.cytoplasm_channel.lower() == "none" else args.cytoplasm_channel
+    try:
+        if os.path.exists(args.out):
+            raise OutputStoreError(f"{args.out} exists; choose a new --out (labels are never written over)")
+        image = gradcamo_dask.open_plate(args.plate)
+        select_channels(image, [c for c in (args.nucleus_channel, cytoplasm) if c])  # before any weights lookup
+        labels = gradcamo_dask.segment_plate(
+            image,
+            _segmenter(args),
+            nucleus_channel=args.nucleus_channel,
+            cytoplasm_channel=cytoplasm,
+            tile_shape=None if args.tile_size <= 0 else (args.tile_size, args.tile_size),
+            tile_overlap=args.tile_overlap,
+        )
+    except GradcamoError as error:
+        print(f"gradcamo-dask segment: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    n_sites = labels.sizes["well"] * labels.sizes["site"]
+    print(f"segmenting {n_sites} site(s) of plate {labels.attrs.get('plate', args.plate)!r} with {args.method}")
+    _compute_labels(_labels_store(labels, args.out), args.scheduler)
     _finish_labels_store(labels, args.out)
     print(f"labels written to {args.out}")
     return 0
