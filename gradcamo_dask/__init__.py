@@ -71,6 +71,8 @@ _EXPORTS: dict[str, str] = {
     "augment_batch": "engine.augment",
     "gradcamo_loss": "engine.regularize",
     "train": "jobs.train",
+    "Recipe": "jobs.recipe",
+    "Split": "jobs.recipe",
     "check_cellpose_weights": "segment.cellpose_adapter",
     "classic_feature_names": "profiles.classic",
     "classic_features": "profiles.classic",

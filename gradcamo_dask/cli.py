@@ -313,32 +313,25 @@ def _add_train(commands) -> None:
     parser.set_defaults(run=_run_train)
 
 
-def _run_train(args) -> int:
-    import gradcamo_dask
+def _recipe(args):
+    """The one training recipe the options describe."""
     from gradcamo_dask.engine.augment import Augmentation
-    from gradcamo_dask.errors import GradcamoError
+    from gradcamo_dask.errors import InputError
+    from gradcamo_dask.jobs.recipe import Recipe, Split
 
-    try:
-        image = gradcamo_dask.open_plate(args.plate, platemap=args.platemap)
-        labels = gradcamo_dask.open_labels(args.labels or args.plate, like=image)
-        crop = args.crop_size
-        if len(crop) not in (2, 3):
-            raise gradcamo_dask.InputError(f"--crop-size takes Y X or Z Y X, got {crop}")
-        out = gradcamo_dask.train(
-            image, labels, None, out=args.out, crop_size=(None, *crop) if len(crop) == 2 else tuple(crop),
-            input_shape=tuple(args.input_shape), epochs=args.epochs, batch_size=args.batch_size,
-            learning_rate=args.lr, seed=args.seed, test_wells=args.test_wells, test_columns=args.test_columns,
-            test_rows=args.test_rows, train_wells=args.train_wells, train_columns=args.train_columns,
-            train_rows=args.train_rows, val_fraction=args.val_fraction, max_train_cells=args.max_train_cells,
-            patience=args.patience or None, augmentation=None if args.no_augment else Augmentation(),
-            regularizer=args.regularizer, regularizer_layer=args.regularizer_layer, layers=args.layers,
-            resume=args.resume, device=args.device, progress=not args.quiet,
-        )
-    except GradcamoError as err:
-        print(f"gradcamo-dask train: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    import json
+    crop = args.crop_size
+    if len(crop) not in (2, 3):
+        raise InputError(f"--crop-size takes Y X or Z Y X, got {crop}")
+    split = Split(test_wells=args.test_wells, test_columns=args.test_columns, test_rows=args.test_rows,
+                  train_wells=args.train_wells, train_columns=args.train_columns, train_rows=args.train_rows,
+                  val_fraction=args.val_fraction, max_train_cells=args.max_train_cells)
+    return Recipe(crop_size=(None, *crop) if len(crop) == 2 else tuple(crop), input_shape=tuple(args.input_shape),
+                  epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, split=split,
+                  patience=args.patience or None, augmentation=None if args.no_augment else Augmentation(),
+                  regularizer=args.regularizer, regularizer_layer=args.regularizer_layer, layers=args.layers)
 
+
+def _print_training(out) -> None:
     prov = json.loads((out / "config.json").read_text())["provenance"]
     test = prov.get("test") or {}
     print(f"wrote {out}: {prov['epochs_run']} epochs (best {prov['best_epoch']}, {prov['stopped_by']}), "
@@ -346,6 +339,22 @@ def _run_train(args) -> int:
     if test:
         print(f"test accuracy {test['accuracy']:.3f}, Grad-CAMO {test['gradcamo_mean']:.3f} "
               f"+- {test['gradcamo_sd']:.3f} at {test['layer']}")
+
+
+def _run_train(args) -> int:
+    import gradcamo_dask
+    from gradcamo_dask.errors import GradcamoError
+
+    try:
+        recipe = _recipe(args)
+        image = gradcamo_dask.open_plate(args.plate, platemap=args.platemap)
+        labels = gradcamo_dask.open_labels(args.labels or args.plate, like=image)
+        out = gradcamo_dask.train(image, labels, recipe, out=args.out, resume=args.resume, device=args.device,
+                                  progress=not args.quiet)
+    except GradcamoError as err:
+        print(f"gradcamo-dask train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    _print_training(out)
     return 0
 
 

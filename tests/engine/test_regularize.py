@@ -192,16 +192,16 @@ def test_regularizer_under_bf16_autocast_stays_close_to_float32():
 
 def test_train_step_channels_last_matches_contiguous():
     from gradcamo_dask.engine.models import efficientnet3d
-    from gradcamo_dask.jobs.train import _prepare
+    from gradcamo_dask.jobs.train import to_device
 
     torch.manual_seed(0)
     model = efficientnet3d(2, 3, (8, 16, 16)).eval()
     x = torch.randn(2, 2, 8, 16, 16)
     y = torch.tensor([0, 2])
     masks = torch.rand(2, 8, 20, 20) > 0.5
-    a = gradcamo_loss(model, _prepare(x, torch.device("cpu"), False), y, masks, layer="_blocks.4.10", lam=1.0)
+    a = gradcamo_loss(model, to_device(x, torch.device("cpu"), False), y, masks, layer="_blocks.4.10", lam=1.0)
     model_cl = model.to(memory_format=torch.channels_last_3d)
-    xc = _prepare(x, torch.device("cpu"), True)
+    xc = to_device(x, torch.device("cpu"), True)
     assert xc.is_contiguous(memory_format=torch.channels_last_3d)
     b = gradcamo_loss(model_cl, xc, y, masks, layer="_blocks.4.10", lam=1.0)
     assert float(a.loss) == pytest.approx(float(b.loss), rel=1e-4, abs=1e-5)
@@ -210,7 +210,7 @@ def test_train_step_channels_last_matches_contiguous():
 @pytest.mark.gpu
 def test_cuda_bf16_channels_last_training_step_matches_cpu():
     from gradcamo_dask.engine.models import efficientnet3d
-    from gradcamo_dask.jobs.train import _autocast, _prepare
+    from gradcamo_dask.jobs.train import autocast_context, to_device
 
     torch.manual_seed(0)
     model = efficientnet3d(6, 4, (16, 48, 48)).eval()
@@ -222,8 +222,8 @@ def test_cuda_bf16_channels_last_training_step_matches_cpu():
     gpu_model = efficientnet3d(6, 4, (16, 48, 48)).eval()
     gpu_model.load_state_dict(model.state_dict())
     gpu_model = gpu_model.to(device).to(memory_format=torch.channels_last_3d)
-    with _autocast(device, None):
-        gpu = gradcamo_loss(gpu_model, _prepare(x, device, True), y.to(device), masks.to(device),
+    with autocast_context(device, None):
+        gpu = gradcamo_loss(gpu_model, to_device(x, device, True), y.to(device), masks.to(device),
                             layer="_blocks.4.10", lam=1.0)
     gpu.loss.backward()
     assert float(gpu.cross_entropy) == pytest.approx(float(cpu.cross_entropy), rel=0.05, abs=0.05)
