@@ -79,11 +79,11 @@ def audit(bundle_path: Path, plate, table, layer: str | None, device: str | None
     import numpy as np
     import torch
 
-    from gradcamo_dask.engine.bundles import load_bundle
+    from gradcamo_dask.engine.bundles import open_bundle
     from gradcamo_dask.jobs.train import _Batches, evaluate_split
     from gradcamo_dask.jobs.trainset import SiteReader
 
-    bundle = load_bundle(bundle_path)
+    bundle = open_bundle(bundle_path)
     cfg = bundle.config
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = bundle.model.to(dev)

@@ -1,6 +1,6 @@
 """Cell tables and single-cell crops with central-cell masks (normalisation re-exported).
 
-The paper's recipe (DESIGN §2): a crop is ``C x Z x H x W`` (default all z-slices x
+The paper's recipe: a crop is ``C x Z x H x W`` (default all z-slices x
 128 x 128), centred on the cell at the mean of the minimum and maximum index of its
 3D mask; cells that touch the volume's border are flagged and, by default, removed;
 the mask ``M`` holds the central cell only (neighbours are in the image crop, not
@@ -221,13 +221,13 @@ def _per_site(data: da.Array, n_site_dims: int) -> da.Array:
 
 
 def _platemap_table(labels: xr.DataArray, platemap: Any) -> pd.DataFrame | None:
-    from gradcamo_dask.io.platemap import platemap_of, read_platemap, validate_platemap
+    from gradcamo_dask.io.platemap import platemap_of, open_platemap, validate_platemap
 
     if platemap is None:
         return platemap_of(labels)
     if isinstance(platemap, pd.DataFrame):
         return validate_platemap(platemap)
-    return read_platemap(platemap)
+    return open_platemap(platemap)
 
 
 def cell_table(

@@ -1,7 +1,7 @@
 """One pass of a CNN over single-cell crops: logits, pooled features, Grad-CAM, Grad-CAMO.
 
 For class ``k`` and a layer with activations ``A`` (``C'`` channels), Grad-CAM
-(DESIGN §2, paper Eq. 3-4) is ``G~ = ReLU((1/C') sum_c w_c A_c)`` with
+(paper Eq. 3-4) is ``G~ = ReLU((1/C') sum_c w_c A_c)`` with
 ``w_c = mean over voxels of dY_k/dA_c`` and ``Y_k`` the logit. Grad-CAMO (Eq. 5)
 is then scored on the mask's grid with the exact low-resolution route of
 :mod:`gradcamo_dask.engine.gradcamo`.
@@ -361,9 +361,9 @@ def explain(
     model : torch.nn.Module
         A CNN returning logits ``(N, K)``, run on its own device in eval mode
         (modules in training mode are switched for the call; a model shared by
-        threads should already be in eval mode, as :func:`load_bundle` returns it).
+        threads should already be in eval mode, as :func:`open_bundle` returns it).
     crops : array (cell, c, z, y, x)
-        NumPy, CuPy or torch; float, already normalised (DESIGN §2). Cast to the
+        NumPy, CuPy or torch; float, already normalised. Cast to the
         model's dtype (float32 normally).
     masks : array (cell, z, y, x), optional
         Central-cell masks on the crop grid (bool; nonzero = inside). With masks,

@@ -8,7 +8,7 @@ reads Zarr v2 and v3) instead of using a reader library, because
   nothing else (tests prove it with a store that counts reads);
 * errors can name the exact key and file (``.../B/2/0/zarr.json: key
   "ome.multiscales[0].datasets[0].path" ...``) and the plate, well and site, which
-  the DESIGN asks for and which generic validators do not do;
+  the design asks for and which generic validators do not do;
 * each site becomes exactly one Dask task reading that field, the unit of work of
   the whole package; ``ome-zarr-py`` builds per-image pyramids of Dask arrays and
   ``ome-zarr-models`` (pydantic models of NGFF 0.4/0.5) validates strictly but

@@ -46,7 +46,7 @@ from gradcamo_dask.io.platemap import (  # noqa: F401  (re-exported: plate.py is
     normalize_well,
     plate_order,
     platemap_of,
-    read_platemap,
+    open_platemap,
     split_well,
     validate_platemap,
     well_name,

@@ -75,7 +75,7 @@ def run_demo(
     scheduler : str, optional
         Address of a running Dask scheduler (default: a local cluster).
     """
-    from gradcamo_dask.engine.bundles import load_bundle
+    from gradcamo_dask.engine.bundles import open_bundle
     from gradcamo_dask.jobs.cluster import connect
     from gradcamo_dask.profiles.qc import summarize_gradcamo
     from gradcamo_dask.jobs.score import score_plate
@@ -126,7 +126,7 @@ def run_demo(
                       seed=seed, test_wells=test_wells, layers=list(cfg["layers"]), patience=None,
                       augmentation=None if not cfg["augmentation"] else Augmentation(), progress=progress)
         timings["train"] = time.perf_counter() - t1
-    bundle = load_bundle(model)
+    bundle = open_bundle(model)
 
     t2 = time.perf_counter()
     client = connect(scheduler, n_workers=n_workers)

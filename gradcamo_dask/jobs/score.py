@@ -1,7 +1,7 @@
 """Plate-scale scoring on Dask: one task per site, lazily, and resumable writes to Zarr.
 
 :func:`score_plate` turns a plate, its labels and a model bundle into a lazy
-``xarray.Dataset`` of profiles (CONTRACTS "Profiles"):
+``xarray.Dataset`` of profiles:
 
 1. the cell table is computed first (one small task per site over the labels);
    it fixes the row order (``cell`` = cell-table order) and each site's cell count;
@@ -79,14 +79,14 @@ def cached_bundle(path: str, expected_hash: str | None = None, device: str | Non
     device : str, optional
         ``"cpu"``, ``"cuda"``; default: CUDA when visible.
     """
-    from gradcamo_dask.engine.bundles import load_bundle
+    from gradcamo_dask.engine.bundles import open_bundle
 
     device = device or _worker_device()
     key = (str(Path(path).resolve()) if "://" not in str(path) else str(path), str(expected_hash or ""), device)
     with _CACHE_LOCK:
         bundle = _CACHE.get(key)
         if bundle is None:
-            bundle = load_bundle(path, device=device)
+            bundle = open_bundle(path, device=device)
             if expected_hash and bundle.hash != expected_hash:
                 raise BundleMismatchError(
                     f"bundle {path} has hash {bundle.hash[:19]}..., the run was planned with "
@@ -309,7 +309,7 @@ def score_plate(
     labels : DataArray (well, site, z, y, x) of int
         Its cell labels (same wells, sites and grid).
     bundle : str, Path or Bundle
-        A model bundle directory (or a loaded :class:`~gradcamo_dask.Bundle`; only
+        A model bundle directory (or a loaded :class:`~gradcamo_dask.engine.bundles.Bundle`; only
         its path travels to the workers).
     layers : str or list of str, optional
         Grad-CAM / feature layers (default: the bundle's ``layers``).
@@ -336,7 +336,7 @@ def score_plate(
     classic : bool or dict
         Also measure CellProfiler's 3D features (:mod:`gradcamo_dask.profiles.classic`) on the
         same raw crops and masks, in the same site task, into ``classic (cell,
-        classic_feature)``; a dict gives :func:`~gradcamo_dask.site_classic_features`
+        classic_feature)``; a dict gives :func:`~gradcamo_dask.profiles.classic.site_classic_features`
         options (``measurements="full"``, ...).
 
     Returns

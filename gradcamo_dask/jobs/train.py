@@ -5,7 +5,7 @@ by a :class:`~gradcamo_dask.jobs.recipe.Recipe` whose defaults are the paper's: 
 training cells for early stopping, augmentations with p = 0.5 each (x/y flips,
 brightness, gamma), Adam at 3e-4, batch 8, cross-entropy; optionally minus
 ``lambda`` times the batch's mean Grad-CAMO (:mod:`gradcamo_dask.engine.regularize`). The
-result is a model bundle (:func:`gradcamo_dask.save_bundle`) with the normalisation
+result is a model bundle (:func:`gradcamo_dask.write_bundle`) with the normalisation
 statistics of the training cells, class names, grids and provenance.
 
 Reproducibility: every epoch draws its shuffling and augmentations from a
@@ -214,7 +214,7 @@ class _State:
 
 
 def _platemap(image: Any, labels: Any, platemap: Any) -> pd.DataFrame:
-    from gradcamo_dask.io.platemap import platemap_of, read_platemap, validate_platemap
+    from gradcamo_dask.io.platemap import platemap_of, open_platemap, validate_platemap
 
     if tuple(image.dims) != ("well", "site", "c", "z", "y", "x"):
         raise InputError(f"image must have dims (well, site, c, z, y, x), got {image.dims}")
@@ -227,7 +227,7 @@ def _platemap(image: Any, labels: Any, platemap: Any) -> pd.DataFrame:
     elif isinstance(platemap, pd.DataFrame):
         pm = validate_platemap(platemap)
     else:
-        pm = read_platemap(platemap)
+        pm = open_platemap(platemap)
     check_wells([str(w) for w in image["well"].values], pm, str(image.attrs.get("plate", "plate")))
     return pm
 
@@ -504,10 +504,10 @@ def _provenance(plate: str, cells: _Cells, recipe: Recipe, run: _Run, state: _St
 
 def _write_bundle(out: str | os.PathLike, model: nn.Module, channels: list[str], cells: _Cells, recipe: Recipe,
                   normalization: dict, provenance: dict, layers: list[str]) -> None:
-    from gradcamo_dask.engine.bundles import save_bundle
+    from gradcamo_dask.engine.bundles import write_bundle
 
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    save_bundle(out, model, channels=channels, classes=cells.classes, crop_shape=recipe.crop_size,
+    write_bundle(out, model, channels=channels, classes=cells.classes, crop_shape=recipe.crop_size,
                 input_shape=recipe.input_shape, normalization=normalization, provenance=provenance, layers=layers)
     keys = ["plate", "well", "site", "object_number", "treatment", "split"]
     cells.table[keys].to_csv(Path(out) / "cells.csv", index=False)

@@ -58,7 +58,7 @@ def scored_layers(profiles: xr.Dataset) -> list[str]:
 
 def _require_scores(profiles: xr.Dataset) -> None:
     if not isinstance(profiles, xr.Dataset):
-        raise InputError("profiles must be an xarray.Dataset (CONTRACTS 'Profiles')")
+        raise InputError("profiles must be an xarray.Dataset")
     if "gradcamo" not in profiles:
         raise InputError(f"the profiles have no Grad-CAMO scores (variables: {list(profiles.data_vars)}); score them "
                          f"with masks (score_plate does) before quality control")

@@ -127,7 +127,8 @@ def profiles_from_model(image, labels, cells: pd.DataFrame, size, model, layers,
     A stand-in for the pipeline's ``score_plate`` on a tiny model: what it stores
     (scores, sums and low-res maps) comes from :func:`gradcamo_dask.engine.explain`.
     """
-    from gradcamo_dask import explain, extract_crops, rescale_crops
+    from gradcamo_dask import explain, extract_crops
+    from gradcamo_dask.cells import rescale_crops
 
     crops, masks = extract_crops(image, labels, cells, size)
     crops, masks = np.asarray(crops.compute()), np.asarray(masks.compute())

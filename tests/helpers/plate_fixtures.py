@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradcamo_dask.engine.bundles import save_bundle
+from gradcamo_dask.engine.bundles import write_bundle
 from gradcamo_dask.engine.models import efficientnet3d
 from gradcamo_dask.io.plate import open_labels, open_plate, write_plate
 from gradcamo_dask.io.synthetic import synthetic_plate
@@ -31,7 +31,7 @@ def make_plate(path: Path, *, wells_per_treatment: int = 2, sites: int = 2, seed
 def make_bundle(path: Path, *, seed: int = 0, channels=CHANNELS, classes=CLASSES) -> Path:
     torch.manual_seed(seed)
     model = lively(efficientnet3d(len(channels), len(classes), INPUT_SHAPE), seed=seed)
-    return save_bundle(path, model, channels=channels, classes=classes, crop_shape=CROP_SHAPE,
+    return write_bundle(path, model, channels=channels, classes=classes, crop_shape=CROP_SHAPE,
                        input_shape=INPUT_SHAPE, normalization={"mean": [0.3] * len(channels),
                                                                "std": [0.2] * len(channels)},
                        layers=LAYERS)

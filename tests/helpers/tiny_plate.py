@@ -13,7 +13,7 @@ def write_tiny_plate_and_bundle(directory: Path, *, seed: int = 0) -> dict[str, 
     """
     import torch
 
-    from gradcamo_dask.engine.bundles import save_bundle
+    from gradcamo_dask.engine.bundles import write_bundle
     from gradcamo_dask.engine.models import efficientnet3d
     from gradcamo_dask.io.plate import write_plate
     from gradcamo_dask.io.synthetic import synthetic_plate
@@ -27,7 +27,7 @@ def write_tiny_plate_and_bundle(directory: Path, *, seed: int = 0) -> dict[str, 
     classes = sorted(str(t) for t in plate.platemap["treatment"].unique())
     torch.manual_seed(seed)
     model = efficientnet3d(len(channels), len(classes), (8, 32, 32)).eval()
-    bundle = save_bundle(directory / "bundle", model, channels=channels, classes=classes, crop_shape=(None, 32, 32),
+    bundle = write_bundle(directory / "bundle", model, channels=channels, classes=classes, crop_shape=(None, 32, 32),
                          input_shape=(8, 32, 32),
                          normalization={"mean": [0.5] * len(channels), "std": [0.25] * len(channels)})
     return {"plate": plate_path, "bundle": Path(bundle)}

@@ -52,7 +52,7 @@ def test_layer_sweep_scores_all_layers_in_one_pass_and_ranks_them():
 
 
 def test_layer_sweep_with_a_bundle_normalises_raw_crops(tmp_path):
-    from gradcamo_dask.engine.bundles import load_bundle, save_bundle
+    from gradcamo_dask.engine.bundles import open_bundle, write_bundle
     from gradcamo_dask.engine.explain import explain
     from gradcamo_dask.engine.models import efficientnet3d
     from gradcamo_dask.engine.normalize import normalize_crops
@@ -61,9 +61,9 @@ def test_layer_sweep_with_a_bundle_normalises_raw_crops(tmp_path):
     raw = (crops - crops.min()) * 1000  # raw intensities: the bundle's normalisation must be applied
     normalization = {"mean": [0.4, 0.5], "std": [0.2, 0.25]}
     model = efficientnet3d(2, 3, input_shape=(16, 32, 32))
-    save_bundle(tmp_path / "bundle", model, channels=["DNA", "Mito"], classes=["a", "b", "c"], crop_shape=(8, 16, 16),
+    write_bundle(tmp_path / "bundle", model, channels=["DNA", "Mito"], classes=["a", "b", "c"], crop_shape=(8, 16, 16),
                 input_shape=(16, 32, 32), normalization=normalization, layers=["_head_swish"])
-    bundle = load_bundle(tmp_path / "bundle")
+    bundle = open_bundle(tmp_path / "bundle")
     layers = ["_blocks.3", "_head_swish"]
     table = layer_sweep(bundle, raw, masks, layers=layers)
     direct = explain(bundle.model, normalize_crops(raw, normalization), masks, layers=layers)

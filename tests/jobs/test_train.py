@@ -45,11 +45,11 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_bundle_split_and_normalization(plate, tmp_path):
-    from gradcamo_dask.engine.bundles import load_bundle
+    from gradcamo_dask.engine.bundles import open_bundle
     from gradcamo_dask.cells import cell_table, extract_crops, fit_normalization
 
     out = train(plate.image, plate.labels, recipe(epochs=1), out=tmp_path / "b", platemap=plate.platemap, progress=False)
-    bundle = load_bundle(out)
+    bundle = open_bundle(out)
     cfg = bundle.config
     assert cfg.classes == ["control", "compound_10uM"]
     assert cfg.channels == list(plate.image["c"].values)
