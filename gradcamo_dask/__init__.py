@@ -63,7 +63,55 @@ _EXPORTS: dict[str, str] = {
     "connect": "jobs.cluster",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "BundleMismatchError",
+    "CellposeSegmenter",
+    "ClusterError",
+    "GradcamoError",
+    "InputError",
+    "LabelsError",
+    "MetadataError",
+    "OutputStoreError",
+    "PlateLayoutError",
+    "Recipe",
+    "Segmenter",
+    "Split",
+    "TrainingError",
+    "WatershedSegmenter",
+    "WeightsFormatError",
+    "WeightsNotFoundError",
+    "apply_whitening",
+    "cell_table",
+    "cellprofiler_table",
+    "classic_features",
+    "connect",
+    "describe_profiles",
+    "efficientnet3d",
+    "explain",
+    "extract_crops",
+    "filter_profiles",
+    "fit_whitening",
+    "gradcamo_score",
+    "layer_grids",
+    "layer_sweep",
+    "open_bundle",
+    "open_labels",
+    "open_plate",
+    "open_platemap",
+    "open_profiles",
+    "rank_layers",
+    "score_plate",
+    "segment_plate",
+    "segment_site",
+    "summarize_gradcamo",
+    "synthetic_plate",
+    "train",
+    "write_bundle",
+    "write_plate",
+    "write_profiles",
+    "write_report",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -73,6 +121,9 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f"gradcamo_dask.{module}"), name)
     globals()[name] = value
     return value
+
+
+assert set(__all__) == set(_EXPORTS) | {"__version__"}, "keep __all__ and _EXPORTS in step"
 
 
 def __dir__() -> list[str]:

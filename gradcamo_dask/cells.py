@@ -5,7 +5,7 @@ The paper's recipe: a crop is ``C x Z x H x W`` (default all z-slices x
 3D mask; cells that touch the volume's border are flagged and, by default, removed;
 the mask ``M`` holds the central cell only (neighbours are in the image crop, not
 in ``M``). Crops are rescaled per crop and channel to [0, 1] and standardised with
-per-channel statistics fit on training cells: :mod:`gradcamo_dask.engine.normalize`, whose
+per-channel statistics fit on training cells: :mod:`gradcamo_dask.normalize`, whose
 functions are importable from here too (``cells.normalize_crops`` is the contract).
 
 Where a crop sits: along an axis of crop size ``n``, a cell with centre ``c`` (float,
@@ -36,7 +36,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.arrays import array_module, to_numpy
 from gradcamo_dask.errors import InputError, LabelsError, PlateLayoutError
-from gradcamo_dask.engine.normalize import fit_normalization, normalize_crops, rescale_crops  # noqa: F401  (contract home)
+from gradcamo_dask.normalize import fit_normalization, normalize_crops, rescale_crops  # noqa: F401  (contract home)
 
 CropSize = Sequence[int | None]
 DEFAULT_SIZE: tuple[int | None, int, int] = (None, 128, 128)

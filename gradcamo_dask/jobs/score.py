@@ -187,7 +187,7 @@ def score_site(
     """
     from gradcamo_dask.cells import crop_site
     from gradcamo_dask.engine.explain import explain
-    from gradcamo_dask.engine.normalize import normalize_crops
+    from gradcamo_dask.normalize import normalize_crops
 
     import torch
 

@@ -69,7 +69,7 @@ def layer_sweep(
         input_shape = input_shape or tuple(bundle.config.input_shape)
         normalization = normalization or dict(bundle.config.normalization)
     if normalization is not None:
-        from gradcamo_dask.engine.normalize import normalize_crops
+        from gradcamo_dask.normalize import normalize_crops
 
         crops = normalize_crops(crops, normalization)
     layers = list(layer_grids(net, input_shape)) if layers is None else list(layers)

@@ -20,7 +20,7 @@ from gradcamo_dask.cells import cell_table, extract_crops
 from gradcamo_dask.errors import BundleMismatchError, LabelsError, OutputStoreError, PlateLayoutError
 from gradcamo_dask.engine.explain import explain
 from gradcamo_dask.engine.bundles import open_bundle
-from gradcamo_dask.engine.normalize import normalize_crops
+from gradcamo_dask.normalize import normalize_crops
 from gradcamo_dask.jobs.score import score_plate
 from gradcamo_dask.profiles.store import describe_profiles, done_sites, open_profiles, write_profiles
 from gradcamo_dask.io.platemap import platemap_of

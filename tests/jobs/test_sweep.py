@@ -55,7 +55,7 @@ def test_layer_sweep_with_a_bundle_normalises_raw_crops(tmp_path):
     from gradcamo_dask.engine.bundles import open_bundle, write_bundle
     from gradcamo_dask.engine.explain import explain
     from gradcamo_dask.engine.models import efficientnet3d
-    from gradcamo_dask.engine.normalize import normalize_crops
+    from gradcamo_dask.normalize import normalize_crops
     
     crops, masks = _cells(4, grid=(8, 16, 16), seed=1)
     raw = (crops - crops.min()) * 1000  # raw intensities: the bundle's normalisation must be applied
