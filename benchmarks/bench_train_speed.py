@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gradcamo_dask.engine.models import efficientnet3d
     from gradcamo_dask.engine.regularize import gradcamo_loss
-    from gradcamo_dask.jobs.train import autocast_context, to_device
+    from gradcamo_dask.jobs.epochs import autocast_context, to_device
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

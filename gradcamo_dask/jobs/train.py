@@ -31,8 +31,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from gradcamo_dask.engine.augment import Augmentation, augment_batch
-from gradcamo_dask.engine.regularize import gradcamo_loss
 from gradcamo_dask.errors import InputError, LabelsError, TrainingError
 from gradcamo_dask.jobs.checkpoint import (
     CheckpointFiles,
@@ -43,86 +41,12 @@ from gradcamo_dask.jobs.checkpoint import (
     save_json,
     save_tensors,
 )
+from gradcamo_dask.jobs.epochs import Batches, evaluate_split, seed_of, train_epoch
 from gradcamo_dask.jobs.recipe import Recipe
 from gradcamo_dask.jobs.trainset import SiteReader, assign_split, check_wells, combine_normalization
 from gradcamo_dask.provenance import package_versions
 
-__all__ = ["Recipe", "train", "evaluate_split", "informative_layer", "autocast_context", "to_device"]
-
-# ------------------------------------------------------------------ helpers
-def _seed_of(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0] % (2**63))
-
-
-def autocast_context(device: torch.device, autocast: Any = None) -> Any:
-    """The autocast context of a training or evaluation step.
-
-    ``autocast`` None: bf16 on CUDA, none elsewhere; False: none; True: bf16; a dtype: that dtype.
-    """
-    import contextlib
-
-    if autocast is None:
-        autocast = device.type == "cuda"
-    if autocast is False:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if autocast is True else autocast)
-
-
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """A batch ``(cell, c, z, y, x)`` on ``device``, in ``channels_last_3d`` memory format when asked."""
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
-
-
-class _Batches:
-    """Shuffled batches of one split: sites in a seeded order, read ``shuffle_sites`` at a
-    time, cells shuffled within each group; the random draws do not depend on the cache."""
-
-    def __init__(self, reader: SiteReader, split: str, labels: np.ndarray, normalization: dict,
-                 batch_size: int, shuffle_sites: int) -> None:
-        self.reader, self.split, self.labels = reader, split, labels
-        self.batch_size, self.shuffle_sites = batch_size, shuffle_sites
-        self.mean = torch.tensor(normalization["mean"], dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self.std = torch.tensor(normalization["std"], dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self.keys = reader.sites([split])
-        split_of = reader.table["split"].to_numpy()
-        self.n_cells = int((split_of == split).sum())
-
-    def __len__(self) -> int:
-        return math.ceil(self.n_cells / self.batch_size)
-
-    def iterate(self, generator: torch.Generator | None, augmentation: Augmentation | None):
-        """Yield ``(inputs, labels, masks)``; ``generator=None``: fixed order, no augmentation."""
-        order = (torch.randperm(len(self.keys), generator=generator).tolist() if generator is not None
-                 else list(range(len(self.keys))))
-        keys = [self.keys[i] for i in order]
-        split_of = self.reader.table["split"].to_numpy()
-        carry: list[tuple[torch.Tensor, torch.Tensor, np.ndarray]] = []
-        for start in range(0, len(keys), self.shuffle_sites):
-            group = list(self.reader.stream(keys[start:start + self.shuffle_sites]))
-            xs, ms, rows = [], [], []
-            for _key, data in group:
-                keep = np.flatnonzero(split_of[data.rows] == self.split)
-                xs.append(data.inputs[keep])
-                ms.append(data.masks[keep])
-                rows.append(data.rows[keep])
-            x, m, r = torch.cat(xs), torch.cat(ms), np.concatenate(rows)
-            if carry:
-                x, m, r = torch.cat([carry[0][0], x]), torch.cat([carry[0][1], m]), np.concatenate([carry[0][2], r])
-                carry = []
-            perm = torch.randperm(len(r), generator=generator) if generator is not None else torch.arange(len(r))
-            x, m, r = x[perm], m[perm], r[perm.numpy()]
-            last = start + self.shuffle_sites >= len(keys)
-            n_full = len(r) if last else (len(r) // self.batch_size) * self.batch_size
-            for b in range(0, n_full, self.batch_size):
-                xb = x[b:b + self.batch_size]
-                if generator is not None and augmentation is not None:
-                    xb = augment_batch(xb, generator, augmentation)
-                yield (xb - self.mean) / self.std, torch.from_numpy(self.labels[r[b:b + self.batch_size]]), \
-                    m[b:b + self.batch_size]
-            if not last and n_full < len(r):
-                carry = [(x[n_full:], m[n_full:], r[n_full:])]
-
+__all__ = ["Recipe", "informative_layer", "train"]
 
 def informative_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
     """The model's default Grad-CAM layer, or, when that layer's grid is a single voxel at
@@ -142,52 +66,6 @@ def informative_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> st
         raise InputError(f"no layer of the model has more than one voxel at input grid {input_shape}; use a larger "
                          "input_shape")
     return (blocks or wider)[-1]
-
-
-def evaluate_split(model: nn.Module, batches: _Batches, *, device: torch.device, channels_last: bool,
-                   autocast: Any = None, layer: str | None = None) -> dict[str, Any]:
-    """Loss and accuracy of a split (eval mode, no augmentation); with ``layer`` also
-    Grad-CAMO of the predicted class per cell (low-resolution route, as :func:`explain`).
-
-    Returns a dict with ``loss``, ``accuracy``, ``n`` and, with a layer, ``gradcamo``
-    (per-cell array, NaN where undefined), ``gradcamo_mean``, ``gradcamo_sd``,
-    ``n_undefined``, ``predicted``, ``rows``.
-    """
-    from gradcamo_dask.engine.explain import GradCAM
-    from gradcamo_dask.engine.gradcamo import gradcamo_lowres
-
-    was_training = model.training
-    model.eval()
-    total_loss, correct, n = 0.0, 0, 0
-    scores, predicted = [], []
-    try:
-        for x, y, m in batches.iterate(None, None):
-            x = to_device(x, device, channels_last)
-            y = y.to(device)
-            if layer is None:
-                with torch.no_grad(), autocast_context(device, autocast):
-                    logits = model(x).float()
-            else:
-                with GradCAM(model, [layer]) as cam, autocast_context(device, autocast):
-                    result = cam(x, target="predicted")
-                logits = result.logits.float()
-                score, _, _ = gradcamo_lowres(result.cams[layer], m.to(device))
-                scores.append(score.cpu().numpy())
-            total_loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            pred = logits.argmax(dim=1)
-            predicted.append(pred.cpu().numpy())
-            correct += int((pred == y).sum())
-            n += len(y)
-    finally:
-        model.train(was_training)
-    out: dict[str, Any] = {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "n": n}
-    if layer is not None:
-        s = np.concatenate(scores) if scores else np.zeros(0)
-        defined = s[np.isfinite(s)]
-        out.update(gradcamo=s, gradcamo_mean=float(defined.mean()) if len(defined) else float("nan"),
-                   gradcamo_sd=float(defined.std()) if len(defined) else float("nan"),
-                   n_undefined=int((~np.isfinite(s)).sum()), predicted=np.concatenate(predicted))
-    return out
 
 
 # -------------------------------------------------------------------- train
@@ -264,7 +142,7 @@ def _build_model(n_channels: int, n_classes: int, recipe: Recipe) -> tuple[nn.Mo
     """The seeded model with the recipe's batch-norm and head settings, its regulariser and bundle layers."""
     from gradcamo_dask.engine.models import efficientnet3d
 
-    torch.manual_seed(_seed_of(recipe.seed, 999_999))
+    torch.manual_seed(seed_of(recipe.seed, 999_999))
     model = efficientnet3d(n_channels, n_classes, recipe.input_shape, **dict(recipe.model_options or {}))
     layers = recipe.layers
     layer = recipe.regularizer_layer or (layers[0] if layers else informative_layer(model, recipe.input_shape))
@@ -353,13 +231,13 @@ class _Run:
     progress: bool
 
 
-def _fit(run: _Run, state: _State, batches: dict[str, _Batches], counts: dict[str, int], recipe: Recipe) -> str:
+def _fit(run: _Run, state: _State, batches: dict[str, Batches], counts: dict[str, int], recipe: Recipe) -> str:
     """The epochs still to run, a checkpoint after each; returns what stopped them."""
     r = recipe
     for epoch in range(state.epochs_done, r.epochs):
         if r.patience is not None and state.stale >= r.patience:
             break
-        record = _train_epoch(run.model, run.optimizer, batches["train"], epoch=epoch, epochs=r.epochs, seed=r.seed,
+        record = train_epoch(run.model, run.optimizer, batches["train"], epoch=epoch, epochs=r.epochs, seed=r.seed,
                               augmentation=r.augmentation, regularizer=r.regularizer, layer=run.layer,
                               target=r.regularizer_target, device=run.device, channels_last=run.channels_last,
                               autocast=run.autocast, progress=run.progress,
@@ -466,7 +344,7 @@ def train(
         if state.normalization is None:
             state.normalization = _training_normalization(reader)
         targets = cells.targets[reader.table.index.to_numpy()]
-        batches = {s: _Batches(reader, s, targets, state.normalization, recipe.batch_size, recipe.shuffle_sites)
+        batches = {s: Batches(reader, s, targets, state.normalization, recipe.batch_size, recipe.shuffle_sites)
                    for s in ("train", "val", "test")}
         stopped = _fit(run, state, batches, cells.counts, recipe)
         if files.best.is_file() and state.best["epoch"]:
@@ -511,49 +389,3 @@ def _write_bundle(out: str | os.PathLike, model: nn.Module, channels: list[str],
                 input_shape=recipe.input_shape, normalization=normalization, provenance=provenance, layers=layers)
     keys = ["plate", "well", "site", "object_number", "treatment", "split"]
     cells.table[keys].to_csv(Path(out) / "cells.csv", index=False)
-
-
-def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches, *, epoch: int,
-                 epochs: int, seed: int, augmentation: Augmentation | None, regularizer: float, layer: str,
-                 target: str, device: torch.device, channels_last: bool, autocast: Any, progress: bool,
-                 epoch_batchnorm: bool = False) -> dict:
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(_seed_of(seed, epoch))  # dropout and drop-connect
-    generator = torch.Generator().manual_seed(_seed_of(seed, 10_000 + epoch))
-    model.train()
-    if epoch_batchnorm:  # running statistics = the average over this epoch's batches
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
-                module.momentum = None
-    total, correct, n, score_sum, score_n, undefined = 0.0, 0, 0, 0.0, 0, 0
-    bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-    try:
-        for x, y, m in batches.iterate(generator, augmentation):
-            x = to_device(x, device, channels_last)
-            y = y.to(device)
-            with autocast_context(device, autocast):
-                result = gradcamo_loss(model, x, y, m, layer=layer, lam=regularizer, target=target)
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            optimizer.step()
-            k = len(y)
-            total += float(result.cross_entropy.detach()) * k
-            correct += int((result.logits.detach().argmax(dim=1) == y).sum())
-            n += k
-            if regularizer:
-                s = result.scores[torch.isfinite(result.scores)]
-                score_sum, score_n, undefined = score_sum + float(s.sum()), score_n + len(s), \
-                    undefined + result.n_undefined
-            post = {"loss": f"{total / n:.3f}", "acc": f"{correct / n:.3f}"}
-            if score_n:
-                post["gradcamo"] = f"{score_sum / score_n:.3f}"
-            bar.set_postfix(post, refresh=False)
-            bar.update(1)
-    finally:
-        bar.close()
-    record = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "train_accuracy": correct / max(n, 1)}
-    if regularizer:
-        record.update(train_gradcamo=score_sum / score_n if score_n else None, train_undefined=undefined)
-    return record

@@ -182,7 +182,7 @@ def test_regularizer_under_bf16_autocast_stays_close_to_float32():
 
 def test_train_step_channels_last_matches_contiguous():
     from gradcamo_dask.engine.models import efficientnet3d
-    from gradcamo_dask.jobs.train import to_device
+    from gradcamo_dask.jobs.epochs import to_device
 
     torch.manual_seed(0)
     model = efficientnet3d(2, 3, (8, 16, 16)).eval()
@@ -200,7 +200,7 @@ def test_train_step_channels_last_matches_contiguous():
 @pytest.mark.gpu
 def test_cuda_bf16_channels_last_training_step_matches_cpu():
     from gradcamo_dask.engine.models import efficientnet3d
-    from gradcamo_dask.jobs.train import autocast_context, to_device
+    from gradcamo_dask.jobs.epochs import autocast_context, to_device
 
     torch.manual_seed(0)
     model = efficientnet3d(6, 4, (16, 48, 48)).eval()
