@@ -231,6 +231,20 @@ class _Run:
     progress: bool
 
 
+def _start(plate: str, channels: list[str], cells: _Cells, recipe: Recipe, files: CheckpointFiles, device: Any,
+           channels_last: bool | None, autocast: Any, progress: bool) -> tuple[_Run, list[str]]:
+    """Model on its device, Adam, fingerprint: a run ready for its first (or resumed) epoch."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    model, layer, bundle_layers = _build_model(len(channels), len(cells.classes), recipe)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
+    fingerprint = _fingerprint(plate, channels, cells, recipe, layer)
+    return _Run(model, optimizer, device, channels_last, autocast, files, fingerprint, layer, progress), bundle_layers
+
+
 def _fit(run: _Run, state: _State, batches: dict[str, Batches], counts: dict[str, int], recipe: Recipe) -> str:
     """The epochs still to run, a checkpoint after each; returns what stopped them."""
     r = recipe
@@ -328,15 +342,9 @@ def train(
     pm = _platemap(image, labels, platemap)
     plate, channels = str(image.attrs.get("plate", "plate")), [str(c) for c in image["c"].values]
     cells = _split_cells(labels, pm, recipe)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
-    model, layer, bundle_layers = _build_model(len(channels), len(cells.classes), recipe)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
     files = CheckpointFiles(checkpoint_dir if checkpoint_dir is not None else Path(out) / "checkpoint")
-    run = _Run(model, torch.optim.Adam(model.parameters(), lr=recipe.learning_rate), device, channels_last, autocast,
-               files, _fingerprint(plate, channels, cells, recipe, layer), layer, progress)
+    run, bundle_layers = _start(plate, channels, cells, recipe, files, device, channels_last, autocast, progress)
+    model, device, channels_last = run.model, run.device, run.channels_last
     state = _resume(files, run.fingerprint, model, run.optimizer) if resume and files.state.is_file() else _State()
     files.folder.mkdir(parents=True, exist_ok=True)
     reader = _crop_reader(image, labels, cells, recipe, cache)

@@ -95,7 +95,7 @@ class WatershedSegmenter(Segmenter):
     smoothing : float
         Gaussian smoothing sigma, xy voxels (default 1.0).
     seed_height : float
-        h-maximum depth of a seed, share of the intensity range (default 0.1).
+        Height of the distance maxima kept as seeds, share of the nucleus radius (default 0.1).
     """
 
     method: ClassVar[str] = "watershed"
@@ -111,8 +111,8 @@ class WatershedSegmenter(Segmenter):
             raise InputError(f"nucleus_diameter must be > 0 xy voxels or None (estimated), got {self.nucleus_diameter}")
         if not self.smoothing >= 0:
             raise InputError(f"smoothing must be >= 0 xy voxels, got {self.smoothing}")
-        if not 0 <= self.seed_height <= 1:
-            raise InputError(f"seed_height must be in [0, 1] (share of the intensity range), got {self.seed_height}")
+        if not self.seed_height > 0:
+            raise InputError(f"seed_height must be > 0 (share of the nucleus radius), got {self.seed_height}")
 
     def statistics(self, nucleus: np.ndarray, cytoplasm: np.ndarray | None, voxel_stride: int = 1) -> dict:
         from gradcamo_dask.segment.watershed import watershed_statistics

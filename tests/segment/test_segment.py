@@ -85,7 +85,7 @@ def test_segmenter_options_are_checked_when_built_and_travel_as_one_object():
     import pickle
 
     for bad, match in [(dict(min_size=-1), "min_size"), (dict(anisotropy=0.0), "anisotropy"),
-                       (dict(seed_height=2.0), "seed_height"), (dict(nucleus_diameter=0.0), "nucleus_diameter")]:
+                       (dict(seed_height=0.0), "seed_height"), (dict(nucleus_diameter=0.0), "nucleus_diameter")]:
         with pytest.raises(InputError, match=match):
             WatershedSegmenter(**bad)
     segmenter = WatershedSegmenter(smoothing=2.0)
