@@ -226,42 +226,11 @@ def _run_segment(args) -> int:
         return 1
     n_sites = labels.sizes["well"] * labels.sizes["site"]
     print(f"segmenting {n_sites} site(s) of plate {labels.attrs.get('plate', args.plate)!r} with {args.method}")
-    _compute_labels(_labels_store(labels, args.out), args.scheduler)
-    _finish_labels_store(labels, args.out)
+    from gradcamo_dask.io.plate import write_labels
+
+    _compute_labels(write_labels(labels, args.out), args.scheduler)
     print(f"labels written to {args.out}")
     return 0
-
-
-def _labels_store(labels, path: str):
-    """Create the plain-Zarr labels layout that ``open_labels`` reads and return the delayed write.
-
-    The group attributes (wells, plate, voxel size, segmentation provenance) are
-    written by :func:`_finish_labels_store` after the data, so an interrupted run
-    leaves a store without them.
-    """
-    import dask.array as da
-    import zarr
-
-    n_z, n_y, n_x = (labels.sizes[d] for d in ("z", "y", "x"))
-    chunks = (1, 1, n_z, min(n_y, 2048), min(n_x, 2048))
-    group = zarr.open_group(path, mode="w-")
-    array = group.create_array("labels", shape=labels.shape, chunks=chunks, dtype="int32", fill_value=0)
-    return da.store(labels.data.rechunk(chunks), array, lock=False, compute=False)
-
-
-def _finish_labels_store(labels, path: str) -> None:
-    import zarr
-
-    group = zarr.open_group(path, mode="r+")
-    group.attrs.update(
-        {
-            "plate": str(labels.attrs.get("plate", "")),
-            "wells": [str(w) for w in labels.coords["well"].values],
-            "sites": [int(s) for s in labels.coords["site"].values],
-            "spacing_zyx_um": [float(v) for v in labels.attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0))],
-            "segmentation": labels.attrs.get("segmentation", ""),
-        }
-    )
 
 
 _COMMANDS.append(_add_segment)
