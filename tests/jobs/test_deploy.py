@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from gradcamo_dask.errors import ClusterError, OutputStoreError
-from tests.helpers.tiny_plate import tiny_plate  # noqa: F401  (fixture)
 
 from tests.helpers.paths import REPO
 DEPLOY = REPO / "deploy"
