@@ -38,7 +38,8 @@ SPACING = (1.1115, 0.65, 0.65)
 def _cells(n_cells: int):
     import numpy as np
 
-    from gradcamo_dask import cell_table, crop_site, synthetic_plate
+    from gradcamo_dask import cell_table, synthetic_plate
+    from gradcamo_dask.cells import crop_site
 
     plate = synthetic_plate(doses_um=(0, 10), wells_per_treatment=1, sites_per_well=2)
     cells = cell_table(plate.labels, plate.platemap)

@@ -79,18 +79,18 @@ def audit(bundle_path: Path, plate, table, layer: str | None, device: str | None
     import numpy as np
     import torch
 
-    from gradcamo_dask.engine.bundles import load_bundle
-    from gradcamo_dask.jobs.train import _Batches, evaluate_split
+    from gradcamo_dask.engine.bundles import open_bundle
+    from gradcamo_dask.jobs.epochs import Batches, evaluate_split
     from gradcamo_dask.jobs.trainset import SiteReader
 
-    bundle = load_bundle(bundle_path)
+    bundle = open_bundle(bundle_path)
     cfg = bundle.config
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = bundle.model.to(dev)
     targets = np.array([cfg.classes.index(str(t)) for t in table["treatment"]], dtype=np.int64)
     reader = SiteReader(plate.image, plate.labels, table, cfg.crop_shape, cfg.input_shape, cache=False)
     try:
-        batches = _Batches(reader, "test", targets, cfg.normalization, 8, 64)
+        batches = Batches(reader, "test", targets, cfg.normalization, 8, 64)
         if layer is not None:
             res = evaluate_split(model, batches, device=dev, channels_last=False, layer=layer)
             y, pred, score = None, res["predicted"], res["gradcamo"]
@@ -141,6 +141,7 @@ def run(mode: str, out_dir: Path, device: str | None, only: list[str] | None = N
 
     from gradcamo_dask.cells import cell_table
     from gradcamo_dask.io.synthetic import synthetic_plate
+    from gradcamo_dask.jobs.recipe import Recipe, Split
     from gradcamo_dask.jobs.train import train
 
     s, c = SETTINGS[mode], COMMON
@@ -159,11 +160,11 @@ def run(mode: str, out_dir: Path, device: str | None, only: list[str] | None = N
             lam = c["lam"] if regularized else 0.0
             plate = plates[plate_name]
             t0 = time.perf_counter()
-            bundle = train(plate.image, plate.labels, plate.platemap, out=Path(tmp) / name,
-                           crop_size=c["crop_size"], input_shape=c["input_shape"], epochs=s["epochs"],
-                           seed=c["seed"], test_rows=c["test_rows"], max_train_cells=s["max_train_cells"],
-                           patience=c["patience"], regularizer=lam, regularizer_layer=c["layer"],
-                           layers=[c["layer"]], device=device, progress=sys.stderr.isatty())
+            recipe = Recipe(crop_size=c["crop_size"], input_shape=c["input_shape"], epochs=s["epochs"],
+                            seed=c["seed"], split=Split(test_rows=c["test_rows"], max_train_cells=s["max_train_cells"]),
+                            patience=c["patience"], regularizer=lam, regularizer_layer=c["layer"], layers=[c["layer"]])
+            bundle = train(plate.image, plate.labels, recipe, out=Path(tmp) / name, platemap=plate.platemap,
+                           device=device, progress=sys.stderr.isatty())
             seconds = time.perf_counter() - t0
             prov = json.loads((bundle / "config.json").read_text())["provenance"]
             cells_trained = prov["cells"]["train"] * prov["epochs_run"]

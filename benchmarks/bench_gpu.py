@@ -305,7 +305,7 @@ def _site(sizes: dict):
 
 def part_crops(part: Part, sizes: dict, device: str, args) -> None:
     from gradcamo_dask.cells import crop_site
-    from gradcamo_dask.engine.normalize import normalize_crops
+    from gradcamo_dask.normalize import normalize_crops
 
     image, labels, cells = _site(sizes)
     crop = (None, *sizes["crop"][1:])

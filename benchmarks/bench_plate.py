@@ -97,12 +97,12 @@ def worker_gpus(client) -> list[str]:
 def make_bundle(path: Path, device: str, input_shape, crop_shape, seed: int = 0) -> Path:
     import torch
 
-    from gradcamo_dask.engine.bundles import save_bundle
+    from gradcamo_dask.engine.bundles import write_bundle
     from gradcamo_dask.engine.models import efficientnet3d
 
     torch.manual_seed(seed)
     model = efficientnet3d(6, 2, input_shape)
-    return save_bundle(path, model.eval(), channels=["DNA", "ER", "RNA", "AGP", "Actin", "Mito"],
+    return write_bundle(path, model.eval(), channels=["DNA", "ER", "RNA", "AGP", "Actin", "Mito"],
                        classes=["control", "compound_10uM"], crop_shape=crop_shape, input_shape=input_shape,
                        normalization={"mean": [0.3] * 6, "std": [0.2] * 6}, layers=["_head_swish"])
 

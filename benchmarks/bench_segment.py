@@ -231,7 +231,9 @@ def train_cellpose(
 
 def run_method(image, truth, method: str, **options) -> dict:
     """Segment the plate lazily, time the computation, score against the truth."""
-    labels = gd.segment_plate(image, method, **options)
+    from gradcamo_dask.segment.segmenters import METHODS
+
+    labels = gd.segment_plate(image, METHODS[method](**options))
     started = time.perf_counter()
     values = labels.values
     seconds = time.perf_counter() - started
@@ -302,7 +304,7 @@ def main(argv=None) -> int:
             print(f"[{mode}] Cellpose on {device} ...", flush=True)
             # load the model before timing (the per-process cache keeps it), on a small corner
             load_started = time.perf_counter()
-            _ = gd.segment_plate(image.isel(**corner), "cellpose", model=weights["weights"], device=device).values
+            _ = gd.segment_plate(image.isel(**corner), gd.CellposeSegmenter(model=weights["weights"], device=device)).values
             report[f"cellpose_model_load_s_{device}"] = round(time.perf_counter() - load_started, 2)
             report["results"].append(run_method(image, truth, "cellpose", model=weights["weights"], device=device))
     report["total_seconds"] = round(time.perf_counter() - started, 1)

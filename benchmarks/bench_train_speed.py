@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from gradcamo_dask.engine.models import efficientnet3d
     from gradcamo_dask.engine.regularize import gradcamo_loss
-    from gradcamo_dask.jobs.train import _autocast, _prepare
+    from gradcamo_dask.engine.precision import autocast_context
+    from gradcamo_dask.jobs.epochs import to_device
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         masks = torch.rand(args.batch_size, *args.crop_shape) > 0.7
 
         def step() -> None:
-            xb = _prepare(x, device, channels_last)
-            with _autocast(device, None):
+            xb = to_device(x, device, channels_last)
+            with autocast_context(device, None):
                 out = gradcamo_loss(model, xb, y.to(device), masks.to(device), layer=args.layer, lam=lam)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()

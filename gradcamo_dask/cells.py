@@ -1,11 +1,11 @@
 """Cell tables and single-cell crops with central-cell masks (normalisation re-exported).
 
-The paper's recipe (DESIGN §2): a crop is ``C x Z x H x W`` (default all z-slices x
+The paper's recipe: a crop is ``C x Z x H x W`` (default all z-slices x
 128 x 128), centred on the cell at the mean of the minimum and maximum index of its
 3D mask; cells that touch the volume's border are flagged and, by default, removed;
 the mask ``M`` holds the central cell only (neighbours are in the image crop, not
 in ``M``). Crops are rescaled per crop and channel to [0, 1] and standardised with
-per-channel statistics fit on training cells: :mod:`gradcamo_dask.engine.normalize`, whose
+per-channel statistics fit on training cells: :mod:`gradcamo_dask.normalize`, whose
 functions are importable from here too (``cells.normalize_crops`` is the contract).
 
 Where a crop sits: along an axis of crop size ``n``, a cell with centre ``c`` (float,
@@ -36,7 +36,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.arrays import array_module, to_numpy
 from gradcamo_dask.errors import InputError, LabelsError, PlateLayoutError
-from gradcamo_dask.engine.normalize import fit_normalization, normalize_crops, rescale_crops  # noqa: F401  (contract home)
+from gradcamo_dask.normalize import fit_normalization, normalize_crops, rescale_crops  # noqa: F401  (contract home)
 
 CropSize = Sequence[int | None]
 DEFAULT_SIZE: tuple[int | None, int, int] = (None, 128, 128)
@@ -221,13 +221,13 @@ def _per_site(data: da.Array, n_site_dims: int) -> da.Array:
 
 
 def _platemap_table(labels: xr.DataArray, platemap: Any) -> pd.DataFrame | None:
-    from gradcamo_dask.io.platemap import platemap_of, read_platemap, validate_platemap
+    from gradcamo_dask.io.platemap import platemap_of, open_platemap, validate_platemap
 
     if platemap is None:
         return platemap_of(labels)
     if isinstance(platemap, pd.DataFrame):
         return validate_platemap(platemap)
-    return read_platemap(platemap)
+    return open_platemap(platemap)
 
 
 def cell_table(

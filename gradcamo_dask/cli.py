@@ -171,46 +171,26 @@ def _add_segment(commands) -> None:
     parser.set_defaults(run=_run_segment)
 
 
-def _run_segment(args) -> int:
-    import os
+def _segmenter(args):
+    """The one segmenter object the options describe (weights checked now, for Cellpose)."""
+    from gradcamo_dask.segment.segmenters import CellposeSegmenter, WatershedSegmenter
 
+    if args.method == "watershed":
+        return WatershedSegmenter(anisotropy=args.anisotropy, min_size=args.min_size)
+    return CellposeSegmenter(
+        model=args.model, diameter=args.diameter, stitch_threshold=args.stitch_threshold,
+        flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold, anisotropy=args.anisotropy,
+        min_size=args.min_size, do_3D=args.do_3d, device=args.device, allow_download=args.allow_download,
+    )
+
+
+def _compute_labels(store, scheduler: str | None) -> None:
     import dask
 
-    import gradcamo_dask
-    from gradcamo_dask.errors import GradcamoError, OutputStoreError
-
-    try:
-        if os.path.exists(args.out):
-            raise OutputStoreError(f"{args.out} exists; choose a new --out (labels are never written over)")
-        image = gradcamo_dask.open_plate(args.plate)
-        labels = gradcamo_dask.segment_plate(
-            image,
-            args.method,
-            nucleus_channel=args.nucleus_channel,
-            cytoplasm_channel=None if args.cytoplasm_channel.lower() == "none" else args.cytoplasm_channel,
-            model=args.model,
-            diameter=args.diameter,
-            stitch_threshold=args.stitch_threshold,
-            flow_threshold=args.flow_threshold,
-            cellprob_threshold=args.cellprob_threshold,
-            anisotropy=args.anisotropy,
-            min_size=args.min_size,
-            do_3D=args.do_3d,
-            device=args.device,
-            tile_shape=None if args.tile_size <= 0 else (args.tile_size, args.tile_size),
-            tile_overlap=args.tile_overlap,
-            allow_download=args.allow_download,
-        )
-    except GradcamoError as error:
-        print(f"gradcamo-dask segment: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-    n_sites = labels.sizes["well"] * labels.sizes["site"]
-    print(f"segmenting {n_sites} site(s) of plate {labels.attrs.get('plate', args.plate)!r} with {args.method}")
-    store = _labels_store(labels, args.out)
-    if args.scheduler:
+    if scheduler:
         from distributed import Client, progress
 
-        with Client(args.scheduler) as client:
+        with Client(scheduler) as client:
             print(f"Dask dashboard: {client.dashboard_link}")
             future = client.compute(store)
             progress(future)
@@ -220,41 +200,37 @@ def _run_segment(args) -> int:
 
         with ProgressBar():
             dask.compute(store)
-    _finish_labels_store(labels, args.out)
+
+
+def _run_segment(args) -> int:
+    import gradcamo_dask
+    from gradcamo_dask.errors import GradcamoError, OutputStoreError
+    from gradcamo_dask.io.layout import select_channels
+
+    cytoplasm = None if args.cytoplasm_channel.lower() == "none" else args.cytoplasm_channel
+    try:
+        if os.path.exists(args.out):
+            raise OutputStoreError(f"{args.out} exists; choose a new --out (labels are never written over)")
+        image = gradcamo_dask.open_plate(args.plate)
+        select_channels(image, [c for c in (args.nucleus_channel, cytoplasm) if c])  # before any weights lookup
+        labels = gradcamo_dask.segment_plate(
+            image,
+            _segmenter(args),
+            nucleus_channel=args.nucleus_channel,
+            cytoplasm_channel=cytoplasm,
+            tile_shape=None if args.tile_size <= 0 else (args.tile_size, args.tile_size),
+            tile_overlap=args.tile_overlap,
+        )
+    except GradcamoError as error:
+        print(f"gradcamo-dask segment: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    n_sites = labels.sizes["well"] * labels.sizes["site"]
+    print(f"segmenting {n_sites} site(s) of plate {labels.attrs.get('plate', args.plate)!r} with {args.method}")
+    from gradcamo_dask.io.plate import write_labels
+
+    _compute_labels(write_labels(labels, args.out), args.scheduler)
     print(f"labels written to {args.out}")
     return 0
-
-
-def _labels_store(labels, path: str):
-    """Create the plain-Zarr labels layout that ``open_labels`` reads and return the delayed write.
-
-    The group attributes (wells, plate, voxel size, segmentation provenance) are
-    written by :func:`_finish_labels_store` after the data, so an interrupted run
-    leaves a store without them.
-    """
-    import dask.array as da
-    import zarr
-
-    n_z, n_y, n_x = (labels.sizes[d] for d in ("z", "y", "x"))
-    chunks = (1, 1, n_z, min(n_y, 2048), min(n_x, 2048))
-    group = zarr.open_group(path, mode="w-")
-    array = group.create_array("labels", shape=labels.shape, chunks=chunks, dtype="int32", fill_value=0)
-    return da.store(labels.data.rechunk(chunks), array, lock=False, compute=False)
-
-
-def _finish_labels_store(labels, path: str) -> None:
-    import zarr
-
-    group = zarr.open_group(path, mode="r+")
-    group.attrs.update(
-        {
-            "plate": str(labels.attrs.get("plate", "")),
-            "wells": [str(w) for w in labels.coords["well"].values],
-            "sites": [int(s) for s in labels.coords["site"].values],
-            "spacing_zyx_um": [float(v) for v in labels.attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0))],
-            "segmentation": labels.attrs.get("segmentation", ""),
-        }
-    )
 
 
 _COMMANDS.append(_add_segment)
@@ -306,32 +282,25 @@ def _add_train(commands) -> None:
     parser.set_defaults(run=_run_train)
 
 
-def _run_train(args) -> int:
-    import gradcamo_dask
+def _recipe(args):
+    """The one training recipe the options describe."""
     from gradcamo_dask.engine.augment import Augmentation
-    from gradcamo_dask.errors import GradcamoError
+    from gradcamo_dask.errors import InputError
+    from gradcamo_dask.jobs.recipe import Recipe, Split
 
-    try:
-        image = gradcamo_dask.open_plate(args.plate, platemap=args.platemap)
-        labels = gradcamo_dask.open_labels(args.labels or args.plate, like=image)
-        crop = args.crop_size
-        if len(crop) not in (2, 3):
-            raise gradcamo_dask.InputError(f"--crop-size takes Y X or Z Y X, got {crop}")
-        out = gradcamo_dask.train(
-            image, labels, None, out=args.out, crop_size=(None, *crop) if len(crop) == 2 else tuple(crop),
-            input_shape=tuple(args.input_shape), epochs=args.epochs, batch_size=args.batch_size,
-            learning_rate=args.lr, seed=args.seed, test_wells=args.test_wells, test_columns=args.test_columns,
-            test_rows=args.test_rows, train_wells=args.train_wells, train_columns=args.train_columns,
-            train_rows=args.train_rows, val_fraction=args.val_fraction, max_train_cells=args.max_train_cells,
-            patience=args.patience or None, augmentation=None if args.no_augment else Augmentation(),
-            regularizer=args.regularizer, regularizer_layer=args.regularizer_layer, layers=args.layers,
-            resume=args.resume, device=args.device, progress=not args.quiet,
-        )
-    except GradcamoError as err:
-        print(f"gradcamo-dask train: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    import json
+    crop = args.crop_size
+    if len(crop) not in (2, 3):
+        raise InputError(f"--crop-size takes Y X or Z Y X, got {crop}")
+    split = Split(test_wells=args.test_wells, test_columns=args.test_columns, test_rows=args.test_rows,
+                  train_wells=args.train_wells, train_columns=args.train_columns, train_rows=args.train_rows,
+                  val_fraction=args.val_fraction, max_train_cells=args.max_train_cells)
+    return Recipe(crop_size=(None, *crop) if len(crop) == 2 else tuple(crop), input_shape=tuple(args.input_shape),
+                  epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, split=split,
+                  patience=args.patience or None, augmentation=None if args.no_augment else Augmentation(),
+                  regularizer=args.regularizer, regularizer_layer=args.regularizer_layer, layers=args.layers)
 
+
+def _print_training(out) -> None:
     prov = json.loads((out / "config.json").read_text())["provenance"]
     test = prov.get("test") or {}
     print(f"wrote {out}: {prov['epochs_run']} epochs (best {prov['best_epoch']}, {prov['stopped_by']}), "
@@ -339,6 +308,22 @@ def _run_train(args) -> int:
     if test:
         print(f"test accuracy {test['accuracy']:.3f}, Grad-CAMO {test['gradcamo_mean']:.3f} "
               f"+- {test['gradcamo_sd']:.3f} at {test['layer']}")
+
+
+def _run_train(args) -> int:
+    import gradcamo_dask
+    from gradcamo_dask.errors import GradcamoError
+
+    try:
+        recipe = _recipe(args)
+        image = gradcamo_dask.open_plate(args.plate, platemap=args.platemap)
+        labels = gradcamo_dask.open_labels(args.labels or args.plate, like=image)
+        out = gradcamo_dask.train(image, labels, recipe, out=args.out, resume=args.resume, device=args.device,
+                                  progress=not args.quiet)
+    except GradcamoError as err:
+        print(f"gradcamo-dask train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    _print_training(out)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Shared test set-up: GPU marker handling and the path to the shared real data."""
+"""Shared test set-up: GPU marker handling, the path to the shared real data, shared fixtures."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from tests.helpers.paths import REAL_DATA, REPO  # noqa: F401  (re-exported for fixtures)
+from tests.helpers.tiny_plate import tiny_plate  # noqa: F401  (session fixture: tiny plate, bundle, profiles)
 
 
 def _cuda_available() -> bool:

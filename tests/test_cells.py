@@ -11,20 +11,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 
-from gradcamo_dask import (
-    InputError,
-    LabelsError,
-    PlateLayoutError,
-    cell_table,
-    crop_site,
-    extract_crops,
-    fit_normalization,
-    normalize_crops,
-    open_plate,
-    rescale_crops,
-    site_cells,
-    synthetic_plate,
-)
+from gradcamo_dask import InputError, LabelsError, PlateLayoutError, cell_table, extract_crops, open_plate, synthetic_plate
+from gradcamo_dask.cells import crop_site, fit_normalization, normalize_crops, rescale_crops, site_cells
 from gradcamo_dask.cells import GEOMETRY_COLUMNS, _boxes_scatter, crop_windows
 from gradcamo_dask.io.layout import plate_dataarray
 

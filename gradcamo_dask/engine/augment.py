@@ -1,4 +1,4 @@
-"""Training augmentations of the paper's recipe (DESIGN §2), seeded and batched in torch.
+"""Training augmentations of the paper's recipe, seeded and batched in torch.
 
 Each augmentation fires independently per cell with probability ``p`` (paper: 0.5):
 

@@ -22,7 +22,7 @@ from gradcamo_dask.errors import BundleMismatchError, InputError
 from gradcamo_dask.engine.layers import find_layer
 from gradcamo_dask.engine.models import efficientnet3d
 
-__all__ = ["ARCHITECTURES", "Bundle", "BundleConfig", "load_bundle", "save_bundle"]
+__all__ = ["ARCHITECTURES", "Bundle", "BundleConfig", "open_bundle", "write_bundle"]
 
 BUNDLE_FORMAT = "gradcamo-dask-bundle"
 BUNDLE_VERSION = 1
@@ -143,7 +143,7 @@ def _jsonable_shape(shape: Sequence[int | None], what: str) -> list[int | None]:
     return values
 
 
-def save_bundle(
+def write_bundle(
     path: str | Path,
     model: nn.Module,
     *,
@@ -171,7 +171,7 @@ def save_bundle(
         Model input grid in voxels; must be the grid the model was built for.
     normalization : dict
         ``{"mean": [...], "std": [...]}``, one value per channel (of rescaled
-        intensities, see DESIGN §2).
+        intensities).
     provenance : dict, optional
         Training provenance (data, parameters, versions); JSON-able.
     layers : list of str, optional
@@ -227,8 +227,8 @@ def save_bundle(
     return directory
 
 
-def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle written by :func:`save_bundle`; never unpickles anything.
+def open_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle written by :func:`write_bundle`; never unpickles anything.
 
     The network is rebuilt from the config's architecture, the weights come from
     safetensors, and the model is returned in eval mode on ``device``.

@@ -147,7 +147,7 @@ def explain(
     ----------
     model : torch.nn.Module
         A CNN returning logits ``(N, K)``, run on its own device in eval mode (a model
-        shared by threads should already be in eval mode, as :func:`load_bundle` gives it).
+        shared by threads should already be in eval mode, as :func:`open_bundle` gives it).
     crops : array (cell, c, z, y, x)
         NumPy, CuPy or torch; float, already normalised; cast to the model's dtype.
     masks : array (cell, z, y, x), optional

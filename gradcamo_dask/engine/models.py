@@ -3,7 +3,7 @@
 The network is MONAI's :class:`monai.networks.nets.EfficientNet` built from the
 seven EfficientNet-B0 block strings with every stage's stride as in the
 ``efficientnet_pytorch_3d`` project (the first MBConv stage downsamples too), with
-two repairs (DESIGN §3):
+two repairs:
 
 * MONAI derives its fixed "same" padding from one ``image_size`` for all three
   axes. Here the padding of every convolution is derived per axis from the model

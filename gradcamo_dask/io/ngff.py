@@ -8,7 +8,7 @@ reads Zarr v2 and v3) instead of using a reader library, because
   nothing else (tests prove it with a store that counts reads);
 * errors can name the exact key and file (``.../B/2/0/zarr.json: key
   "ome.multiscales[0].datasets[0].path" ...``) and the plate, well and site, which
-  the DESIGN asks for and which generic validators do not do;
+  the design asks for and which generic validators do not do;
 * each site becomes exactly one Dask task reading that field, the unit of work of
   the whole package; ``ome-zarr-py`` builds per-image pyramids of Dask arrays and
   ``ome-zarr-models`` (pydantic models of NGFF 0.4/0.5) validates strictly but
@@ -429,13 +429,7 @@ def write_hcs(
                                                    dtype=np.int32, dimension_names=("c", "z", "y", "x"),
                                                    fill_value=0))
                 sources.append(lab[wi, s][None])
-    plate_attrs = {"ome": {"version": "0.5", "plate": {
-        "version": "0.5", "name": plate, "rows": [{"name": r} for r in rows], "columns": [{"name": str(c)} for c in columns],
-        "wells": plate_wells, "field_count": int(image.sizes["site"]),
-    }}}
-    extra = _json_safe({k: v for k, v in image.attrs.items() if k not in ("plate", "spacing_zyx_um")})
-    if extra:
-        plate_attrs["gradcamo_dask"] = extra
+    plate_attrs = _plate_attrs(image, plate, rows, columns, plate_wells)
     stored = da.store(sources, targets, lock=False, compute=False)
 
     def finish(_: Any) -> str:
@@ -446,8 +440,22 @@ def write_hcs(
         return str(path)
 
     task = dask.delayed(finish, pure=False)(stored)
-    if not compute:
-        return task
+    return _run(task, progress) if compute else task
+
+
+def _plate_attrs(image: xr.DataArray, plate: str, rows: list, columns: list, plate_wells: list[dict]) -> dict:
+    """The plate group's OME 0.5 ``plate`` metadata plus the image's other JSON-able attrs."""
+    attrs: dict[str, Any] = {"ome": {"version": "0.5", "plate": {
+        "version": "0.5", "name": plate, "rows": [{"name": r} for r in rows], "columns": [{"name": str(c)} for c in columns],
+        "wells": plate_wells, "field_count": int(image.sizes["site"]),
+    }}}
+    extra = _json_safe({k: v for k, v in image.attrs.items() if k not in ("plate", "spacing_zyx_um")})
+    if extra:
+        attrs["gradcamo_dask"] = extra
+    return attrs
+
+
+def _run(task: Any, progress: bool) -> Any:
     if progress:
         from dask.diagnostics import ProgressBar
 

@@ -46,7 +46,7 @@ from gradcamo_dask.io.platemap import (  # noqa: F401  (re-exported: plate.py is
     normalize_well,
     plate_order,
     platemap_of,
-    read_platemap,
+    open_platemap,
     split_well,
     validate_platemap,
     well_name,
@@ -288,6 +288,42 @@ def write_plate(
         platemap = platemap_of(image)
     return ngff.write_hcs(path, image, labels, platemap=platemap, label_name=label_name, overwrite=overwrite,
                           compute=compute, progress=progress)
+
+
+def write_labels(labels: xr.DataArray, path: str | Path) -> Any:
+    """The delayed write of labels ``(well, site, z, y, x)`` as a plain-Zarr store that :func:`open_labels` reads.
+
+    The store (which must not exist) gets an int32 array ``labels`` chunked one
+    site (at most 2048 x 2048 voxels in y and x) each; the group attributes
+    (wells, sites, plate, voxel size in µm, segmentation provenance) are written
+    after the data, so an interrupted write leaves a store without them.
+
+    Returns
+    -------
+    dask.delayed.Delayed
+        Computing it writes the store and returns its path.
+    """
+    import dask
+    import zarr
+
+    n_z, n_y, n_x = (labels.sizes[d] for d in ("z", "y", "x"))
+    chunks = (1, 1, n_z, min(n_y, 2048), min(n_x, 2048))
+    group = zarr.open_group(str(path), mode="w-")
+    array = group.create_array("labels", shape=labels.shape, chunks=chunks, dtype="int32", fill_value=0)
+    stored = da.store(labels.data.rechunk(chunks), array, lock=False, compute=False)
+    attrs = {
+        "plate": str(labels.attrs.get("plate", "")),
+        "wells": [str(w) for w in labels.coords["well"].values],
+        "sites": [int(s) for s in labels.coords["site"].values],
+        "spacing_zyx_um": [float(v) for v in labels.attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0))],
+        "segmentation": labels.attrs.get("segmentation", ""),
+    }
+
+    def finish(_: Any) -> str:
+        zarr.open_group(str(path), mode="r+").attrs.update(attrs)
+        return str(path)
+
+    return dask.delayed(finish, pure=False)(stored)
 
 
 def describe_plate(image: xr.DataArray) -> dict:

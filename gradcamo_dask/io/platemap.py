@@ -131,7 +131,7 @@ def validate_platemap(frame: pd.DataFrame, source: str = "<DataFrame>") -> pd.Da
     return out.reset_index(drop=True)
 
 
-def read_platemap(path: PathLike) -> pd.DataFrame:
+def open_platemap(path: PathLike) -> pd.DataFrame:
     """Read a platemap (CSV, TSV or Parquet): one row per well.
 
     Parameters
@@ -165,7 +165,7 @@ def attach_platemap(image: xr.DataArray, platemap: pd.DataFrame | PathLike) -> x
     ignored). Columns that clash with existing coords (``row``, ``column``, ``site``,
     ``c``) or with ``plate`` are not copied.
     """
-    platemap = validate_platemap(platemap) if isinstance(platemap, pd.DataFrame) else read_platemap(platemap)
+    platemap = validate_platemap(platemap) if isinstance(platemap, pd.DataFrame) else open_platemap(platemap)
     table = platemap.set_index("well")
     wells = [str(w) for w in image["well"].values]
     missing = [w for w in wells if w not in table.index]

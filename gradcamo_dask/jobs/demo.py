@@ -75,7 +75,7 @@ def run_demo(
     scheduler : str, optional
         Address of a running Dask scheduler (default: a local cluster).
     """
-    from gradcamo_dask.engine.bundles import load_bundle
+    from gradcamo_dask.engine.bundles import open_bundle
     from gradcamo_dask.jobs.cluster import connect
     from gradcamo_dask.profiles.qc import summarize_gradcamo
     from gradcamo_dask.jobs.score import score_plate
@@ -116,17 +116,20 @@ def run_demo(
     test_wells = [w for w in wells if w not in train_wells]
 
     if model is None:
-        from gradcamo_dask.jobs.train import Augmentation, train
+        from gradcamo_dask.engine.augment import Augmentation
+        from gradcamo_dask.jobs.recipe import Recipe, Split
+        from gradcamo_dask.jobs.train import train
 
         t1 = time.perf_counter()
         log(f"training a small EfficientNet-B0 3D on wells {', '.join(train_wells)} "
             f"(input grid {cfg['input_shape']}, {cfg['epochs']} epochs)")
-        model = train(image, labels, out=out / "model", crop_size=cfg["crop_shape"], input_shape=cfg["input_shape"],
-                      epochs=cfg["epochs"], batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
-                      seed=seed, test_wells=test_wells, layers=list(cfg["layers"]), patience=None,
-                      augmentation=None if not cfg["augmentation"] else Augmentation(), progress=progress)
+        recipe = Recipe(crop_size=cfg["crop_shape"], input_shape=cfg["input_shape"], epochs=cfg["epochs"],
+                        batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"], seed=seed,
+                        split=Split(test_wells=test_wells), layers=list(cfg["layers"]), patience=None,
+                        augmentation=None if not cfg["augmentation"] else Augmentation())
+        model = train(image, labels, recipe, out=out / "model", progress=progress)
         timings["train"] = time.perf_counter() - t1
-    bundle = load_bundle(model)
+    bundle = open_bundle(model)
 
     t2 = time.perf_counter()
     client = connect(scheduler, n_workers=n_workers)

@@ -136,7 +136,7 @@ def _batches(jobs: Sequence[SiteJob], batch_size: int, device: str, crop_size: t
              classic: dict | None) -> Iterator[Batch]:
     """Micro-batches of ``batch_size`` cells across ``jobs``: each cut and normalised when it is needed."""
     from gradcamo_dask.cells import crop_site
-    from gradcamo_dask.engine.normalize import normalize_crops
+    from gradcamo_dask.normalize import normalize_crops
 
     pending: list[tuple] = []  # (crops, masks, owner, classic)
     filled = 0

@@ -1,7 +1,7 @@
 """Plate-scale scoring on Dask: one task per site, lazily, and resumable writes to Zarr.
 
 :func:`score_plate` turns a plate, its labels and a model bundle into a lazy
-``xarray.Dataset`` of profiles (CONTRACTS "Profiles"):
+``xarray.Dataset`` of profiles:
 
 1. the cell table is computed first (one small task per site over the labels);
    it fixes the row order (``cell`` = cell-table order) and each site's cell count;
@@ -74,14 +74,14 @@ def cached_bundle(path: str, expected_hash: str | None = None, device: str | Non
     device : str, optional
         ``"cpu"``, ``"cuda"``, ``"cuda:<index>"``; default: CUDA when visible.
     """
-    from gradcamo_dask.engine.bundles import load_bundle
+    from gradcamo_dask.engine.bundles import open_bundle
 
     device = resolve_device(device)
     key = (str(Path(path).resolve()) if "://" not in str(path) else str(path), str(expected_hash or ""), device)
     with _CACHE_LOCK:
         bundle = _CACHE.get(key)
         if bundle is None:
-            bundle = load_bundle(path, device=device)
+            bundle = open_bundle(path, device=device)
             if device.startswith("cuda"):  # converted once per worker, not per batch
                 import torch
 

@@ -42,7 +42,7 @@ _MANAGED_KEYS = {
 _REQUIRED_KEYS = ("cores", "memory")
 
 
-def load_slurm_config(config_path: str | os.PathLike) -> dict[str, Any]:
+def open_slurm_config(config_path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a gradcamo-dask SLURM configuration file.
 
     Parameters
@@ -129,7 +129,7 @@ def slurm_cluster(config_path: str | os.PathLike, n_workers: int | None = None, 
     Parameters
     ----------
     config_path
-        The YAML configuration (see :func:`load_slurm_config`).
+        The YAML configuration (see :func:`open_slurm_config`).
     n_workers
         GPU workers to ask for now (jobs = ``ceil(n_workers / gpus-per-job)``);
         ``None`` or 0 asks for none (scale or adapt the cluster afterwards).
@@ -143,7 +143,7 @@ def slurm_cluster(config_path: str | os.PathLike, n_workers: int | None = None, 
     dask_jobqueue.SLURMCluster
         The scheduler runs in this process; close the cluster to cancel the jobs.
     """
-    kwargs = load_slurm_config(config_path)
+    kwargs = open_slurm_config(config_path)
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError as err:

@@ -1,6 +1,6 @@
 """Training data: leave-wells-out splits and crops streamed per site from the plate.
 
-Splits (DESIGN §2): cells are split by WELL into training and test wells (the paper
+Splits: cells are split by WELL into training and test wells (the paper
 trained on column 2 and tested on column 3); a random share of the training cells
 (seeded) becomes the validation subset used for early stopping.
 
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from gradcamo_dask.cells import crop_site, fit_normalization, rescale_crops
 from gradcamo_dask.errors import PlateLayoutError, TrainingError
 from gradcamo_dask.io.platemap import split_well
+from gradcamo_dask.jobs.recipe import Split
 
 __all__ = ["SiteData", "SiteReader", "assign_split", "check_wells", "combine_normalization"]
 
@@ -61,35 +62,38 @@ def _select(wells: Sequence[str], *, names: Sequence[str] | None, columns: Seque
     return out
 
 
-def assign_split(
-    table: pd.DataFrame,
-    platemap: pd.DataFrame,
-    *,
-    test_wells: Sequence[str] | None = None,
-    test_columns: Sequence[int] | None = None,
-    test_rows: Sequence[str] | None = None,
-    train_wells: Sequence[str] | None = None,
-    train_columns: Sequence[int] | None = None,
-    train_rows: Sequence[str] | None = None,
-    val_fraction: float = 0.1,
-    max_train_cells: int | None = None,
-    seed: int = 0,
-) -> tuple[pd.Series, dict]:
+def assign_split(table: pd.DataFrame, platemap: pd.DataFrame, split: Split | None = None, *,
+                 seed: int = 0) -> tuple[pd.Series, dict]:
     """Leave-wells-out split: ``"train"``, ``"val"``, ``"test"`` or ``""`` (unused) per cell.
 
-    Test wells are those named, or in the named columns or rows; training wells the
-    same through ``train_*`` (default: every other well). Without any ``test_*``
+    Test wells are those named in ``split``, or in its columns or rows; training wells
+    the same through ``train_*`` (default: every other well). Without any ``test_*``
     option, each treatment's last well in plate order is its test well (the paper's
     "train on one column, test on the next" for replicate layouts; the synthetic
     plates put replicates down the rows, so this holds out row C there).
     ``val_fraction`` of the training cells (at least one) becomes the validation set;
     ``max_train_cells`` keeps a seeded random subset of the remaining training cells.
 
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Cell table with a ``well`` column.
+    platemap : pandas.DataFrame
+        ``well, treatment, ...``.
+    split : Split, optional
+        The split's options (default ``Split()``).
+    seed : int
+        Seed of the validation subset and of ``max_train_cells``.
+
     Returns
     -------
     split : pandas.Series of str, aligned with ``table``
     wells : dict ``{"train": [...], "test": [...]}``
     """
+    split = Split() if split is None else split
+    test_wells, test_columns, test_rows = split.test_wells, split.test_columns, split.test_rows
+    train_wells, train_columns, train_rows = split.train_wells, split.train_columns, split.train_rows
+    val_fraction, max_train_cells = split.val_fraction, split.max_train_cells
     plate_wells = list(dict.fromkeys(table["well"])) if len(table) else []
     wells = [w for w in platemap["well"] if w in set(plate_wells)] or plate_wells
     if test_wells is None and test_columns is None and test_rows is None:
@@ -113,8 +117,8 @@ def assign_split(
     unknown = sorted(set(test_wells or []) - set(wells)) + sorted(set(train_wells or []) - set(wells))
     if unknown:
         raise TrainingError(f"wells {unknown} are not on the plate (plate wells: {wells})")
-    split = pd.Series("", index=table.index, dtype=object)
-    split[table["well"].isin(test)] = "test"
+    out = pd.Series("", index=table.index, dtype=object)
+    out[table["well"].isin(test)] = "test"
     train_idx = np.flatnonzero(table["well"].isin(train).to_numpy())
     rng = np.random.default_rng([int(seed), 7])
     order = rng.permutation(train_idx)
@@ -122,9 +126,9 @@ def assign_split(
     val_idx, fit_idx = order[:n_val], order[n_val:]
     if max_train_cells is not None and len(fit_idx) > max_train_cells:
         fit_idx = fit_idx[:int(max_train_cells)]
-    split.iloc[np.sort(val_idx)] = "val"
-    split.iloc[np.sort(fit_idx)] = "train"
-    return split, {"train": train, "test": test}
+    out.iloc[np.sort(val_idx)] = "val"
+    out.iloc[np.sort(fit_idx)] = "train"
+    return out, {"train": train, "test": test}
 
 
 def combine_normalization(parts: list[tuple[int, dict]]) -> dict[str, list[float]]:

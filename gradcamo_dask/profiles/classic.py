@@ -246,7 +246,7 @@ def site_classic_features(
     Parameters
     ----------
     crops : array (cell, c, z, y, x)
-        Raw intensities as from :func:`~gradcamo_dask.crop_site` (not normalised).
+        Raw intensities as from :func:`~gradcamo_dask.cells.crop_site` (not normalised).
         CuPy arrays are copied to the host (cp_measure runs on the CPU).
     masks : array (cell, z, y, x) of bool
         Central-cell masks on the crop grid.

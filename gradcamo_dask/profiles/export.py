@@ -1,6 +1,6 @@
 """Per-object tables in CellProfiler's naming, for CytoTable and pycytominer without adapters.
 
-One row per cell, columns (DESIGN §4):
+One row per cell, columns:
 
 * keys: ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site`` (the 0-based field
   index of the plate), ``Metadata_ObjectNumber`` (the label id); together unique;
@@ -156,7 +156,7 @@ def cellprofiler_table(
     Parameters
     ----------
     profiles : xarray.Dataset
-        Profiles as written by the pipeline (CONTRACTS "Profiles"); lazy variables are
+        Profiles as written by the pipeline; lazy variables are
         computed.
     model_name : str, optional
         ``<Model>`` in deep feature names (default: from the provenance, else "Deep").
@@ -174,7 +174,7 @@ def cellprofiler_table(
     pandas.DataFrame
     """
     if not isinstance(profiles, xr.Dataset) or "cell" not in profiles.dims:
-        raise InputError("profiles must be an xarray.Dataset with a 'cell' dim (CONTRACTS 'Profiles')")
+        raise InputError("profiles must be an xarray.Dataset with a 'cell' dim")
     missing = [c for c in KEY_COLUMNS if c not in profiles.coords]
     if missing:
         raise InputError(f"the profiles lack the cell-key coords {missing}; a profiles dataset carries plate, well, "
@@ -272,7 +272,7 @@ def to_cellprofiler_table(
     Parameters
     ----------
     profiles : xarray.Dataset
-        Profiles (CONTRACTS "Profiles").
+        Profiles.
     path : str or Path
         Output path; ``cells.parquet``, ``cells.csv`` or ``cells`` all write
         ``cells.parquet`` and ``cells.csv`` beside each other.

@@ -1,4 +1,4 @@
-"""Grad-CAMO quality control: flag or filter profiles, summaries by any grouping, layer sweep.
+"""Grad-CAMO quality control: flag or filter profiles, summaries by any grouping, layer ranking.
 
 A profile is *on target* when its Grad-CAMO is at least the cut-off (paper: 0.25),
 *off target* below it, and *undefined* when the Grad-CAM map had no positive
@@ -6,10 +6,10 @@ attention at all (score NaN). Undefined scores are counted apart, never read as 
 and never as on target: filtering keeps on-target cells only, unless asked to keep
 the undefined ones too.
 
-The layer sweep is the paper's proposed use of Grad-CAMO for choosing the feature
-layer: score several layers of the same model on the same cells in ONE explain pass
-(one forward pass, one backward pass to all requested layers) and rank the layers by
-mean Grad-CAMO.
+Layers are ranked by mean Grad-CAMO, the paper's proposed use of Grad-CAMO for
+choosing the feature layer: :func:`rank_layers` ranks the layers of a profiles store,
+:func:`rank_layer_scores` scores it is handed (the layer sweep job,
+:func:`gradcamo_dask.jobs.sweep.layer_sweep`, runs the model and calls it).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ __all__ = [
     "flag_profiles",
     "gradcamo_counts",
     "gradcamo_status",
-    "layer_sweep",
+    "rank_layer_scores",
     "rank_layers",
     "summarize_gradcamo",
 ]
@@ -39,7 +39,8 @@ __all__ = [
 ON_TARGET, OFF_TARGET, UNDEFINED = "on_target", "off_target", "undefined"
 
 
-def _check_cutoff(cutoff: float) -> float:
+def check_cutoff(cutoff: float) -> float:
+    """The Grad-CAMO cut-off as a float in [0, 1] (a share of attention), else InputError."""
     cutoff = float(cutoff)
     if not 0.0 <= cutoff <= 1.0:
         raise InputError(f"the Grad-CAMO cut-off must be in [0, 1] (a share of attention), got {cutoff}")
@@ -57,7 +58,7 @@ def scored_layers(profiles: xr.Dataset) -> list[str]:
 
 def _require_scores(profiles: xr.Dataset) -> None:
     if not isinstance(profiles, xr.Dataset):
-        raise InputError("profiles must be an xarray.Dataset (CONTRACTS 'Profiles')")
+        raise InputError("profiles must be an xarray.Dataset")
     if "gradcamo" not in profiles:
         raise InputError(f"the profiles have no Grad-CAMO scores (variables: {list(profiles.data_vars)}); score them "
                          f"with masks (score_plate does) before quality control")
@@ -83,7 +84,7 @@ def scores_of(profiles: xr.Dataset, layer: str | None = None) -> np.ndarray:
 
 def gradcamo_status(profiles: xr.Dataset, cutoff: float = DEFAULT_CUTOFF, layer: str | None = None) -> np.ndarray:
     """``"on_target"``, ``"off_target"`` or ``"undefined"`` per cell."""
-    cutoff = _check_cutoff(cutoff)
+    cutoff = check_cutoff(cutoff)
     score = scores_of(profiles, layer)
     status = np.full(score.shape, OFF_TARGET, dtype=object)
     status[np.isnan(score)] = UNDEFINED
@@ -145,7 +146,7 @@ def summarize_gradcamo(
     first) unless ``layer`` picks one. Tables (one row per cell with a ``gradcamo``
     column) work too. Undefined (NaN) scores are counted in ``n_undefined``, never treated as 0.
     """
-    cutoff = _check_cutoff(cutoff)
+    cutoff = check_cutoff(cutoff)
     by_list = [] if by is None else [by] if isinstance(by, str) else list(by)
     if isinstance(profiles, pd.DataFrame):
         return _summary(profiles, by_list, cutoff)
@@ -220,69 +221,29 @@ def _ranked(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def layer_sweep(
-    model: Any,
-    crops: Any,
-    masks: Any,
-    layers: Sequence[str] | None = None,
-    *,
-    cutoff: float = DEFAULT_CUTOFF,
-    target: Any = "predicted",
-    input_shape: Sequence[int] | None = None,
-    normalization: dict | None = None,
-    batch_size: int | None = None,
-) -> pd.DataFrame:
-    """Score several layers in ONE explain pass and rank them by mean Grad-CAMO.
+def rank_layer_scores(scores: dict[str, Any], grids: dict[str, Sequence[int]],
+                      cutoff: float = DEFAULT_CUTOFF) -> pd.DataFrame:
+    """Rank layers by the mean of per-cell Grad-CAMO scores they were given (highest first).
 
     Parameters
     ----------
-    model : torch.nn.Module or Bundle
-        A CNN (crops must then be model-ready, i.e. normalised) or a model bundle
-        (raw crops are normalised with its statistics; its input grid is used).
-    crops : array (cell, c, z, y, x)
-        Crops of the cells to sweep (a few hundred are plenty).
-    masks : array (cell, z, y, x)
-        Their central-cell masks.
-    layers : list of str, optional
-        Layers to compare; default: every spatial layer of the model
-        (:func:`~gradcamo_dask.layer_grids`).
+    scores : dict
+        Layer name -> per-cell Grad-CAMO (NaN where undefined).
+    grids : dict
+        Layer name -> its map grid ``(z, y, x)`` in voxels.
     cutoff : float
         On-target cut-off for ``share_on_target``.
-    target, input_shape, batch_size
-        As for :func:`~gradcamo_dask.engine.explain`.
-    normalization : dict, optional
-        ``{"mean", "std"}`` to normalise raw crops with (a bundle's by default).
 
     Returns
     -------
     pandas.DataFrame
-        One row per layer, best first: ``rank, layer, grid, n, mean, sd,
-        share_on_target, n_undefined``.
+        One row per layer, best first: ``rank, layer, grid, n, mean, sd, share_on_target, n_undefined``.
     """
-    from gradcamo_dask.engine.explain import explain
-    from gradcamo_dask.engine.layers import layer_grids
-
-    cutoff = _check_cutoff(cutoff)
-    bundle = model if hasattr(model, "model") and hasattr(model, "config") else None
-    net = bundle.model if bundle is not None else model
-    if bundle is not None:
-        input_shape = input_shape or tuple(bundle.config.input_shape)
-        normalization = normalization or dict(bundle.config.normalization)
-    if normalization is not None:
-        from gradcamo_dask.engine.normalize import normalize_crops
-
-        crops = normalize_crops(crops, normalization)
-    if layers is None:
-        layers = list(layer_grids(net, input_shape))
-    layers = list(layers)
-    if not layers:
-        raise InputError("no layers to sweep; name them or use a model with spatial layers")
-    result = explain(net, crops, masks, layers=layers, target=target, input_shape=input_shape,
-                     batch_size=batch_size)
+    cutoff = check_cutoff(cutoff)
     rows = []
-    for name in layers:
-        table = pd.DataFrame({"gradcamo": np.asarray(result.gradcamo[name], dtype=np.float64).reshape(-1)})
+    for name, values in scores.items():
+        table = pd.DataFrame({"gradcamo": np.asarray(values, dtype=np.float64).reshape(-1)})
         summary = _summary(table, [], cutoff).iloc[0].to_dict()
-        rows.append({"layer": name, "grid": tuple(int(n) for n in result.grids[name]), **summary})
+        rows.append({"layer": name, "grid": tuple(int(n) for n in grids[name]), **summary})
     table = pd.DataFrame(rows).astype({"n": "int64", "n_undefined": "int64"})
     return _ranked(table)

@@ -268,7 +268,7 @@ def write_report(
     Parameters
     ----------
     profiles : xarray.Dataset or path
-        Profiles (CONTRACTS "Profiles"), or the Zarr store holding them.
+        Profiles, or the Zarr store holding them.
     out_dir : str or Path
         Folder to write ``index.html``, ``summary.json`` and ``figures/`` into.
     cutoff : float
@@ -296,7 +296,7 @@ def write_report(
     if not isinstance(profiles, xr.Dataset):
         profiles = open_profiles(profiles)
     if "cell" not in profiles.dims:
-        raise InputError("profiles must have a 'cell' dim (CONTRACTS 'Profiles')")
+        raise InputError("profiles must have a 'cell' dim")
     out = Path(out_dir)
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Whitening (sphering) of profiles, fit on control cells: ZCA, PCA and their correlation forms.
 
 The paper whitens deep features with ``W = Σ^-1/2`` estimated on control cells before
-UMAP and downstream comparisons (DESIGN §2). With ``Σ = U Λ Uᵀ`` the eigendecomposition
+UMAP and downstream comparisons. With ``Σ = U Λ Uᵀ`` the eigendecomposition
 of the controls' covariance (or correlation) matrix and ``ε`` a small ``epsilon``:
 
 * ``"ZCA"``:     ``W = U (Λ + εI)^-1/2 Uᵀ`` on centred features (Mahalanobis / ZCA:

@@ -1,16 +1,17 @@
 """Plate-scale 3D cell segmentation: Cellpose (3.x and 4.x) or a classical watershed baseline.
 
-:func:`segment` turns a lazy plate image ``(well, site, c, z, y, x)`` into lazy
+:func:`segment_plate` turns a lazy plate image ``(well, site, c, z, y, x)`` into lazy
 labels ``(well, site, z, y, x)`` int32 (0 = background, ids 1..N per site):
 nothing is read or computed until the labels are. The unit of work is one site,
 or one tile of a site larger than ``tile_shape`` (see :mod:`gradcamo_dask.segment.tiling`
 for how tiles are stitched without cutting cells). :func:`segment_site` does
 the same for one site held in memory.
 
-Paper settings are the defaults (Grad-CAMO, DESIGN §2): Cellpose's 2D model per
+The method and its options are one object, a :class:`~gradcamo_dask.segment.segmenters.Segmenter`.
+Paper settings are the defaults of :class:`CellposeSegmenter`: Cellpose's 2D model per
 z-slice, stitched across z with stitch threshold 0.05, flow threshold 0.75,
 anisotropy 1.71, minimum size 30 voxels, on a nucleus and a cytoplasm channel
-chosen by name. Cellpose's own 3D mode is ``do_3D=True``.
+chosen by name. Cellpose's own 3D mode is ``CellposeSegmenter(do_3D=True)``.
 
 Weights (Cellpose only) resolve on the client before any task runs: a file
 path, a model name in ``CELLPOSE_LOCAL_MODELS_PATH``, or Cellpose's cache
@@ -24,9 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,12 +34,18 @@ import numpy as np
 from gradcamo_dask.segment import tiling
 from gradcamo_dask.arrays import to_numpy
 from gradcamo_dask.errors import InputError, PlateLayoutError
-from gradcamo_dask.segment.segmenters import PAPER_ANISOTROPY, Segmenter, WatershedSettings, make_segmenter
+from gradcamo_dask.segment.segmenters import (
+    PAPER_ANISOTROPY,
+    CellposeSegmenter,
+    Segmenter,
+    WatershedSegmenter,
+    segmenter_for,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
 
-__all__ = ["segment_plate", "segment_site", "Segmenter", "make_segmenter", "WatershedSettings"]
+__all__ = ["segment_plate", "segment_site", "Segmenter", "CellposeSegmenter", "WatershedSegmenter"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +77,10 @@ def _check_finite(x: np.ndarray, where: str) -> None:
 def segment_site(
     nucleus: np.ndarray,
     cytoplasm: np.ndarray | None = None,
-    method: str | Segmenter = "cellpose",
+    segmenter: Segmenter | str = "cellpose",
     *,
     tile_shape: int | Sequence[int] | None = None,
     tile_overlap: int = 128,
-    **options: Any,
 ) -> np.ndarray:
     """Segment one site held in memory.
 
@@ -84,16 +89,15 @@ def segment_site(
     nucleus, cytoplasm : array
         ``(z, y, x)`` (or ``(y, x)``) intensities of the nucleus and cytoplasm
         channels (NumPy or CuPy); ``cytoplasm`` may be None.
-    method : str or Segmenter
-        ``"cellpose"``, ``"watershed"``, or a :class:`Segmenter` from :func:`make_segmenter`.
+    segmenter : Segmenter or str
+        A :class:`CellposeSegmenter` or :class:`WatershedSegmenter`; a method name
+        means that method with its default options.
     tile_shape : (int, int), optional
         Largest tile core ``(y, x)`` in voxels; sites wider than it are tiled
         with ``tile_overlap`` and stitched (:mod:`gradcamo_dask.segment.tiling`).
         None: never tile.
     tile_overlap : int
         Voxels added around each tile core; at least the largest cell diameter.
-    **options
-        Options of :func:`make_segmenter` (when ``method`` is a name).
 
     Returns
     -------
@@ -101,9 +105,7 @@ def segment_site(
         int32 labels of the input's shape, 0 background, ids 1..N.
     """
     tile_shape = _tile_shape(tile_shape)
-    segmenter = method if isinstance(method, Segmenter) else make_segmenter(method, **options)
-    if isinstance(method, Segmenter) and options:
-        raise InputError(f"options {sorted(options)} are ignored when a Segmenter is given; set them in make_segmenter")
+    segmenter = segmenter_for(segmenter)
     nucleus = to_numpy(nucleus)
     cytoplasm = None if cytoplasm is None else to_numpy(cytoplasm)
     flat = nucleus.ndim == 2
@@ -262,28 +264,59 @@ def _tiled_site(
     return da.block(rows)
 
 
+def _check_plate(image: xr.DataArray) -> None:
+    import xarray as xr
+
+    if not isinstance(image, xr.DataArray):
+        raise PlateLayoutError(
+            f"segment_plate() takes the plate image as an xarray.DataArray (open_plate), got {type(image).__name__}"
+        )
+    if tuple(image.dims) != PLATE_DIMS:
+        raise PlateLayoutError(
+            f"plate {image.attrs.get('plate', '')!r} has dims {tuple(image.dims)}; segment_plate() needs {PLATE_DIMS}"
+        )
+
+
+def _site_names(image: xr.DataArray, n_wells: int, n_sites: int) -> tuple[tuple[str, ...], tuple[Any, ...], str]:
+    wells = tuple(str(v) for v in image.coords["well"].values) if "well" in image.coords else tuple(map(str, range(n_wells)))
+    sites = tuple(image.coords["site"].values.tolist()) if "site" in image.coords else tuple(range(n_sites))
+    return wells, sites, str(image.attrs.get("plate", ""))
+
+
+def _lazy_labels(data: Any, segmenter: Segmenter, has_cytoplasm: bool, names: tuple, tile_shape: tuple | None,
+                 tile_overlap: int) -> Any:
+    """``(well, site, channels, z, y, x)`` Dask intensities -> ``(well, site, z, y, x)`` Dask labels."""
+    import dask.array as da
+
+    n_wells, n_sites, _, n_z, n_y, n_x = data.shape
+    if tile_shape is None or (n_y <= tile_shape[0] and n_x <= tile_shape[1]):
+        return da.map_blocks(
+            _segment_block,
+            data.rechunk((1, 1, -1, -1, -1, -1)),
+            segmenter=segmenter,
+            has_cytoplasm=has_cytoplasm,
+            names=names,
+            drop_axis=2,
+            dtype=np.int32,
+            chunks=(1, 1, n_z, n_y, n_x),
+            meta=np.empty((0, 0, 0, 0, 0), np.int32),
+            name=f"segment-{segmenter.method}",
+        )
+    grid = tiling.plan_tiles((n_y, n_x), tile_shape, tile_overlap)
+    return da.stack([
+        da.stack([
+            _tiled_site(data, w, s, segmenter, has_cytoplasm, grid, _site_name(*names, w, s)) for s in range(n_sites)
+        ])
+        for w in range(n_wells)
+    ])
+
+
 def segment_plate(
     image: xr.DataArray,
-    method: str = "cellpose",
+    segmenter: Segmenter | str,
     *,
     nucleus_channel: str = "DNA",
     cytoplasm_channel: str | None = "RNA",
-    model: str | os.PathLike[str] | None = None,
-    diameter: float | None = None,
-    stitch_threshold: float = 0.05,
-    flow_threshold: float = 0.75,
-    cellprob_threshold: float = 0.0,
-    anisotropy: float | None = None,
-    min_size: int = 30,
-    do_3D: bool = False,
-    device: str = "auto",
-    batch_size: int = 8,
-    normalize: bool = True,
-    allow_download: bool = False,
-    cellpose_options: Mapping[str, Any] | None = None,
-    nucleus_diameter: float | None = None,
-    smoothing: float = 1.0,
-    seed_height: float = 0.1,
     tile_shape: int | Sequence[int] | None = (2048, 2048),
     tile_overlap: int = 128,
 ) -> xr.DataArray:
@@ -293,38 +326,14 @@ def segment_plate(
     ----------
     image : xarray.DataArray
         Plate image with dims ``(well, site, c, z, y, x)`` (``open_plate``), Dask-backed or in memory.
-    method : {"cellpose", "watershed"}
-        Cellpose (the paper's choice) or the classical baseline, which needs no weights.
+    segmenter : Segmenter or str
+        A :class:`CellposeSegmenter` (the paper's choice) or :class:`WatershedSegmenter`
+        (the classical baseline, no weights) holding the method's options; a method
+        name means that method with its defaults. A segmenter whose ``anisotropy``
+        is None takes it from the plate's ``spacing_zyx_um`` (else 1.71).
     nucleus_channel, cytoplasm_channel : str
         Channel names (coordinate ``c``) of the nucleus and cytoplasm stains;
         ``cytoplasm_channel=None`` segments from the nucleus channel alone.
-    model : str or path-like, optional
-        Cellpose weights: a file, or a model name looked up in
-        ``CELLPOSE_LOCAL_MODELS_PATH`` then ``~/.cellpose/models``; None: ``cyto3``
-        (Cellpose 3) or ``cpsam`` (Cellpose 4).
-    diameter : float, optional
-        Typical cell diameter in xy voxels for Cellpose; None: the model's own.
-    stitch_threshold, flow_threshold, cellprob_threshold : float
-        Cellpose settings (paper: 0.05, 0.75, Cellpose default 0.0).
-    anisotropy : float, optional
-        z step over xy pixel size; None: from the plate's ``spacing_zyx_um``,
-        else the paper's 1.71. Cellpose uses it in 3D mode only; the baseline always.
-    min_size : int
-        Smallest cell kept, in voxels (paper: 30).
-    do_3D : bool
-        Cellpose's 3D mode instead of per-slice 2D plus stitching.
-    device : str
-        ``"auto"`` (a GPU when the worker has one), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-    batch_size : int
-        Cellpose tiles (224 x 224 or 256 x 256) per network batch.
-    normalize : bool
-        Cellpose percentile normalisation (1st-99th) with site-level ranges.
-    allow_download : bool
-        Let Cellpose download a missing built-in model (off: fail at once offline).
-    cellpose_options : mapping, optional
-        Extra keyword arguments for ``CellposeModel.eval`` (e.g. ``{"niter": 200}``).
-    nucleus_diameter, smoothing, seed_height
-        Baseline settings, see :mod:`gradcamo_dask.segment.watershed`.
     tile_shape : (int, int), optional
         Sites larger than this in y or x are cut into tiles of at most this core
         size (voxels), segmented one task per tile and stitched so that no cell
@@ -346,85 +355,30 @@ def segment_plate(
     ------
     PlateLayoutError
         The image lacks the expected dims or a named channel (the message lists the plate's channels).
-    WeightsNotFoundError, WeightsFormatError
-        Cellpose weights missing (says where to put them) or not a Cellpose model.
+    InputError
+        An unknown method name or a bad tile shape.
     """
     import dask.array as da
-    import xarray as xr
 
-    if not isinstance(image, xr.DataArray):
-        raise PlateLayoutError(f"segment_plate() takes the plate image as an xarray.DataArray (open_plate), got {type(image).__name__}")
-    if tuple(image.dims) != PLATE_DIMS:
-        raise PlateLayoutError(
-            f"plate {image.attrs.get('plate', '')!r} has dims {tuple(image.dims)}; segment_plate() needs {PLATE_DIMS}"
-        )
+    from gradcamo_dask.io.layout import labels_like
+
+    _check_plate(image)
     tile_shape = _tile_shape(tile_shape)
+    segmenter = segmenter_for(segmenter)
+    if segmenter.anisotropy is None:
+        segmenter = segmenter.with_anisotropy(_plate_anisotropy(image))
     indices = [_channel_index(image, nucleus_channel, "nucleus")]
     if cytoplasm_channel is not None:
         indices.append(_channel_index(image, cytoplasm_channel, "cytoplasm"))
-    if anisotropy is None:
-        anisotropy = _plate_anisotropy(image)
-    segmenter = make_segmenter(
-        method,
-        model=model,
-        diameter=diameter,
-        stitch_threshold=stitch_threshold,
-        flow_threshold=flow_threshold,
-        cellprob_threshold=cellprob_threshold,
-        anisotropy=anisotropy,
-        min_size=min_size,
-        do_3D=do_3D,
-        device=device,
-        batch_size=batch_size,
-        normalize=normalize,
-        allow_download=allow_download,
-        cellpose_options=cellpose_options,
-        nucleus_diameter=nucleus_diameter,
-        smoothing=smoothing,
-        seed_height=seed_height,
-    )
-    has_cytoplasm = cytoplasm_channel is not None
     data = image.data
     if not isinstance(data, da.Array):
         data = da.from_array(data, chunks=(1, 1, -1, -1, -1, -1))
     data = data[:, :, indices]
-    n_wells, n_sites, _, n_z, n_y, n_x = data.shape
-    wells = tuple(str(v) for v in image.coords["well"].values) if "well" in image.coords else tuple(map(str, range(n_wells)))
-    sites = tuple(image.coords["site"].values.tolist()) if "site" in image.coords else tuple(range(n_sites))
-    plate = str(image.attrs.get("plate", ""))
-    tiled = tile_shape is not None and (n_y > tile_shape[0] or n_x > tile_shape[1])
-    if not tiled:
-        data = data.rechunk((1, 1, -1, -1, -1, -1))
-        labels = da.map_blocks(
-            _segment_block,
-            data,
-            segmenter=segmenter,
-            has_cytoplasm=has_cytoplasm,
-            names=(wells, sites, plate),
-            drop_axis=2,
-            dtype=np.int32,
-            chunks=(1, 1, n_z, n_y, n_x),
-            meta=np.empty((0, 0, 0, 0, 0), np.int32),
-            name=f"segment-{method}",
-        )
-    else:
-        grid = tiling.plan_tiles((n_y, n_x), tile_shape, tile_overlap)
-        site_arrays = [
-            da.stack(
-                [
-                    _tiled_site(data, w, s, segmenter, has_cytoplasm, grid, _site_name(wells, sites, plate, w, s))
-                    for s in range(n_sites)
-                ]
-            )
-            for w in range(n_wells)
-        ]
-        labels = da.stack(site_arrays)
-    from gradcamo_dask.io.layout import labels_like
-
+    names = _site_names(image, data.shape[0], data.shape[1])
+    labels = _lazy_labels(data, segmenter, cytoplasm_channel is not None, names, tile_shape, tile_overlap)
     out = labels_like(image, labels)  # the image's well/site coords (platemap included) and attrs
     provenance = segmenter.provenance()
     provenance.update(nucleus_channel=nucleus_channel, cytoplasm_channel=cytoplasm_channel)
     provenance.update(tile_shape=None if tile_shape is None else list(tile_shape), tile_overlap=tile_overlap)
     out.attrs["segmentation"] = json.dumps(provenance, default=str)
     return out
-

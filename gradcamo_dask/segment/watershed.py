@@ -156,6 +156,50 @@ def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return labels
 
 
+def _nuclei(nucleus: np.ndarray, threshold: float, flat: bool, anisotropy: float, nucleus_diameter: float | None,
+            smoothing: float, seed_height: float, min_size: int, statistics: dict[str, Any]) -> np.ndarray | None:
+    """Nuclei: smoothed, thresholded, holes filled, split by watershed on the distance map; None: no nucleus."""
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    nuc = _smooth(nucleus, smoothing, anisotropy)
+    nuclear_mask = nuc > threshold
+    if flat:
+        nuclear_mask = ndi.binary_fill_holes(nuclear_mask)
+    else:
+        nuclear_mask = np.stack([ndi.binary_fill_holes(s) for s in nuclear_mask])
+    nuclear_mask = _remove_small(ndi.label(nuclear_mask)[0], min_size) > 0
+    if not nuclear_mask.any():
+        return None
+    sampling = (1.0, 1.0) if flat else (anisotropy, 1.0, 1.0)
+    distance = ndi.distance_transform_edt(nuclear_mask, sampling=sampling)
+    diameter = nucleus_diameter or statistics.get("nucleus_diameter") or 2.0 * float(distance.max())
+    seeds = ndi.label(h_maxima(distance, max(0.5, seed_height * diameter / 2.0)) & nuclear_mask)[0]
+    return watershed(-distance, seeds, mask=nuclear_mask)
+
+
+def _grow_cells(nucleus: np.ndarray, cytoplasm: np.ndarray, nuclei: np.ndarray, statistics: dict[str, Any],
+                smoothing: float, anisotropy: float) -> np.ndarray:
+    """Nuclei grown by watershed into the cell bodies seen in the cytoplasm channel."""
+    from skimage.segmentation import watershed
+
+    body = _cell_body(nucleus, cytoplasm, statistics["nucleus_range"], statistics["cytoplasm_range"],
+                      2 * smoothing, anisotropy)
+    cell_mask = nuclei > 0
+    if statistics.get("cell_threshold") is not None:
+        cell_mask = cell_mask | (body > statistics["cell_threshold"])
+    return watershed(-body, nuclei, mask=cell_mask)
+
+
+def _renumber(labels: np.ndarray) -> np.ndarray:
+    """Ids 1..N in order, 0 kept as background."""
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    lut = np.zeros(int(labels.max()) + 1, np.int32)
+    lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+    return lut[labels]
+
+
 def watershed_site(
     nucleus: np.ndarray,
     cytoplasm: np.ndarray | None = None,
@@ -195,9 +239,6 @@ def watershed_site(
     numpy.ndarray
         ``(z, y, x)`` int32 labels, 0 background, ids 1..N.
     """
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
-
     nucleus = np.asarray(nucleus)
     if nucleus.ndim != 3:
         raise ValueError(f"nucleus must be (z, y, x), got shape {nucleus.shape}")
@@ -210,41 +251,16 @@ def watershed_site(
     threshold = statistics["nucleus_threshold"]
     if threshold is None:  # constant (e.g. all-zero) site: no cells
         return np.zeros(out_shape, np.int32)
-    nuc = _smooth(nucleus[0] if flat else nucleus, smoothing, anisotropy)
-    nuclear_mask = nuc > threshold
-    if flat:
-        nuclear_mask = ndi.binary_fill_holes(nuclear_mask)
-    else:
-        nuclear_mask = np.stack([ndi.binary_fill_holes(s) for s in nuclear_mask])
-    nuclear_mask = _remove_small(ndi.label(nuclear_mask)[0], min_size) > 0
-    if not nuclear_mask.any():
+    nuclei = _nuclei(nucleus[0] if flat else nucleus, threshold, flat, anisotropy, nucleus_diameter, smoothing,
+                     seed_height, min_size, statistics)
+    if nuclei is None:
         return np.zeros(out_shape, np.int32)
-    sampling = (1.0, 1.0) if flat else (anisotropy, 1.0, 1.0)
-    distance = ndi.distance_transform_edt(nuclear_mask, sampling=sampling)
-    diameter = nucleus_diameter or statistics.get("nucleus_diameter") or 2.0 * float(distance.max())
-    seeds = ndi.label(h_maxima(distance, max(0.5, seed_height * diameter / 2.0)) & nuclear_mask)[0]
-    nuclei = watershed(-distance, seeds, mask=nuclear_mask)
     cells = nuclei
     if cytoplasm is not None:
         cytoplasm = np.asarray(cytoplasm)
         if cytoplasm.shape != out_shape:
             raise ValueError(f"cytoplasm shape {cytoplasm.shape} differs from nucleus shape {out_shape}")
-        body = _cell_body(
-            nucleus[0] if flat else nucleus,
-            cytoplasm[0] if flat else cytoplasm,
-            statistics["nucleus_range"],
-            statistics["cytoplasm_range"],
-            2 * smoothing,
-            anisotropy,
-        )
-        cell_mask = nuclei > 0
-        if statistics.get("cell_threshold") is not None:
-            cell_mask = cell_mask | (body > statistics["cell_threshold"])
-        cells = watershed(-body, nuclei, mask=cell_mask)
-    cells = _remove_small(cells.astype(np.int32, copy=False), min_size)
-    ids = np.unique(cells)
-    ids = ids[ids != 0]
-    lut = np.zeros(int(cells.max()) + 1, np.int32)
-    lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
-    cells = lut[cells]
+        cells = _grow_cells(nucleus[0] if flat else nucleus, cytoplasm[0] if flat else cytoplasm, nuclei,
+                            statistics, smoothing, anisotropy)
+    cells = _renumber(_remove_small(cells.astype(np.int32, copy=False), min_size))
     return cells.reshape(out_shape)

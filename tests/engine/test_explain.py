@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.engine_models import SharedActivationCNN, TinyCNN, crops_and_masks, lively
-from gradcamo_dask import GradCAM, InputError, efficientnet3d, explain, gradcamo_score
+from gradcamo_dask import InputError, efficientnet3d, explain, gradcamo_score
+from gradcamo_dask.engine.explain import GradCAM
 
 MODEL_GRID = (8, 72, 80)  # last conv map 1 x 2 x 2, stage-4 output 1 x 3 x 3
 CROP_GRID = (6, 40, 44)  # crops are resampled to the model grid inside explain

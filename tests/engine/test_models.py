@@ -11,17 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers.engine_models import TinyCNN, lively
-from gradcamo_dask import (
-    BundleMismatchError,
-    InputError,
-    convert_efficientnet_pytorch_3d,
-    default_layer,
-    efficientnet3d,
-    from_efficientnet_pytorch_3d,
-    layer_grids,
-    load_bundle,
-    save_bundle,
-)
+from gradcamo_dask import BundleMismatchError, InputError, efficientnet3d, layer_grids, open_bundle, write_bundle
+from gradcamo_dask.engine.layers import default_layer
+from gradcamo_dask.engine.models import convert_efficientnet_pytorch_3d, from_efficientnet_pytorch_3d
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Actin", "Mito"]
 CLASSES = ["DMSO", "A", "B", "C", "D", "E"]
@@ -180,7 +172,7 @@ def _save(path, model, **changes):
     options = dict(channels=CHANNELS, classes=CLASSES, crop_shape=(None, 40, 40), input_shape=SMALL,
                    normalization=NORMALIZATION, provenance={"trained_on": "plate P1", "epochs": 3})
     options.update(changes)
-    return save_bundle(path, model, **options)
+    return write_bundle(path, model, **options)
 
 
 def test_bundle_round_trip_gives_the_same_model_and_config(tmp_path, small_model):
@@ -190,7 +182,7 @@ def test_bundle_round_trip_gives_the_same_model_and_config(tmp_path, small_model
     assert raw["channels"] == CHANNELS and raw["classes"] == CLASSES
     assert raw["crop_shape"] == [None, 40, 40] and raw["input_shape"] == list(SMALL)
     assert raw["architecture"]["name"] == "efficientnet3d" and raw["architecture"]["padding"] == "same"
-    bundle = load_bundle(path)
+    bundle = open_bundle(path)
     assert not bundle.model.training
     assert bundle.config.channels == CHANNELS and bundle.config["classes"] == CLASSES
     assert bundle.config.normalization == NORMALIZATION and bundle.config.layers == ["_head_swish", "_blocks.4.10"]
@@ -199,14 +191,14 @@ def test_bundle_round_trip_gives_the_same_model_and_config(tmp_path, small_model
     with torch.no_grad():
         torch.testing.assert_close(bundle.model(x), small_model(x), rtol=0, atol=0)
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", bundle.hash)
-    assert load_bundle(path).hash == bundle.hash  # stable
+    assert open_bundle(path).hash == bundle.hash  # stable
 
 
 def test_bundle_hash_follows_the_content(tmp_path, small_model):
-    first = load_bundle(_save(tmp_path / "a", small_model)).hash
+    first = open_bundle(_save(tmp_path / "a", small_model)).hash
     other = lively(efficientnet3d(6, 6, SMALL), seed=2)
-    assert load_bundle(_save(tmp_path / "b", other)).hash != first
-    assert load_bundle(_save(tmp_path / "c", small_model, classes=list("UVWXYZ"))).hash != first
+    assert open_bundle(_save(tmp_path / "b", other)).hash != first
+    assert open_bundle(_save(tmp_path / "c", small_model, classes=list("UVWXYZ"))).hash != first
 
 
 def test_loading_never_unpickles(tmp_path, small_model, monkeypatch):
@@ -219,7 +211,7 @@ def test_loading_never_unpickles(tmp_path, small_model, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
-    assert load_bundle(path).config.channels == CHANNELS
+    assert open_bundle(path).config.channels == CHANNELS
     assert (path / "model.safetensors").read_bytes()[8:9] == b"{"  # safetensors: 8-byte length, JSON header
 
 
@@ -228,14 +220,14 @@ def test_tampered_or_incomplete_bundles_are_refused(tmp_path, small_model):
     other = _save(tmp_path / "other", lively(efficientnet3d(6, 6, SMALL), seed=5))
     (path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(BundleMismatchError, match="sha256"):
-        load_bundle(path)
+        open_bundle(path)
     (other / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_bundle(other)
+        open_bundle(other)
 
 
 def test_check_fits_names_both_sides(tmp_path, small_model):
-    bundle = load_bundle(_save(tmp_path / "bundle", small_model))
+    bundle = open_bundle(_save(tmp_path / "bundle", small_model))
     bundle.check_fits(channels=CHANNELS, classes=["DMSO", "B"], crop_shape=(21, 40, 40))
     with pytest.raises(BundleMismatchError) as err:
         bundle.check_fits(channels=["DNA", "RNA", "Mito"])
@@ -250,7 +242,7 @@ def test_check_fits_names_both_sides(tmp_path, small_model):
         bundle.check_fits(crop_shape=(21, 64, 64))
 
 
-def test_save_bundle_refuses_inconsistent_metadata(tmp_path, small_model):
+def test_write_bundle_refuses_inconsistent_metadata(tmp_path, small_model):
     with pytest.raises(InputError, match="6 channels"):
         _save(tmp_path / "x", small_model, channels=["DNA", "RNA"])
     with pytest.raises(InputError, match="6 classes"):
@@ -283,8 +275,8 @@ def test_engine_names_have_one_home_and_resolve_from_the_package():
     import gradcamo_dask
     from gradcamo_dask.engine import bundles, layers
 
-    assert gradcamo_dask.load_bundle is bundles.load_bundle and gradcamo_dask.layer_grids is layers.layer_grids
+    assert gradcamo_dask.open_bundle is bundles.open_bundle and gradcamo_dask.layer_grids is layers.layer_grids
     importlib.import_module("gradcamo_dask.engine.explain")  # binding the submodule keeps the function
     assert callable(gradcamo_dask.explain) and gradcamo_dask.explain.__name__ == "explain"
     with pytest.raises(AttributeError):
-        importlib.import_module("gradcamo_dask.engine.models").load_bundle  # noqa: B018  (one home: bundles)
+        importlib.import_module("gradcamo_dask.engine.models").open_bundle  # noqa: B018  (one home: bundles)

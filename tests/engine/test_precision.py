@@ -46,7 +46,7 @@ def test_bad_torch_falls_back_and_good_versions_keep_bf16(monkeypatch):
 
 
 def test_explain_and_training_share_the_check(monkeypatch):
-    from gradcamo_dask.jobs.train import _autocast
+    from gradcamo_dask.jobs.epochs import autocast_context as _autocast  # what training steps use
 
     monkeypatch.setattr(torch, "__version__", "2.9.0")
     monkeypatch.setattr(precision.torch, "__version__", "2.9.0")

@@ -11,22 +11,12 @@ from torch import nn
 from gradcamo_dask.engine.augment import NO_AUGMENTATION, Augmentation, augment_batch
 from gradcamo_dask.errors import InputError
 from gradcamo_dask.engine.regularize import gradcamo_loss
+from tests.helpers.engine_models import TinyCNN
 
 
-class TinyCNN(nn.Module):
+def smooth_cnn(bias: bool = True) -> nn.Module:
     """Smooth (tanh) tiny 3D CNN: enough for gradcheck in float64."""
-
-    def __init__(self, bias: bool = True) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv3d(2, 4, 3, padding=1, bias=bias)
-        self.act1 = nn.Tanh()
-        self.conv2 = nn.Conv3d(4, 5, 3, stride=2, padding=1, bias=bias)
-        self.act2 = nn.Tanh()
-        self.fc = nn.Linear(5, 3, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.act2(self.conv2(self.act1(self.conv1(x))))
-        return self.fc(a.mean(dim=(2, 3, 4)))
+    return TinyCNN(2, 3, width=4, width2=5, activation=nn.Tanh, bias=bias)
 
 
 def _data(seed: int = 0, n: int = 3):
@@ -39,7 +29,7 @@ def _data(seed: int = 0, n: int = 3):
 
 def test_lambda_zero_is_cross_entropy_value_and_gradient():
     torch.manual_seed(0)
-    model = TinyCNN().double()
+    model = smooth_cnn().double()
     x, y, masks = _data()
     out = gradcamo_loss(model, x, y, masks, layer="act2", lam=0.0)
     out.loss.backward()
@@ -56,7 +46,7 @@ def test_scores_match_the_engine_audit():
     from gradcamo_dask.engine.explain import explain
 
     torch.manual_seed(1)
-    model = TinyCNN().double()
+    model = smooth_cnn().double()
     x, y, masks = _data(1, n=4)
     out = gradcamo_loss(model, x, y, masks, layer="act2", lam=1.0, target="predicted")
     crops = F.interpolate(x, size=(7, 9, 9), mode="trilinear", align_corners=False)  # explain resamples back
@@ -72,7 +62,7 @@ def test_scores_match_the_engine_audit():
 
 def test_gradcamo_term_gradient_is_exact_gradcheck():
     torch.manual_seed(2)
-    model = TinyCNN().double()
+    model = smooth_cnn().double()
     x, y, masks = _data(2, n=2)
     x.requires_grad_(True)
 
@@ -85,7 +75,7 @@ def test_gradcamo_term_gradient_is_exact_gradcheck():
 
 def test_parameter_gradient_matches_finite_differences():
     torch.manual_seed(3)
-    model = TinyCNN().double()
+    model = smooth_cnn().double()
     x, y, masks = _data(3, n=3)
     lam = 2.0
     out = gradcamo_loss(model, x, y, masks, layer="act2", lam=lam)
@@ -113,7 +103,7 @@ def test_parameter_gradient_matches_finite_differences():
 
 def test_undefined_scores_do_not_poison_the_loss():
     torch.manual_seed(4)
-    model = TinyCNN(bias=False).double()
+    model = smooth_cnn(bias=False).double()
     x, y, masks = _data(4, n=3)
     x[1] = 0.0  # no bias anywhere: zero activations, an all-zero map, sum(G) == 0
     out = gradcamo_loss(model, x, y, masks, layer="act2", lam=1.0)
@@ -130,7 +120,7 @@ def test_undefined_scores_do_not_poison_the_loss():
 
 
 def test_bad_layer_and_target():
-    model = TinyCNN().double()
+    model = smooth_cnn().double()
     x, y, masks = _data()
     with pytest.raises(InputError, match="fc"):
         gradcamo_loss(model, x, y, masks, layer="fc", lam=1.0)
@@ -178,7 +168,7 @@ def test_brightness_and_gamma_ranges_and_probability():
 def test_regularizer_under_bf16_autocast_stays_close_to_float32():
     # the logic of the CUDA path (bf16 autocast, maps and scores widened to float32), run on the CPU
     torch.manual_seed(5)
-    model = TinyCNN()
+    model = smooth_cnn()
     x, y, masks = _data(5, n=4)
     x = x.float()
     ref = gradcamo_loss(model, x, y, masks, layer="act2", lam=1.0)
@@ -192,16 +182,16 @@ def test_regularizer_under_bf16_autocast_stays_close_to_float32():
 
 def test_train_step_channels_last_matches_contiguous():
     from gradcamo_dask.engine.models import efficientnet3d
-    from gradcamo_dask.jobs.train import _prepare
+    from gradcamo_dask.jobs.epochs import to_device
 
     torch.manual_seed(0)
     model = efficientnet3d(2, 3, (8, 16, 16)).eval()
     x = torch.randn(2, 2, 8, 16, 16)
     y = torch.tensor([0, 2])
     masks = torch.rand(2, 8, 20, 20) > 0.5
-    a = gradcamo_loss(model, _prepare(x, torch.device("cpu"), False), y, masks, layer="_blocks.4.10", lam=1.0)
+    a = gradcamo_loss(model, to_device(x, torch.device("cpu"), False), y, masks, layer="_blocks.4.10", lam=1.0)
     model_cl = model.to(memory_format=torch.channels_last_3d)
-    xc = _prepare(x, torch.device("cpu"), True)
+    xc = to_device(x, torch.device("cpu"), True)
     assert xc.is_contiguous(memory_format=torch.channels_last_3d)
     b = gradcamo_loss(model_cl, xc, y, masks, layer="_blocks.4.10", lam=1.0)
     assert float(a.loss) == pytest.approx(float(b.loss), rel=1e-4, abs=1e-5)
@@ -210,7 +200,8 @@ def test_train_step_channels_last_matches_contiguous():
 @pytest.mark.gpu
 def test_cuda_bf16_channels_last_training_step_matches_cpu():
     from gradcamo_dask.engine.models import efficientnet3d
-    from gradcamo_dask.jobs.train import _autocast, _prepare
+    from gradcamo_dask.engine.precision import autocast_context
+    from gradcamo_dask.jobs.epochs import to_device
 
     torch.manual_seed(0)
     model = efficientnet3d(6, 4, (16, 48, 48)).eval()
@@ -222,8 +213,8 @@ def test_cuda_bf16_channels_last_training_step_matches_cpu():
     gpu_model = efficientnet3d(6, 4, (16, 48, 48)).eval()
     gpu_model.load_state_dict(model.state_dict())
     gpu_model = gpu_model.to(device).to(memory_format=torch.channels_last_3d)
-    with _autocast(device, None):
-        gpu = gradcamo_loss(gpu_model, _prepare(x, device, True), y.to(device), masks.to(device),
+    with autocast_context(device, None):
+        gpu = gradcamo_loss(gpu_model, to_device(x, device, True), y.to(device), masks.to(device),
                             layer="_blocks.4.10", lam=1.0)
     gpu.loss.backward()
     assert float(gpu.cross_entropy) == pytest.approx(float(cpu.cross_entropy), rel=0.05, abs=0.05)

@@ -32,20 +32,44 @@ def lively(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 class TinyCNN(nn.Module):
-    """A small generic 3D CNN (not an EfficientNet): conv-relu-conv-relu-pool-linear."""
+    """The tests' small generic 3D CNN (not an EfficientNet): conv-act-conv-act-pool-linear.
 
-    def __init__(self, in_channels: int = 2, num_classes: int = 3, width: int = 4) -> None:
+    Parameters
+    ----------
+    in_channels, num_classes : int
+        Input channels and logits.
+    width : int
+        Channels of the first convolution (and of the second unless ``width2``).
+    width2 : int, optional
+        Channels of the second convolution.
+    stride : int or (int, int, int)
+        Stride of the second convolution.
+    activation : type
+        Activation module class (``nn.ReLU``; ``nn.Tanh`` for smooth gradient checks).
+    bias : bool
+        Biases in the convolutions and the linear layer.
+    """
+
+    def __init__(self, in_channels: int = 2, num_classes: int = 3, width: int = 4, *, width2: int | None = None,
+                 stride: int | tuple[int, int, int] = 2, activation: type = nn.ReLU, bias: bool = True) -> None:
         super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, width, 3, padding=1)
-        self.act1 = nn.ReLU()
-        self.conv2 = nn.Conv3d(width, width, 3, stride=2, padding=1)
-        self.act2 = nn.ReLU()
+        width2 = width if width2 is None else width2
+        self.conv1 = nn.Conv3d(in_channels, width, 3, padding=1, bias=bias)
+        self.act1 = activation()
+        self.conv2 = nn.Conv3d(width, width2, 3, stride=stride, padding=1, bias=bias)
+        self.act2 = activation()
         self.pool = nn.AdaptiveAvgPool3d(1)
-        self.fc = nn.Linear(width, num_classes)
+        self.fc = nn.Linear(width2, num_classes, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act2(self.conv2(self.act1(self.conv1(x))))
         return self.fc(self.pool(x).flatten(1))
+
+
+def seeded_tiny_cnn(in_channels: int = 2, num_classes: int = 3, seed: int = 0, **options) -> TinyCNN:
+    """A :class:`TinyCNN` with weights drawn after ``torch.manual_seed(seed)``, in eval mode."""
+    torch.manual_seed(seed)
+    return TinyCNN(in_channels, num_classes, **options).eval()
 
 
 class SharedActivationCNN(TinyCNN):

@@ -115,35 +115,20 @@ def make_profiles(
 
 
 def tiny_cnn(in_channels: int, num_classes: int, seed: int = 0):
-    """A small 3D CNN (conv-relu-conv-relu-pool-linear) for tests that need real Grad-CAM maps."""
-    import torch
-    from torch import nn
+    """The tests' TinyCNN, 8 wide, second convolution strided (1, 4, 4): real Grad-CAM maps, cheaply."""
+    from tests.helpers.engine_models import seeded_tiny_cnn
 
-    torch.manual_seed(seed)
-
-    class TinyCNN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv3d(in_channels, 8, 3, padding=1)
-            self.act1 = nn.ReLU()
-            self.conv2 = nn.Conv3d(8, 8, 3, stride=(1, 4, 4), padding=1)
-            self.act2 = nn.ReLU()
-            self.pool = nn.AdaptiveAvgPool3d(1)
-            self.fc = nn.Linear(8, num_classes)
-
-        def forward(self, x):
-            return self.fc(self.pool(self.act2(self.conv2(self.act1(self.conv1(x))))).flatten(1))
-
-    return TinyCNN().eval()
+    return seeded_tiny_cnn(in_channels, num_classes, seed, width=8, stride=(1, 4, 4))
 
 
 def profiles_from_model(image, labels, cells: pd.DataFrame, size, model, layers, *, provenance=None) -> xr.Dataset:
-    """Profiles (CONTRACTS layout) scored for real: crops, one explain pass, low-res CAMs.
+    """Profiles (the profiles store layout) scored for real: crops, one explain pass, low-res CAMs.
 
     A stand-in for the pipeline's ``score_plate`` on a tiny model: what it stores
     (scores, sums and low-res maps) comes from :func:`gradcamo_dask.engine.explain`.
     """
-    from gradcamo_dask import explain, extract_crops, rescale_crops
+    from gradcamo_dask import explain, extract_crops
+    from gradcamo_dask.cells import rescale_crops
 
     crops, masks = extract_crops(image, labels, cells, size)
     crops, masks = np.asarray(crops.compute()), np.asarray(masks.compute())

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradcamo_dask.engine.bundles import save_bundle
+from gradcamo_dask.engine.bundles import write_bundle
 from gradcamo_dask.engine.models import efficientnet3d
 from gradcamo_dask.io.plate import open_labels, open_plate, write_plate
 from gradcamo_dask.io.synthetic import synthetic_plate
@@ -20,21 +20,29 @@ CROP_SHAPE = (None, 48, 48)
 LAYERS = ["_head_swish", "_blocks.4.10"]
 
 
-def make_plate(path: Path, *, wells_per_treatment: int = 2, sites: int = 2, seed: int = 0) -> Path:
-    """4 wells (control and 10 µM, 2 replicates) x 2 sites of 9 x 96 x 96 voxels, ~7 cells per site."""
+def make_plate(path: Path, *, wells_per_treatment: int = 2, sites: int = 2, site_shape=(9, 96, 96),
+               cell_radius: float = 12.0, seed: int = 0, with_platemap: bool = False, overwrite: bool = False) -> Path:
+    """The tests' tiny plate on disk: control and 10 µM wells (default 2 replicates) x ``sites`` sites of
+    ``site_shape`` voxels (default 9 x 96 x 96, ~7 cells per site), ground-truth labels inside."""
     plate = synthetic_plate(doses_um=(0.0, 10.0), wells_per_treatment=wells_per_treatment, sites_per_well=sites,
-                            site_shape=(9, 96, 96), cell_radius=12.0, seed=seed, plate="tiny")
-    write_plate(path, plate.image, plate.labels)
+                            site_shape=site_shape, cell_radius=cell_radius, seed=seed, plate="tiny")
+    write_plate(path, plate.image, plate.labels, platemap=plate.platemap if with_platemap else None,
+                overwrite=overwrite)
     return path
 
 
-def make_bundle(path: Path, *, seed: int = 0, channels=CHANNELS, classes=CLASSES) -> Path:
+def make_bundle(path: Path, *, seed: int = 0, channels=CHANNELS, classes=CLASSES, crop_shape=CROP_SHAPE,
+                input_shape=INPUT_SHAPE, mean: float = 0.3, std: float = 0.2, layers=LAYERS,
+                lively_weights: bool = True) -> Path:
+    """The tests' tiny model bundle: EfficientNet-B0 3D seeded with ``seed`` (weights spread by
+    :func:`lively` unless ``lively_weights=False``), normalisation ``mean``/``std`` for every channel."""
     torch.manual_seed(seed)
-    model = lively(efficientnet3d(len(channels), len(classes), INPUT_SHAPE), seed=seed)
-    return save_bundle(path, model, channels=channels, classes=classes, crop_shape=CROP_SHAPE,
-                       input_shape=INPUT_SHAPE, normalization={"mean": [0.3] * len(channels),
-                                                               "std": [0.2] * len(channels)},
-                       layers=LAYERS)
+    model = efficientnet3d(len(channels), len(classes), input_shape)
+    model = lively(model, seed=seed) if lively_weights else model.eval()
+    return write_bundle(path, model, channels=channels, classes=classes, crop_shape=crop_shape,
+                        input_shape=input_shape, normalization={"mean": [mean] * len(channels),
+                                                                "std": [std] * len(channels)},
+                        layers=layers)
 
 
 def open_tiny(path: Path):

@@ -11,25 +11,14 @@ def write_tiny_plate_and_bundle(directory: Path, *, seed: int = 0) -> dict[str, 
     The bundle is an untrained EfficientNet-B0 3D with fixed seed at a small input grid:
     scores are not meaningful, but deterministic, which is all a cluster test compares.
     """
-    import torch
-
-    from gradcamo_dask.engine.bundles import save_bundle
-    from gradcamo_dask.engine.models import efficientnet3d
-    from gradcamo_dask.io.plate import write_plate
-    from gradcamo_dask.io.synthetic import synthetic_plate
+    from tests.helpers.plate_fixtures import CHANNELS, CLASSES, make_bundle, make_plate
 
     directory.mkdir(parents=True, exist_ok=True)
-    plate = synthetic_plate(doses_um=(0.0, 10.0), wells_per_treatment=1, sites_per_well=2,
-                            site_shape=(8, 64, 64), cell_radius=9.0, seed=seed, plate="tiny")
-    plate_path = directory / "plate.zarr"
-    write_plate(plate_path, plate.image, plate.labels, platemap=plate.platemap, overwrite=True)
-    channels = [str(c) for c in plate.image["c"].values]
-    classes = sorted(str(t) for t in plate.platemap["treatment"].unique())
-    torch.manual_seed(seed)
-    model = efficientnet3d(len(channels), len(classes), (8, 32, 32)).eval()
-    bundle = save_bundle(directory / "bundle", model, channels=channels, classes=classes, crop_shape=(None, 32, 32),
-                         input_shape=(8, 32, 32),
-                         normalization={"mean": [0.5] * len(channels), "std": [0.25] * len(channels)})
+    plate_path = make_plate(directory / "plate.zarr", wells_per_treatment=1, site_shape=(8, 64, 64), cell_radius=9.0,
+                            seed=seed, with_platemap=True, overwrite=True)
+    bundle = make_bundle(directory / "bundle", seed=seed, channels=CHANNELS, classes=sorted(CLASSES),
+                         crop_shape=(None, 32, 32), input_shape=(8, 32, 32), mean=0.5, std=0.25, layers=None,
+                         lively_weights=False)
     return {"plate": plate_path, "bundle": Path(bundle)}
 
 

@@ -15,19 +15,8 @@ import xarray as xr
 import zarr
 import zarr.storage
 
-from gradcamo_dask import (
-    InputError,
-    LabelsError,
-    MetadataError,
-    OutputStoreError,
-    PlateLayoutError,
-    open_labels,
-    open_plate,
-    read_platemap,
-    select_channels,
-    synthetic_plate,
-    write_plate,
-)
+from gradcamo_dask import InputError, LabelsError, MetadataError, OutputStoreError, PlateLayoutError, open_labels, open_plate, open_platemap, synthetic_plate, write_plate
+from gradcamo_dask.io.layout import select_channels
 from gradcamo_dask.io.layout import plate_dataarray
 from gradcamo_dask.io.platemap import normalize_well
 
@@ -406,11 +395,11 @@ def test_real_tiff_opens_lazily_with_axes(real_data):
 # -------------------------------------------------------------------- platemap
 
 
-def test_read_platemap_aliases_and_control_inference(tmp_path):
+def test_open_platemap_aliases_and_control_inference(tmp_path):
     path = tmp_path / "map.csv"
     pd.DataFrame({"Metadata_Well": ["B2", "b03", "C02"], "Metadata_Treatment": ["DMSO", "taxol", "taxol"],
                   "concentration": [0, 1.5, 0.5], "batch": ["x", "y", "z"]}).to_csv(path, index=False)
-    pm = read_platemap(path)
+    pm = open_platemap(path)
     assert list(pm.columns) == ["well", "treatment", "dose", "is_control", "batch"]
     assert list(pm["well"]) == ["B02", "B03", "C02"]
     assert list(pm["is_control"]) == [True, False, False]
@@ -418,8 +407,8 @@ def test_read_platemap_aliases_and_control_inference(tmp_path):
 
     explicit = tmp_path / "map.tsv"
     explicit.write_text("well\ttreatment\tis_control\nA1\tx\tyes\nA2\ty\tno\n")
-    assert read_platemap(explicit)["is_control"].tolist() == [True, False]
-    assert read_platemap(explicit)["dose"].isna().all()
+    assert open_platemap(explicit)["is_control"].tolist() == [True, False]
+    assert open_platemap(explicit)["dose"].isna().all()
 
 
 @pytest.mark.parametrize(
@@ -436,7 +425,7 @@ def test_bad_platemaps_name_the_column_and_file(tmp_path, text, match):
     path = tmp_path / "bad.csv"
     path.write_text(text)
     with pytest.raises(MetadataError, match=match) as err:
-        read_platemap(path)
+        open_platemap(path)
     assert str(path) in str(err.value)
 
 
@@ -451,7 +440,7 @@ def test_platemap_must_cover_every_well(written):
 
 
 def test_labels_like_wraps_segmenter_output(small_plate):
-    from gradcamo_dask import labels_like
+    from gradcamo_dask.io.layout import labels_like
 
     data = da.from_array(small_plate.labels.values.astype(np.uint16), chunks=(1, 1, 5, 48, 48))
     labels = labels_like(small_plate.image, data)

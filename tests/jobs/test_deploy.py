@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from gradcamo_dask.errors import ClusterError, OutputStoreError
-from tests.helpers.tiny_plate import tiny_plate  # noqa: F401  (fixture)
 
 from tests.helpers.paths import REPO
 DEPLOY = REPO / "deploy"
@@ -153,11 +152,11 @@ def _write_config(tmp_path, mutate) -> Path:
 
 
 def test_slurm_config_without_gpu_count_names_the_key(tmp_path):
-    from gradcamo_dask.jobs.slurm import load_slurm_config
+    from gradcamo_dask.jobs.slurm import open_slurm_config
 
     path = _write_config(tmp_path, lambda c: c["gradcamo"]["slurm"].pop("gpus-per-job"))
     with pytest.raises(ClusterError, match=r"gradcamo\.slurm\.gpus-per-job") as info:
-        load_slurm_config(path)
+        open_slurm_config(path)
     assert str(path) in str(info.value)
 
 
@@ -181,14 +180,14 @@ def test_slurm_config_errors_name_the_key(tmp_path, mutate, pattern):
 
 
 def test_slurm_config_missing_or_not_yaml(tmp_path):
-    from gradcamo_dask.jobs.slurm import load_slurm_config
+    from gradcamo_dask.jobs.slurm import open_slurm_config
 
     with pytest.raises(ClusterError, match="cannot read"):
-        load_slurm_config(tmp_path / "absent.yaml")
+        open_slurm_config(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("gradcamo: [unclosed\n")
     with pytest.raises(ClusterError, match="not valid YAML"):
-        load_slurm_config(bad)
+        open_slurm_config(bad)
 
 
 def test_slurm_cluster_with_tls_passes_certificates_to_workers(tmp_path, tls_files):

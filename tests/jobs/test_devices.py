@@ -151,14 +151,14 @@ def tiny(tmp_path_factory):
 
 def test_score_site_moves_device_blocks_to_the_host_with_their_own_api(tiny, monkeypatch):
     from gradcamo_dask.cells import cell_table
-    from gradcamo_dask.engine.bundles import load_bundle
+    from gradcamo_dask.engine.bundles import open_bundle
     from gradcamo_dask.io.platemap import platemap_of
 
     image, labels = tiny["image"], tiny["labels"]
     cells = cell_table(labels, platemap_of(image), size=CROP_SHAPE)
     one = cells[(cells["well"] == cells["well"].iloc[0]) & (cells["site"] == cells["site"].iloc[0])]
     rows = one[["object_number", "center_z", "center_y", "center_x"]].reset_index(drop=True)
-    bundle = load_bundle(tiny["bundle"])
+    bundle = open_bundle(tiny["bundle"])
     spec = {"bundle_path": str(tiny["bundle"]), "bundle_hash": bundle.hash, "layers": LAYERS, "crop_size": CROP_SHAPE,
             "batch_size": 4, "target": "predicted", "plate": "tiny", "well": "B02", "site": 0, "device": "cpu"}
     with dask.config.set(scheduler="sync"):

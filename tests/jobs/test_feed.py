@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from gradcamo_dask.cells import cell_table, crop_site
-from gradcamo_dask.engine.bundles import load_bundle
+from gradcamo_dask.engine.bundles import open_bundle
 from gradcamo_dask.engine.explain import explain
-from gradcamo_dask.engine.normalize import normalize_crops
+from gradcamo_dask.normalize import normalize_crops
 from gradcamo_dask.io.platemap import platemap_of
 from gradcamo_dask.jobs.feed import ExplainRunner, FeedStats, SiteJob, SleepRunner, score_sites
 from tests.helpers.plate_fixtures import CROP_SHAPE, LAYERS, make_bundle, make_plate, open_tiny
@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
             s = list(image["site"].values).index(site)
             sites.append((image.data[w, s].compute(), labels.data[w, s].compute(),
                           rows[COLUMNS].reset_index(drop=True), {"well": well, "site": int(site)}))
-    return {"sites": sites, "bundle": load_bundle(make_bundle(root / "bundle"))}
+    return {"sites": sites, "bundle": open_bundle(make_bundle(root / "bundle"))}
 
 
 def _jobs(sites, read_delay: float = 0.0):

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.netns_lab import NetnsLab, netns_unavailable_reason, remove_stale_labs
-from tests.helpers.tiny_plate import tiny_plate  # noqa: F401  (fixture)
 from tests.helpers.tls_certs import write_test_pki
 
 from tests.helpers.paths import REPO

@@ -19,8 +19,8 @@ from gradcamo_dask.profiles import store as store_module
 from gradcamo_dask.cells import cell_table, extract_crops
 from gradcamo_dask.errors import BundleMismatchError, LabelsError, OutputStoreError, PlateLayoutError
 from gradcamo_dask.engine.explain import explain
-from gradcamo_dask.engine.bundles import load_bundle
-from gradcamo_dask.engine.normalize import normalize_crops
+from gradcamo_dask.engine.bundles import open_bundle
+from gradcamo_dask.normalize import normalize_crops
 from gradcamo_dask.jobs.score import score_plate
 from gradcamo_dask.profiles.store import describe_profiles, done_sites, open_profiles, write_profiles
 from gradcamo_dask.io.platemap import platemap_of
@@ -53,12 +53,12 @@ def test_dataset_is_lazy_labeled_and_matches_explain_on_the_same_crops(tiny):
     assert list(ds["layer"].values) == LAYERS
     assert list(ds["class"].values) == ["control", "compound_10uM"]
     prov = json.loads(ds.attrs["provenance"])
-    assert prov["bundle_hash"] == load_bundle(tiny["bundle"]).hash and prov["layers"] == LAYERS
+    assert prov["bundle_hash"] == open_bundle(tiny["bundle"]).hash and prov["layers"] == LAYERS
     assert "torch" in prov["versions"] and prov["parameters"]["crop_size"] == [None, 48, 48]
 
     # the same numbers as the engine on crops built the documented way (extract_crops + normalize + explain)
     ref = tiny["reference"]
-    bundle = load_bundle(tiny["bundle"])
+    bundle = open_bundle(tiny["bundle"])
     crops, masks = extract_crops(image, labels, cells, CROP_SHAPE)
     crops, masks = dask.compute(crops, masks, scheduler="sync")
     result = explain(bundle.model, normalize_crops(crops, bundle.config.normalization), masks, layers=LAYERS)
@@ -152,7 +152,7 @@ def test_store_of_another_bundle_or_plate_is_refused_unless_overwrite(tiny, tmp_
             write_profiles(ds_other, tiny["plate"])  # a plate is never written over
         write_profiles(ds_other, store, overwrite=True)
     back = open_profiles(store)
-    assert json.loads(back.attrs["provenance"])["bundle_hash"] == load_bundle(other).hash
+    assert json.loads(back.attrs["provenance"])["bundle_hash"] == open_bundle(other).hash
     assert not np.allclose(back["logits"].values, tiny["reference"]["logits"].values)
 
 
@@ -205,11 +205,11 @@ def test_zero_cell_sites_give_zero_rows_and_a_plate_without_cells_an_empty_datas
 
 
 def test_model_cache_loads_once_per_process_and_refuses_a_changed_bundle(tiny, tmp_path):
-    bundle = load_bundle(tiny["bundle"])
+    bundle = open_bundle(tiny["bundle"])
     first = pipeline.cached_bundle(str(tiny["bundle"]), bundle.hash, "cpu")
     assert pipeline.cached_bundle(str(tiny["bundle"]), bundle.hash, "cpu") is first
     copy = make_bundle(tmp_path / "b", seed=0)
-    h = load_bundle(copy).hash
+    h = open_bundle(copy).hash
     make_bundle(tmp_path / "b", seed=3)  # replaced on disk after planning
     with pytest.raises(BundleMismatchError, match="changed on disk"):
         pipeline.cached_bundle(str(copy), h, "cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,20 @@ from safetensors.torch import load_file
 from gradcamo_dask.engine.augment import Augmentation
 from gradcamo_dask.errors import PlateLayoutError, TrainingError
 from gradcamo_dask.io.synthetic import synthetic_plate
-from gradcamo_dask.jobs.train import optimizer_from_files, optimizer_to_files, train
+from gradcamo_dask.errors import InputError
+from gradcamo_dask.jobs.checkpoint import optimizer_from_files, optimizer_to_files
+from gradcamo_dask.jobs.recipe import Recipe, Split
+from gradcamo_dask.jobs.train import train
 
 CROP = (None, 24, 24)
 GRID = (8, 24, 24)
-FAST = dict(crop_size=CROP, input_shape=GRID, batch_size=4, max_train_cells=8, progress=False,
-            model_options={"dropout_rate": 0.2})
+FAST = Recipe(crop_size=CROP, input_shape=GRID, batch_size=4, split=Split(max_train_cells=8),
+              model_options={"dropout_rate": 0.2})
+
+
+def recipe(split: dict | None = None, **changes) -> Recipe:
+    """FAST with some fields (and split fields) changed."""
+    return replace(FAST, split=replace(FAST.split, **(split or {})), **changes)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +45,11 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_bundle_split_and_normalization(plate, tmp_path):
-    from gradcamo_dask.engine.bundles import load_bundle
+    from gradcamo_dask.engine.bundles import open_bundle
     from gradcamo_dask.cells import cell_table, extract_crops, fit_normalization
 
-    out = train(plate.image, plate.labels, plate.platemap, out=tmp_path / "b", epochs=1, **FAST)
-    bundle = load_bundle(out)
+    out = train(plate.image, plate.labels, recipe(epochs=1), out=tmp_path / "b", platemap=plate.platemap, progress=False)
+    bundle = open_bundle(out)
     cfg = bundle.config
     assert cfg.classes == ["control", "compound_10uM"]
     assert cfg.channels == list(plate.image["c"].values)
@@ -67,31 +76,32 @@ def test_bundle_split_and_normalization(plate, tmp_path):
 
 
 def test_seeded_runs_are_identical_and_resume_is_bit_identical(plate, tmp_path):
-    straight = train(plate.image, plate.labels, plate.platemap, out=tmp_path / "straight", epochs=2, seed=3,
-                     patience=None, **FAST)
-    again = train(plate.image, plate.labels, plate.platemap, out=tmp_path / "again", epochs=2, seed=3,
-                  patience=None, cache=False, shuffle_sites=64, **FAST)
+    straight = train(plate.image, plate.labels, recipe(epochs=2, seed=3, patience=None), out=tmp_path / "straight",
+                     platemap=plate.platemap, progress=False)
+    again = train(plate.image, plate.labels, recipe(epochs=2, seed=3, patience=None, shuffle_sites=64),
+                  out=tmp_path / "again", platemap=plate.platemap, cache=False, progress=False)
     assert _same(_weights(straight), _weights(again))  # deterministic, with or without the crop cache
-    other = train(plate.image, plate.labels, plate.platemap, out=tmp_path / "other", epochs=1, seed=4,
-                  patience=None, **FAST)
+    other = train(plate.image, plate.labels, recipe(epochs=1, seed=4, patience=None), out=tmp_path / "other",
+                  platemap=plate.platemap, progress=False)
     assert not _same(_weights(straight), _weights(other))
     # 1 epoch, stop, resume for the second: same weights and loss curve as 2 epochs straight
-    train(plate.image, plate.labels, plate.platemap, out=tmp_path / "resumed", epochs=1, seed=3, patience=None,
-          **FAST)
-    resumed = train(plate.image, plate.labels, plate.platemap, out=tmp_path / "resumed", epochs=2, seed=3,
-                    patience=None, resume=True, **FAST)
+    train(plate.image, plate.labels, recipe(epochs=1, seed=3, patience=None), out=tmp_path / "resumed",
+          platemap=plate.platemap, progress=False)
+    resumed = train(plate.image, plate.labels, recipe(epochs=2, seed=3, patience=None), out=tmp_path / "resumed",
+                    platemap=plate.platemap, resume=True, progress=False)
     assert _same(_weights(straight), _weights(resumed))
     history = json.loads((resumed / "config.json").read_text())["provenance"]["history"]
     assert history == json.loads((straight / "config.json").read_text())["provenance"]["history"]
     # a checkpoint of another configuration is refused, naming what differs
     with pytest.raises(TrainingError, match=r"(?s)learning_rate.*0.0003.*0.001"):
-        train(plate.image, plate.labels, plate.platemap, out=tmp_path / "resumed", epochs=3, seed=3,
-              learning_rate=1e-3, resume=True, **FAST)
+        train(plate.image, plate.labels, recipe(epochs=3, seed=3, learning_rate=1e-3), out=tmp_path / "resumed",
+              platemap=plate.platemap, resume=True, progress=False)
 
 
 def test_regularized_training_runs_and_records(plate, tmp_path):
-    out = train(plate.image, plate.labels, plate.platemap, out=tmp_path / "reg", epochs=1, regularizer=1.0,
-                regularizer_layer="_blocks.2.4", augmentation=Augmentation(p=0.0), **FAST)
+    out = train(plate.image, plate.labels, recipe(epochs=1, regularizer=1.0, regularizer_layer="_blocks.2.4",
+                                                  augmentation=Augmentation(p=0.0)),
+                out=tmp_path / "reg", platemap=plate.platemap, progress=False)
     prov = json.loads((out / "config.json").read_text())["provenance"]
     assert prov["regularizer"] == {"lambda": 1.0, "layer": "_blocks.2.4", "target": "label"}
     assert 0 <= prov["history"][0]["train_gradcamo"] <= 1
@@ -119,17 +129,35 @@ def test_bad_input(plate, tmp_path):
     pm = plate.platemap
     with pytest.raises(PlateLayoutError, match=r"platemap wells missing from the plate: \['D02'\]"):
         extra = pm.iloc[:1].assign(well="D02")
-        train(plate.image, plate.labels, __import__("pandas").concat([pm, extra]), out=tmp_path / "x", **FAST)
+        train(plate.image, plate.labels, FAST, out=tmp_path / "x", platemap=__import__("pandas").concat([pm, extra]),
+              progress=False)
     with pytest.raises(PlateLayoutError, match=r"plate wells missing from the platemap: \['C03'\]"):
-        train(plate.image, plate.labels, pm[pm.well != "C03"], out=tmp_path / "x", **FAST)
+        train(plate.image, plate.labels, FAST, out=tmp_path / "x", platemap=pm[pm.well != "C03"], progress=False)
     with pytest.raises(TrainingError, match="compound_10uM"):
-        train(plate.image, plate.labels, pm, out=tmp_path / "x", train_wells=["B02", "C02"], test_wells=["B03"],
-              **FAST)
+        train(plate.image, plate.labels, recipe(split=dict(train_wells=["B02", "C02"], test_wells=["B03"])),
+              out=tmp_path / "x", platemap=pm, progress=False)
     with pytest.raises(TrainingError, match="too few cells"):
-        train(plate.image, plate.labels, pm, out=tmp_path / "x", **{**FAST, "max_train_cells": 2})
+        train(plate.image, plate.labels, recipe(split=dict(max_train_cells=2)), out=tmp_path / "x", platemap=pm,
+              progress=False)
     with pytest.raises(TrainingError, match="both training and test"):
-        train(plate.image, plate.labels, pm, out=tmp_path / "x", train_columns=[2, 3], test_rows=["C"], **FAST)
+        train(plate.image, plate.labels, recipe(split=dict(train_columns=[2, 3], test_rows=["C"])), out=tmp_path / "x",
+              platemap=pm, progress=False)
+    with pytest.raises(InputError, match="Recipe"):
+        train(plate.image, plate.labels, pm, out=tmp_path / "x", progress=False)  # a platemap in the recipe's place
     assert not (tmp_path / "x" / "config.json").exists()
+
+
+def test_recipe_checks_its_fields_when_built():
+    for bad, match in [(dict(batch_size=0), "batch_size"), (dict(learning_rate=0.0), "learning_rate"),
+                       (dict(crop_size=(24, 24)), "crop_size"), (dict(regularizer_target="class"), "label"),
+                       (dict(batchnorm_momentum="fast"), "batchnorm_momentum"), (dict(patience=0), "patience")]:
+        with pytest.raises(InputError, match=match):
+            Recipe(**bad)
+    with pytest.raises(InputError, match="val_fraction"):
+        Split(val_fraction=1.0)
+    split = Split(test_wells=["B03"], test_columns=[3])
+    assert split.test_wells == ("B03",) and split.test_columns == (3,)  # frozen: lists become tuples
+    assert Recipe().to_dict()["augmentation"] == Augmentation().to_dict() and Recipe().crop_size == (None, 128, 128)
 
 
 def test_cli_train(plate, tmp_path):
@@ -152,11 +180,11 @@ def test_cli_train(plate, tmp_path):
 def test_default_layer_has_more_than_one_voxel():
     from gradcamo_dask.engine.layers import layer_grids
     from gradcamo_dask.engine.models import efficientnet3d
-    from gradcamo_dask.jobs.train import _informative_layer
+    from gradcamo_dask.jobs.train import informative_layer
 
-    assert _informative_layer(efficientnet3d(6, 4, (64, 224, 224)), (64, 224, 224)) == "_head_swish"
+    assert informative_layer(efficientnet3d(6, 4, (64, 224, 224)), (64, 224, 224)) == "_head_swish"
     small = efficientnet3d(6, 4, GRID)
-    name = _informative_layer(small, GRID)
+    name = informative_layer(small, GRID)
     grids = layer_grids(small, GRID)
     assert grids["_head_swish"] == (1, 1, 1) and np.prod(grids[name]) > 1
     later = list(grids)[list(grids).index(name) + 1:]

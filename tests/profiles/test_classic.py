@@ -8,7 +8,8 @@ import dask
 import numpy as np
 import pytest
 
-from gradcamo_dask import InputError, cell_table, crop_site, synthetic_plate
+from gradcamo_dask import InputError, cell_table, synthetic_plate
+from gradcamo_dask.cells import crop_site
 from gradcamo_dask.profiles.classic import classic_feature_names, classic_features, site_classic_features
 from gradcamo_dask.profiles.export import cellprofiler_table
 from tests.helpers.feature_profiles import make_profiles

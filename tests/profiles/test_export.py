@@ -9,7 +9,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from gradcamo_dask import InputError, cellprofiler_table, to_cellprofiler_table
+from gradcamo_dask import InputError, cellprofiler_table
+from gradcamo_dask.profiles.export import to_cellprofiler_table
 from gradcamo_dask.profiles.export import QC_BELOW, QC_UNDEFINED, cellprofiler_name
 from tests.helpers.feature_profiles import LAYERS, WIDTHS, make_profiles, synthetic_cells
 

@@ -16,7 +16,8 @@ import pytest
 import gradcamo_dask
 from gradcamo_dask.segment import cellpose_adapter
 from gradcamo_dask.errors import InputError, PlateLayoutError, WeightsFormatError, WeightsNotFoundError
-from gradcamo_dask.segment.plate import make_segmenter, segment_plate, segment_site
+from gradcamo_dask.segment.plate import segment_plate, segment_site
+from gradcamo_dask.segment.segmenters import CellposeSegmenter, WatershedSegmenter
 from tests.helpers.paths import REPO
 from tests.helpers.segment_blobs import as_voxel_sets, blob_plate, blob_site, matched_iou
 
@@ -79,6 +80,26 @@ def test_wrong_dims_and_unknown_method_are_refused():
         segment_plate(image, "stardist")
 
 
+def test_segmenter_options_are_checked_when_built_and_travel_as_one_object():
+    import dataclasses
+    import pickle
+
+    for bad, match in [(dict(min_size=-1), "min_size"), (dict(anisotropy=0.0), "anisotropy"),
+                       (dict(seed_height=0.0), "seed_height"), (dict(nucleus_diameter=0.0), "nucleus_diameter")]:
+        with pytest.raises(InputError, match=match):
+            WatershedSegmenter(**bad)
+    segmenter = WatershedSegmenter(smoothing=2.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        segmenter.smoothing = 1.0  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(segmenter)) == segmenter
+    assert segmenter.with_anisotropy(2.0).anisotropy == 2.0 and segmenter.anisotropy is None
+    image, _ = blob_plate(1, 1)
+    by_name = segment_plate(image, "watershed")
+    by_object = segment_plate(image, WatershedSegmenter())
+    assert np.array_equal(by_name.values, by_object.values)
+    assert by_name.attrs["segmentation"] == by_object.attrs["segmentation"]
+
+
 def test_single_slice_sites_are_segmented_as_2d():
     image, truth = blob_plate(1, 1, shape=(1, 96, 96), anisotropy=1.0)
     # a single slice through the cell centres: z=0 is the equator when z has one slice
@@ -121,7 +142,7 @@ def test_real_stack_through_the_baseline(real_data):
 
     stack = tifffile.imread(real_data / "rgb_3D.tif")
     assert stack.shape == (75, 2, 75, 75)
-    labels = segment_site(stack[:, 0], stack[:, 1], "watershed", anisotropy=1.0)
+    labels = segment_site(stack[:, 0], stack[:, 1], WatershedSegmenter(anisotropy=1.0))
     sizes = np.bincount(labels.ravel())[1:]
     assert 6 <= sizes.size <= 18, sizes
     assert (sizes > 1767).sum() >= 5
@@ -147,7 +168,7 @@ def test_a_site_in_four_tiles_gives_the_same_cells_as_untiled():
         coords={"well": ["B02"], "site": [0], "c": ["DNA", "RNA"]},
         attrs={"plate": "tiles"},
     )
-    lazy = segment_plate(plate, "watershed", tile_shape=(80, 80), tile_overlap=24, anisotropy=1.71)
+    lazy = segment_plate(plate, WatershedSegmenter(anisotropy=1.71), tile_shape=(80, 80), tile_overlap=24)
     assert lazy.data.chunks[3:] == ((80, 80), (80, 80))  # one task per tile core
     assert as_voxel_sets(lazy.values[0, 0]) == as_voxel_sets(untiled)
 
@@ -194,7 +215,7 @@ def test_missing_weights_fail_at_once_offline_and_say_where_to_put_them(model_di
     image, _ = blob_plate(1, 1)
     started = time.perf_counter()
     with pytest.raises(WeightsNotFoundError) as error:
-        segment_plate(image, "cellpose", model="cyto3")
+        segment_plate(image, CellposeSegmenter(model="cyto3"))
     assert time.perf_counter() - started < 5
     message = str(error.value)
     assert str(local / "cyto3") in message and str(cache / "cyto3") in message
@@ -205,9 +226,9 @@ def test_missing_weights_fail_at_once_offline_and_say_where_to_put_them(model_di
 def test_a_path_that_does_not_exist_never_falls_back_to_a_default(model_dirs, no_network, tmp_path):
     _save_state_dict(model_dirs[0] / "cyto3", CP3_KEYS)  # a default model is there, and must not be used
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
-        make_segmenter("cellpose", model=str(tmp_path / "my_models" / "trained_model"))
+        CellposeSegmenter(model=str(tmp_path / "my_models" / "trained_model"))
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
-        make_segmenter("cellpose", model=tmp_path / "plain_name_as_path")
+        CellposeSegmenter(model=tmp_path / "plain_name_as_path")
 
 
 def test_names_resolve_in_local_folder_then_cellpose_cache(model_dirs):
@@ -245,7 +266,7 @@ def test_files_that_are_not_cellpose_models_are_refused(tmp_path):
         cellpose_adapter.check_cellpose_weights(cp3, 4)
     image, _ = blob_plate(1, 1)
     with pytest.raises(WeightsFormatError):
-        segment_plate(image, "cellpose", model=str(other))
+        segment_plate(image, CellposeSegmenter(model=str(other)))
 
 
 # ---------------------------------------------------------------- Cellpose 4.x mapping (fake module)
@@ -288,7 +309,7 @@ def fake_cellpose4(monkeypatch, tmp_path):
 
 def test_cellpose4_mapping_has_no_channels_and_three_planes(fake_cellpose4, model_dirs):
     image, _ = blob_plate(1, 2, channels=("RNA", "DNA"))
-    labels = segment_plate(image, "cellpose", model=str(fake_cellpose4), diameter=18.0, device="cpu").values
+    labels = segment_plate(image, CellposeSegmenter(model=str(fake_cellpose4), diameter=18.0, device="cpu")).values
     built = _FakeCellposeModel.built
     assert len(built) == 1  # loaded once for both sites
     assert built[0]["pretrained_model"] == str(fake_cellpose4.resolve()) and built[0]["gpu"] is False
@@ -309,7 +330,7 @@ def test_cellpose4_mapping_has_no_channels_and_three_planes(fake_cellpose4, mode
 
 
 def test_cellpose4_3d_mode_and_single_slices(fake_cellpose4, model_dirs):
-    settings = make_segmenter("cellpose", model=str(fake_cellpose4), do_3D=True, device="cpu").settings
+    settings = CellposeSegmenter(model=str(fake_cellpose4), do_3D=True, device="cpu").settings
     nucleus = np.random.default_rng(0).random((5, 16, 16)).astype(np.float32)
     cellpose_adapter.run_cellpose(nucleus, None, settings)
     x, kwargs = _FakeCellposeModel.calls[-1]
@@ -333,7 +354,7 @@ def test_device_auto_picks_the_gpu_when_the_worker_has_one(monkeypatch):
 
 
 def test_cellpose_paper_defaults_are_the_defaults(fake_cellpose4, model_dirs):
-    settings = make_segmenter("cellpose", model=str(fake_cellpose4)).settings
+    settings = CellposeSegmenter(model=str(fake_cellpose4)).settings
     assert (settings.stitch_threshold, settings.flow_threshold, settings.anisotropy, settings.min_size) == (
         0.05,
         0.75,
@@ -341,7 +362,7 @@ def test_cellpose_paper_defaults_are_the_defaults(fake_cellpose4, model_dirs):
         30,
     )
     with pytest.raises(InputError, match="stitch_threshold"):
-        make_segmenter("cellpose", model=str(fake_cellpose4), stitch_threshold=0.0)
+        CellposeSegmenter(model=str(fake_cellpose4), stitch_threshold=0.0)
 
 
 # ---------------------------------------------------------------- Cellpose 3.1 end to end (real package)
@@ -393,7 +414,7 @@ def eval_spy(monkeypatch):
 
 def test_cellpose_end_to_end_with_paper_settings(cellpose_weights, eval_spy):
     image, _ = blob_plate(1, 2, shape=(4, 64, 64), n_cells=4)
-    labels = segment_plate(image, "cellpose", model=str(cellpose_weights), device="cpu")
+    labels = segment_plate(image, CellposeSegmenter(model=str(cellpose_weights), device="cpu"))
     assert eval_spy["loads"] == 0  # nothing runs before compute
     values = labels.values
     assert eval_spy["loads"] == 1  # one model for both sites
@@ -423,7 +444,7 @@ def test_cellpose_labels_equal_a_direct_cellpose_call(cellpose_weights, eval_spy
 
     image, _ = blob_site((4, 64, 64), n_cells=4, seed=1)
     options = dict(cellprob_threshold=-0.5, flow_threshold=0.0)  # a random network finds objects only so
-    ours = segment_site(image[0], image[1], "cellpose", model=str(cellpose_weights), device="cpu", **options)
+    ours = segment_site(image[0], image[1], CellposeSegmenter(model=str(cellpose_weights), device="cpu", **options))
     direct = models.CellposeModel(gpu=False, pretrained_model=str(cellpose_weights)).eval(
         np.stack([image[1], image[0]], axis=1),
         channels=[1, 2],
@@ -441,22 +462,22 @@ def test_cellpose_labels_equal_a_direct_cellpose_call(cellpose_weights, eval_spy
 
 def test_cellpose_3d_mode_runs_end_to_end(cellpose_weights, eval_spy):
     image, _ = blob_site((4, 32, 32), n_cells=2, radius=6, seed=4)
-    labels = segment_site(image[0], image[1], "cellpose", model=str(cellpose_weights), device="cpu", do_3D=True,
-                          anisotropy=2.0)  # fmt: skip
+    labels = segment_site(image[0], image[1], CellposeSegmenter(model=str(cellpose_weights), device="cpu", do_3D=True,
+                                                             anisotropy=2.0))  # fmt: skip
     shape, kwargs = eval_spy["calls"][-1]
     assert kwargs["do_3D"] is True and kwargs["stitch_threshold"] == 0.0 and kwargs["anisotropy"] == 2.0
     assert labels.shape == (4, 32, 32) and labels.dtype == np.int32
 
 
 def test_cellpose_all_zero_site_gives_zero_cells_without_running(cellpose_weights, eval_spy):
-    labels = segment_site(np.zeros((3, 32, 32), np.uint16), np.zeros((3, 32, 32), np.uint16), "cellpose",
-                          model=str(cellpose_weights), device="cpu")  # fmt: skip
+    labels = segment_site(np.zeros((3, 32, 32), np.uint16), np.zeros((3, 32, 32), np.uint16),
+                          CellposeSegmenter(model=str(cellpose_weights), device="cpu"))  # fmt: skip
     assert labels.shape == (3, 32, 32) and labels.max() == 0 and eval_spy["calls"] == []
 
 
 def test_graph_carries_the_weights_path_not_the_model(cellpose_weights, eval_spy):
     image, _ = blob_plate(1, 1, shape=(4, 64, 64), n_cells=4)
-    labels = segment_plate(image, "cellpose", model=str(cellpose_weights), device="cpu")
+    labels = segment_plate(image, CellposeSegmenter(model=str(cellpose_weights), device="cpu"))
     import cloudpickle
 
     graph = dict(labels.data.__dask_graph__())
@@ -471,8 +492,8 @@ def test_cellpose_on_the_gpu_agrees_with_the_cpu(cellpose_weights, eval_spy):
     """device="auto" takes the GPU when there is one; the labels match the CPU's."""
     image, _ = blob_site((4, 64, 64), n_cells=4, seed=1)
     options = dict(model=str(cellpose_weights), cellprob_threshold=-0.5, flow_threshold=0.0)
-    on_cpu = segment_site(image[0], image[1], "cellpose", device="cpu", **options)
-    on_gpu = segment_site(image[0], image[1], "cellpose", device="auto", **options)
+    on_cpu = segment_site(image[0], image[1], CellposeSegmenter(device="cpu", **options))
+    on_gpu = segment_site(image[0], image[1], CellposeSegmenter(device="auto", **options))
     assert eval_spy["devices"] == ["cpu", "cuda"]
     matches, n_cpu, n_gpu = matched_iou(on_cpu, on_gpu)
     assert on_cpu.max() > 0 and matches >= 0.9 * max(n_cpu, n_gpu)
@@ -486,7 +507,7 @@ def test_each_worker_process_loads_its_own_model(cellpose_weights):
     cellpose_adapter.clear_cellpose_cache()
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
         with distributed.Client(cluster) as client:
-            labels = segment_plate(image, "cellpose", model=str(cellpose_weights), device="cpu")
+            labels = segment_plate(image, CellposeSegmenter(model=str(cellpose_weights), device="cpu"))
             values = labels.compute()
             loaded = client.run(lambda: len(__import__("importlib").import_module("gradcamo_dask.segment.cellpose_adapter")._CACHE))
     assert list(loaded.values()) == [1]  # one model in the one worker process

@@ -1,6 +1,6 @@
 """Crop intensities for the model: per-crop rescaling and training-set standardisation.
 
-DESIGN §2: each channel of each crop is rescaled to [0, 1] (min-max over the crop's
+The paper's recipe: each channel of each crop is rescaled to [0, 1] (min-max over the crop's
 voxels), then standardised with the per-channel mean and standard deviation of
 rescaled intensities over the training cells. The statistics are plain lists of
 floats so that they travel in a model bundle's JSON config. Every function works on
