@@ -193,8 +193,9 @@ def test_default_layer_has_more_than_one_voxel():
 
 @pytest.mark.gpu
 def test_training_on_cuda_with_the_regulariser_runs_and_scores(plate, tmp_path):
-    out = train(plate.image, plate.labels, plate.platemap, out=tmp_path / "cuda", epochs=1, regularizer=1.0,
-                regularizer_layer="_blocks.2.4", augmentation=Augmentation(p=0.0), device="cuda", **FAST)
+    out = train(plate.image, plate.labels, recipe(epochs=1, regularizer=1.0, regularizer_layer="_blocks.2.4",
+                                                   augmentation=Augmentation(p=0.0)),
+                out=tmp_path / "cuda", platemap=plate.platemap, device="cuda", progress=False)
     prov = json.loads((out / "config.json").read_text())["provenance"]
     assert np.isfinite(prov["history"][0]["train_loss"])
     assert 0 <= prov["history"][0]["train_gradcamo"] <= 1
