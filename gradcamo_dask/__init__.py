@@ -36,6 +36,8 @@ _EXPORTS: dict[str, str] = {
     "labels_like": "io.plate",
     "SyntheticPlate": "io.synthetic",
     "synthetic_plate": "io.synthetic",
+    "cell_truth": "io.synthetic",
+    "population_labels": "io.synthetic",
     "site_cells": "cells",
     "cell_table": "cells",
     "crop_site": "cells",
