@@ -124,7 +124,7 @@ def test_demo_code_path_trains_two_models_and_compares_them(tmp_path, scheduler)
     truth = pd.read_csv(tmp_path / "demo" / "plate.zarr" / "cell_truth.csv")
     for name, responder in MODELS.items():
         profiles = open_profiles(tmp_path / "demo" / f"profiles_{name}.zarr")
-        cells = pd.DataFrame({"well": profiles["well"].values.astype(str), "site": profiles["site"].values,
+        cells = pd.DataFrame({"well": [str(w) for w in profiles["well"].values], "site": profiles["site"].values,
                               "object_number": profiles["object_number"].values})
         roles = cells.merge(truth, on=["well", "site", "object_number"], how="left")["responder"]
         assert roles.notna().all() and (roles == responder).all()

@@ -31,21 +31,22 @@ import pandas as pd
 __all__ = ["DEMO", "MODELS", "format_comparison", "format_summary", "run_demo"]
 
 #: Small enough for a few minutes on 2 CPU cores (measured: see README). Crop 48 x 48 px around cells of
-#: radius 12 px, model grid = crop grid: `_blocks.0.0` maps are 3 x 12 x 12 and `_blocks.1.2` 2 x 6 x 6
-#: (deeper blocks are 1 x 3 x 3 or coarser; `_head_swish` is 1 x 1 x 1 and cannot localise a cell).
+#: radius 12 px (a cell is half the crop's width; the crop reaches the ring of neighbours), model grid
+#: 12 x 32 x 32: `_blocks.0.0` maps are 3 x 8 x 8 and `_blocks.1.2` 2 x 4 x 4 (deeper blocks are 1 x 2 x 2 or
+#: coarser, `_head_swish` 1 x 1 x 1: they cannot localise a cell). The settings of benchmarks/bench_attention.py.
 DEMO = dict(
     doses_um=(0.0, 10.0),
     wells_per_treatment=2,
-    sites_per_well=6,
+    sites_per_well=8,
     site_shape=(12, 128, 128),
     cell_radius=12.0,
     crop_shape=(None, 48, 48),
-    input_shape=(12, 48, 48),
+    input_shape=(12, 32, 32),
     layers=("_blocks.0.0", "_blocks.1.2"),
-    epochs=4,
+    epochs=6,
     batch_size=8,
-    learning_rate=3e-4,
-    max_train_cells=160,
+    learning_rate=1e-3,  # paper 3e-4; a few hundred steps need a faster rate (bench_attention)
+    max_train_cells=150,
     # few cells and epochs: the paper's augmentations (p = 0.5 each) slow learning more than they help here
     augmentation=False,
 )
