@@ -186,12 +186,13 @@ def ranking(scores_by_layer: dict, grids: dict, cutoff: float) -> list[dict]:
     return json.loads(table.to_json(orient="records"))
 
 
-def run(mode: str, out_dir: Path) -> dict:
+def run(mode: str, on_seed) -> dict:
+    """Train and audit every model and seed; ``on_seed(report)`` gets the report over the seeds done so far
+    after each seed (an interrupted run keeps its finished seeds). Returns the final report."""
+    import dask.array as da
+
     from gradcamo_dask.io.synthetic import cell_truth, population_labels, synthetic_plate
     from gradcamo_dask.jobs.train import train
-    from gradcamo_dask.profiles.quality import filtering_effect
-
-    import dask.array as da
 
     s, c = SETTINGS[mode], COMMON
     plate = synthetic_plate(doses_um=c["doses_um"], wells_per_treatment=c["wells_per_treatment"],
@@ -209,7 +210,7 @@ def run(mode: str, out_dir: Path) -> dict:
     table, x01, masks = test_cells(plate, truth, s["max_test_cells"], c["plate_seed"])
     uniform = masks.float().mean(dim=(1, 2, 3)).numpy().astype(np.float64)
     pops = {name: (table["responder"] == flag).to_numpy() for name, flag in MODELS.items()}
-    per_seed, pooled = [], {m: {k: [] for k in LAYERS} for m in MODELS}
+    per_seed, audits, report = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in s["seeds"]:
             record = {"seed": seed, "models": {}}
@@ -224,47 +225,56 @@ def run(mode: str, out_dir: Path) -> dict:
                 train_s = time.perf_counter() - t0
                 prov = json.loads((bundle / "config.json").read_text())["provenance"]
                 t1 = time.perf_counter()
-                a = audit(bundle, table, x01, masks)
+                a = audits[(seed, name)] = audit(bundle, table, x01, masks)
                 own = pops[name]
-                for k in LAYERS:
-                    pooled[name][k].append(a["gradcamo"][k][own])
-                record["models"][name] = {
+                v = record["models"][name] = {
                     "train_cells": prov["cells"]["train"], "epochs": prov["epochs_run"],
                     "train_seconds": round(train_s, 1), "audit_seconds": round(time.perf_counter() - t1, 1),
                     "test": accuracy(a["predicted"], a["y"], own),
                     "cell_only": accuracy(a["cell_only"], a["y"], own),
                     "surround_only": accuracy(a["surround_only"], a["y"], own),
                     "gradcamo": {k: summarise(a["gradcamo"][k][own], c["cutoff"]) for k in LAYERS},
-                    "_audit": a,
                 }
-                print(f"[bench_attention] seed {seed} {name}: test accuracy "
-                      f"{record['models'][name]['test']['accuracy']:.3f}, cell only "
-                      f"{record['models'][name]['cell_only']['accuracy']:.3f}, surround only "
-                      f"{record['models'][name]['surround_only']['accuracy']:.3f}; train {train_s:.0f} s", flush=True)
+                print(f"[bench_attention] seed {seed} {name}: test accuracy {v['test']['accuracy']:.3f}, cell only "
+                      f"{v['cell_only']['accuracy']:.3f}, surround only {v['surround_only']['accuracy']:.3f}; "
+                      f"train {train_s:.0f} s", flush=True)
             per_seed.append(record)
-            grids = record["models"]["in_cell"]["_audit"]["grids"]
-            (out_dir / f"bench_attention_{mode}_partial.json").write_text(json.dumps(
-                {"seeds_done": [r["seed"] for r in per_seed]}) + "\n")
-    scores = {m: {k: np.concatenate(v) for k, v in pooled[m].items()} for m in MODELS}
+            report = aggregate(mode, per_seed, audits, table, pops, uniform)
+            on_seed(report)
+    return report
+
+
+def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, uniform: np.ndarray) -> dict:
+    """The report over the seeds done: layers, ranking, Cohen's d, references, filtering."""
+    from gradcamo_dask.profiles.quality import filtering_effect
+
+    s, c = SETTINGS[mode], COMMON
+    seeds = [r["seed"] for r in per_seed]
+    scores = {m: {k: np.concatenate([audits[(sd, m)]["gradcamo"][k][pops[m]] for sd in seeds]) for k in LAYERS}
+              for m in MODELS}
+    grids = audits[(seeds[0], "in_cell")]["grids"]
     ranks = {m: ranking(scores[m], grids, c["cutoff"]) for m in MODELS}
     best = next(r["layer"] for r in ranks["in_cell"] if r["localises"])
     layers = {k: {"grid": grids[k], "localises": grids[k][1] >= 3 and grids[k][2] >= 3,
                   **{m: summarise(scores[m][k], c["cutoff"]) for m in MODELS},
-                  "cohens_d": cohens_d(scores["in_cell"][k], scores["off_cell"][k])} for k in LAYERS}
+                  "cohens_d": cohens_d(scores["in_cell"][k], scores["off_cell"][k]),
+                  "cohens_d_per_seed": [cohens_d(audits[(sd, "in_cell")]["gradcamo"][k][pops["in_cell"]],
+                                                 audits[(sd, "off_cell")]["gradcamo"][k][pops["off_cell"]])
+                                        for sd in seeds]} for k in LAYERS}
     reference = {m: {"mean": float(uniform[pops[m]].mean()), "sd": float(uniform[pops[m]].std())} for m in MODELS}
     quality = []
-    for record in per_seed:
-        for name, v in record["models"].items():
-            a = v.pop("_audit")
+    for sd in seeds:
+        for name in MODELS:
+            a = audits[(sd, name)]
             q = filtering_effect(a["features"], table, a["gradcamo"][best], cutoff=c["cutoff"], draws=s["draws"],
-                                 seed=record["seed"])
+                                 seed=sd)
             kept = np.nan_to_num(a["gradcamo"][best], nan=-1) >= c["cutoff"]
             q["responder_share_all"] = float(table["responder"].mean())
             q["responder_share_kept"] = float(table.loc[kept, "responder"].mean()) if kept.any() else float("nan")
-            quality.append({"seed": record["seed"], "model": name, **q})
-            v["d_vs_other_at_best"] = None
-    return {"mode": mode, "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
-                                       **{k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}},
+            quality.append({"seed": sd, "model": name, **q})
+    return {"mode": mode, "seeds_done": seeds,
+            "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
+                         **{k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}},
             "test_cells": {"n": int(len(table)), "responders": int(pops["in_cell"].sum()),
                            "bystanders": int(pops["off_cell"].sum()),
                            "bystanders_touching_a_responder": float((table.loc[pops["off_cell"],
@@ -282,7 +292,8 @@ def markdown(report: dict) -> str:
     best = report["best_layer"]
     lines = [
         f"# bench_attention ({report['mode']})", "",
-        f"- date: {report['date']}; total wall time {report['total_seconds']} s",
+        f"- date: {report['date']}; wall time {report['total_seconds']} s for seeds {report['seeds_done']} of "
+        f"{st['seeds']}",
         f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, GPU {m['gpu']}; "
         f"load average (1, 5, 15 min) at start {report['load_average_start']}, at end {report['load_average_end']} "
         "(other engineers shared the 2 cores)",
@@ -356,14 +367,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    report.update(run(mode, out))
-    report["total_seconds"] = round(time.perf_counter() - t0, 1)
-    report["torch_threads_used"] = torch.get_num_threads()
-    report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     stem = "bench_attention" + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
-    (out / f"bench_attention_{mode}_partial.json").unlink(missing_ok=True)
+
+    def write(partial: dict) -> None:
+        report.update(partial)
+        report["total_seconds"] = round(time.perf_counter() - t0, 1)
+        report["torch_threads_used"] = torch.get_num_threads()
+        report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(markdown(report))
+
+    run(mode, write)
     print(markdown(report))
     return 0
 
