@@ -64,8 +64,8 @@ SETTINGS = {
 # than they help (the demo measured the same); the synthetic phenotype is shape and texture anyway.
 # Crop 48 x 48 px around cells of radius 12 px (a control cell is ~24 px across, half the crop's width; a crop
 # reaches the ring of neighbours, whose centres sit ~22 px away), resampled to the model grid 12 x 32 x 32:
-# maps are 6 x 16 x 16 (stem _swish), 3 x 8 x 8 (_blocks.0.0), 2 x 4 x 4 (_blocks.1.x); _blocks.2.x and deeper
-# are 1 x 2 x 2 or 1 x 1 x 1 and cannot localise a cell (reported, marked).
+# maps are 6 x 16 x 16 (stem _swish), 3 x 8 x 8 (_blocks.0.0), 2 x 4 x 4 (_blocks.1.x); _blocks.2.x is 1 x 2 x 2
+# and deeper blocks 1 x 1 x 1: they cannot localise a cell (reported, marked).
 COMMON = dict(doses_um=(0.0, 10.0), wells_per_treatment=2, site_shape=(12, 128, 128), cell_radius=12.0,
               crop_size=(None, 48, 48), input_shape=(12, 32, 32), learning_rate=1e-3, plate_seed=0,
               test_rows=("C",), cutoff=0.25, feature_layer="_head_swish")
@@ -294,7 +294,8 @@ def markdown(report: dict) -> str:
         f"# bench_attention ({report['mode']})", "",
         f"- date: {report['date']}; wall time {report['total_seconds']} s for seeds {report['seeds_done']} of "
         f"{st['seeds']}",
-        f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, GPU {m['gpu']}; "
+        f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch threads used {report.get('torch_threads_used')}, "
+        f"GPU {m['gpu']}; "
         f"load average (1, 5, 15 min) at start {report['load_average_start']}, at end {report['load_average_end']} "
         "(other engineers shared the 2 cores)",
         f"- plate: synthetic mosaic, doses {st['doses_um']} µM, {st['wells_per_treatment']} wells x "
