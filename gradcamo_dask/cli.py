@@ -35,15 +35,22 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
         "synth",
         help="write a synthetic 3D Cell Painting plate (OME-Zarr 0.5 HCS) with ground-truth labels",
         description="Write a synthetic 3D Cell Painting plate as an OME-Zarr 0.5 HCS plate (Zarr v3) with the "
-        "ground-truth labels in each field's labels/cells group and platemap.csv inside the plate folder. "
+        "ground-truth labels in each field's labels/cells group, platemap.csv and cell_truth.csv (each cell's "
+        "role: responder or not, its response, its responding neighbours) inside the plate folder. "
         "Deterministic from --seed; every site is rendered by one Dask task.",
     )
     parser.add_argument("out", metavar="OUT", help="the plate folder to write, e.g. synthetic.zarr")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--confounder", type=float, default=0.0,
                         help="0..1: strength of treatment information planted outside cells (default 0)")
+    parser.add_argument("--mosaic", action="store_true",
+                        help="mosaic wells: only a maximal independent set of cells (about 30 %%) responds, the same "
+                        "cells in every well, density independent of dose; responders carry the treatment in their own "
+                        "cell only, bystanders only through responding neighbours (cell_truth.csv says who is who)")
     parser.add_argument("--doses", type=float, nargs="+", default=None, metavar="UM",
                         help="doses in µM, 0 = control (default 0 0.1 0.3 1 3 10)")
+    parser.add_argument("--cell-radius", type=float, default=28.0,
+                        help="typical radius of a control cell in y and x, pixels (default 28 = 18 µm)")
     parser.add_argument("--wells-per-treatment", type=int, default=2, help="replicate wells per dose (default 2)")
     parser.add_argument("--sites", type=int, default=4, help="sites (fields) per well (default 4)")
     parser.add_argument("--site-shape", type=int, nargs=3, default=(21, 256, 256), metavar=("Z", "Y", "X"),
@@ -57,22 +64,24 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
 def _run_synth(args: argparse.Namespace) -> int:
     from gradcamo_dask.errors import GradcamoError
     from gradcamo_dask.io.plate import describe_plate, write_plate
-    from gradcamo_dask.io.synthetic import DEFAULT_DOSES_UM, synthetic_plate
+    from gradcamo_dask.io.synthetic import DEFAULT_DOSES_UM, cell_truth, synthetic_plate
 
     try:
         plate = synthetic_plate(
             doses_um=args.doses or DEFAULT_DOSES_UM, wells_per_treatment=args.wells_per_treatment,
             sites_per_well=args.sites, site_shape=tuple(args.site_shape), seed=args.seed,
-            confounder=args.confounder, plate=args.plate,
+            confounder=args.confounder, cell_radius=args.cell_radius, mosaic=args.mosaic, plate=args.plate,
         )
         write_plate(args.out, plate.image, plate.labels, platemap=plate.platemap, overwrite=args.overwrite,
                     progress=not args.quiet)
+        cell_truth(plate).to_csv(f"{args.out}/cell_truth.csv", index=False)
     except GradcamoError as err:
         print(f"gradcamo-dask synth: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     summary = {k: v for k, v in describe_plate(plate.image).items() if k not in ("kind", "treatments")}
     print(f"wrote {args.out}: {json.dumps(summary)}")
-    print(f"platemap: {args.out}/platemap.csv; labels: <well>/<field>/labels/cells")
+    print(f"platemap: {args.out}/platemap.csv; cell roles: {args.out}/cell_truth.csv; "
+          "labels: <well>/<field>/labels/cells")
     return 0
 
 
@@ -367,17 +376,19 @@ def _connect(args: argparse.Namespace):
 def _add_demo(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "demo",
-        help="the main job on a synthetic plate: labels, quick model, scores of held-out wells, summary",
-        description="Write a small synthetic 3D Cell Painting plate (OME-Zarr), take its ground-truth labels (or "
-        "segment it with the watershed baseline), train a small EfficientNet-B0 3D for a few epochs on the wells "
-        "of the first row (or use --model), score the held-out wells on a Dask cluster into OUT/profiles.zarr and "
-        "print mean ± sd Grad-CAMO, the share of cells >= 0.25 and the count of undefined (NaN) scores by "
-        "treatment and site. About 1-2 minutes on 2 CPU cores. Rerunning resumes finished work.",
+        help="the main job: two models on a mosaic synthetic plate, one reading its own cell, one reading the "
+        "neighbours, and the Grad-CAMO that tells them apart",
+        description="Write a small mosaic synthetic 3D Cell Painting plate (OME-Zarr; only some cells respond to "
+        "the compound), take its ground-truth labels (or segment it with the watershed baseline), train two small "
+        "EfficientNet-B0 3D on the wells of the first row: 'own_cell' on the responding cells (the treatment shows "
+        "in the cell itself) and 'neighbours' on the non-responding ones (it shows only in their neighbours). Score "
+        "each model's held-out cells on a Dask cluster into OUT/profiles_<model>.zarr and print both models' "
+        "Grad-CAMO side by side with what a uniform map scores, then write a report per model. A few minutes on 2 "
+        "CPU cores. Rerunning resumes finished work.",
     )
     parser.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     parser.add_argument("--labels", choices=["truth", "watershed"], default="truth",
                         help="ground-truth labels of the synthetic plate (default) or the watershed segmenter")
-    parser.add_argument("--model", default=None, metavar="BUNDLE", help="score with this bundle instead of training one")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the plate and the training (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild the plate and profiles in OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -386,7 +397,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from gradcamo_dask.jobs.demo import format_summary, run_demo
+    from gradcamo_dask.jobs.demo import format_comparison, format_summary, run_demo
     from gradcamo_dask.errors import GradcamoError
 
     if args.cluster == "slurm" or _security(args) is not None:
@@ -394,17 +405,20 @@ def _run_demo(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        result = run_demo(args.out, labels_method=args.labels, model=args.model, scheduler=args.scheduler,
-                          n_workers=args.workers, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+        result = run_demo(args.out, labels_method=args.labels, scheduler=args.scheduler, n_workers=args.workers,
+                          seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
     except GradcamoError as err:
         print(f"gradcamo-dask demo: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     print()
-    print(f"Grad-CAMO of {result['n_cells']} held-out cells (cut-off 0.25; NaN = all-zero Grad-CAM map):")
+    print(f"Grad-CAMO of {result['n_cells']} held-out cells: the share of each cell's Grad-CAM attention inside its "
+          "own mask. 'uniform map' is what attention spread evenly over the crop scores; a model whose Grad-CAMO is "
+          "near it (x uniform ~ 1) is not looking at the cell it describes.")
+    print(format_comparison(result["comparison"]))
+    print(f"\nBy treatment ({args.out}/summary.csv; cut-off 0.25; NaN = all-zero Grad-CAM map):")
     print(format_summary(result["summary"]))
     t = result["timings"]
-    print(f"\nheld-out accuracy {result['accuracy']:.2f}; profiles: {result['profiles']}; model: {result['bundle']}; "
-          f"summary: {args.out}/summary.csv; report: {result['report']}")
+    print(f"\nreports: {', '.join(str(p) for p in result['reports'].values())}")
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
     return 0
 

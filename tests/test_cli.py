@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from gradcamo_dask import cli
@@ -107,19 +108,28 @@ def test_score_refuses_bad_input_with_exit_1(tiny, scheduler, capsys):
     assert not (tiny["root"] / "never.zarr").exists()  # bad input never leaves a store behind
 
 
-def test_demo_code_path_trains_scores_and_summarises(tmp_path, scheduler):
-    from gradcamo_dask.jobs.demo import format_summary, run_demo
+def test_demo_code_path_trains_two_models_and_compares_them(tmp_path, scheduler):
+    from gradcamo_dask.jobs.demo import MODELS, format_comparison, format_summary, run_demo
 
-    tiny_settings = dict(doses_um=(0.0, 10.0), sites_per_well=1, site_shape=(9, 96, 96), cell_radius=12.0,
-                         crop_shape=(None, 48, 48), input_shape=(8, 32, 32), epochs=1)
+    tiny_settings = dict(doses_um=(0.0, 10.0), sites_per_well=2, site_shape=(8, 96, 96), cell_radius=10.0,
+                         crop_shape=(None, 40, 40), input_shape=(8, 32, 32), epochs=1, max_train_cells=16)
     result = run_demo(tmp_path / "demo", settings=tiny_settings, scheduler=scheduler, progress=False, log=lambda *_: None)
-    summary = result["summary"]
-    assert set(summary["treatment"]) == {"control", "compound_10uM"}
-    assert set(summary["layer"]) == {"_blocks.4.10", "_head_swish"}  # the demo's two layers
-    for _, per_layer in summary.groupby("layer"):
-        assert per_layer["n"].sum() == result["n_cells"] > 0
-    assert ((summary["share_on_target"] >= 0) & (summary["share_on_target"] <= 1)).all()
-    text = format_summary(summary)
-    assert "±" in text and "compound_10uM" in text
-    assert (tmp_path / "demo" / "model" / "config.json").is_file()
-    assert (tmp_path / "demo" / "summary.csv").is_file()
+    table = result["comparison"]
+    assert set(table["model"]) == set(MODELS) == {"own_cell", "neighbours"}
+    assert set(table["layer"]) == {"_blocks.0.0", "_blocks.1.2"}  # the demo's layers (>= 3 x 3 in y and x)
+    assert table["cells"].groupby(table["model"]).first().sum() == result["n_cells"] > 0
+    assert ((table["uniform_reference"] > 0) & (table["uniform_reference"] < 0.5)).all()
+    np.testing.assert_allclose(table["times_uniform"], table["gradcamo_mean"] / table["uniform_reference"])
+    # each model scored its own population of the held-out wells: responders vs bystanders of the truth table
+    truth = pd.read_csv(tmp_path / "demo" / "plate.zarr" / "cell_truth.csv")
+    for name, responder in MODELS.items():
+        profiles = open_profiles(tmp_path / "demo" / f"profiles_{name}.zarr")
+        cells = pd.DataFrame({"well": [str(w) for w in profiles["well"].values], "site": profiles["site"].values,
+                              "object_number": profiles["object_number"].values})
+        roles = cells.merge(truth, on=["well", "site", "object_number"], how="left")["responder"]
+        assert roles.notna().all() and (roles == responder).all()
+        assert (tmp_path / "demo" / f"report_{name}" / "index.html").is_file()
+    text = format_comparison(table)
+    assert "own_cell" in text and "neighbours" in text and "uniform map" in text
+    assert "compound_10uM" in format_summary(result["summary"])
+    assert (tmp_path / "demo" / "comparison.csv").is_file() and (tmp_path / "demo" / "summary.csv").is_file()

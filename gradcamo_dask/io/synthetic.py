@@ -13,6 +13,12 @@ column; replicate wells go down the rows (B, C, ...), so "leave wells out" means
 "leave a row out". Each well's response is a Hill curve of its dose (EC50 1 µM, Hill
 slope 1), and each cell draws its own response around it.
 
+Mosaic plates (``mosaic=True``) say where the treatment information is: only a
+maximal independent set of cells responds, so a *responder* carries the treatment in
+its own cell only and a *bystander* (every other cell) only through its responding
+neighbours. :func:`cell_truth` lists each cell's role and :func:`population_labels`
+keeps one population's labels, to train or audit a model on it.
+
 Voxel size: 0.65 µm in y and x, 1.1115 µm in z (anisotropy 1.71, as in the paper).
 """
 
@@ -94,15 +100,16 @@ def _render_block(
     site_shape: tuple[int, int, int],
     confounder: float,
     cell_radius: float,
+    mosaic: bool = False,
     block_id: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     """One site as a Dask block: ``(1, 1, 6, z, y, x)`` image or ``(1, 1, z, y, x)`` labels."""
     well, site = block_id[0], block_id[1]
     rng = np.random.default_rng([seed, well, site])
     if what == "labels":  # geometry is the first thing render_site draws: same labels, a tenth of the work
-        return site_geometry(rng, site_shape, responses[well], cell_radius).labels[None, None]
+        return site_geometry(rng, site_shape, responses[well], cell_radius, mosaic=mosaic).labels[None, None]
     image, _ = render_site(rng, site_shape, responses[well], treatment_index[well], n_treatments,
-                           confounder=confounder, cell_radius=cell_radius)
+                           confounder=confounder, cell_radius=cell_radius, mosaic=mosaic)
     return image[None, None]
 
 
@@ -116,6 +123,7 @@ def synthetic_plate(
     seed: int = 0,
     confounder: float = 0.0,
     ec50_um: float = 1.0,
+    mosaic: bool = False,
     plate: str = "synthetic",
 ) -> SyntheticPlate:
     """A lazy synthetic 3D Cell Painting plate with ground-truth labels.
@@ -141,6 +149,13 @@ def synthetic_plate(
         (label 0), i.e. label information a model can use to cheat. 0 = none.
     ec50_um : float
         Dose of half-maximal response, µM.
+    mosaic : bool
+        Mosaic wells: only a maximal independent set of cells (about a quarter)
+        responds, the same cells in every well, at a density that does not depend on
+        the dose. Responders carry the treatment only inside their own cell,
+        bystanders only through their neighbours; :func:`cell_truth` says which is
+        which. False (default): about 88 % of cells respond and treated wells hold
+        fewer, larger cells.
     plate : str
         Plate name.
 
@@ -165,6 +180,8 @@ def synthetic_plate(
         treatment_index=tuple(treatments.index(t) for t in platemap["treatment"]), n_treatments=len(treatments),
         site_shape=site_shape, confounder=float(confounder), cell_radius=float(cell_radius),
     )
+    if mosaic:  # today's plates keep today's recipe (and Dask names)
+        common["mosaic"] = True
     recipe = json.dumps({**{k: v for k, v in common.items() if k not in ("responses", "treatment_index")},
                          "doses_um": [float(d) for d in doses_um], "wells_per_treatment": wells_per_treatment,
                          "sites_per_well": sites_per_well, "ec50_um": ec50_um, "generator": "gradcamo_dask.io.synthetic"})
@@ -186,3 +203,101 @@ def synthetic_plate(
     labels_da = plate_dataarray(labels, wells=wells, channels=None, plate=plate, spacing_zyx_um=SPACING_ZYX_UM,
                                 attrs=attrs)
     return SyntheticPlate(attach_platemap(image_da, platemap), labels_da, platemap)
+
+
+def _recipe(data: xr.DataArray) -> dict:
+    recipe = data.attrs.get("synthetic")
+    if recipe is None:
+        raise InputError(f"plate {data.attrs.get('plate', '?')!r} carries no synthetic recipe (attrs['synthetic']); "
+                         "cell_truth needs a plate made by synthetic_plate")
+    return json.loads(recipe) if isinstance(recipe, str) else dict(recipe)
+
+
+def _site_truth(recipe: dict, response: float, well_index: int, site_index: int) -> pd.DataFrame:
+    """Role of every cell of one site, from the same draws as its labels."""
+    rng = np.random.default_rng([recipe["seed"], well_index, site_index])
+    geo = site_geometry(rng, tuple(recipe["site_shape"]), response, recipe["cell_radius"],
+                        mosaic=bool(recipe.get("mosaic", False)))
+    responder = np.asarray(geo.responder, dtype=bool)
+    return pd.DataFrame({
+        "object_number": np.arange(1, len(responder) + 1, dtype=np.int32),
+        "responder": responder, "strength": geo.strength.astype(np.float64),
+        "responding_neighbours": (geo.neighbours & responder[None, :]).sum(axis=1).astype(np.int32),
+        "neighbours": geo.neighbours.sum(axis=1).astype(np.int32),
+    })
+
+
+def cell_truth(plate: SyntheticPlate) -> pd.DataFrame:
+    """Ground truth of every cell of a synthetic plate: who responds, and who touches whom.
+
+    Recomputes each site's geometry (about a tenth of rendering it) from the recipe
+    stored in ``plate.image.attrs["synthetic"]``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``well, site, object_number`` (the label id) and ``responder`` (the cell
+        responds in a treated well; in control wells, would respond), ``strength``
+        (its response in [0, 1]), ``responding_neighbours`` and ``neighbours``
+        (counts of cells whose footprints touch it), ``treatment``.
+    """
+    import dask
+
+    recipe = _recipe(plate.image)
+    pm = plate.platemap.set_index("well")
+    wells = [str(w) for w in plate.image["well"].values]
+    sites = [int(s) for s in plate.image["site"].values]
+    index = {w: i for i, w in enumerate(pm.index)}
+    parts = [dask.delayed(_site_truth)(recipe, float(pm.loc[w, "response"]), index[w], si)
+             for w in wells for si in range(len(sites))]
+    frames = dask.compute(*parts)
+    out = []
+    for k, frame in enumerate(frames):
+        w, si = wells[k // len(sites)], k % len(sites)
+        out.append(frame.assign(well=w, site=sites[si], treatment=str(pm.loc[w, "treatment"])))
+    table = pd.concat(out, ignore_index=True)
+    return table[["well", "site", "object_number", "treatment", "responder", "strength", "responding_neighbours",
+                  "neighbours"]]
+
+
+def _keep_block(block: np.ndarray, keep: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+    (w0, _w1), (s0, _s1) = block_info[0]["array-location"][:2]
+    out = block.copy()
+    for i in range(block.shape[0]):
+        for j in range(block.shape[1]):
+            lut = keep[w0 + i, s0 + j]
+            ids = np.clip(block[i, j], 0, len(lut) - 1)
+            out[i, j] = np.where(lut[ids] & (block[i, j] < len(lut)), block[i, j], 0)
+    return out
+
+
+def population_labels(labels: xr.DataArray, truth: pd.DataFrame, responder: bool) -> xr.DataArray:
+    """Labels of one population only (lazy): the other cells become background (0).
+
+    The image is untouched, so a crop still shows every neighbour; only which cells
+    are cells of interest changes. Use it to train or audit on responders
+    (``responder=True``, information inside the cell) or on bystanders
+    (``responder=False``, information only in neighbours) of a mosaic plate.
+
+    Parameters
+    ----------
+    labels : DataArray (well, site, z, y, x)
+        The plate's labels (synthetic, from memory or from disk).
+    truth : DataFrame
+        :func:`cell_truth` of the same plate.
+    responder : bool
+        Which population to keep.
+    """
+    wells = [str(w) for w in labels["well"].values]
+    sites = [int(s) for s in labels["site"].values]
+    chosen = truth[truth["responder"] == bool(responder)]
+    top = int(truth["object_number"].max()) + 1 if len(truth) else 1
+    keep = np.zeros((len(wells), len(sites), top), dtype=bool)
+    w_index, s_index = {w: i for i, w in enumerate(wells)}, {s: i for i, s in enumerate(sites)}
+    for (w, s), group in chosen.groupby(["well", "site"]):
+        if str(w) in w_index and int(s) in s_index:
+            keep[w_index[str(w)], s_index[int(s)], group["object_number"].to_numpy()] = True
+    data = da.map_blocks(_keep_block, labels.data, keep=keep, dtype=labels.dtype, meta=np.empty((0,) * 5, labels.dtype))
+    out = labels.copy(data=data)
+    out.attrs["population"] = "responders" if responder else "bystanders"
+    return out

@@ -24,6 +24,14 @@ grows cell and nuclear size, elongation and outline irregularity, DNA and nucleo
 intensity, lowers ER intensity and stress fibres, disperses the Golgi and turns
 tubular mitochondria into fragments.
 
+The ``mosaic`` knob makes a well where only some cells respond: the responders form
+a maximal independent set of the lattice's neighbour graph (no two responders touch;
+every other cell, a *bystander*, touches at least one responder), chosen alike in
+every well, and cell density no longer depends on the dose. A responder's crop then
+carries the treatment only inside its own cell (its neighbours are bystanders, which
+look like controls); a bystander's crop carries it only through its responding
+neighbours. :class:`SiteGeometry` holds who is who.
+
 The ``confounder`` knob (in [0, 1]) adds, strictly outside every cell (label 0), a
 faint grating whose orientation encodes the treatment: information a model can use
 to guess the treatment without looking at the cell. With ``confounder=0`` the
@@ -72,6 +80,8 @@ class SiteGeometry:
     height: np.ndarray  # (n,) dome height in slices
     angle: np.ndarray  # (n,) orientation of the long axis, radians
     brightness: np.ndarray  # (n, 6) per-cell, per-channel intensity factors
+    responder: np.ndarray | None = None  # (n,) bool: the cell would respond in a treated well
+    neighbours: np.ndarray | None = None  # (n, n) bool: footprints touch (4-connected)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma) -> np.ndarray:
@@ -129,11 +139,42 @@ def _largest_pieces(owner: np.ndarray) -> np.ndarray:
     return np.where(keep[pieces], owner, 0)
 
 
+def _independent_set(rng: np.random.Generator, centres: np.ndarray, reach: float) -> np.ndarray:
+    """Maximal independent set of the graph joining centres closer than ``reach`` (px),
+    greedy in a random order: no two chosen cells are neighbours and every other cell
+    has a chosen neighbour. Returns a bool array."""
+    pairs = cKDTree(centres).query_pairs(reach, output_type="ndarray")
+    adjacent = [[] for _ in range(len(centres))]
+    for a, b in pairs:
+        adjacent[a].append(b)
+        adjacent[b].append(a)
+    chosen = np.zeros(len(centres), dtype=bool)
+    blocked = np.zeros(len(centres), dtype=bool)
+    for i in rng.permutation(len(centres)):
+        if not blocked[i]:
+            chosen[i] = True
+            blocked[i] = True
+            blocked[adjacent[i]] = True
+    return chosen
+
+
+def _touching(owner: np.ndarray, m: int) -> np.ndarray:
+    """(m, m) bool: cells whose footprints share an edge in the ``owner`` map."""
+    touch = np.zeros((m + 1, m + 1), dtype=bool)
+    for axis in (0, 1):
+        a = np.moveaxis(owner, axis, 0)
+        touch[a[1:].ravel(), a[:-1].ravel()] = True
+    touch = touch | touch.T
+    np.fill_diagonal(touch, False)
+    return touch[1:, 1:]
+
+
 def site_geometry(
     rng: np.random.Generator,
     shape: tuple[int, int, int],
     strength: float,
     cell_radius: float = 28.0,
+    mosaic: bool = False,
 ) -> SiteGeometry:
     """Cells and nuclei of one site.
 
@@ -147,16 +188,23 @@ def site_geometry(
         The well's treatment response in [0, 1] (0 for controls).
     cell_radius : float
         Typical radius of a cell's footprint in y and x, pixels (before treatment).
+    mosaic : bool
+        Only a maximal independent set of cells responds (see the module notes), at
+        the same density in every well; False: about 88 % of cells respond.
 
     Returns
     -------
     SiteGeometry
     """
     nz, ny, nx = shape
-    centres = _lattice(rng, (ny, nx), cell_radius, strength)
+    centres = _lattice(rng, (ny, nx), cell_radius, 0.0 if mosaic else strength)
     n = len(centres)
-    responder = rng.random(n) > 0.12
-    s = np.clip(strength * responder * rng.normal(1.0, 0.25, n), 0.0, 1.0)
+    if mosaic:
+        responder = _independent_set(rng, centres, 1.8 * cell_radius * 1.3)
+        s = np.clip(strength * responder * rng.normal(1.0, 0.1, n), 0.0, 1.0)
+    else:
+        responder = rng.random(n) > 0.12
+        s = np.clip(strength * responder * rng.normal(1.0, 0.25, n), 0.0, 1.0)
     radius = cell_radius * np.exp(rng.normal(0, 0.1, n)) * (1 + 0.45 * s)
     elongation = 1 + np.abs(rng.normal(0, 0.15, n)) + 0.9 * s
     angle = rng.uniform(0, np.pi, n)
@@ -190,7 +238,7 @@ def site_geometry(
     owner = lut[owner]
     pick = order - 1
     s, radius, elongation, angle = s[pick], radius[pick], elongation[pick], angle[pick]
-    centres, m = centres[pick], len(pick)
+    centres, m, responder = centres[pick], len(pick), responder[pick]
 
     # Domes on a slightly tilted coverslip, heights in slices, scaled to the stack depth.
     depth_scale = nz / 21.0
@@ -240,6 +288,8 @@ def site_geometry(
         height=height,
         angle=angle,
         brightness=np.exp(rng.normal(0, 0.2, (m, len(CHANNELS)))).astype(np.float32),
+        responder=responder,
+        neighbours=_touching(owner, m),
     )
 
 
@@ -397,6 +447,7 @@ def render_site(
     confounder: float = 0.0,
     cell_radius: float = 28.0,
     noise: bool = True,
+    mosaic: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One site: ``(image (6, z, y, x) uint16, labels (z, y, x) int32)``.
 
@@ -418,8 +469,10 @@ def render_site(
     noise : bool
         If False, return the noise-free expected intensity (float32) instead of uint16
         camera counts, for tests.
+    mosaic : bool
+        Only some cells respond (see :func:`site_geometry`).
     """
-    geo = site_geometry(rng, shape, strength, cell_radius)
+    geo = site_geometry(rng, shape, strength, cell_radius, mosaic=mosaic)
     signal = site_signal(rng, geo)
     height = float(np.median(geo.height)) if len(geo.height) else 8.0
     blurred, illumination = apply_optics(rng, signal, geo.bottom, height)

@@ -1,12 +1,21 @@
-"""The README's main job, end to end in a few minutes on 2 CPU cores.
+"""The README's main job, end to end in a few minutes on 2 CPU cores: two models, one
+that reads its own cell and one that reads the neighbours, and the Grad-CAMO that
+tells them apart.
 
-synthetic plate (OME-Zarr) -> labels (ground truth, or the watershed baseline) ->
-a small EfficientNet-B0 3D trained quickly on the training wells (or a given
-bundle) -> :func:`~gradcamo_dask.jobs.score.score_plate` on the held-out wells on a
-Dask cluster -> ``profiles.zarr`` -> Grad-CAMO summary by treatment and site.
+A mosaic synthetic plate (OME-Zarr; only a maximal independent set of cells responds
+to the compound, see :func:`gradcamo_dask.synthetic_plate`) -> labels (ground truth,
+or the watershed baseline matched to the truth) -> two small EfficientNet-B0 3D
+trained on the training wells with :func:`gradcamo_dask.jobs.train`:
 
-Training is :func:`gradcamo_dask.jobs.train` (the paper's recipe: Adam, lr 3e-4, batch 8,
-cross-entropy, leave-wells-out) at a small input grid for a few epochs.
+- ``own_cell``: trained on the *responders*, whose treatment shows in their own cell
+  only (their neighbours look like controls);
+- ``neighbours``: trained on the *bystanders*, whose own cell looks like a control:
+  the treatment shows only in their responding neighbours.
+
+Each model's held-out cells are scored with :func:`~gradcamo_dask.jobs.score.score_plate`
+on a Dask cluster at a layer whose map is at least 3 x 3 in y and x, and the table
+prints both models' Grad-CAMO beside what a uniform map scores (the cell's share of
+its crop). A report per model shows its maps in a gallery.
 """
 
 from __future__ import annotations
@@ -19,40 +28,87 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["DemoSettings", "run_demo"]
+__all__ = ["DEMO", "MODELS", "format_comparison", "format_summary", "run_demo"]
 
-#: Small enough for 5 minutes on 2 CPU cores (measured: see README), big enough to learn the dose.
+#: Small enough for a few minutes on 2 CPU cores (measured: see README). Crop 48 x 48 px around cells of
+#: radius 12 px (a cell is half the crop's width; the crop reaches the ring of neighbours), model grid
+#: 12 x 32 x 32: `_blocks.0.0` maps are 3 x 8 x 8 and `_blocks.1.2` 2 x 4 x 4 (deeper blocks are 1 x 2 x 2 or
+#: coarser, `_head_swish` 1 x 1 x 1: they cannot localise a cell). The settings of benchmarks/bench_attention.py.
 DEMO = dict(
-    doses_um=(0.0, 1.0, 10.0),
+    doses_um=(0.0, 10.0),
     wells_per_treatment=2,
-    sites_per_well=2,
-    site_shape=(21, 128, 128),
-    cell_radius=14.0,
-    crop_shape=(None, 64, 64),
-    input_shape=(16, 48, 48),
-    # At this small grid the last conv map is 1 x 2 x 2: for a cell centred in its crop every one of the
-    # four map voxels covers the mask alike, so its Grad-CAMO is the same for any model (about the mask's
-    # share of the crop). A stage-4 block (1 x 3 x 3 here) has a centre voxel and can tell. The paper's
-    # grid gives the last map 1 x 4 x 4.
-    layers=("_blocks.4.10", "_head_swish"),
+    sites_per_well=8,
+    site_shape=(12, 128, 128),
+    cell_radius=12.0,
+    crop_shape=(None, 48, 48),
+    input_shape=(12, 32, 32),
+    layers=("_blocks.0.0", "_blocks.1.2"),
     epochs=6,
     batch_size=8,
-    learning_rate=3e-4,
-    # ~60 training cells and 6 epochs: the paper's augmentations (p = 0.5 each) slow learning more than
-    # they help here (measured: held-out accuracy 0.45 with them, 0.58 without; chance 0.33).
+    learning_rate=1e-3,  # paper 3e-4; a few hundred steps need a faster rate (bench_attention)
+    max_train_cells=150,
+    # few cells and epochs: the paper's augmentations (p = 0.5 each) slow learning more than they help here
     augmentation=False,
 )
+#: Model name -> trained on responders (True) or on bystanders (False).
+MODELS = {"own_cell": True, "neighbours": False}
 
 
-class DemoSettings(dict):
-    """The demo's settings (:data:`DEMO` with overrides)."""
+def _truth_for(labels: Any, truth_labels: Any, truth: pd.DataFrame) -> pd.DataFrame:
+    """Roles of segmented cells: each takes the role of the true cell it overlaps most."""
+    rows = []
+    for wi, w in enumerate(labels["well"].values):
+        for si, s in enumerate(labels["site"].values):
+            seg = np.asarray(labels.data[wi, si].compute()).ravel()
+            true = np.asarray(truth_labels.data[wi, si].compute()).ravel()
+            both = (seg > 0) & (true > 0)
+            if not both.any():
+                continue
+            pairs = pd.DataFrame({"seg": seg[both], "true": true[both]}).value_counts().reset_index()
+            best = pairs.sort_values("count", ascending=False).drop_duplicates("seg")
+            rows.append(pd.DataFrame({"well": str(w), "site": int(s), "object_number": best["seg"].to_numpy(),
+                                      "true_object": best["true"].to_numpy()}))
+    table = pd.concat(rows, ignore_index=True)
+    roles = truth.rename(columns={"object_number": "true_object"})
+    return table.merge(roles, on=["well", "site", "true_object"], how="left").dropna(subset=["responder"])
+
+
+def _plate(out: Path, cfg: dict, seed: int, overwrite: bool, labels_method: str, log: Any):
+    from gradcamo_dask.io.plate import open_labels, open_plate, write_plate
+    from gradcamo_dask.io.synthetic import cell_truth, synthetic_plate
+
+    plate_path = out / "plate.zarr"
+    truth_path = plate_path / "cell_truth.csv"
+    if not (plate_path / "zarr.json").is_file() or not truth_path.is_file() or overwrite:
+        plate = synthetic_plate(doses_um=cfg["doses_um"], wells_per_treatment=cfg["wells_per_treatment"],
+                                sites_per_well=cfg["sites_per_well"], site_shape=cfg["site_shape"],
+                                cell_radius=cfg["cell_radius"], seed=seed, mosaic=True, plate="demo")
+        write_plate(plate_path, plate.image, plate.labels, overwrite=True)
+        cell_truth(plate).to_csv(truth_path, index=False)
+    image = open_plate(plate_path)
+    truth_labels = open_labels(plate_path, like=image)
+    truth = pd.read_csv(truth_path, dtype={"well": str})
+    if labels_method == "truth":
+        labels = truth_labels
+    elif labels_method == "watershed":
+        from gradcamo_dask.segment.plate import segment_plate
+
+        labels = segment_plate(image, "watershed").persist()
+        truth = _truth_for(labels, truth_labels, truth)
+    else:
+        from gradcamo_dask.errors import InputError
+
+        raise InputError(f"labels must be 'truth' or 'watershed', got {labels_method!r}")
+    log(f"plate {plate_path}: {image.sizes['well']} wells x {image.sizes['site']} sites, "
+        f"{image.sizes['z']}x{image.sizes['y']}x{image.sizes['x']} voxels, mosaic wells "
+        f"({truth['responder'].mean():.0%} of cells respond), labels: {labels_method}")
+    return plate_path, image, labels, truth
 
 
 def run_demo(
     out: str | Path = "demo-output",
     *,
     labels_method: str = "truth",
-    model: str | Path | None = None,
     scheduler: str | None = None,
     n_workers: int | None = None,
     seed: int = 0,
@@ -61,113 +117,131 @@ def run_demo(
     settings: dict | None = None,
     log: Any = print,
 ) -> dict:
-    """Run the demo; returns paths, timings and the summary table.
+    """Run the demo; returns paths, timings, the comparison and the summary tables.
 
     Parameters
     ----------
     out : path
-        Output folder: ``plate.zarr``, ``model/`` (unless ``model`` is given),
-        ``profiles.zarr``, ``summary.csv``.
+        Output folder: ``plate.zarr`` (with ``cell_truth.csv``), ``model_<name>/``,
+        ``profiles_<name>.zarr``, ``report_<name>/``, ``comparison.csv``, ``summary.csv``.
     labels_method : "truth" or "watershed"
-        Ground-truth labels of the synthetic plate, or the classical segmenter.
-    model : path, optional
-        A bundle to use instead of training one.
+        Ground-truth labels of the synthetic plate, or the classical segmenter (each
+        segmented cell takes the role of the true cell it overlaps most).
     scheduler : str, optional
         Address of a running Dask scheduler (default: a local cluster).
     """
-    from gradcamo_dask.engine.bundles import open_bundle
+    from gradcamo_dask.engine.augment import Augmentation
+    from gradcamo_dask.io.synthetic import population_labels
     from gradcamo_dask.jobs.cluster import connect
-    from gradcamo_dask.profiles.qc import summarize_gradcamo
+    from gradcamo_dask.jobs.recipe import Recipe, Split
     from gradcamo_dask.jobs.score import score_plate
+    from gradcamo_dask.jobs.train import train
+    from gradcamo_dask.profiles.qc import summarize_gradcamo
+    from gradcamo_dask.profiles.report import write_report
     from gradcamo_dask.profiles.store import open_profiles, write_profiles
-    from gradcamo_dask.io.plate import open_labels, open_plate, write_plate
-    from gradcamo_dask.io.synthetic import synthetic_plate
 
     cfg = {**DEMO, **(settings or {})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-
-    plate_path = out / "plate.zarr"
-    if not (plate_path / "zarr.json").is_file() or overwrite:
-        plate = synthetic_plate(doses_um=cfg["doses_um"], wells_per_treatment=cfg["wells_per_treatment"],
-                                sites_per_well=cfg["sites_per_well"], site_shape=cfg["site_shape"],
-                                cell_radius=cfg["cell_radius"], seed=seed, plate="demo")
-        write_plate(plate_path, plate.image, plate.labels, overwrite=True)
-    image = open_plate(plate_path)
-    if labels_method == "truth":
-        labels = open_labels(plate_path, like=image)
-    elif labels_method == "watershed":
-        from gradcamo_dask.segment.plate import segment_plate
-
-        labels = segment_plate(image, "watershed")
-    else:
-        from gradcamo_dask.errors import InputError
-
-        raise InputError(f"labels must be 'truth' or 'watershed', got {labels_method!r}")
+    plate_path, image, labels, truth = _plate(out, cfg, seed, overwrite, labels_method, log)
     timings["plate"] = time.perf_counter() - t0
-    log(f"plate {plate_path}: {image.sizes['well']} wells x {image.sizes['site']} sites, "
-        f"{image.sizes['z']}x{image.sizes['y']}x{image.sizes['x']} voxels, labels: {labels_method}")
 
     wells = [str(w) for w in image["well"].values]
     rows = [str(r) for r in image["row"].values]
     train_wells = [w for w, r in zip(wells, rows) if r == rows[0]]
     test_wells = [w for w in wells if w not in train_wells]
-
-    if model is None:
-        from gradcamo_dask.engine.augment import Augmentation
-        from gradcamo_dask.jobs.recipe import Recipe, Split
-        from gradcamo_dask.jobs.train import train
-
-        t1 = time.perf_counter()
-        log(f"training a small EfficientNet-B0 3D on wells {', '.join(train_wells)} "
-            f"(input grid {cfg['input_shape']}, {cfg['epochs']} epochs)")
+    bundles = {}
+    t1 = time.perf_counter()
+    for name, responder in MODELS.items():
+        log(f"training model '{name}' on the {'responders' if responder else 'bystanders'} of wells "
+            f"{', '.join(train_wells)} (input grid {cfg['input_shape']}, {cfg['epochs']} epochs)")
         recipe = Recipe(crop_size=cfg["crop_shape"], input_shape=cfg["input_shape"], epochs=cfg["epochs"],
                         batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"], seed=seed,
-                        split=Split(test_wells=test_wells), layers=list(cfg["layers"]), patience=None,
-                        augmentation=None if not cfg["augmentation"] else Augmentation())
-        model = train(image, labels, recipe, out=out / "model", progress=progress)
-        timings["train"] = time.perf_counter() - t1
-    bundle = open_bundle(model)
+                        split=Split(test_wells=test_wells, max_train_cells=cfg["max_train_cells"]),
+                        layers=list(cfg["layers"]), patience=None,
+                        augmentation=Augmentation() if cfg["augmentation"] else None)
+        bundles[name] = train(image, population_labels(labels, truth, responder), recipe,
+                              out=out / f"model_{name}", progress=progress)
+    timings["train"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     client = connect(scheduler, n_workers=n_workers)
     try:
-        ds = score_plate(image.sel(well=test_wells), labels.sel(well=test_wells), bundle, client=client,
-                         plate_path=str(plate_path), labels_path=str(plate_path) if labels_method == "truth" else "")
-        log(f"scoring {ds.sizes['cell']} cells of held-out wells {', '.join(test_wells)} "
-            f"(layers {', '.join(map(str, ds['layer'].values))})")
-        write_profiles(ds, out / "profiles.zarr", client=client, overwrite=overwrite, progress=progress,
-                       chunk_cells=64)
+        for name, responder in MODELS.items():
+            own = population_labels(labels, truth, responder).sel(well=test_wells)
+            ds = score_plate(image.sel(well=test_wells), own, bundles[name], client=client,
+                             plate_path=str(plate_path), labels_path=str(plate_path) if labels_method == "truth" else "")
+            log(f"scoring model '{name}' on {ds.sizes['cell']} held-out cells of wells {', '.join(test_wells)}")
+            write_profiles(ds, out / f"profiles_{name}.zarr", client=client, overwrite=overwrite, progress=progress,
+                           chunk_cells=64)
     finally:
         client.close()
     timings["score"] = time.perf_counter() - t2
-    profiles = open_profiles(out / "profiles.zarr")
-    frame = profiles[["gradcamo"]].to_dataframe().reset_index()
-    summary = summarize_gradcamo(frame, by=["layer", "treatment", "site"])
-    summary.to_csv(out / "summary.csv", index=False)
-    accuracy = float((profiles["predicted"].values == np.asarray(
-        [list(map(str, profiles["class"].values)).index(str(t)) for t in profiles["treatment"].values])).mean()) \
-        if profiles.sizes["cell"] else float("nan")
-    t3 = time.perf_counter()
-    from gradcamo_dask.profiles.report import write_report
 
-    report = write_report(out / "profiles.zarr", out / "report", plate=plate_path,
-                          labels=plate_path if labels_method == "truth" else None)
+    t3 = time.perf_counter()
+    crop_voxels = image.sizes["z"] * int(np.prod(cfg["crop_shape"][1:]))
+    comparison, summaries, reports, n_cells = [], [], {}, 0
+    for name in MODELS:
+        profiles = open_profiles(out / f"profiles_{name}.zarr")
+        comparison += _compare(name, profiles, crop_voxels)
+        frame = profiles[["gradcamo"]].to_dataframe().reset_index()
+        summaries.append(summarize_gradcamo(frame, by=["layer", "treatment"]).assign(model=name))
+        n_cells += int(profiles.sizes["cell"])
+        reports[name] = write_report(out / f"profiles_{name}.zarr", out / f"report_{name}", layer=cfg["layers"][0],
+                                     plate=plate_path, labels=plate_path if labels_method == "truth" else None)
+    table = pd.DataFrame(comparison)
+    summary = pd.concat(summaries, ignore_index=True)
+    summary = summary[["model"] + [c for c in summary.columns if c != "model"]]
+    table.to_csv(out / "comparison.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
     timings["report"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
-    (out / "demo.json").write_text(json.dumps({"timings_s": timings, "test_accuracy": accuracy}, indent=2))
-    return {"profiles": out / "profiles.zarr", "report": report, "bundle": Path(model), "summary": summary, "timings": timings,
-            "accuracy": accuracy, "n_cells": int(profiles.sizes["cell"])}
+    (out / "demo.json").write_text(json.dumps({"timings_s": timings, "comparison": comparison}, indent=2))
+    return {"profiles": {n: out / f"profiles_{n}.zarr" for n in MODELS}, "reports": reports, "bundles": bundles,
+            "comparison": table, "summary": summary, "timings": timings, "n_cells": n_cells}
+
+
+def _compare(name: str, profiles: Any, crop_voxels: int) -> list[dict]:
+    """One row per scored layer: accuracy, Grad-CAMO, share >= 0.25 and the uniform-map reference."""
+    from gradcamo_dask.profiles.qc import DEFAULT_CUTOFF, scored_layers, scores_of
+
+    classes = [str(c) for c in profiles["class"].values]
+    truth = np.asarray([classes.index(str(t)) for t in profiles["treatment"].values])
+    accuracy = float((profiles["predicted"].values == truth).mean()) if len(truth) else float("nan")
+    uniform = profiles["volume_voxels"].values.astype(float) / crop_voxels
+    rows = []
+    for layer in scored_layers(profiles):
+        s = scores_of(profiles, layer)
+        ok = s[np.isfinite(s)]
+        mean = float(ok.mean()) if len(ok) else float("nan")
+        rows.append({"model": name, "layer": layer, "cells": int(len(s)), "accuracy": accuracy,
+                     "gradcamo_mean": mean, "gradcamo_sd": float(ok.std()) if len(ok) else float("nan"),
+                     "share_on_target": float((ok >= DEFAULT_CUTOFF).mean()) if len(ok) else float("nan"),
+                     "uniform_reference": float(uniform.mean()) if len(uniform) else float("nan"),
+                     "times_uniform": mean / float(uniform.mean()) if len(uniform) else float("nan")})
+    return rows
+
+
+def format_comparison(table: pd.DataFrame) -> str:
+    """Both models side by side: Grad-CAMO against the uniform-map reference, per layer."""
+    lines = [f"{'model':<11} {'layer':<12} {'cells':>5} {'accuracy':>8}  {'Grad-CAMO mean ± sd':<20} "
+             f"{'>= 0.25':>7} {'uniform map':>11} {'x uniform':>9}"]
+    for _, r in table.iterrows():
+        lines.append(f"{r['model']:<11} {r['layer']:<12} {int(r['cells']):>5} {r['accuracy']:>8.2f}  "
+                     f"{r['gradcamo_mean']:.3f} ± {r['gradcamo_sd']:<12.3f} {r['share_on_target']:>7.2f} "
+                     f"{r['uniform_reference']:>11.3f} {r['times_uniform']:>9.2f}")
+    return "\n".join(lines)
 
 
 def format_summary(summary: pd.DataFrame) -> str:
-    """The summary as aligned text: mean ± sd, share >= 0.25, NaN count per layer, treatment and site."""
-    lines = [f"{'layer':<14} {'treatment':<16} {'site':>4} {'cells':>5}  {'Grad-CAMO mean ± sd':<20} "
+    """The summary as aligned text: mean ± sd, share >= 0.25, NaN count per model, layer and treatment."""
+    lines = [f"{'model':<11} {'layer':<12} {'treatment':<16} {'cells':>5}  {'Grad-CAMO mean ± sd':<20} "
              f"{'>= 0.25':>7} {'NaN':>4}"]
     for _, r in summary.iterrows():
         sd = "nan" if pd.isna(r["sd"]) else f"{r['sd']:.3f}"
-        lines.append(f"{str(r['layer']):<14} {str(r['treatment']):<16} {int(r['site']):>4} {int(r['n']):>5}  "
-                     f"{r['mean']:.3f} ± {sd:<12} {r['share_on_target']:>7.2f} {int(r['n_undefined']):>4}")
+        lines.append(f"{str(r.get('model', '')):<11} {str(r['layer']):<12} {str(r['treatment']):<16} "
+                     f"{int(r['n']):>5}  {r['mean']:.3f} ± {sd:<12} {r['share_on_target']:>7.2f} "
+                     f"{int(r['n_undefined']):>4}")
     return "\n".join(lines)
