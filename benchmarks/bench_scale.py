@@ -228,37 +228,49 @@ def _worker_peaks() -> dict:
     return out
 
 
-def site_memory(width: int, depth: int, bundle: Path, crop, device: str, tmp: Path) -> dict:
-    """Score one virtual site ``width`` pixels wide on a fresh one-worker cluster; peak worker memory."""
+def site_memory(width: int, depth: int, bundle: Path, crop, device: str, tmp: Path,
+                memory_limit: int | None = None) -> dict:
+    """Score one virtual site ``width`` pixels wide on a fresh one-worker cluster; peak worker memory.
+
+    ``memory_limit`` (bytes) overrides the package's default worker size; a worker
+    the nanny kills for memory is reported as such (``failed``), not raised.
+    """
     from gradcamo_dask.io.virtual import VirtualPlate
     from gradcamo_dask.jobs.cluster import connect
     from gradcamo_dask.jobs.score import score_plate, write_profiles
 
     warm = VirtualPlate(n_wells=1, n_sites=1, shape_zyx=(depth, 160, 160), seed=7)
     vp = VirtualPlate(n_wells=1, n_sites=1, shape_zyx=(depth, width, width), seed=1)
-    with connect(n_workers=1, threads_per_worker=1, device=device, quiet=True, dashboard=False) as client:
+    raw = vp.site_bytes["image"] + vp.site_bytes["labels"]
+    cells = vp.cell_table(size=crop)
+    n = len(cells)
+    c_z = depth if crop[0] is None else crop[0]
+    row = {"width": width, "site_zyx": [depth, width, width], "cells": n, "raw_site_mib": round(raw / MiB, 1),
+           "float32_crops_mib": round(n * 6 * c_z * crop[1] * crop[2] * 4 / MiB, 1)}
+    options = {"memory_limit": memory_limit} if memory_limit else {}
+    with connect(n_workers=1, threads_per_worker=1, device=device, quiet=True, dashboard=False, **options) as client:
+        row["worker_memory_limit_mib"] = round(list(client.scheduler_info()["workers"].values())[0]
+                                               ["memory_limit"] / MiB, 1)
         for i, plate in enumerate((warm, vp)):
             out = tmp / f"site-{width}-{i}.zarr"
             if i == 1:
                 base = list(client.run(_worker_peaks).values())[0]
-            cells = plate.cell_table(size=crop)
             t = time.perf_counter()
-            ds = score_plate(plate.image(), plate.labels(), str(bundle), client=client, cells=cells,
-                             check_classes=False)
-            write_profiles(ds, out, client=client, check=False)
+            try:
+                ds = score_plate(plate.image(), plate.labels(), str(bundle), client=client,
+                                 cells=plate.cell_table(size=crop), check_classes=False)
+                write_profiles(ds, out, client=client, check=False)
+            except Exception as err:  # noqa: BLE001 - a worker killed for memory: that is the finding
+                row["failed"] = f"{type(err).__name__}: {str(err)[:200]}"
+                return row
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
             seconds = time.perf_counter() - t
-            shutil.rmtree(out, ignore_errors=True)
         peak = list(client.run(_worker_peaks).values())[0]
-    raw = vp.site_bytes["image"] + vp.site_bytes["labels"]
-    n = len(cells)
-    c_z = depth if crop[0] is None else crop[0]
-    crops_bytes = n * 6 * c_z * crop[1] * crop[2] * 4
-    row = {"width": width, "site_zyx": [depth, width, width], "cells": n, "seconds": round(seconds, 2),
-           "cells_per_s": round(n / seconds, 1), "raw_site_mib": round(raw / MiB, 1),
-           "worker_baseline_mib": round(base["rss"] / MiB, 1), "worker_peak_mib": round(peak["max_rss"] / MiB, 1),
-           "site_peak_mib": round((peak["max_rss"] - base["rss"]) / MiB, 1),
-           "site_peak_over_raw": round((peak["max_rss"] - base["rss"]) / raw, 2),
-           "float32_crops_mib": round(crops_bytes / MiB, 1)}
+    row.update({"seconds": round(seconds, 2), "cells_per_s": round(n / seconds, 1),
+                "worker_baseline_mib": round(base["rss"] / MiB, 1), "worker_peak_mib": round(peak["max_rss"] / MiB, 1),
+                "site_peak_mib": round((peak["max_rss"] - base["rss"]) / MiB, 1),
+                "site_peak_over_raw": round((peak["max_rss"] - base["rss"]) / raw, 2)})
     if "cuda_peak" in peak:
         row["cuda_peak_mib"] = round(peak["cuda_peak"] / MiB, 1)
     return row
@@ -296,6 +308,10 @@ def markdown(result: dict) -> str:
                   "| site (z, y, x) | cells | raw site MiB | worker baseline MiB | peak MiB | peak above baseline MiB "
                   "| / raw | float32 crops MiB | cells/s |", "|---|---|---|---|---|---|---|---|---|"]
         for r in result["memory"]:
+            if "failed" in r:
+                lines.append(f"| {tuple(r['site_zyx'])} | {r['cells']} | {r['raw_site_mib']} | - | worker killed "
+                             f"(limit {r['worker_memory_limit_mib']} MiB) | - | - | {r['float32_crops_mib']} | - |")
+                continue
             lines.append(f"| {tuple(r['site_zyx'])} | {r['cells']} | {r['raw_site_mib']} | {r['worker_baseline_mib']} "
                          f"| {r['worker_peak_mib']} | {r['site_peak_mib']} | {r['site_peak_over_raw']} | "
                          f"{r['float32_crops_mib']} | {r['cells_per_s']} |")
@@ -315,7 +331,7 @@ def verdicts(result: dict) -> list[str]:
                    f"{full['client_peak_rss_mib']} MiB (target <= 2048)")
         per_site = [r["write_tasks_per_site"] for r in plan]
         out.append(f"write-graph tasks per site at {[r['sites'] for r in plan]} sites: {per_site} (linear when equal)")
-    mem = result.get("memory") or []
+    mem = [r for r in result.get("memory") or [] if "failed" not in r]
     if len(mem) >= 2:
         ratios = [r["site_peak_over_raw"] for r in mem]
         out.append(f"peak above baseline / raw site bytes at widths {[r['width'] for r in mem]}: {ratios} "
@@ -332,6 +348,8 @@ def main(argv=None) -> int:
     parser.add_argument("--widths", default=None, help="site widths for the memory part, comma-separated")
     parser.add_argument("--plates", default=None, help="plates to plan, e.g. 384x1,384x9 (wells x sites)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--memory-limit", type=float, default=None,
+                        help="worker memory limit for the memory part, GiB (default: the package's worker size)")
     parser.add_argument("--note", default="", help="what code ran, when it is not this checkout as committed")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -373,7 +391,8 @@ def main(argv=None) -> int:
         if args.part in ("all", "memory"):
             result["memory"] = []
             for width in widths:
-                row = site_memory(width, depth, bundle, crop, args.device, tmp)
+                limit = int(args.memory_limit * 2**30) if args.memory_limit else None
+                row = site_memory(width, depth, bundle, crop, args.device, tmp, limit)
                 result["memory"].append(row)
                 print(json.dumps(row), flush=True)
     finally:

@@ -161,7 +161,7 @@ def scale_figure(result: dict, name: str = "bench_scale") -> Any:
         return None
     fig, axes = _figure(len(panels), 4.8)
     for ax, panel in zip(axes, panels):
-        rows = result[panel]
+        rows = [r for r in result[panel] if "failed" not in r]
         if panel == "planning":
             sites = [r["sites"] for r in rows]
             ax.plot(sites, [r["planning_s"] for r in rows], "o-", label="planning (score + write graphs), s")
