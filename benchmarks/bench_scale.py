@@ -247,8 +247,10 @@ def site_memory(width: int, depth: int, bundle: Path, crop, device: str, tmp: Pa
     c_z = depth if crop[0] is None else crop[0]
     row = {"width": width, "site_zyx": [depth, width, width], "cells": n, "raw_site_mib": round(raw / MiB, 1),
            "float32_crops_mib": round(n * 6 * c_z * crop[1] * crop[2] * 4 / MiB, 1)}
+    import dask
+
     options = {"memory_limit": memory_limit} if memory_limit else {}
-    with connect(n_workers=1, threads_per_worker=1, device=device, quiet=True, dashboard=False, **options) as client:
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), connect(n_workers=1, threads_per_worker=1, device=device, quiet=True, dashboard=False, **options) as client:
         row["worker_memory_limit_mib"] = round(list(client.scheduler_info()["workers"].values())[0]
                                                ["memory_limit"] / MiB, 1)
         for i, plate in enumerate((warm, vp)):
@@ -339,6 +341,26 @@ def verdicts(result: dict) -> list[str]:
     return out
 
 
+def save(result: dict, out: Path, stem: str) -> None:
+    """Write ``stem.{json,md,png}`` into ``out`` (verdicts and end-of-run load average refreshed)."""
+    result["verdicts"] = verdicts(result)
+    try:
+        result["machine"]["load_average_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    from benchmarks.report import scale_figure
+
+    figure = scale_figure(result, stem)
+    if figure is not None:
+        figure.savefig(out / f"{stem}.png", dpi=110)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small plate and sites (about a minute)")
@@ -374,6 +396,8 @@ def main(argv=None) -> int:
               "settings": {"site_zyx": list(site_zyx), "crop": list(crop), "input_shape": list(grid),
                            "device": args.device, "command": "python -m benchmarks.bench_scale " + " ".join(argv or
                                                                                                          sys.argv[1:])}}
+    stem = "bench_scale" + ("" if args.part == "all" else f"_{args.part}") + \
+        ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "") + args.tag
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))
     try:
         bundle = make_bundle(tmp / "bundle", args.device, grid, crop)
@@ -384,6 +408,7 @@ def main(argv=None) -> int:
                 vp = VirtualPlate(n_wells=wells, n_sites=sites, shape_zyx=site_zyx)
                 row = plan_plate(vp, bundle, crop, tmp, scheduler)
                 result["planning"].append(row)
+                save(result, Path(args.out), stem)  # after every row: a run cut off keeps what it measured
                 print(json.dumps(row), flush=True)
             full = VirtualPlate(n_wells=plan_sizes[-1][0], n_sites=plan_sizes[-1][1], shape_zyx=site_zyx)
             result["cell_table_cost"] = cell_table_cost(full, crop, 2 if args.quick else 3)
@@ -394,23 +419,11 @@ def main(argv=None) -> int:
                 limit = int(args.memory_limit * 2**30) if args.memory_limit else None
                 row = site_memory(width, depth, bundle, crop, args.device, tmp, limit)
                 result["memory"].append(row)
+                save(result, Path(args.out), stem)
                 print(json.dumps(row), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result["verdicts"] = verdicts(result)
-    try:
-        result["machine"]["load_average_end"] = list(os.getloadavg())
-    except OSError:
-        pass
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_scale" + ("" if args.part == "all" else f"_{args.part}") + \
-        ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "") + args.tag
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
-    from benchmarks.report import scale_figure
-
-    scale_figure(result).savefig(out / f"{stem}.png", dpi=110)
+    save(result, Path(args.out), stem)
     print(markdown(result))
     return 0
 
