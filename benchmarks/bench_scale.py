@@ -142,7 +142,11 @@ def scheduler_load(tasks: list, tmp: Path) -> dict:
                 "scheduler_rss_mib": round(after / MiB, 1), "scheduler_rss_growth_mib": round((after - before) / MiB, 1)}
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
 
 
 # ------------------------------------------------------------------ planning
@@ -369,6 +373,7 @@ def main(argv=None) -> int:
     parser.add_argument("--crop", type=int, default=64, help="crop width and height, voxels (all z kept)")
     parser.add_argument("--widths", default=None, help="site widths for the memory part, comma-separated")
     parser.add_argument("--plates", default=None, help="plates to plan, e.g. 384x1,384x9 (wells x sites)")
+    parser.add_argument("--no-scheduler", action="store_true", help="plan only: do not submit to a scheduler process")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--memory-limit", type=float, default=None,
                         help="worker memory limit for the memory part, GiB (default: the package's worker size)")
@@ -388,6 +393,7 @@ def main(argv=None) -> int:
         depth, plan_sizes, scheduler = 21, [(384, 1), (384, 3), (384, 9)], True
         widths = [int(w) for w in (args.widths or "512,1080,2160").split(",")]
         site_zyx = (depth, 2160, 2160)
+    scheduler = scheduler and not args.no_scheduler
     if args.plates:
         plan_sizes = [tuple(int(n) for n in p.split("x")) for p in args.plates.split(",")]
     info = plate_machine()
