@@ -252,6 +252,7 @@ def site_memory(width: int, depth: int, bundle: Path, crop, device: str, tmp: Pa
     row = {"width": width, "site_zyx": [depth, width, width], "cells": n, "raw_site_mib": round(raw / MiB, 1),
            "float32_crops_mib": round(n * 6 * c_z * crop[1] * crop[2] * 4 / MiB, 1)}
     import dask
+    import distributed  # noqa: F401  (loads its config defaults before the override below)
 
     options = {"memory_limit": memory_limit} if memory_limit else {}
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), connect(n_workers=1, threads_per_worker=1, device=device, quiet=True, dashboard=False, **options) as client:
