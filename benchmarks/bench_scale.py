@@ -31,7 +31,6 @@ Writes ``bench_scale[_<part>][_cuda][_quick].{json,md,png}`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import os
