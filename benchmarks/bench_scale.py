@@ -153,7 +153,8 @@ def scheduler_load(tasks: list, tmp: Path) -> dict:
 
 def plan_plate(vp, bundle: Path, crop, tmp: Path, scheduler: bool) -> dict:
     """Open, cell table (geometry), score_plate graph and write_profiles graph of one virtual plate."""
-    from gradcamo_dask.jobs.score import score_plate, write_profiles
+    from gradcamo_dask.jobs.score import score_plate
+    from gradcamo_dask.profiles.store import write_profiles
 
     sites = vp.n_wells * vp.n_sites
     rss0 = _rss()
@@ -240,7 +241,8 @@ def site_memory(width: int, depth: int, bundle: Path, crop, device: str, tmp: Pa
     """
     from gradcamo_dask.io.virtual import VirtualPlate
     from gradcamo_dask.jobs.cluster import connect
-    from gradcamo_dask.jobs.score import score_plate, write_profiles
+    from gradcamo_dask.jobs.score import score_plate
+    from gradcamo_dask.profiles.store import write_profiles
 
     warm = VirtualPlate(n_wells=1, n_sites=1, shape_zyx=(depth, 160, 160), seed=7)
     vp = VirtualPlate(n_wells=1, n_sites=1, shape_zyx=(depth, width, width), seed=1)

@@ -30,7 +30,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from gradcamo_dask.errors import InputError
-from gradcamo_dask.io.plate import lazy_sites, plate_dataarray
+from gradcamo_dask.io.layout import lazy_sites, plate_dataarray
 from gradcamo_dask.io.platemap import well_name
 
 __all__ = ["VirtualPlate", "plate_wells"]
