@@ -161,3 +161,13 @@ def test_default_layer_has_more_than_one_voxel():
     assert grids["_head_swish"] == (1, 1, 1) and np.prod(grids[name]) > 1
     later = list(grids)[list(grids).index(name) + 1:]
     assert all(np.prod(grids[n]) == 1 for n in later if n.startswith("_blocks.") and n.count(".") == 2)
+
+
+def test_last_batch_of_one_cell_is_merged(plate, tmp_path):
+    """9 training cells at batch 4 would leave a batch of one, which batch norm cannot train on."""
+    options = {**FAST, "max_train_cells": 9}
+    out = train(plate.image, plate.labels, plate.platemap, out=tmp_path / "one", epochs=1, **options)
+    cells = __import__("pandas").read_csv(out / "cells.csv")
+    assert (cells.split == "train").sum() == 9
+    history = json.loads((out / "config.json").read_text())["provenance"]["history"]
+    assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
