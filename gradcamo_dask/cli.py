@@ -474,8 +474,10 @@ def _run_score(args: argparse.Namespace) -> int:
 
         out = normalize_output_url(args.out)  # absolute: workers do not share this working directory
         check_writable(out, client)  # every worker can write OUT, before any site work starts
-        ds = score_plate(image, labels, args.model, layers=args.layers, client=client, batch_size=args.batch_size,
-                         check_classes=not args.any_classes, plate_path=args.plate, labels_path=args.labels,
+        # absolute paths (URLs unchanged) in the provenance: the report reads the plate back from any folder
+        ds = score_plate(image, labels, normalize_output_url(args.model), layers=args.layers, client=client,
+                         batch_size=args.batch_size, check_classes=not args.any_classes,
+                         plate_path=normalize_output_url(args.plate), labels_path=normalize_output_url(args.labels),
                          classic={"measurements": args.classic} if args.classic else False)
         print(f"scoring {ds.sizes['cell']} cells of plate {ds.attrs['plate']!r} "
               f"({image.sizes['well']} wells x {image.sizes['site']} sites), layers {', '.join(ds['layer'].values)}")
