@@ -29,6 +29,8 @@ _EXPORTS: dict[str, str] = {
     "open_plate": "io.plate",
     "open_labels": "io.plate",
     "write_plate": "io.plate",
+    "write_labels": "io.plate",
+    "describe_labels": "io.plate",
     "read_platemap": "io.platemap",
     "attach_platemap": "io.platemap",
     "select_channels": "io.layout",

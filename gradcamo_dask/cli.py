@@ -206,7 +206,9 @@ def _run_segment(args) -> int:
         return 1
     n_sites = labels.sizes["well"] * labels.sizes["site"]
     print(f"segmenting {n_sites} site(s) of plate {labels.attrs.get('plate', args.plate)!r} with {args.method}")
-    store = _labels_store(labels, args.out)
+    from gradcamo_dask.io.plate import write_labels
+
+    store = write_labels(args.out, labels, compute=False)  # the attributes last: a cut-off run is no labels store
     if args.scheduler:
         from distributed import Client, progress
 
@@ -220,41 +222,8 @@ def _run_segment(args) -> int:
 
         with ProgressBar():
             dask.compute(store)
-    _finish_labels_store(labels, args.out)
     print(f"labels written to {args.out}")
     return 0
-
-
-def _labels_store(labels, path: str):
-    """Create the plain-Zarr labels layout that ``open_labels`` reads and return the delayed write.
-
-    The group attributes (wells, plate, voxel size, segmentation provenance) are
-    written by :func:`_finish_labels_store` after the data, so an interrupted run
-    leaves a store without them.
-    """
-    import dask.array as da
-    import zarr
-
-    n_z, n_y, n_x = (labels.sizes[d] for d in ("z", "y", "x"))
-    chunks = (1, 1, n_z, min(n_y, 2048), min(n_x, 2048))
-    group = zarr.open_group(path, mode="w-")
-    array = group.create_array("labels", shape=labels.shape, chunks=chunks, dtype="int32", fill_value=0)
-    return da.store(labels.data.rechunk(chunks), array, lock=False, compute=False)
-
-
-def _finish_labels_store(labels, path: str) -> None:
-    import zarr
-
-    group = zarr.open_group(path, mode="r+")
-    group.attrs.update(
-        {
-            "plate": str(labels.attrs.get("plate", "")),
-            "wells": [str(w) for w in labels.coords["well"].values],
-            "sites": [int(s) for s in labels.coords["site"].values],
-            "spacing_zyx_um": [float(v) for v in labels.attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0))],
-            "segmentation": labels.attrs.get("segmentation", ""),
-        }
-    )
 
 
 _COMMANDS.append(_add_segment)
@@ -537,11 +506,14 @@ def _run_info(args: argparse.Namespace) -> int:
 def _describe(path: str) -> dict:
     """A profiles store's description, else the plate's (with whether it has labels)."""
     from gradcamo_dask.errors import GradcamoError
-    from gradcamo_dask.io.plate import describe_plate, open_labels, open_plate
+    from gradcamo_dask.io.plate import describe_labels, describe_plate, open_labels, open_plate
     from gradcamo_dask.profiles.store import describe_profiles
 
     if not os.path.exists(path) and "://" not in path:
         raise FileNotFoundError(f"{path} does not exist")
+    labels_info = describe_labels(path)
+    if labels_info is not None:
+        return labels_info
     info = describe_profiles(path)
     if info is not None:
         return info
