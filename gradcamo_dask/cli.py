@@ -332,20 +332,35 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-key", default=None, help="TLS: client private key (PEM)")
 
 
-def _security(args: argparse.Namespace):
-    if not (args.tls_ca_file or args.tls_cert or args.tls_key):
-        return None
-    from distributed.security import Security
+def _tls_requested(args: argparse.Namespace) -> bool:
+    return bool(args.tls_ca_file or args.tls_cert or args.tls_key)
 
-    return Security(tls_ca_file=args.tls_ca_file, tls_client_cert=args.tls_cert, tls_client_key=args.tls_key,
-                    require_encryption=True)
+
+def _security(args: argparse.Namespace):
+    """The TLS settings of the --tls-* options (None without them); ClusterError names a missing option or file."""
+    if not _tls_requested(args):
+        return None
+    from gradcamo_dask.errors import ClusterError
+    from gradcamo_dask.jobs.tls import tls_security
+
+    if not (args.tls_ca_file and args.tls_cert):
+        raise ClusterError("TLS needs both --tls-ca-file and --tls-cert (and --tls-key unless the certificate file "
+                           "holds the key)")
+    return tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
 
 
 def _connect(args: argparse.Namespace):
+    from gradcamo_dask.errors import ClusterError
     from gradcamo_dask.jobs.cluster import connect
 
+    security = _security(args)
+    address = str(args.scheduler or "")
+    if security is not None and "://" in address and not address.startswith("tls://"):
+        raise ClusterError(f"--scheduler {address} is not a TLS address but --tls-* options require encryption; "
+                           f"use tls://{address.split('://', 1)[1]} (a scheduler started with --protocol tls) or "
+                           "drop the --tls-* options")
     return connect(args.scheduler, cluster=args.cluster, cluster_config=args.cluster_config, n_workers=args.workers,
-                   security=_security(args))
+                   security=security)
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
@@ -373,7 +388,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from gradcamo_dask.jobs.demo import format_summary, run_demo
     from gradcamo_dask.errors import GradcamoError
 
-    if args.cluster == "slurm" or _security(args) is not None:
+    if args.cluster == "slurm" or _tls_requested(args):
         print("gradcamo-dask demo: use --scheduler for remote clusters; the demo starts local ones only",
               file=sys.stderr)
         return 2

@@ -123,3 +123,19 @@ def test_demo_code_path_trains_scores_and_summarises(tmp_path, scheduler):
     assert "±" in text and "compound_10uM" in text
     assert (tmp_path / "demo" / "model" / "config.json").is_file()
     assert (tmp_path / "demo" / "summary.csv").is_file()
+
+
+def test_tls_options_with_a_tcp_scheduler_give_a_named_error(tiny, tmp_path, capsys):
+    pem = {name: tmp_path / f"{name}.pem" for name in ("ca", "client", "client-key")}
+    for path in pem.values():
+        path.write_text("not used: the address is refused before any file is read\n")
+    base = ["score", str(tiny["plate"]), "--labels", str(tiny["plate"]), "--model", str(tiny["bundle"]),
+            "--out", str(tmp_path / "never.zarr"), "--quiet"]
+    tls = ["--tls-ca-file", str(pem["ca"]), "--tls-cert", str(pem["client"]), "--tls-key", str(pem["client-key"])]
+    assert cli.main([*base, "--scheduler", "tcp://127.0.0.1:8786", *tls]) == 1
+    err = capsys.readouterr().err
+    assert "ClusterError" in err and "not a TLS address" in err and "tls://127.0.0.1:8786" in err
+    assert "Traceback" not in err
+    assert cli.main([*base, "--scheduler", "tls://127.0.0.1:8786", "--tls-ca-file", str(tmp_path / "no.pem"),
+                     "--tls-cert", str(pem["client"])]) == 1
+    assert "--tls-ca-file" in capsys.readouterr().err and not (tmp_path / "never.zarr").exists()
