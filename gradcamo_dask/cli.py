@@ -12,13 +12,33 @@ from gradcamo_dask import __version__
 from gradcamo_dask.engine.gradcamo import DEFAULT_CUTOFF
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, unless its help text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default is argparse.SUPPRESS or not action.option_strings
+                or action.required):
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gradcamo-dask",
-        description="Grad-CAMO audits of deep single-cell profiles at plate scale on Dask.",
+        description="Grad-CAMO audits of deep single-cell profiles at plate scale on Dask. Workflow: synth (or your "
+        "own plate) -> segment -> train -> score -> report; info describes any store; demo runs it all.",
     )
     parser.add_argument("--version", action="version", version=f"gradcamo-dask {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add_command in _COMMANDS:
         add_command(commands)
     return parser
@@ -48,6 +68,9 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--sites", type=int, default=4, help="sites (fields) per well (default 4)")
     parser.add_argument("--site-shape", type=int, nargs=3, default=(21, 256, 256), metavar=("Z", "Y", "X"),
                         help="site size in voxels (default 21 256 256)")
+    parser.add_argument("--cell-radius", type=float, default=None, metavar="VOXELS",
+                        help="typical radius of a control cell in y and x, voxels (default: synthetic_plate's, 28 "
+                        "= 18 µm); on small sites use a smaller radius, e.g. 14 at 16 x 128 x 128, to get more cells")
     parser.add_argument("--plate", default="synthetic", help="plate name (default 'synthetic')")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is a Zarr store")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -64,6 +87,7 @@ def _run_synth(args: argparse.Namespace) -> int:
             doses_um=args.doses or DEFAULT_DOSES_UM, wells_per_treatment=args.wells_per_treatment,
             sites_per_well=args.sites, site_shape=tuple(args.site_shape), seed=args.seed,
             confounder=args.confounder, plate=args.plate,
+            **({"cell_radius": args.cell_radius} if args.cell_radius is not None else {}),
         )
         write_plate(args.out, plate.image, plate.labels, platemap=plate.platemap, overwrite=args.overwrite,
                     progress=not args.quiet)
@@ -76,7 +100,6 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS.append(_add_synth)
 
 
 def _add_report(commands: argparse._SubParsersAction) -> None:
@@ -125,7 +148,6 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS.append(_add_report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,14 +174,18 @@ def _add_segment(commands) -> None:
     )
     parser.add_argument("plate", help="plate to segment (OME-Zarr HCS plate, Zarr or TIFF; see open_plate)")
     parser.add_argument("--out", required=True, help="output Zarr store for the labels (must not exist)")
-    parser.add_argument("--method", choices=["cellpose", "watershed"], default="cellpose")
+    parser.add_argument("--method", choices=["cellpose", "watershed"], default="cellpose",
+                        help="Cellpose (the paper's) or the watershed baseline, which needs no weights")
     parser.add_argument("--model", default=None, help="Cellpose weights file or model name (default: cyto3, or cpsam on Cellpose 4)")
     parser.add_argument("--nucleus-channel", default="DNA", help="name of the nucleus channel (default DNA)")
     parser.add_argument("--cytoplasm-channel", default="RNA", help="name of the cytoplasm channel (default RNA); 'none' for nucleus only")
     parser.add_argument("--diameter", type=float, default=None, help="Cellpose cell diameter in xy voxels (default: the model's)")
-    parser.add_argument("--stitch-threshold", type=float, default=0.05)
-    parser.add_argument("--flow-threshold", type=float, default=0.75)
-    parser.add_argument("--cellprob-threshold", type=float, default=0.0)
+    parser.add_argument("--stitch-threshold", type=float, default=0.05,
+                        help="Cellpose: IoU above which masks of neighbouring z-slices are joined into one cell")
+    parser.add_argument("--flow-threshold", type=float, default=0.75,
+                        help="Cellpose: largest flow error of a kept mask (higher keeps more cells)")
+    parser.add_argument("--cellprob-threshold", type=float, default=0.0,
+                        help="Cellpose: cell probability above which a pixel belongs to a cell (lower: larger cells)")
     parser.add_argument("--anisotropy", type=float, default=None, help="z step over xy pixel size (default: from the plate, else 1.71)")
     parser.add_argument("--min-size", type=int, default=30, help="smallest cell in voxels (default 30)")
     parser.add_argument("--do-3d", action="store_true", help="Cellpose 3D mode instead of per-slice 2D plus stitching")
@@ -167,7 +193,8 @@ def _add_segment(commands) -> None:
     parser.add_argument("--tile-size", type=int, default=2048, help="largest tile core in y and x, voxels; 0: never tile")
     parser.add_argument("--tile-overlap", type=int, default=128, help="context around each tile, voxels (>= largest cell diameter)")
     parser.add_argument("--allow-download", action="store_true", help="let Cellpose download a missing built-in model")
-    parser.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (default: this machine)")
+    parser.add_argument("--scheduler", default=None,
+                        help="address of a running Dask scheduler (default: none, the threads of this machine)")
     parser.set_defaults(run=_run_segment)
 
 
@@ -226,7 +253,6 @@ def _run_segment(args) -> int:
     return 0
 
 
-_COMMANDS.append(_add_segment)
 
 def _add_train(commands) -> None:
     """``gradcamo-dask train PLATE --out BUNDLE``: train the 3D feature extractor on a plate (issue #6)."""
@@ -251,18 +277,26 @@ def _add_train(commands) -> None:
                         help="crop size: Y X (all z-slices) or Z Y X, voxels (default 128 128)")
     parser.add_argument("--input-shape", type=int, nargs=3, default=[64, 224, 224], metavar=("Z", "Y", "X"),
                         help="model input grid, voxels (default 64 224 224; e.g. 16 48 48 on a CPU)")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=50, help="most epochs (early stopping may end sooner)")
+    parser.add_argument("--batch-size", type=int, default=8, help="cells per training step (paper: 8)")
     parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--test-wells", nargs="+", default=None, metavar="WELL")
-    parser.add_argument("--test-columns", type=int, nargs="+", default=None, metavar="COLUMN")
-    parser.add_argument("--test-rows", nargs="+", default=None, metavar="ROW")
-    parser.add_argument("--train-wells", nargs="+", default=None, metavar="WELL")
-    parser.add_argument("--train-columns", type=int, nargs="+", default=None, metavar="COLUMN")
-    parser.add_argument("--train-rows", nargs="+", default=None, metavar="ROW")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--max-train-cells", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, shuffling, augmentations and weights")
+    parser.add_argument("--test-wells", nargs="+", default=None, metavar="WELL",
+                        help="held-out test wells, e.g. C02 C03 (default: each treatment's last well)")
+    parser.add_argument("--test-columns", type=int, nargs="+", default=None, metavar="COLUMN",
+                        help="held-out test columns, e.g. 3 (instead of --test-wells)")
+    parser.add_argument("--test-rows", nargs="+", default=None, metavar="ROW",
+                        help="held-out test rows, e.g. C (instead of --test-wells)")
+    parser.add_argument("--train-wells", nargs="+", default=None, metavar="WELL",
+                        help="training wells (default: every well not held out)")
+    parser.add_argument("--train-columns", type=int, nargs="+", default=None, metavar="COLUMN",
+                        help="training columns (instead of --train-wells)")
+    parser.add_argument("--train-rows", nargs="+", default=None, metavar="ROW",
+                        help="training rows (instead of --train-wells)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of training cells set aside for early stopping")
+    parser.add_argument("--max-train-cells", type=int, default=None,
+                        help="train on at most this many cells (a seeded subset; default: all)")
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs; 0: none")
     parser.add_argument("--no-augment", action="store_true", help="switch the augmentations off")
     parser.add_argument("--regularizer", type=float, default=0.0, metavar="LAMBDA",
@@ -311,7 +345,6 @@ def _run_train(args) -> int:
     return 0
 
 
-_COMMANDS.append(_add_train)
 
 
 
@@ -541,7 +574,8 @@ def _describe(path: str) -> dict:
     return {**describe_plate(image), "labels": has_labels}
 
 
-_COMMANDS.extend([_add_demo, _add_score, _add_info])
+# workflow order, as `gradcamo-dask --help` lists them
+_COMMANDS.extend([_add_synth, _add_segment, _add_train, _add_score, _add_report, _add_info, _add_demo])
 
 
 if __name__ == "__main__":
