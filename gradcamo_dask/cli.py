@@ -467,8 +467,8 @@ def _add_score(commands: argparse._SubParsersAction) -> None:
                         help="score treatments the bundle was not trained on (default: refuse them)")
     parser.add_argument("--classic", choices=["default", "full"], default=None,
                         help="also measure CellProfiler's 3D features (cp_measure) on the same crops and masks: "
-                        "'default' (size/shape, intensity, texture; ~0.3 s per cell on one core) or 'full' "
-                        "(+ granularity, more texture scales; ~7 s per cell)")
+                        "'default' (size/shape, intensity, texture; ~0.26 s per cell on one core) or 'full' "
+                        "(+ granularity, more texture scales; ~6.7 s per cell; benchmarks/results/bench_classic.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds other results")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_cluster_options(parser)
