@@ -3,6 +3,9 @@
 :func:`write_report` turns a profiles dataset into ``DIR/index.html``,
 ``DIR/summary.json`` and ``DIR/figures/*.png``:
 
+0. a plain-language summary first (:mod:`gradcamo_dask.profiles.report_summary`): what
+   Grad-CAMO is, a verdict with the uniform-map baseline and the model's accuracy beside
+   chance, a warning when the layer's map is too coarse to localise, what to do next;
 1. Grad-CAMO counts and summary tables (overall, by treatment, by dose, by well and
    site; layers ranked by mean Grad-CAMO when several were scored);
 2. Grad-CAMO distributions by treatment and by site (paper Fig. 5B);
