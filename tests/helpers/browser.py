@@ -40,8 +40,9 @@ def render_page(browser: str, page: Path, screenshot: Path, *, timeout: float = 
     write a full-page PNG screenshot to ``screenshot``."""
     import websocket  # websocket-client
 
-    profile = screenshot.parent / "chromium-profile"
-    profile.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=screenshot.parent))  # fresh: no stale port file
     proc = subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                              "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,1600",
                              "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
