@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "open_labels": "io.plate",
     "write_plate": "io.plate",
     "open_platemap": "io.platemap",
+    "write_labels": "io.plate",
+    "describe_labels": "io.plate",
     "synthetic_plate": "io.synthetic",
     "cell_truth": "io.synthetic",
     "population_labels": "io.synthetic",

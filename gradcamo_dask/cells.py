@@ -289,12 +289,18 @@ def cell_table(
             raise PlateLayoutError(f'plate "{plate}": wells {missing} have no row in the platemap; add them')
         table = table.merge(pm, on="well", how="left", validate="many_to_one")
     else:
+        import warnings
+
+        warnings.warn(f'plate "{plate}": no platemap, so every cell gets an empty treatment; pass platemap= (a '
+                      "CSV path or table) or open the plate with open_plate(..., platemap=...)", UserWarning,
+                      stacklevel=2)
         table["treatment"], table["dose"], table["is_control"] = "", np.nan, False
     table["is_control"] = table["is_control"].astype(bool)
     order = {w: i for i, w in enumerate(wells)}
     table = table.sort_values(["well", "site", "object_number"], key=lambda c: c.map(order) if c.name == "well" else c,
-                              kind="stable")
-    return table.reset_index(drop=True)
+                              kind="stable").reset_index(drop=True)
+    table.attrs["crop_size"] = tuple(size)  # extract_crops crops at the size the border checks used
+    return table
 
 
 # --------------------------------------------------------------------- crops
@@ -437,7 +443,7 @@ def extract_crops(
     image: xr.DataArray,
     labels: xr.DataArray,
     cells: pd.DataFrame,
-    size: CropSize = DEFAULT_SIZE,
+    size: CropSize | None = None,
 ) -> tuple[da.Array, da.Array]:
     """Lazy crops and central masks of every cell of the table, one Dask task per site.
 
@@ -451,8 +457,10 @@ def extract_crops(
         Rows with ``well, site, object_number, center_z/y/x``; the rows of one site
         must be contiguous (as :func:`cell_table` returns them). The output follows
         the table's row order.
-    size : (int or None, int or None, int or None)
-        Crop size ``(z, y, x)``, voxels; None = all z-slices (the paper's default).
+    size : (int or None, int or None, int or None), optional
+        Crop size ``(z, y, x)``, voxels; None in z = all z-slices (the paper's default).
+        Default: the size :func:`cell_table` built the table with, else (None, 128, 128);
+        a different size than the table's is refused.
 
     Returns
     -------
@@ -464,6 +472,12 @@ def extract_crops(
     if tuple(image.dims) != ("well", "site", "c", "z", "y", "x"):
         raise InputError(f"image must have dims (well, site, c, z, y, x), got {image.dims}")
     check_labels(image, labels)
+    built = cells.attrs.get("crop_size")
+    if size is None:
+        size = built if built is not None else DEFAULT_SIZE
+    elif built is not None and tuple(size) != tuple(built):
+        raise InputError(f"crop size {tuple(size)} differs from the {tuple(built)} the cell table was built with "
+                         "(its border checks used that size); pass the same size or rebuild the table")
     plate = str(image.attrs.get("plate", "plate"))
     wells = {str(w): i for i, w in enumerate(image["well"].values)}
     sites = {int(s): i for i, s in enumerate(image["site"].values)}

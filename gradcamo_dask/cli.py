@@ -12,13 +12,33 @@ from gradcamo_dask import __version__
 from gradcamo_dask.engine.gradcamo import DEFAULT_CUTOFF
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, unless its help text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default is argparse.SUPPRESS or not action.option_strings
+                or action.required):
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gradcamo-dask",
-        description="Grad-CAMO audits of deep single-cell profiles at plate scale on Dask.",
+        description="Grad-CAMO audits of deep single-cell profiles at plate scale on Dask. Workflow: synth (or your "
+        "own plate) -> segment -> train -> score -> report; info describes any store; demo runs it all.",
     )
     parser.add_argument("--version", action="version", version=f"gradcamo-dask {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add_command in _COMMANDS:
         add_command(commands)
     return parser
@@ -49,12 +69,13 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
                         "cell only, bystanders only through responding neighbours (cell_truth.csv says who is who)")
     parser.add_argument("--doses", type=float, nargs="+", default=None, metavar="UM",
                         help="doses in µM, 0 = control (default 0 0.1 0.3 1 3 10)")
-    parser.add_argument("--cell-radius", type=float, default=28.0,
-                        help="typical radius of a control cell in y and x, pixels (default 28 = 18 µm)")
     parser.add_argument("--wells-per-treatment", type=int, default=2, help="replicate wells per dose (default 2)")
     parser.add_argument("--sites", type=int, default=4, help="sites (fields) per well (default 4)")
     parser.add_argument("--site-shape", type=int, nargs=3, default=(21, 256, 256), metavar=("Z", "Y", "X"),
                         help="site size in voxels (default 21 256 256)")
+    parser.add_argument("--cell-radius", type=float, default=None, metavar="VOXELS",
+                        help="typical radius of a control cell in y and x, voxels (default: synthetic_plate's, 28 "
+                        "= 18 µm); on small sites use a smaller radius, e.g. 14 at 16 x 128 x 128, to get more cells")
     parser.add_argument("--plate", default="synthetic", help="plate name (default 'synthetic')")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is a Zarr store")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,7 +91,8 @@ def _run_synth(args: argparse.Namespace) -> int:
         plate = synthetic_plate(
             doses_um=args.doses or DEFAULT_DOSES_UM, wells_per_treatment=args.wells_per_treatment,
             sites_per_well=args.sites, site_shape=tuple(args.site_shape), seed=args.seed,
-            confounder=args.confounder, cell_radius=args.cell_radius, mosaic=args.mosaic, plate=args.plate,
+            confounder=args.confounder, mosaic=args.mosaic, plate=args.plate,
+            **({"cell_radius": args.cell_radius} if args.cell_radius is not None else {}),
         )
         write_plate(args.out, plate.image, plate.labels, platemap=plate.platemap, overwrite=args.overwrite,
                     progress=not args.quiet)
@@ -85,7 +107,6 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS.append(_add_synth)
 
 
 def _add_report(commands: argparse._SubParsersAction) -> None:
@@ -134,7 +155,6 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS.append(_add_report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,14 +181,18 @@ def _add_segment(commands) -> None:
     )
     parser.add_argument("plate", help="plate to segment (OME-Zarr HCS plate, Zarr or TIFF; see open_plate)")
     parser.add_argument("--out", required=True, help="output Zarr store for the labels (must not exist)")
-    parser.add_argument("--method", choices=["cellpose", "watershed"], default="cellpose")
+    parser.add_argument("--method", choices=["cellpose", "watershed"], default="cellpose",
+                        help="Cellpose (the paper's) or the watershed baseline, which needs no weights")
     parser.add_argument("--model", default=None, help="Cellpose weights file or model name (default: cyto3, or cpsam on Cellpose 4)")
     parser.add_argument("--nucleus-channel", default="DNA", help="name of the nucleus channel (default DNA)")
     parser.add_argument("--cytoplasm-channel", default="RNA", help="name of the cytoplasm channel (default RNA); 'none' for nucleus only")
     parser.add_argument("--diameter", type=float, default=None, help="Cellpose cell diameter in xy voxels (default: the model's)")
-    parser.add_argument("--stitch-threshold", type=float, default=0.05)
-    parser.add_argument("--flow-threshold", type=float, default=0.75)
-    parser.add_argument("--cellprob-threshold", type=float, default=0.0)
+    parser.add_argument("--stitch-threshold", type=float, default=0.05,
+                        help="Cellpose: IoU above which masks of neighbouring z-slices are joined into one cell")
+    parser.add_argument("--flow-threshold", type=float, default=0.75,
+                        help="Cellpose: largest flow error of a kept mask (higher keeps more cells)")
+    parser.add_argument("--cellprob-threshold", type=float, default=0.0,
+                        help="Cellpose: cell probability above which a pixel belongs to a cell (lower: larger cells)")
     parser.add_argument("--anisotropy", type=float, default=None, help="z step over xy pixel size (default: from the plate, else 1.71)")
     parser.add_argument("--min-size", type=int, default=30, help="smallest cell in voxels (default 30)")
     parser.add_argument("--do-3d", action="store_true", help="Cellpose 3D mode instead of per-slice 2D plus stitching")
@@ -176,7 +200,8 @@ def _add_segment(commands) -> None:
     parser.add_argument("--tile-size", type=int, default=2048, help="largest tile core in y and x, voxels; 0: never tile")
     parser.add_argument("--tile-overlap", type=int, default=128, help="context around each tile, voxels (>= largest cell diameter)")
     parser.add_argument("--allow-download", action="store_true", help="let Cellpose download a missing built-in model")
-    parser.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (default: this machine)")
+    parser.add_argument("--scheduler", default=None,
+                        help="address of a running Dask scheduler (default: none, the threads of this machine)")
     parser.set_defaults(run=_run_segment)
 
 
@@ -237,12 +262,10 @@ def _run_segment(args) -> int:
     print(f"segmenting {n_sites} site(s) of plate {labels.attrs.get('plate', args.plate)!r} with {args.method}")
     from gradcamo_dask.io.plate import write_labels
 
-    _compute_labels(write_labels(labels, args.out), args.scheduler)
+    _compute_labels(write_labels(args.out, labels, compute=False), args.scheduler)
     print(f"labels written to {args.out}")
     return 0
 
-
-_COMMANDS.append(_add_segment)
 
 def _add_train(commands) -> None:
     """``gradcamo-dask train PLATE --out BUNDLE``: train the 3D feature extractor on a plate (issue #6)."""
@@ -267,18 +290,26 @@ def _add_train(commands) -> None:
                         help="crop size: Y X (all z-slices) or Z Y X, voxels (default 128 128)")
     parser.add_argument("--input-shape", type=int, nargs=3, default=[64, 224, 224], metavar=("Z", "Y", "X"),
                         help="model input grid, voxels (default 64 224 224; e.g. 16 48 48 on a CPU)")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=50, help="most epochs (early stopping may end sooner)")
+    parser.add_argument("--batch-size", type=int, default=8, help="cells per training step (paper: 8)")
     parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--test-wells", nargs="+", default=None, metavar="WELL")
-    parser.add_argument("--test-columns", type=int, nargs="+", default=None, metavar="COLUMN")
-    parser.add_argument("--test-rows", nargs="+", default=None, metavar="ROW")
-    parser.add_argument("--train-wells", nargs="+", default=None, metavar="WELL")
-    parser.add_argument("--train-columns", type=int, nargs="+", default=None, metavar="COLUMN")
-    parser.add_argument("--train-rows", nargs="+", default=None, metavar="ROW")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--max-train-cells", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, shuffling, augmentations and weights")
+    parser.add_argument("--test-wells", nargs="+", default=None, metavar="WELL",
+                        help="held-out test wells, e.g. C02 C03 (default: each treatment's last well)")
+    parser.add_argument("--test-columns", type=int, nargs="+", default=None, metavar="COLUMN",
+                        help="held-out test columns, e.g. 3 (instead of --test-wells)")
+    parser.add_argument("--test-rows", nargs="+", default=None, metavar="ROW",
+                        help="held-out test rows, e.g. C (instead of --test-wells)")
+    parser.add_argument("--train-wells", nargs="+", default=None, metavar="WELL",
+                        help="training wells (default: every well not held out)")
+    parser.add_argument("--train-columns", type=int, nargs="+", default=None, metavar="COLUMN",
+                        help="training columns (instead of --train-wells)")
+    parser.add_argument("--train-rows", nargs="+", default=None, metavar="ROW",
+                        help="training rows (instead of --train-wells)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of training cells set aside for early stopping")
+    parser.add_argument("--max-train-cells", type=int, default=None,
+                        help="train on at most this many cells (a seeded subset; default: all)")
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs; 0: none")
     parser.add_argument("--no-augment", action="store_true", help="switch the augmentations off")
     parser.add_argument("--regularizer", type=float, default=0.0, metavar="LAMBDA",
@@ -336,7 +367,6 @@ def _run_train(args) -> int:
     return 0
 
 
-_COMMANDS.append(_add_train)
 
 
 
@@ -357,20 +387,35 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-key", default=None, help="TLS: client private key (PEM)")
 
 
-def _security(args: argparse.Namespace):
-    if not (args.tls_ca_file or args.tls_cert or args.tls_key):
-        return None
-    from distributed.security import Security
+def _tls_requested(args: argparse.Namespace) -> bool:
+    return bool(args.tls_ca_file or args.tls_cert or args.tls_key)
 
-    return Security(tls_ca_file=args.tls_ca_file, tls_client_cert=args.tls_cert, tls_client_key=args.tls_key,
-                    require_encryption=True)
+
+def _security(args: argparse.Namespace):
+    """The TLS settings of the --tls-* options (None without them); ClusterError names a missing option or file."""
+    if not _tls_requested(args):
+        return None
+    from gradcamo_dask.errors import ClusterError
+    from gradcamo_dask.jobs.tls import tls_security
+
+    if not (args.tls_ca_file and args.tls_cert):
+        raise ClusterError("TLS needs both --tls-ca-file and --tls-cert (and --tls-key unless the certificate file "
+                           "holds the key)")
+    return tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
 
 
 def _connect(args: argparse.Namespace):
+    from gradcamo_dask.errors import ClusterError
     from gradcamo_dask.jobs.cluster import connect
 
+    security = _security(args)
+    address = str(args.scheduler or "")
+    if security is not None and "://" in address and not address.startswith("tls://"):
+        raise ClusterError(f"--scheduler {address} is not a TLS address but --tls-* options require encryption; "
+                           f"use tls://{address.split('://', 1)[1]} (a scheduler started with --protocol tls) or "
+                           "drop the --tls-* options")
     return connect(args.scheduler, cluster=args.cluster, cluster_config=args.cluster_config, n_workers=args.workers,
-                   security=_security(args))
+                   security=security)
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
@@ -400,7 +445,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from gradcamo_dask.jobs.demo import format_comparison, format_summary, run_demo
     from gradcamo_dask.errors import GradcamoError
 
-    if args.cluster == "slurm" or _security(args) is not None:
+    if args.cluster == "slurm" or _tls_requested(args):
         print("gradcamo-dask demo: use --scheduler for remote clusters; the demo starts local ones only",
               file=sys.stderr)
         return 2
@@ -449,8 +494,8 @@ def _add_score(commands: argparse._SubParsersAction) -> None:
                         help="score treatments the bundle was not trained on (default: refuse them)")
     parser.add_argument("--classic", choices=["default", "full"], default=None,
                         help="also measure CellProfiler's 3D features (cp_measure) on the same crops and masks: "
-                        "'default' (size/shape, intensity, texture; ~0.3 s per cell on one core) or 'full' "
-                        "(+ granularity, more texture scales; ~7 s per cell)")
+                        "'default' (size/shape, intensity, texture; ~0.26 s per cell on one core) or 'full' "
+                        "(+ granularity, more texture scales; ~6.7 s per cell; benchmarks/results/bench_classic.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds other results")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_cluster_options(parser)
@@ -473,8 +518,10 @@ def _run_score(args: argparse.Namespace) -> int:
 
         out = normalize_output_url(args.out)  # absolute: workers do not share this working directory
         check_writable(out, client)  # every worker can write OUT, before any site work starts
-        ds = score_plate(image, labels, args.model, layers=args.layers, client=client, batch_size=args.batch_size,
-                         check_classes=not args.any_classes, plate_path=args.plate, labels_path=args.labels,
+        # absolute paths (URLs unchanged) in the provenance: the report reads the plate back from any folder
+        ds = score_plate(image, labels, normalize_output_url(args.model), layers=args.layers, client=client,
+                         batch_size=args.batch_size, check_classes=not args.any_classes,
+                         plate_path=normalize_output_url(args.plate), labels_path=normalize_output_url(args.labels),
                          classic={"measurements": args.classic} if args.classic else False)
         print(f"scoring {ds.sizes['cell']} cells of plate {ds.attrs['plate']!r} "
               f"({image.sizes['well']} wells x {image.sizes['site']} sites), layers {', '.join(ds['layer'].values)}")
@@ -534,11 +581,14 @@ def _run_info(args: argparse.Namespace) -> int:
 def _describe(path: str) -> dict:
     """A profiles store's description, else the plate's (with whether it has labels)."""
     from gradcamo_dask.errors import GradcamoError
-    from gradcamo_dask.io.plate import describe_plate, open_labels, open_plate
+    from gradcamo_dask.io.plate import describe_labels, describe_plate, open_labels, open_plate
     from gradcamo_dask.profiles.store import describe_profiles
 
     if not os.path.exists(path) and "://" not in path:
         raise FileNotFoundError(f"{path} does not exist")
+    labels_info = describe_labels(path)
+    if labels_info is not None:
+        return labels_info
     info = describe_profiles(path)
     if info is not None:
         return info
@@ -583,7 +633,9 @@ def _run_bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS.extend([_add_demo, _add_score, _add_info, _add_bench_report])
+# workflow order, as `gradcamo-dask --help` lists them
+_COMMANDS.extend([_add_synth, _add_segment, _add_train, _add_score, _add_report, _add_info, _add_demo,
+                  _add_bench_report])
 
 
 if __name__ == "__main__":

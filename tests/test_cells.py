@@ -162,7 +162,8 @@ def test_cell_table_is_one_row_per_cell_sorted_with_platemap(plate):
     assert (table.loc[table.well.isin(["B02", "C02"]), "treatment"] == "control").all()
     assert table.loc[table.well == "B03", "is_control"].eq(False).all()
     # platemap from the coords of a plate opened with one; none at all gives empty values
-    bare = cell_table(plate.labels, size=(None, 32, 32))
+    with pytest.warns(UserWarning, match="no platemap, so every cell gets an empty treatment"):
+        bare = cell_table(plate.labels, size=(None, 32, 32))
     assert (bare.treatment == "").all() and bare.dose.isna().all() and len(bare) == len(table)
 
 
@@ -292,3 +293,12 @@ def test_cupy_crops_and_boxes_match_numpy():
     np.testing.assert_array_equal(masks.get(), ref_m)
     norm = fit_normalization(ref_c)
     np.testing.assert_allclose(normalize_crops(crops, norm).get(), normalize_crops(ref_c, norm), atol=1e-5)
+
+
+def test_extract_crops_uses_the_tables_crop_size(plate):
+    table = cell_table(plate.labels, plate.platemap, size=(None, 32, 32))
+    assert table.attrs["crop_size"] == (None, 32, 32)
+    crops, masks = extract_crops(plate.image, plate.labels, table)  # no size: the table's
+    assert crops.shape[-2:] == (32, 32) and masks.shape[-2:] == (32, 32)
+    with pytest.raises(InputError, match=r"crop size \(None, 48, 48\) differs from the \(None, 32, 32\)"):
+        extract_crops(plate.image, plate.labels, table, size=(None, 48, 48))

@@ -133,3 +133,56 @@ def test_demo_code_path_trains_two_models_and_compares_them(tmp_path, scheduler)
     assert "own_cell" in text and "neighbours" in text and "uniform map" in text
     assert "compound_10uM" in format_summary(result["summary"])
     assert (tmp_path / "demo" / "comparison.csv").is_file() and (tmp_path / "demo" / "summary.csv").is_file()
+
+
+def test_tls_options_with_a_tcp_scheduler_give_a_named_error(tiny, tmp_path, capsys):
+    pem = {name: tmp_path / f"{name}.pem" for name in ("ca", "client", "client-key")}
+    for path in pem.values():
+        path.write_text("not used: the address is refused before any file is read\n")
+    base = ["score", str(tiny["plate"]), "--labels", str(tiny["plate"]), "--model", str(tiny["bundle"]),
+            "--out", str(tmp_path / "never.zarr"), "--quiet"]
+    tls = ["--tls-ca-file", str(pem["ca"]), "--tls-cert", str(pem["client"]), "--tls-key", str(pem["client-key"])]
+    assert cli.main([*base, "--scheduler", "tcp://127.0.0.1:8786", *tls]) == 1
+    err = capsys.readouterr().err
+    assert "ClusterError" in err and "not a TLS address" in err and "tls://127.0.0.1:8786" in err
+    assert "Traceback" not in err
+    assert cli.main([*base, "--scheduler", "tls://127.0.0.1:8786", "--tls-ca-file", str(tmp_path / "no.pem"),
+                     "--tls-cert", str(pem["client"])]) == 1
+    assert "--tls-ca-file" in capsys.readouterr().err and not (tmp_path / "never.zarr").exists()
+
+
+def test_help_shows_defaults_and_workflow_order():
+    import argparse
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == ["synth", "segment", "train", "score", "report", "info", "demo", "bench-report"]
+    for name, command in sub.choices.items():
+        command.format_help()  # renders without error
+        for action in command._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help text"
+            if not action.required:
+                formatted = command._get_formatter()._get_help_string(action)
+                assert "default" in formatted.lower(), f"{name} {action.option_strings[0]} shows no default"
+    train_help = sub.choices["train"].format_help()
+    train_help = train_help[train_help.index("--help"):]  # the option list, not the usage line
+    for option, default in (("--epochs", "50"), ("--batch-size", "8"), ("--seed", "0"), ("--val-fraction", "0.1")):
+        block = train_help[train_help.index(option + " "):]
+        assert f"(default: {default})" in " ".join(block.split()[:40]), option
+    assert "(default: 2048)" in " ".join(sub.choices["segment"].format_help().split())
+
+
+def test_synth_cell_radius(tmp_path, capsys):
+    from gradcamo_dask import open_labels, open_plate
+
+    small = ["synth", "--doses", "0", "--wells-per-treatment", "1", "--sites", "1", "--site-shape", "8", "96", "96",
+             "--quiet"]
+    assert cli.main([*small, str(tmp_path / "big.zarr")]) == 0
+    assert cli.main([*small, "--cell-radius", "12", str(tmp_path / "small.zarr")]) == 0
+    counts = []
+    for name in ("big.zarr", "small.zarr"):
+        image = open_plate(tmp_path / name)
+        counts.append(len(np.unique(open_labels(tmp_path / name, like=image).values)) - 1)
+    assert counts[1] > counts[0] >= 0, counts

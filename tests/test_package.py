@@ -59,3 +59,31 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
     ci = (REPO / ".ci" / "run").read_text()
     assert commands[1].strip() in ci
     assert "torch==2.13.0" in commands[0] and "torch==2.13.0" in commands[1]
+
+
+def test_api_reference_is_current_and_every_public_name_has_a_summary():
+    import runpy
+    import subprocess
+    import sys
+
+    from tests.helpers.paths import REPO
+
+    builder = runpy.run_path(str(REPO / "docs" / "build_api.py"))
+    text = builder["build"]()
+    import gradcamo_dask
+
+    public = [n for n in gradcamo_dask.__all__ if not n.startswith("__")]
+    for name in public:
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None and not row.endswith("|  |"), f"{name} has no row or no docstring summary"
+    check = subprocess.run([sys.executable, str(REPO / "docs" / "build_api.py"), "--check"], cwd=REPO,
+                           capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert check.returncode == 0, check.stderr
+
+
+def test_license_file_matches_the_metadata():
+    from tests.helpers.paths import REPO
+
+    text = (REPO / "LICENSE").read_text()
+    assert text.startswith("BSD 3-Clause License") and "gradcamo-dask developers" in text
+    assert 'license = { text = "BSD-3-Clause" }' in (REPO / "pyproject.toml").read_text()

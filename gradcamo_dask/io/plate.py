@@ -290,42 +290,6 @@ def write_plate(
                           compute=compute, progress=progress)
 
 
-def write_labels(labels: xr.DataArray, path: str | Path) -> Any:
-    """The delayed write of labels ``(well, site, z, y, x)`` as a plain-Zarr store that :func:`open_labels` reads.
-
-    The store (which must not exist) gets an int32 array ``labels`` chunked one
-    site (at most 2048 x 2048 voxels in y and x) each; the group attributes
-    (wells, sites, plate, voxel size in µm, segmentation provenance) are written
-    after the data, so an interrupted write leaves a store without them.
-
-    Returns
-    -------
-    dask.delayed.Delayed
-        Computing it writes the store and returns its path.
-    """
-    import dask
-    import zarr
-
-    n_z, n_y, n_x = (labels.sizes[d] for d in ("z", "y", "x"))
-    chunks = (1, 1, n_z, min(n_y, 2048), min(n_x, 2048))
-    group = zarr.open_group(str(path), mode="w-")
-    array = group.create_array("labels", shape=labels.shape, chunks=chunks, dtype="int32", fill_value=0)
-    stored = da.store(labels.data.rechunk(chunks), array, lock=False, compute=False)
-    attrs = {
-        "plate": str(labels.attrs.get("plate", "")),
-        "wells": [str(w) for w in labels.coords["well"].values],
-        "sites": [int(s) for s in labels.coords["site"].values],
-        "spacing_zyx_um": [float(v) for v in labels.attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0))],
-        "segmentation": labels.attrs.get("segmentation", ""),
-    }
-
-    def finish(_: Any) -> str:
-        zarr.open_group(str(path), mode="r+").attrs.update(attrs)
-        return str(path)
-
-    return dask.delayed(finish, pure=False)(stored)
-
-
 def describe_plate(image: xr.DataArray) -> dict:
     """What a plate holds: name, wells, sites, channels, site shape (voxels), spacing (µm), treatments."""
     return {
@@ -336,3 +300,88 @@ def describe_plate(image: xr.DataArray) -> dict:
         "dtype": str(image.dtype),
         "treatments": sorted({str(t) for t in image["treatment"].values}) if "treatment" in image.coords else [],
     }
+
+
+LABELS_COMPLETE = "wells"  # the group attribute write_labels writes last
+
+
+def _finish_labels(_stored: Any, path: str, attrs: dict) -> str:
+    import zarr
+
+    zarr.open_group(path, mode="r+").attrs.update(attrs)
+    return path
+
+
+def write_labels(path: PathLike, labels: xr.DataArray, *, compute: bool = True, progress: bool = False) -> Any:
+    """Write labels as a plain-Zarr store that ``open_labels(path, like=image)`` reads back.
+
+    An int32 array ``labels`` ``(well, site, z, y, x)``, one chunk per site (at most 2048 x 2048
+    in y and x), and the group attributes ``plate``, ``wells``, ``sites``, ``spacing_zyx_um`` and
+    ``segmentation`` written after the data, so an interrupted write never opens as labels.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store to create; an existing path is refused (labels are inputs: never written over).
+    labels : DataArray (well, site, z, y, x) of int
+        Lazy or in memory, e.g. from :func:`~gradcamo_dask.segment_plate`.
+    compute : bool
+        If False, create the store now and return a ``dask.delayed`` object that writes the
+        data and then the attributes (compute it with your scheduler).
+    progress : bool
+        Show a Dask progress bar (local schedulers).
+
+    Returns
+    -------
+    str or dask.delayed.Delayed
+        The store's path, or the delayed write.
+    """
+    import os
+
+    import dask
+    import zarr
+
+    from gradcamo_dask.errors import OutputStoreError
+
+    path = str(path)
+    if tuple(labels.dims) != ("well", "site", "z", "y", "x"):
+        raise LabelsError(f"labels must have dims (well, site, z, y, x), got {labels.dims}")
+    if os.path.exists(path):
+        raise OutputStoreError(f"{path} exists; choose a new path (labels are never written over)")
+    n_z, n_y, n_x = (labels.sizes[d] for d in ("z", "y", "x"))
+    chunks = (1, 1, n_z, min(n_y, 2048), min(n_x, 2048))
+    group = zarr.open_group(path, mode="w-")
+    array = group.create_array("labels", shape=labels.shape, chunks=chunks, dtype="int32", fill_value=0)
+    data = labels.data if isinstance(labels.data, da.Array) else da.from_array(np.asarray(labels.data))
+    stored = da.store(data.astype(np.int32).rechunk(chunks), array, lock=False, compute=False)
+    attrs = {"plate": str(labels.attrs.get("plate", "")), "sites": [int(s) for s in labels["site"].values],
+             "spacing_zyx_um": [float(v) for v in labels.attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0))],
+             "segmentation": labels.attrs.get("segmentation", ""),
+             LABELS_COMPLETE: [str(w) for w in labels["well"].values]}
+    done = dask.delayed(_finish_labels)(stored, path, attrs)
+    if not compute:
+        return done
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar():
+            return done.compute()
+    return done.compute()
+
+
+def describe_labels(path: PathLike) -> dict | None:
+    """What a plain-Zarr labels store holds (wells, sites, shape, whether its write finished);
+    None when ``path`` is not one (a plate, a profiles store, ...)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except (FileNotFoundError, ValueError, TypeError, zarr.errors.GroupNotFoundError):
+        return None
+    if "labels" not in group or "image" in group or "gradcamo_fingerprint" in group.attrs:
+        return None
+    attrs = dict(group.attrs)
+    shape = list(group["labels"].shape)
+    return {"kind": "labels", "plate": attrs.get("plate"), "wells": attrs.get(LABELS_COMPLETE),
+            "sites": attrs.get("sites"), "zyx": shape[-3:], "dtype": str(group["labels"].dtype),
+            "segmentation": attrs.get("segmentation") or None, "complete": LABELS_COMPLETE in attrs}

@@ -75,12 +75,14 @@ class Batches:
             x, m, r = x[perm], m[perm], r[perm.numpy()]
             last = start + self.shuffle_sites >= len(keys)
             n_full = len(r) if last else (len(r) // self.batch_size) * self.batch_size
-            for b in range(0, n_full, self.batch_size):
-                xb = x[b:b + self.batch_size]
+            starts = list(range(0, n_full, self.batch_size))
+            if last and len(starts) > 1 and n_full - starts[-1] == 1:
+                starts.pop()  # a last batch of one cell breaks batch norm in training: merge it
+            for b, e in zip(starts, starts[1:] + [n_full]):
+                xb = x[b:e]
                 if generator is not None and augmentation is not None:
                     xb = augment_batch(xb, generator, augmentation)
-                yield (xb - self.mean) / self.std, torch.from_numpy(self.labels[r[b:b + self.batch_size]]), \
-                    m[b:b + self.batch_size]
+                yield (xb - self.mean) / self.std, torch.from_numpy(self.labels[r[b:e]]), m[b:e]
             if not last and n_full < len(r):
                 carry = [(x[n_full:], m[n_full:], r[n_full:])]
 

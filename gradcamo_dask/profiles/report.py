@@ -3,6 +3,9 @@
 :func:`write_report` turns a profiles dataset into ``DIR/index.html``,
 ``DIR/summary.json`` and ``DIR/figures/*.png``:
 
+0. a plain-language summary first (:mod:`gradcamo_dask.profiles.report_summary`): what
+   Grad-CAMO is, a verdict with the uniform-map baseline and the model's accuracy beside
+   chance, a warning when the layer's map is too coarse to localise, what to do next;
 1. Grad-CAMO counts and summary tables (overall, by treatment, by dose, by well and
    site; layers ranked by mean Grad-CAMO when several were scored);
 2. Grad-CAMO distributions by treatment and by site (paper Fig. 5B);
@@ -45,6 +48,7 @@ from gradcamo_dask.profiles.qc import (
     scored_layers,
     summarize_gradcamo,
 )
+from gradcamo_dask.profiles.report_summary import details_html, plain_summary, summary_html
 from gradcamo_dask.profiles.store import open_profiles
 from gradcamo_dask.provenance import read_provenance
 
@@ -162,6 +166,24 @@ def _paths_from_provenance(prov: dict) -> tuple[Any, Any, Any]:
     return plate, labels, size
 
 
+def _crop_grid(size: Any, plate_path: Any, profiles: xr.Dataset) -> tuple[int, int, int] | None:
+    """The crop grid (z, y, x voxels): ``size`` with an open z taken from the plate's depth (metadata only),
+    else from the deepest cell's bounding box."""
+    size = list(size) if size is not None else [None, 128, 128]
+    if len(size) != 3 or size[1] is None or size[2] is None:
+        return None
+    if size[0] is None:
+        try:
+            from gradcamo_dask.io.plate import open_plate
+
+            size[0] = int(open_plate(plate_path).sizes["z"]) if plate_path else None
+        except (GradcamoError, OSError, KeyError):
+            size[0] = None
+        if size[0] is None and "bbox_z1" in profiles.coords:
+            size[0] = int(np.max(profiles["bbox_z1"].values))
+    return None if size[0] is None else (int(size[0]), int(size[1]), int(size[2]))
+
+
 def _choose_examples(scores: np.ndarray, per_bin: int) -> list[tuple[str, np.ndarray]]:
     defined = np.flatnonzero(~np.isnan(scores))
     order = defined[np.argsort(scores[defined], kind="stable")]
@@ -234,8 +256,8 @@ def _gallery_examples(profiles: xr.Dataset, layer: str, per_bin: int, channel: s
             zs = np.flatnonzero(mask.any(axis=(1, 2)))
             z = int((zs.min() + zs.max()) // 2) if zs.size else crop.shape[0] // 2
             examples.append({"image": crop[z], "cam": np.asarray(full[z]), "mask": mask[z],
-                             "caption": f"{coords['well'][i]}/s{coords['site'][i]} #{coords['object_number'][i]}  "
-                                        f"{scores[i]:.2f}"})
+                             "caption": f"{coords['well'][i]} site {coords['site'][i]}, cell "
+                                        f"{coords['object_number'][i]}\nGrad-CAMO {scores[i]:.2f}"})
         rows_out.append((f"{label} Grad-CAMO", examples))
     check = {"channel": shown, "cells": cells_shown,
              "max_score_difference": max(differences) if differences else None}
@@ -268,7 +290,7 @@ def write_report(
     Parameters
     ----------
     profiles : xarray.Dataset or path
-        Profiles, or the Zarr store holding them.
+        Profiles (one row per cell, as written by scoring), or the Zarr store holding them.
     out_dir : str or Path
         Folder to write ``index.html``, ``summary.json`` and ``figures/`` into.
     cutoff : float
@@ -296,7 +318,7 @@ def write_report(
     if not isinstance(profiles, xr.Dataset):
         profiles = open_profiles(profiles)
     if "cell" not in profiles.dims:
-        raise InputError("profiles must have a 'cell' dim")
+        raise InputError("profiles must have a 'cell' dim (one row per cell, as gradcamo-dask score writes them)")
     out = Path(out_dir)
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -344,6 +366,9 @@ def write_report(
         figures["gradcamo_by_site"] = figs.distribution_figure(
             figures_dir / "gradcamo_by_site.png", scores, sites, site_order, cutoff, f"Grad-CAMO by site ({layer})",
             "well/site")
+        prov_plate, _labels, size = _paths_from_provenance(prov)
+        summary["plain"] = plain_summary(profiles, scores, layer, prov, cutoff,
+                                         _crop_grid(size, plate or prov_plate, profiles))
     else:
         reason = NO_SCORES if not has_scores else "the profiles hold no cells"
         for part in ("gradcamo_by_treatment", "gradcamo_by_site", "gallery", "umap_filtered"):
@@ -392,7 +417,7 @@ def write_report(
                              f"used for the gallery may not be those that were scored")
             figures["gallery"] = figs.gallery_figure(
                 figures_dir / "gallery.png", rows,
-                f"Example cells ({shown}, central slice) and Grad-CAM of {layer}; yellow: the cell's mask")
+                f"Example cells: {shown} channel, middle z slice; yellow outline: the cell; right: Grad-CAM of {layer}")
         except _Missing as err:
             missing["gallery"] = str(err)
         except (GradcamoError, OSError, KeyError) as err:
@@ -428,6 +453,8 @@ def _html(summary: dict, figures: dict[str, Path], tables: dict[str, pd.DataFram
         f"treatments: {e(', '.join(map(str, summary['treatments'])))}. Reported layer: "
         f"<code>{e(str(summary.get('layer')))}</code>; cut-off {summary['cutoff']:g}.</p>",
     ]
+    if summary.get("plain"):
+        parts.append(summary_html(summary["plain"]))
     if missing:
         items = "".join(f"<li><b>{e(FIGURES.get(k, k.replace('_', ' ')))}</b>: {e(v)}</li>" for k, v in missing.items())
         parts.append(f"<div class='missing'><b>Missing parts</b><ul>{items}</ul></div>")
@@ -439,9 +466,10 @@ def _html(summary: dict, figures: dict[str, Path], tables: dict[str, pd.DataFram
             f"{counts['cutoff']:g}), {counts['n_off_target']} off target, {counts['n_undefined']} undefined (no "
             f"positive attention: counted apart, not as 0); share on target among defined scores: "
             f"{'–' if share is None or (isinstance(share, float) and math.isnan(share)) else f'{share:.1%}'}.</p>")
-    order = [("gradcamo_by_treatment", "Grad-CAMO distributions (paper Fig. 5B)"), ("gradcamo_by_site", None),
-             ("umap", "Deep features (paper Fig. 4A)"), ("gallery", "Example cells (paper Figs. 4B, 5A)"),
-             ("umap_filtered", "After Grad-CAMO filtering")]
+    order = [("gradcamo_by_treatment", "How Grad-CAMO is distributed, by treatment and by site"),
+             ("gradcamo_by_site", None), ("umap", "Map of the cells' deep profiles (UMAP)"),
+             ("gallery", "Example cells with their Grad-CAM heatmaps"),
+             ("umap_filtered", "The same map with on-target cells only")]
     for key, heading in order:
         if heading:
             parts.append(f"<h2>{e(heading)}</h2>")
@@ -457,7 +485,6 @@ def _html(summary: dict, figures: dict[str, Path], tables: dict[str, pd.DataFram
             parts.append(f"<h3>{e(name)}</h3>{_table_html(frame)}")
     if notes:
         parts.append("<h2>Notes</h2><ul class='note'>" + "".join(f"<li>{e(str(n))}</li>" for n in notes) + "</ul>")
-    parts.append("<h2>Provenance</h2><pre class='note'>" + e(json.dumps(_jsonable(summary.get("provenance")),
-                                                                        indent=2)) + "</pre>")
+    parts.append(details_html(_jsonable(summary.get("provenance"))))
     parts.append("<p class='note'>Machine-readable summary: <a href='summary.json'>summary.json</a></p></body></html>")
     return "\n".join(parts)

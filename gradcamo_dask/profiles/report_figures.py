@@ -118,13 +118,15 @@ def distribution_figure(
 
 def gallery_figure(path: Path, rows: Sequence[tuple[str, Sequence[dict]]], title: str) -> Path:
     """Example cells (paper Figs. 4B, 5A): per example the central slice of the crop with the
-    cell's outline, and the same slice under the upsampled Grad-CAM map.
+    cell's outline, and the same slice under the upsampled Grad-CAM map, scaled to its own peak
+    (display only) with one colour bar for all.
 
     ``rows``: ``(label, examples)`` with examples ``{"image": (y, x), "cam": (y, x),
     "mask": (y, x) bool, "caption": str}``.
     """
     n_cols = max((len(examples) for _, examples in rows), default=1)
-    fig = _figure(2.0 * 2 * n_cols + 0.6, 2.15 * len(rows) + 0.5)
+    fig = _figure(2.0 * 2 * n_cols + 1.4, 2.4 * len(rows) + 0.6)
+    heat = None
     axes = np.asarray(fig.subplots(len(rows), 2 * n_cols, squeeze=False))
     for r, (label, examples) in enumerate(rows):
         for c in range(n_cols):
@@ -142,14 +144,17 @@ def gallery_figure(path: Path, rows: Sequence[tuple[str, Sequence[dict]]], title
             shown = np.clip((image - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
             left.imshow(shown, cmap="gray", interpolation="nearest")
             right.imshow(shown, cmap="gray", interpolation="nearest")
-            cam = ex["cam"]
-            vmax = float(cam.max()) if cam.size and cam.max() > 0 else 1.0
-            right.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=vmax, interpolation="bilinear")
+            cam = np.asarray(ex["cam"], dtype=float)
+            peak = float(cam.max()) if cam.size and cam.max() > 0 else 1.0
+            heat = right.imshow(cam / peak, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
             for ax in (left, right):
                 if ex["mask"].any():
                     ax.contour(ex["mask"].astype(float), levels=[0.5], colors="yellow", linewidths=0.8)
-            left.set_title(ex["caption"], fontsize=7)
-            right.set_title("Grad-CAM", fontsize=7)
-        axes[r, 0].set_ylabel(label, fontsize=9)
-    fig.suptitle(title)
+            left.set_title(ex["caption"], fontsize=8)
+            right.set_title("Grad-CAM heatmap", fontsize=8)
+        axes[r, 0].set_ylabel(label, fontsize=10)
+    if heat is not None:
+        bar = fig.colorbar(heat, ax=axes.ravel().tolist(), shrink=0.6, pad=0.01)
+        bar.set_label("Grad-CAM attention (share of the cell's peak)", fontsize=9)
+    fig.suptitle(title, fontsize=11)
     return _save(fig, path)

@@ -384,6 +384,8 @@ def apply_whitening(whitening: Whitening, profiles: Any, *, variable: str | None
         ``<compartment>_<method>_<i>`` when the inputs share a CellProfiler
         compartment). Array: ``(cell, k)``.
     """
+    if isinstance(profiles, (xr.Dataset, xr.DataArray)):
+        profiles = _object_text_coords(profiles)
     if isinstance(profiles, xr.Dataset):
         var = variable or whitening.variable or "deep"
         if var not in profiles:
@@ -421,6 +423,15 @@ def apply_whitening(whitening: Whitening, profiles: Any, *, variable: str | None
         keep = [i for i in range(array.shape[1]) if f"feature_{i}" not in set(whitening.dropped_features)]
         array = array[:, keep]
     return whitening.transform_array(array)
+
+
+def _object_text_coords(data: Any) -> Any:
+    """``data`` with text coords of NumPy's ``StringDType`` (how Zarr v3 stores read back) as object
+    arrays: copying such coords crashes the interpreter under numpy 2.0."""
+    text = {k: c.values.astype(object) for k, c in data.coords.items() if c.dtype.kind == "T"}
+    if not text:
+        return data
+    return data.assign_coords({k: (data.coords[k].dims, v) for k, v in text.items()})
 
 
 def _apply_dataarray(whitening: Whitening, arr: xr.DataArray) -> xr.DataArray:

@@ -458,3 +458,30 @@ def test_plate_dataarray_rejects_wrong_rank():
         plate_dataarray(np.zeros((2, 3, 4)), wells=["A01", "A02"], channels=["DNA"])
     da_ok = plate_dataarray(np.zeros((1, 1, 1, 2, 3, 4)), wells=["a1"], channels=["DNA"], plate="P")
     assert isinstance(da_ok, xr.DataArray) and da_ok["well"].item() == "A01"
+
+
+def test_write_labels_reads_back_and_info_calls_it_finished(written, small_plate, tmp_path, capsys):
+    from gradcamo_dask import describe_labels, write_labels
+    from gradcamo_dask.cli import main
+    from gradcamo_dask.errors import OutputStoreError
+
+    image = open_plate(written)
+    labels = open_labels(written, like=image)
+    out = tmp_path / "labels.zarr"
+    assert write_labels(out, labels) == str(out)
+    back = open_labels(out, like=image)  # wells, sites and grid match the plate
+    np.testing.assert_array_equal(back.values, labels.values)
+    assert back.dtype == np.int32 and list(back["well"].values) == list(labels["well"].values)
+    with pytest.raises(OutputStoreError, match="exists"):
+        write_labels(out, labels)
+    info = describe_labels(out)
+    assert info["kind"] == "labels" and info["complete"] is True and info["wells"] == list(labels["well"].values)
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "kind: labels" in text and "complete: True" in text and "did not finish" not in text
+    # a write that never ran (store created, data and attributes not) is not finished
+    pending = write_labels(tmp_path / "pending.zarr", labels, compute=False)
+    assert describe_labels(tmp_path / "pending.zarr")["complete"] is False
+    pending.compute()
+    assert describe_labels(tmp_path / "pending.zarr")["complete"] is True
+    assert describe_labels(written) is None  # an OME-Zarr plate is not a labels store

@@ -200,3 +200,13 @@ def test_training_on_cuda_with_the_regulariser_runs_and_scores(plate, tmp_path):
     assert np.isfinite(prov["history"][0]["train_loss"])
     assert 0 <= prov["history"][0]["train_gradcamo"] <= 1
     assert 0 <= prov["test"]["gradcamo_mean"] <= 1
+
+
+def test_last_batch_of_one_cell_is_merged(plate, tmp_path):
+    """9 training cells at batch 4 would leave a batch of one, which batch norm cannot train on."""
+    out = train(plate.image, plate.labels, recipe(split={"max_train_cells": 9}, epochs=1), out=tmp_path / "one",
+                platemap=plate.platemap, progress=False)
+    cells = __import__("pandas").read_csv(out / "cells.csv")
+    assert (cells.split == "train").sum() == 9
+    history = json.loads((out / "config.json").read_text())["provenance"]["history"]
+    assert len(history) == 1 and np.isfinite(history[0]["train_loss"])

@@ -6,6 +6,7 @@ import json
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from gradcamo_dask import InputError, OutputStoreError, cell_table, synthetic_plate, write_plate
@@ -138,3 +139,87 @@ def test_open_profiles_drops_bookkeeping_and_refuses_unfinished_stores(plate_and
     store.to_zarr(tmp_path / "half.zarr", mode="w")
     with pytest.raises(OutputStoreError, match="write did not finish"):
         load_profiles(tmp_path / "half.zarr")
+
+
+def test_report_opens_with_a_plain_summary(full_report, plate_and_profiles):
+    _root, profiles = plate_and_profiles
+    text = full_report.read_text()
+    summary = json.loads((full_report.parent / "summary.json").read_text())
+    plain = summary["plain"]
+    # the summary comes first, the provenance and glossary are folded away at the end
+    assert text.index("In short") < text.index("Verdict:") < text.index("How Grad-CAMO is distributed")
+    details = text[text.index("<details"):]
+    assert "Glossary" in details and "Ledoit-Wolf" in details and "uniform baseline" in details
+    assert text.index("<details") < text.index("<pre")  # the raw provenance JSON only inside the fold
+    assert "paper Fig" not in text
+    # accuracy: predicted class name = treatment, beside chance = 1 / classes
+    classes = np.asarray([str(c) for c in profiles["class"].values])
+    expected = np.mean(classes[profiles["predicted"].values.astype(int)] ==
+                       np.asarray([str(t) for t in profiles["treatment"].values]))
+    assert plain["accuracy"]["accuracy"] == pytest.approx(expected) and plain["accuracy"]["chance"] == 0.5
+    score = profiles["gradcamo"].sel(layer=LAYERS[0]).values
+    assert plain["gradcamo_mean"] == pytest.approx(np.nanmean(score))
+    assert 0 < plain["uniform_mean"] < 1 and plain["level"] in ("good", "weak", "bad") and plain["next_steps"]
+
+
+def test_uniform_baseline_is_the_masks_share_of_the_crop(plate_and_profiles):
+    """The baseline from the cell table equals the mask's voxel share of the crop read back."""
+    from gradcamo_dask import extract_crops, open_labels, open_plate
+    from gradcamo_dask.profiles.report_summary import uniform_baseline
+
+    root, profiles = plate_and_profiles
+    image = open_plate(root / "plate.zarr")
+    labels = open_labels(root / "plate.zarr", like=image)
+    n_z = image.sizes["z"]
+    table = pd.DataFrame({c: np.asarray(profiles[c].values) for c in (
+        "well", "site", "object_number", "center_z", "center_y", "center_x")})
+    table["well"] = table["well"].astype(str)
+    _crops, masks = extract_crops(image, labels, table, SIZE)
+    share = np.asarray(masks.sum(axis=(1, 2, 3)).compute(), dtype=float) / (n_z * SIZE[1] * SIZE[2])
+    baseline = uniform_baseline(profiles, (n_z, SIZE[1], SIZE[2]))
+    fits = ((profiles["bbox_y1"] - profiles["bbox_y0"]).values <= SIZE[1]) & \
+        ((profiles["bbox_x1"] - profiles["bbox_x0"]).values <= SIZE[2])
+    assert fits.sum() > 10
+    np.testing.assert_allclose(baseline[fits], share[fits], rtol=1e-12)
+    assert np.all(np.abs(baseline - share) < 0.05)
+
+
+def test_coarse_layer_warning_and_verdict():
+    from gradcamo_dask.profiles.report_summary import can_localise, plain_summary, summary_html
+    from tests.helpers.feature_profiles import make_profiles, synthetic_cells
+
+    profiles = make_profiles(synthetic_cells())
+    scores = profiles["gradcamo"].sel(layer="_head_swish").values
+    coarse = plain_summary(profiles, scores, "_head_swish", {"layer_grids": {"_head_swish": [1, 2, 2],
+                                                                                "_blocks.10": [2, 7, 7]}},
+                           0.25, (21, 48, 48))
+    assert coarse["can_localise"] is False and coarse["level"] == "bad"
+    assert coarse["layers_that_localise"] == ["_blocks.10"] and "_blocks.10" in coarse["next_steps"][0]
+    page = summary_html(coarse)
+    assert "Warning:" in page and "1 x 2 x 2" in page and "cannot localise" in page
+    fine = plain_summary(profiles, scores, "_head_swish", {"layer_grids": {"_head_swish": [1, 4, 4]}}, 0.25,
+                         (21, 48, 48))
+    assert fine["can_localise"] is True and "Warning:" not in summary_html(fine)
+    assert can_localise([1, 3, 3]) and not can_localise([2, 3, 2]) and can_localise(None) is None
+
+
+def test_report_in_a_real_browser(full_report, tmp_path):
+    """Headless Chromium loads the report: no console errors, every image decoded; a screenshot is kept."""
+    import os
+
+    from tests.helpers.browser import find_chromium, render_page
+
+    browser = find_chromium()
+    if browser is None:
+        if os.environ.get("GRADCAMO_REQUIRE_BROWSER"):
+            pytest.fail("GRADCAMO_REQUIRE_BROWSER is set but no chromium is on PATH (apt-get install chromium)")
+        pytest.skip("no chromium on PATH: apt-get install chromium (.ci/run installs it)")
+    shot = tmp_path / "report.png"
+    page = render_page(browser, full_report, shot)
+    assert page["loaded"] and page["title"] == "Grad-CAMO report"
+    assert page["errors"] == []
+    assert len(page["images"]) == len(FIGURES)
+    for image in page["images"]:
+        assert image["complete"] and image["width"] > 100, image
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    print(f"screenshot: {shot}")

@@ -163,3 +163,30 @@ def test_constant_control_features_are_dropped_with_a_warning():
     assert w.feature_names == ["feature_0", "feature_1", "feature_3", "feature_4"]
     y = apply_whitening(w, x)
     assert y.shape == (400, 4) and np.abs(y).max() < 100
+
+
+def test_whitening_a_zarr_v3_store_with_text_coords(tmp_path):
+    """Zarr v3 stores read text coords back as NumPy StringDType; copying them used to crash Python
+    (segmentation fault), so this runs in a child process and checks it exits cleanly."""
+    import subprocess
+    import sys
+
+    from tests.helpers.paths import REPO
+
+    script = f"""
+import numpy as np, xarray as xr
+import gradcamo_dask as gd
+from tests.helpers.feature_profiles import make_profiles, synthetic_cells
+p = make_profiles(synthetic_cells())
+text = np.dtypes.StringDType()
+p = p.assign_coords({{k: (c.dims, c.values.astype(text)) for k, c in p.coords.items() if c.dtype.kind in "UO"}})
+p.to_zarr({str(tmp_path / "p.zarr")!r}, mode="w", zarr_format=3)
+stored = gd.open_profiles({str(tmp_path / "p.zarr")!r})
+assert stored["feature"].dtype.kind == "T"
+white = gd.apply_whitening(gd.fit_whitening(stored, method="ZCA"), stored)
+print("whitened", white["deep"].shape, white["treatment"].dtype)
+"""
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", script], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "whitened (120, 32) object" in run.stdout
