@@ -83,6 +83,7 @@ _EXPORTS: dict[str, str] = {
     "write_cellprofiler_csv": "profiles.cellprofiler_csv",
     "cytotable_options": "profiles.cellprofiler_csv",
     "install_duckdb_extensions": "profiles.cellprofiler_csv",
+    "label_outliers_with_gradcamo": "profiles.outliers",
     "filter_profiles": "profiles.qc",
     "flag_profiles": "profiles.qc",
     "gradcamo_counts": "profiles.qc",

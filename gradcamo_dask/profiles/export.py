@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from gradcamo_dask.cells import GEOMETRY_COLUMNS
 from gradcamo_dask.errors import InputError
 
 __all__ = ["cellprofiler_name", "cellprofiler_table", "to_cellprofiler_table"]
@@ -181,6 +182,9 @@ def cellprofiler_table(
     # the 'cell' index itself (a row number, as score_plate sets it) is not a cell-table column
     cell_coords = [c for c, v in profiles.coords.items() if v.dims == ("cell",) and c not in KEY_COLUMNS
                    and c not in ("cell", "center_x", "center_y", "center_z")]
+    # one order whatever order the store lists its coords in: the cell table's, then by name
+    rank = {c: i for i, c in enumerate(GEOMETRY_COLUMNS)}
+    cell_coords.sort(key=lambda c: (rank.get(c, len(rank)), c))
     for coord in cell_coords:
         values = np.asarray(profiles[coord].values)
         columns[f"Metadata_{coord}"] = str_values(values) if values.dtype.kind in "OUST" else values
