@@ -66,8 +66,8 @@ CYTOTABLE_JOINS = """
 def _image_columns(profiles: xr.Dataset, table: pd.DataFrame) -> list[str]:
     """Metadata of the site or well (plate, well, site, platemap columns): constant within each site."""
     per_cell = set(GEOMETRY_COLUMNS) | {"plate", "well", "site", "cell"}
-    candidates = [f"Metadata_{c}" for c, v in profiles.coords.items()
-                  if v.dims == ("cell",) and c not in per_cell and not c.startswith("center_")]
+    candidates = sorted(f"Metadata_{c}" for c, v in profiles.coords.items()
+                        if v.dims == ("cell",) and c not in per_cell and not c.startswith("center_"))
     groups = table.groupby(IMAGE_KEYS, sort=False, dropna=False)
     constant = [c for c in candidates if c in table and (groups[c].nunique(dropna=False) <= 1).all()]
     return IMAGE_KEYS + constant
