@@ -114,7 +114,8 @@ def make_plate(path: Path, n_sites: int, site_shape, cell_radius: float) -> Path
 
 
 def run_once(client, plate: Path, bundle: Path, out: Path, chunk_cells: int) -> dict:
-    from gradcamo_dask.jobs.score import score_plate, write_profiles
+    from gradcamo_dask.jobs.score import score_plate
+    from gradcamo_dask.profiles.store import write_profiles
     from gradcamo_dask.io.plate import open_labels, open_plate
 
     shutil.rmtree(out, ignore_errors=True)

@@ -377,7 +377,7 @@ def _crop_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, s
     return crop_site(image_block[0, 0], labels_block[0, 0], cells_site, size, plate=plate, well=well, site=site)
 
 
-def _site_runs(cells: pd.DataFrame) -> list[tuple[str, int, int, int]]:
+def site_runs(cells: pd.DataFrame) -> list[tuple[str, int, int, int]]:
     """``(well, site, first row, stop row)`` of each run of rows of one site; runs must not repeat."""
     wells = cells["well"].astype(str).to_numpy()
     sites = cells["site"].astype(np.int64).to_numpy()
@@ -395,6 +395,39 @@ def _site_runs(cells: pd.DataFrame) -> list[tuple[str, int, int, int]]:
         runs.append((key[0], key[1], i, j))
         i = j
     return runs
+
+
+def site_graph(image: xr.DataArray, labels: xr.DataArray, cells: pd.DataFrame, func: Any, name: str,
+               args_of: Any = lambda well, site: ()) -> tuple[HighLevelGraph, list[int]]:
+    """One Dask task per site with cells: ``func(image_block, labels_block, rows, *args_of(well, site))``.
+
+    The per-site graph that crops and scoring share. ``image`` is ``(well, site, c, z,
+    y, x)`` and ``labels`` ``(well, site, z, y, x)``; each task gets that site's blocks
+    (shapes ``(1, 1, ...)``) and its cell-table rows (``object_number, center_z,
+    center_y, center_x``). Cells must be contiguous per site (:func:`site_runs`).
+
+    Returns
+    -------
+    graph : HighLevelGraph
+        Tasks ``(name, k)`` for the k-th run of sites in cell-table order.
+    counts : list of int
+        Cells in each task, in the same order.
+    """
+    plate = str(image.attrs.get("plate", "plate"))
+    wells = {str(w): i for i, w in enumerate(image["well"].values)}
+    sites = {int(s): i for i, s in enumerate(image["site"].values)}
+    img = _per_site(image.data if isinstance(image.data, da.Array) else da.asarray(image.data), 4)
+    lab = _per_site(labels.data if isinstance(labels.data, da.Array) else da.asarray(labels.data), 3)
+    columns = ["object_number", "center_z", "center_y", "center_x"]
+    dsk, counts = {}, []
+    for k, (w, s, i, j) in enumerate(site_runs(cells)):
+        if w not in wells or s not in sites:
+            raise PlateLayoutError(f"{_where(plate, w, s)}: in the cell table but not in the image")
+        rows = cells.iloc[i:j][columns].reset_index(drop=True)
+        dsk[(name, k)] = (func, (img.name, wells[w], sites[s], 0, 0, 0, 0), (lab.name, wells[w], sites[s], 0, 0, 0),
+                          rows, *args_of(w, s))
+        counts.append(j - i)
+    return HighLevelGraph.from_collections(name, dsk, dependencies=[img, lab]), counts
 
 
 def extract_crops(
@@ -423,7 +456,7 @@ def extract_crops(
     crops : dask.array (cell, c, z, y, x) float32, chunked per site along ``cell``
     masks : dask.array (cell, z, y, x) bool, chunked the same way
     """
-    from gradcamo_dask.io.plate import check_labels
+    from gradcamo_dask.io.layout import check_labels
 
     if tuple(image.dims) != ("well", "site", "c", "z", "y", "x"):
         raise InputError(f"image must have dims (well, site, c, z, y, x), got {image.dims}")
@@ -438,31 +471,18 @@ def extract_crops(
     missing = [c for c in ("well", "site", "object_number", "center_z", "center_y", "center_x") if c not in cells]
     if missing:
         raise InputError(f"the cell table lacks columns {missing}; make it with cell_table()")
-    runs = _site_runs(cells)
-    for w, s, _, _ in runs:
-        if w not in wells or s not in sites:
-            raise PlateLayoutError(f'{_where(plate, w, s)}: in the cell table but not in the image')
-    img = _per_site(image.data if isinstance(image.data, da.Array) else da.asarray(image.data), 4)
-    lab = _per_site(labels.data if isinstance(labels.data, da.Array) else da.asarray(labels.data), 3)
-    meta_mod = array_module(img._meta)
-    if not runs:
+    meta_mod = array_module(image.data._meta if isinstance(image.data, da.Array) else image.data)
+    if not len(cells):
         return (da.zeros((0, n_c, dz, dy, dx), dtype=np.float32, chunks=-1),
                 da.zeros((0, dz, dy, dx), dtype=bool, chunks=-1))
-    token = tokenize(img.name, lab.name, cells[["well", "site", "object_number", "center_z", "center_y",
-                                                "center_x"]].to_numpy().tolist(), tuple(size))
+    token = tokenize(image.data.name if isinstance(image.data, da.Array) else image.data,
+                     labels.data.name if isinstance(labels.data, da.Array) else labels.data,
+                     cells[["well", "site", "object_number", "center_z", "center_y", "center_x"]].to_numpy().tolist(),
+                     tuple(size))
     pair, crops_name, masks_name = f"crop-site-{token}", f"crops-{token}", f"masks-{token}"
-    pair_dsk, crops_dsk, masks_dsk = {}, {}, {}
-    counts = []
-    columns = ["object_number", "center_z", "center_y", "center_x"]
-    for k, (w, s, i, j) in enumerate(runs):
-        wi, si = wells[w], sites[s]
-        rows = cells.iloc[i:j][columns].reset_index(drop=True)
-        pair_dsk[(pair, k)] = (_crop_block, (img.name, wi, si, 0, 0, 0, 0), (lab.name, wi, si, 0, 0, 0), rows,
-                               tuple(size), plate, w, s)
-        crops_dsk[(crops_name, k, 0, 0, 0, 0)] = (operator.getitem, (pair, k), 0)
-        masks_dsk[(masks_name, k, 0, 0, 0)] = (operator.getitem, (pair, k), 1)
-        counts.append(j - i)
-    base = HighLevelGraph.from_collections(pair, pair_dsk, dependencies=[img, lab])
+    base, counts = site_graph(image, labels, cells, _crop_block, pair, lambda w, s: (tuple(size), plate, w, s))
+    crops_dsk = {(crops_name, k, 0, 0, 0, 0): (operator.getitem, (pair, k), 0) for k in range(len(counts))}
+    masks_dsk = {(masks_name, k, 0, 0, 0): (operator.getitem, (pair, k), 1) for k in range(len(counts))}
     outputs = []
     for name, dsk, tail, dtype in ((crops_name, crops_dsk, (n_c, dz, dy, dx), np.float32),
                                    (masks_name, masks_dsk, (dz, dy, dx), bool)):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 
 from gradcamo_dask import __version__
+from gradcamo_dask.engine.gradcamo import DEFAULT_CUTOFF
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +56,7 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
 
 def _run_synth(args: argparse.Namespace) -> int:
     from gradcamo_dask.errors import GradcamoError
-    from gradcamo_dask.io.plate import describe, write_plate
+    from gradcamo_dask.io.plate import describe_plate, write_plate
     from gradcamo_dask.io.synthetic import DEFAULT_DOSES_UM, synthetic_plate
 
     try:
@@ -67,7 +70,8 @@ def _run_synth(args: argparse.Namespace) -> int:
     except GradcamoError as err:
         print(f"gradcamo-dask synth: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: {describe(plate.image)}")
+    summary = {k: v for k, v in describe_plate(plate.image).items() if k not in ("kind", "treatments")}
+    print(f"wrote {args.out}: {json.dumps(summary)}")
     print(f"platemap: {args.out}/platemap.csv; labels: <well>/<field>/labels/cells")
     return 0
 
@@ -87,7 +91,7 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("profiles", metavar="PROFILES", help="profiles Zarr store (as written by score)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the report into")
-    parser.add_argument("--cutoff", type=float, default=0.25, help="Grad-CAMO cut-off for 'on target' (default 0.25)")
+    parser.add_argument("--cutoff", type=float, default=DEFAULT_CUTOFF, help="Grad-CAMO cut-off for 'on target' (default %(default)s)")
     parser.add_argument("--layer", default=None, help="scored layer to report (default: the first)")
     parser.add_argument("--whitening", default="ZCA", choices=["ZCA", "PCA", "ZCA-cor", "PCA-cor"],
                         help="whitening fit on control cells before UMAP (default ZCA)")
@@ -456,8 +460,9 @@ def _add_score(commands: argparse._SubParsersAction) -> None:
 
 def _run_score(args: argparse.Namespace) -> int:
     from gradcamo_dask.errors import GradcamoError
-    from gradcamo_dask.engine.gradcamo import gradcamo_summary
-    from gradcamo_dask.jobs.score import score_plate, write_profiles
+    from gradcamo_dask.profiles.qc import summarize_gradcamo
+    from gradcamo_dask.jobs.score import score_plate
+    from gradcamo_dask.profiles.store import write_profiles
     from gradcamo_dask.io.plate import open_labels, open_plate
 
     client = None
@@ -488,10 +493,9 @@ def _run_score(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {report['n_cells']} cells in {report['chunks']} chunks "
           f"({report['written']} written now, {report['skipped']} already done) in {report['seconds']:.1f} s")
     if report["n_cells"]:
-        import xarray as xr
+        from gradcamo_dask.profiles.store import open_profiles
 
-        summary = gradcamo_summary(xr.open_zarr(out, consolidated=False)[["gradcamo"]].to_dataframe()
-                                   .reset_index(), by=["layer"])
+        summary = summarize_gradcamo(open_profiles(out))
         print(summary.to_string(index=False))
     return 0
 
@@ -512,10 +516,9 @@ def _run_info(args: argparse.Namespace) -> int:
     import json
 
     from gradcamo_dask.errors import GradcamoError
-    from gradcamo_dask.jobs.score import describe_store
 
     try:
-        info = describe_store(args.store)
+        info = _describe(args.store)
     except (GradcamoError, FileNotFoundError) as err:
         print(f"gradcamo-dask info: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
@@ -527,6 +530,26 @@ def _run_info(args: argparse.Namespace) -> int:
             value = f"{value[:12]} ... ({len(value)})"
         print(f"{key}: {value}")
     return 0
+
+
+def _describe(path: str) -> dict:
+    """A profiles store's description, else the plate's (with whether it has labels)."""
+    from gradcamo_dask.errors import GradcamoError
+    from gradcamo_dask.io.plate import describe_plate, open_labels, open_plate
+    from gradcamo_dask.profiles.store import describe_profiles
+
+    if not os.path.exists(path) and "://" not in path:
+        raise FileNotFoundError(f"{path} does not exist")
+    info = describe_profiles(path)
+    if info is not None:
+        return info
+    image = open_plate(path)
+    try:
+        open_labels(path, like=image)
+        has_labels = True
+    except GradcamoError:
+        has_labels = False
+    return {**describe_plate(image), "labels": has_labels}
 
 
 _COMMANDS.extend([_add_demo, _add_score, _add_info])

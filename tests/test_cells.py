@@ -26,7 +26,7 @@ from gradcamo_dask import (
     synthetic_plate,
 )
 from gradcamo_dask.cells import GEOMETRY_COLUMNS, _boxes_scatter, crop_windows
-from gradcamo_dask.io.plate import plate_dataarray
+from gradcamo_dask.io.layout import plate_dataarray
 
 
 def _two_cells():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gradcamo_dask import cli
-from gradcamo_dask.jobs.score import open_profiles
+from gradcamo_dask.profiles.store import open_profiles
 from tests.helpers.plate_fixtures import make_bundle, make_plate
 
 

@@ -25,10 +25,13 @@ import numpy as np
 from gradcamo_dask.arrays import array_namespace
 from gradcamo_dask.errors import InputError
 
+#: Grad-CAMO at or above which a profile counts as on target (the paper's cut-off).
+DEFAULT_CUTOFF = 0.25
+
 __all__ = [
+    "DEFAULT_CUTOFF",
     "gradcamo_lowres",
     "gradcamo_score",
-    "gradcamo_summary",
     "interpolation_matrix",
     "upsample_cam",
 ]
@@ -219,67 +222,3 @@ def upsample_cam(cam: Any, shape: Sequence[int]) -> Any:
     g = xp.permute_dims(g, (*range(lead), lead + 1, lead + 2, lead))  # (..., X, Y, z)
     g = xp.matmul(g, xp.permute_dims(_matrix(xp, g, z, Z), (1, 0)))  # (..., X, Y, Z)
     return xp.permute_dims(g, (*range(lead), lead + 2, lead + 1, lead))
-
-
-def gradcamo_summary(table: Any, by: str | Sequence[str] | None = None, cutoff: float = 0.25,
-                     column: str = "gradcamo") -> Any:
-    """Grad-CAMO per group: n, mean, sd, share_on_target, n_undefined.
-
-    Parameters
-    ----------
-    table : pandas.DataFrame or xarray.Dataset
-        One row per cell with a ``column`` of scores. A profiles Dataset with
-        ``gradcamo (cell, layer)`` is summarised per layer (``layer`` is added to
-        ``by``).
-    by : str or list of str, optional
-        Grouping columns (e.g. ``"treatment"``); ``None`` summarises all cells.
-    cutoff : float
-        Scores ``>= cutoff`` count as on target (paper: 0.25).
-    column : str
-        Score column.
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per group: ``n`` (cells), ``mean`` and ``sd`` (sample standard
-        deviation) of the defined scores, ``share_on_target`` (among defined
-        scores; NaN when none is defined) and ``n_undefined`` (NaN scores, i.e.
-        all-zero maps). Undefined scores are counted, never treated as 0.
-    """
-    import pandas as pd
-
-    by = [] if by is None else [by] if isinstance(by, str) else list(by)
-    if not isinstance(table, pd.DataFrame):  # an xarray Dataset of profiles
-        data = table[column]
-        frame = data.to_dataframe(name=column).reset_index()
-        if "layer" in data.dims and "layer" not in by:
-            by = ["layer", *by]
-        table = frame
-    missing = [c for c in [column, *by] if c not in table.columns]
-    if missing:
-        raise InputError(f"table has no column(s) {missing}; it has {list(table.columns)}")
-    scores = table[column].astype("float64")
-    frame = pd.DataFrame({column: scores, "_on": scores >= cutoff, "_def": scores.notna()})
-    for c in by:
-        frame[c] = table[c].to_numpy()
-
-    def summarise(group: pd.DataFrame) -> dict:
-        defined = group[column].dropna()
-        n_def = len(defined)
-        return {
-            "n": len(group),
-            "mean": float(defined.mean()) if n_def else float("nan"),
-            "sd": float(defined.std(ddof=1)) if n_def > 1 else float("nan"),
-            "share_on_target": float(group["_on"].sum()) / n_def if n_def else float("nan"),
-            "n_undefined": len(group) - n_def,
-        }
-
-    if by:
-        rows = []
-        for key, group in frame.groupby(by, sort=True, dropna=False):
-            key = key if isinstance(key, tuple) else (key,)
-            rows.append({**dict(zip(by, key)), **summarise(group)})
-    else:
-        rows = [summarise(frame)]
-    out = pd.DataFrame(rows, columns=[*by, "n", "mean", "sd", "share_on_target", "n_undefined"])
-    return out.astype({"n": "int64", "n_undefined": "int64"})

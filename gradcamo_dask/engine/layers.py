@@ -15,7 +15,7 @@ from torch import nn
 
 from gradcamo_dask.errors import InputError
 
-__all__ = ["default_layer", "find_layer", "first_conv_channels", "layer_grids", "trace_layers"]
+__all__ = ["default_layer", "find_layer", "first_conv_channels", "layer_grids", "probe_layers", "trace_layers"]
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -94,7 +94,7 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
-def _probe(model: nn.Module, shape: tuple[int, int, int]) -> list:
+def probe_layers(model: nn.Module, shape: tuple[int, int, int]) -> list:
     """:func:`trace_layers` for one cell at ``shape``: on a ``meta`` copy, or on zeros."""
     channels = first_conv_channels(model)
     if channels is None:
@@ -124,7 +124,7 @@ def layer_grids(model: nn.Module, input_shape: Sequence[int] | None = None) -> d
     input_shape : (int, int, int), optional
         Model input grid; defaults to ``model.input_shape``.
     """
-    trace = _probe(model, _input_shape_of(model, input_shape))
+    trace = probe_layers(model, _input_shape_of(model, input_shape))
     return {name: tuple(out[2:]) for name, _m, calls, out in trace if calls == 1 and len(out) == 5}
 
 
@@ -150,7 +150,7 @@ def default_layer(model: nn.Module, input_shape: Sequence[int] | None = None) ->
     name = getattr(model, "default_cam_layer", None)
     if name:
         return str(name)
-    trace = _probe(model, _input_shape_of(model, input_shape))
+    trace = probe_layers(model, _input_shape_of(model, input_shape))
     candidates = [
         n for n, module, calls, out in trace
         if calls == 1 and len(out) == 5 and not list(module.children()) and not isinstance(module, _NOT_ACTIVATIONS)

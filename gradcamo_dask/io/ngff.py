@@ -40,8 +40,8 @@ import xarray as xr
 from dask.base import tokenize
 
 from gradcamo_dask.errors import InputError, LabelsError, MetadataError, OutputStoreError, PlateLayoutError
-from gradcamo_dask.io.plate import czyx_shape, lazy_sites, plate_dataarray, to_czyx
-from gradcamo_dask.io.platemap import PLATEMAP_FILE, _row_order, split_well, well_name
+from gradcamo_dask.io.layout import czyx_shape, lazy_sites, plate_dataarray, to_czyx
+from gradcamo_dask.io.platemap import PLATEMAP_FILE, row_order, split_well, well_name
 
 _UNITS_UM = {
     None: 1.0, "micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "nanometer": 1e-3, "nm": 1e-3,
@@ -232,7 +232,7 @@ def _walk_plate(group: Any, where: str, plate: str | None) -> tuple[str, dict[st
                 raise MetadataError(f'{wmeta.file}: key "{wmeta.prefix}well.images[{j}].path" names field {ipath!r}, '
                                     f'which does not exist (plate "{name}", well "{wname}", site {j})') from None
         wells[wname] = fields
-        order.append((_row_order(parts[0].upper()), int(parts[1]), wname))
+        order.append((row_order(parts[0].upper()), int(parts[1]), wname))
     return name, {w: wells[w] for *_, w in sorted(order)}
 
 
@@ -405,7 +405,7 @@ def write_hcs(
         lab = labels.data if isinstance(labels.data, da.Array) else da.asarray(labels.data)
         lab = lab.astype(np.int32)
     sources, targets = [], []
-    rows = sorted({split_well(w)[0] for w in wells}, key=_row_order)
+    rows = sorted({split_well(w)[0] for w in wells}, key=row_order)
     columns = sorted({split_well(w)[1] for w in wells})
     plate_wells = []
     for wi, w in enumerate(wells):

@@ -51,13 +51,14 @@ def normalize_well(name: str) -> str:
     return well_name(*split_well(name))
 
 
-def _row_order(row: str) -> tuple[int, str]:
-    return (len(row), row)  # A..Z before AA..AF, as on a 1536-well plate
+def row_order(row: str) -> tuple[int, str]:
+    """Sort key of a plate row name: A..Z before AA..AF, as on a 1536-well plate."""
+    return (len(row), row)
 
 
 def plate_order(wells: Sequence[str]) -> list[str]:
     """Wells sorted row by row, then by column number (plate reading order)."""
-    return sorted(wells, key=lambda w: (_row_order(split_well(w)[0]), split_well(w)[1]))
+    return sorted(wells, key=lambda w: (row_order(split_well(w)[0]), split_well(w)[1]))
 
 
 

@@ -29,7 +29,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from gradcamo_dask.errors import InputError
-from gradcamo_dask.io.plate import plate_dataarray
+from gradcamo_dask.io.layout import plate_dataarray
 from gradcamo_dask.io.platemap import attach_platemap, well_name
 from gradcamo_dask.io.synthetic_site import CHANNELS, render_site, site_geometry
 

@@ -19,7 +19,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from gradcamo_dask.errors import MetadataError, PlateLayoutError
-from gradcamo_dask.io.plate import czyx_shape, lazy_sites, plate_dataarray, to_czyx
+from gradcamo_dask.io.layout import czyx_shape, lazy_sites, plate_dataarray, to_czyx
 from gradcamo_dask.io.platemap import PathLike, normalize_well, plate_order
 
 _TIFF_NAME_RE = re.compile(r"^(?P<well>[A-Za-z]{1,2}\d{1,3})_s(?P<site>\d+)(?P<labels>_labels)?\.tiff?$", re.I)

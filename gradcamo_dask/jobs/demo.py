@@ -77,8 +77,9 @@ def run_demo(
     """
     from gradcamo_dask.engine.bundles import load_bundle
     from gradcamo_dask.jobs.cluster import connect
-    from gradcamo_dask.engine.gradcamo import gradcamo_summary
-    from gradcamo_dask.jobs.score import open_profiles, score_plate, write_profiles
+    from gradcamo_dask.profiles.qc import summarize_gradcamo
+    from gradcamo_dask.jobs.score import score_plate
+    from gradcamo_dask.profiles.store import open_profiles, write_profiles
     from gradcamo_dask.io.plate import open_labels, open_plate, write_plate
     from gradcamo_dask.io.synthetic import synthetic_plate
 
@@ -141,7 +142,7 @@ def run_demo(
     timings["score"] = time.perf_counter() - t2
     profiles = open_profiles(out / "profiles.zarr")
     frame = profiles[["gradcamo"]].to_dataframe().reset_index()
-    summary = gradcamo_summary(frame, by=["layer", "treatment", "site"])
+    summary = summarize_gradcamo(frame, by=["layer", "treatment", "site"])
     summary.to_csv(out / "summary.csv", index=False)
     accuracy = float((profiles["predicted"].values == np.asarray(
         [list(map(str, profiles["class"].values)).index(str(t)) for t in profiles["treatment"].values])).mean()) \

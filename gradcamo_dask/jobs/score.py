@@ -17,23 +17,21 @@ take the model from a per-process cache (:func:`cached_bundle`), filled once per
 worker by :class:`ModelCache` (a ``distributed.WorkerPlugin``) or lazily on first
 use (in-process schedulers).
 
-:func:`write_profiles` writes the Dataset to Zarr resumably: see its docstring.
+:func:`~gradcamo_dask.profiles.store.write_profiles` writes the Dataset to Zarr resumably.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import operator
-import os
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -42,26 +40,18 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.arrays import to_numpy
-from gradcamo_dask.errors import BundleMismatchError, InputError, LabelsError, OutputStoreError
+from gradcamo_dask.errors import BundleMismatchError, InputError, LabelsError
+from gradcamo_dask.provenance import package_versions
 
 __all__ = [
     "ModelCache",
     "cached_bundle",
-    "done_sites",
-    "profiles_fingerprint",
     "score_plate",
     "score_site",
-    "write_profiles",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Zarr attribute names of a profiles store.
-FINGERPRINT_ATTR = "gradcamo_fingerprint"
-COMPLETE_ATTR = "gradcamo_complete"
-CHUNK_ATTR = "gradcamo_chunk_cells"
-DONE_ARRAY = "_gradcamo/done_chunks"  # in a subgroup: xarray.open_zarr(store) shows the profiles only
-DEFAULT_CHUNK_CELLS = 512
 
 # ------------------------------------------------------------------ model cache
 
@@ -167,10 +157,6 @@ def share_cuda_memory() -> bool:
 # ------------------------------------------------------------------ one site
 
 
-#: Counts calls of :func:`score_site` in this process (tests use it to prove skipped sites).
-SITE_CALLS = {"n": 0}
-
-
 def score_site(
     image_site: Any,
     labels_site: Any,
@@ -205,7 +191,6 @@ def score_site(
 
     import torch
 
-    SITE_CALLS["n"] += 1
     device = spec.get("device") or _worker_device()
     # Denormal activations make CPU convolutions up to 10x slower and change nothing a score can see.
     torch.set_flush_denormal(True)
@@ -269,27 +254,11 @@ def _score_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, 
 # ------------------------------------------------------------------ the plate
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("gradcamo-dask", "torch", "dask", "distributed", "xarray", "zarr", "numpy", "monai"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    if "gradcamo-dask" not in out:
-        from gradcamo_dask import __version__
-
-        out["gradcamo-dask"] = __version__
-    return out
-
-
 def _layer_shapes(model: Any, input_shape: Sequence[int], layers: list[str]) -> dict[str, tuple[int, tuple]]:
     """``{layer: (channels, (z, y, x))}`` from one forward pass on PyTorch's meta device."""
-    from gradcamo_dask.engine.layers import _probe
+    from gradcamo_dask.engine.layers import probe_layers
 
-    trace = {name: out for name, _m, calls, out in _probe(model, tuple(input_shape)) if calls == 1 and len(out) == 5}
+    trace = {name: out for name, _m, calls, out in probe_layers(model, tuple(input_shape)) if calls == 1 and len(out) == 5}
     unknown = [name for name in layers if name not in trace]
     if unknown:
         raise InputError(f"layers {unknown} are not spatial layers of the model that run once; choose among "
@@ -388,8 +357,8 @@ def score_plate(
         Labels missing for a site, on another grid, not integers.
     """
     from gradcamo_dask.engine.bundles import Bundle
-    from gradcamo_dask.cells import _per_site, cell_table
-    from gradcamo_dask.io.plate import check_labels
+    from gradcamo_dask.cells import cell_table, site_graph
+    from gradcamo_dask.io.layout import check_labels
 
     if tuple(image.dims) != ("well", "site", "c", "z", "y", "x"):
         raise InputError(f"image must have dims (well, site, c, z, y, x), got {image.dims}")
@@ -425,7 +394,7 @@ def score_plate(
                                               texture_scales=options.get("texture_scales"),
                                               granularity_length=options.get("granularity_length", 16))
 
-    with (client.as_current() if client is not None else _null()):
+    with (client.as_current() if client is not None else contextlib.nullcontext()):
         if cells is None:
             if platemap is None:
                 from gradcamo_dask.io.platemap import platemap_of
@@ -441,10 +410,11 @@ def score_plate(
     if client is not None:
         client.register_plugin(_as_worker_plugin(ModelCache(bundle_path, loaded.hash)))
 
-    wells = {str(w): i for i, w in enumerate(image["well"].values)}
-    sites = {int(s): i for i, s in enumerate(image["site"].values)}
-    img = _per_site(image.data if isinstance(image.data, da.Array) else da.asarray(image.data), 4)
-    lab = _per_site(labels.data if isinstance(labels.data, da.Array) else da.asarray(labels.data), 3)
+    wells = [str(w) for w in image["well"].values]
+    sites = [int(s) for s in image["site"].values]
+    img, lab = image.data, labels.data
+    img = img if isinstance(img, da.Array) else da.asarray(img)
+    lab = lab if isinstance(lab, da.Array) else da.asarray(lab)
     parameters = {"layers": layers, "target": target if isinstance(target, (str, int)) else "per-cell",
                   "batch_size": int(batch_size), "crop_size": list(crop_size), "input_shape": list(cfg.input_shape),
                   "normalization": cfg.normalization, "check_classes": bool(check_classes),
@@ -469,28 +439,15 @@ def score_plate(
     if classic_spec is not None:
         variables["classic"] = (("classic_feature",), (len(classic_names),), np.float32)
 
-    from gradcamo_dask.cells import _site_runs
-
-    runs = _site_runs(cells) if n_cells else []
     token = tokenize(img.name, lab.name, _site_key(cells), loaded.hash, json.dumps(parameters, default=str), device)
     site_name = f"score-site-{token}"
-    site_dsk: dict = {}
-    counts = []
-    columns = ["object_number", "center_z", "center_y", "center_x"]
-    for k, (w, s, i, j) in enumerate(runs):
-        if w not in wells or s not in sites:
-            raise LabelsError(f'plate "{plate}" well "{w}" site {s}: in the cell table but not in the image')
-        rows = cells.iloc[i:j][columns].reset_index(drop=True)
-        spec = {**spec_common, "well": w, "site": s}
-        site_dsk[(site_name, k)] = (_score_block, (img.name, wells[w], sites[s], 0, 0, 0, 0),
-                                    (lab.name, wells[w], sites[s], 0, 0, 0), rows, spec)
-        counts.append(j - i)
-    base = HighLevelGraph.from_collections(site_name, site_dsk, dependencies=[img, lab])
+    base, counts = site_graph(image, labels, cells, _score_block, site_name,
+                              lambda w, s: ({**spec_common, "well": w, "site": s},))
     data_vars = {}
     for var, (dims, tail, dtype) in variables.items():
-        if runs:
+        if counts:
             name = f"{var.replace('_', '-')}-{token}"
-            dsk = {(name, k, *([0] * len(tail))): (operator.getitem, (site_name, k), var) for k in range(len(runs))}
+            dsk = {(name, k, *([0] * len(tail))): (operator.getitem, (site_name, k), var) for k in range(len(counts))}
             graph = HighLevelGraph({**base.layers, name: dsk}, {**base.dependencies, name: {site_name}})
             array = da.Array(graph, name, chunks=(tuple(counts), *((n,) for n in tail)), dtype=dtype,
                              meta=np.empty((0,) * (1 + len(tail)), dtype=dtype))
@@ -518,319 +475,10 @@ def score_plate(
         "plate": plate, "plate_path": str(plate_path or image.encoding.get("source", image.attrs.get("source", ""))),
         "labels_path": str(labels_path or labels.encoding.get("source", labels.attrs.get("source", ""))),
         "wells": list(wells), "sites": list(sites), "n_cells": n_cells, "cells_sha256": _site_key(cells),
-        "parameters": parameters, "versions": _versions(),
+        "parameters": parameters, "versions": package_versions(),
     }
     ds.attrs["plate"] = plate
     ds.attrs["provenance"] = json.dumps(provenance, default=str)
     return ds
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
-
-
-# ------------------------------------------------------------------ resumable writes
-
-
-def profiles_fingerprint(ds: xr.Dataset) -> str:
-    """What makes two runs the same run: plate, wells, sites, cells, bundle hash, layers, parameters."""
-    prov = json.loads(ds.attrs.get("provenance", "{}"))
-    keep = {k: prov.get(k) for k in ("plate", "wells", "sites", "n_cells", "cells_sha256", "bundle_hash", "layers",
-                                     "parameters")}
-    return "sha256:" + hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _chunk_bounds(n_cells: int, chunk_cells: int) -> list[tuple[int, int]]:
-    return [(a, min(a + chunk_cells, n_cells)) for a in range(0, n_cells, chunk_cells)]
-
-
-def _open_group(path: Any, mode: str) -> Any:
-    import zarr
-
-    return zarr.open_group(str(path) if isinstance(path, Path) else path, mode=mode)
-
-
-def _existing(path: Any) -> Any:
-    """The Zarr group at ``path``, or None when nothing is there."""
-    import zarr
-
-    try:
-        return _open_group(path, "r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return None
-    except Exception:  # noqa: BLE001 - an array or foreign files: treat as "something is there"
-        return False
-
-
-def _write_chunk(path: str, index: int, start: int, stop: int, names: list[str], parts: list[list],
-                 cuts: list[list[tuple[int, int]]]) -> int:
-    """Write cells ``[start, stop)`` of every data variable, then mark chunk ``index`` done.
-
-    ``parts[v]`` are the site blocks of variable ``v`` that overlap the chunk and
-    ``cuts[v]`` the rows of each block that fall in it. Exactly one task writes
-    each Zarr chunk, so concurrent tasks never touch the same chunk; the done
-    marker is its own chunk of size 1. Re-running this task (a lost worker)
-    rewrites the same bytes.
-    """
-    group = _open_group(path, "r+")
-    for name, blocks, rows in zip(names, parts, cuts):
-        pieces = [np.asarray(block)[a:b] for block, (a, b) in zip(blocks, rows)]
-        group[name][start:stop] = np.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0]
-    group[DONE_ARRAY][index] = 1
-    return stop - start
-
-
-def _write_graph(ds: xr.Dataset, path: str, bounds: list[tuple[int, int]], todo: list[int], names: list[str],
-                 token: str) -> list:
-    """Delayed write tasks that depend directly on the site blocks they need.
-
-    Built by hand rather than with ``dask.delayed(f)(array[a:b])``: delayed
-    finalises each array argument with its own optimisation, which fuses the
-    site task into every variable's chain and runs it once per variable.
-    """
-    from dask.delayed import Delayed
-    from dask.optimization import cull
-
-    arrays = [ds[name].data for name in names]
-    graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays])) if arrays else {}
-    offsets = [np.concatenate([[0], np.cumsum(a.chunks[0])]).astype(int) for a in arrays]
-    keys = []
-    for i in todo:
-        start, stop = bounds[i]
-        parts, cuts = [], []
-        for array, off in zip(arrays, offsets):
-            tail = (0,) * (array.ndim - 1)
-            blocks = [b for b in range(len(array.chunks[0])) if off[b] < stop and off[b + 1] > start]
-            parts.append([(array.name, b, *tail) for b in blocks])
-            cuts.append([(max(start, off[b]) - off[b], min(stop, off[b + 1]) - off[b]) for b in blocks])
-        key = f"write-profiles-{token}-{i}"
-        graph[key] = (_write_chunk, path, i, start, stop, names, parts, cuts)
-        keys.append(key)
-    culled, _ = cull(graph, keys)
-    return [Delayed(key, culled) for key in keys]
-
-
-def write_profiles(
-    ds: xr.Dataset,
-    path: Any,
-    *,
-    overwrite: bool = False,
-    client: Any = None,
-    chunk_cells: int = DEFAULT_CHUNK_CELLS,
-    progress: bool = False,
-    check: bool = True,
-) -> dict:
-    """Write profiles to Zarr, resumably; ``xarray.open_zarr(path)`` reads them back.
-
-    Plan: the template (coords, attrs, empty data arrays chunked ``chunk_cells``
-    along ``cell``) is written first; then one write task per Zarr cell-chunk,
-    depending on the site tasks whose cells it holds, writes that chunk of every
-    variable and marks its own element of the ``_done_chunks`` array (chunk size
-    1, so markers never race). A rerun on a store with the same fingerprint
-    (plate, cells, bundle hash, layers, parameters) skips done chunks, and the
-    site tasks only they needed are never run. ``gradcamo_complete`` becomes true
-    when every chunk is done; until then the store does not look complete.
-
-    Parameters
-    ----------
-    ds : Dataset
-        From :func:`score_plate`.
-    path : str, Path or fsspec URL
-        The Zarr store to create or resume.
-    overwrite : bool
-        Replace a store that holds another plate's, bundle's or parameters' results
-        (or anything that is not a profiles store).
-    client : distributed.Client, optional
-        Run on this client (default: the current Dask scheduler).
-    chunk_cells : int
-        Cells per Zarr chunk (and per resumable write task).
-    progress : bool
-        Show a progress bar.
-    check : bool
-        First prove that every worker can write ``path``
-        (:func:`~gradcamo_dask.io.storage.check_writable`); False when the caller
-        already did, before scoring.
-
-    Returns
-    -------
-    dict
-        ``n_cells``, ``chunks``, ``written`` (chunks written now), ``skipped``
-        (chunks already done), ``seconds``.
-
-    Raises
-    ------
-    OutputStoreError
-        ``path`` holds something else and ``overwrite`` is False.
-    """
-    started = time.perf_counter()
-    if chunk_cells < 1:
-        raise InputError(f"chunk_cells must be >= 1, got {chunk_cells}")
-    from gradcamo_dask.io.storage import check_writable, normalize_output_url
-
-    path = normalize_output_url(path)  # absolute; file:// URLs become the local path they name
-    fingerprint = profiles_fingerprint(ds)
-    n_cells = int(ds.sizes["cell"])
-    bounds = _chunk_bounds(n_cells, chunk_cells)
-    names = [name for name in ds.data_vars]
-    if check:
-        check_writable(path, client)  # every worker can write there, before any site work
-
-    existing = _existing(path)
-    resume = False
-    if existing is not None:
-        same = existing is not False and existing.attrs.get(FINGERPRINT_ATTR) == fingerprint \
-            and int(existing.attrs.get(CHUNK_ATTR, -1)) == int(chunk_cells) and DONE_ARRAY in existing
-        if same:
-            resume = True
-        elif not overwrite:
-            what = "is not a gradcamo-dask profiles store" if existing is False or \
-                FINGERPRINT_ATTR not in existing.attrs else "holds results of another plate, bundle or parameters"
-            raise OutputStoreError(f"{path} {what}; choose another output path or pass overwrite=True (--overwrite) "
-                                   f"to replace it")
-    if not resume:
-        _write_template(ds, path, fingerprint, chunk_cells, len(bounds))
-    group = _open_group(path, "r+")
-    done = np.asarray(group[DONE_ARRAY][:]) if bounds else np.zeros(0)
-    todo = [i for i in range(len(bounds)) if not done[i]]
-    tasks = _write_graph(ds, str(path), bounds, todo, names, tokenize(fingerprint, str(path), time.time()))
-    if tasks:
-        _run(tasks, client, progress)
-    group = _open_group(path, "r+")
-    if bool(np.all(np.asarray(group[DONE_ARRAY][:]))):
-        group.attrs[COMPLETE_ATTR] = True
-    return {"n_cells": n_cells, "chunks": len(bounds), "written": len(todo), "skipped": len(bounds) - len(todo),
-            "seconds": time.perf_counter() - started}
-
-
-def _write_template(ds: xr.Dataset, path: Any, fingerprint: str, chunk_cells: int, n_chunks: int) -> None:
-    """Coords, attrs and empty data arrays; nothing marked done; ``gradcamo_complete`` false."""
-    template = ds.copy()
-    encoding = {}
-    for name in ds.data_vars:
-        var = ds[name]
-        template[name] = var.copy(data=da.zeros(var.shape, dtype=var.dtype, chunks=-1))
-        encoding[name] = {"chunks": (max(1, min(chunk_cells, max(1, var.shape[0]))), *var.shape[1:])}
-    template.attrs.update({FINGERPRINT_ATTR: fingerprint, COMPLETE_ATTR: False, CHUNK_ATTR: int(chunk_cells)})
-    target = str(path) if isinstance(path, Path) else path
-    template.to_zarr(target, mode="w", compute=False, encoding=encoding, consolidated=False)
-    group = _open_group(path, "r+")
-    sub = group.require_group(DONE_ARRAY.split("/")[0])
-    sub.create_array(DONE_ARRAY.split("/")[1], shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
-                     overwrite=True)
-
-
-def _run(tasks: list, client: Any, progress: bool) -> None:
-    if client is not None:
-        futures = client.compute(tasks, optimize_graph=False)
-        if progress:
-            from distributed import progress as show
-
-            show(futures)
-        client.gather(futures)
-        return
-    try:
-        from distributed import default_client
-
-        default_client()
-        has_client = True
-    except (ImportError, ValueError):
-        has_client = False
-    if progress and not has_client:
-        from dask.diagnostics import ProgressBar
-
-        with ProgressBar():
-            dask.compute(*tasks, optimize_graph=False)
-    else:
-        dask.compute(*tasks, optimize_graph=False)
-
-
-def open_profiles(path: Any) -> xr.Dataset:
-    """The profiles at ``path`` (lazy), refusing a store whose write did not finish."""
-    group = _existing(path)
-    if not group or FINGERPRINT_ATTR not in group.attrs:
-        raise OutputStoreError(f"{path} is not a gradcamo-dask profiles store")
-    if not group.attrs.get(COMPLETE_ATTR):
-        raise OutputStoreError(f"{path}: the write did not finish ({done_summary(path)}); run the same score "
-                               f"command again to resume it")
-    return xr.open_zarr(str(path) if isinstance(path, Path) else path, consolidated=False)
-
-
-def done_summary(path: Any) -> str:
-    group = _open_group(path, "r")
-    done = np.asarray(group[DONE_ARRAY][:])
-    return f"{int(done.sum())} of {len(done)} cell chunks written"
-
-
-def done_sites(path: Any) -> pd.DataFrame:
-    """Per site of a profiles store: cells and whether all of them are written.
-
-    Returns
-    -------
-    DataFrame
-        ``well, site, n_cells, done`` (sites without cells do not appear).
-    """
-    group = _open_group(path, "r")
-    chunk = int(group.attrs[CHUNK_ATTR])
-    done = np.asarray(group[DONE_ARRAY][:]).astype(bool)
-    wells = np.asarray([str(w) for w in group["well"][:]], dtype=object)
-    sites = np.asarray(group["site"][:]).astype(np.int64)
-    if len(wells) == 0:
-        return pd.DataFrame({"well": [], "site": [], "n_cells": [], "done": []})
-    cell_done = done[np.arange(len(wells)) // chunk]
-    frame = pd.DataFrame({"well": wells, "site": sites, "done": cell_done})
-    out = frame.groupby(["well", "site"], sort=False).agg(n_cells=("done", "size"), done=("done", "all"))
-    return out.reset_index()
-
-
-def _env_threads() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-
-
-def describe_store(path: Any) -> dict:
-    """What a store holds: a profiles store (cells, layers, bundle, done sites) or a plate.
-
-    Returns
-    -------
-    dict
-        For profiles: ``kind="profiles"``, ``plate``, ``cells``, ``layers``,
-        ``classes``, ``features``, ``bundle``, ``complete``, ``chunks_done``,
-        ``sites_done``/``sites_pending`` (``"B02/0"``...). For plates:
-        ``kind="plate"``, ``plate``, ``wells``, ``sites``, ``channels``, ``zyx``,
-        ``spacing_zyx_um``, ``labels`` (bool).
-    """
-    from gradcamo_dask.errors import GradcamoError
-    from gradcamo_dask.io.plate import open_labels, open_plate
-
-    group = _existing(path)
-    if group is None:
-        raise FileNotFoundError(f"{path} does not exist")
-    if group is not False and FINGERPRINT_ATTR in group.attrs:
-        prov = json.loads(group.attrs.get("provenance", "{}"))
-        sites = done_sites(path)
-        done = np.asarray(group[DONE_ARRAY][:])
-        return {
-            "kind": "profiles", "plate": group.attrs.get("plate"), "cells": int(group["cell"].shape[0]),
-            "layers": [str(v) for v in group["layer"][:]], "classes": [str(v) for v in group["class"][:]],
-            "features": int(group["feature"].shape[0]), "bundle": prov.get("bundle_path"),
-            "bundle_hash": prov.get("bundle_hash"), "complete": bool(group.attrs.get(COMPLETE_ATTR)),
-            "chunks_done": f"{int(done.sum())}/{len(done)}",
-            "sites_done": [f"{w}/{s}" for w, s, d in zip(sites["well"], sites["site"], sites["done"]) if d],
-            "sites_pending": [f"{w}/{s}" for w, s, d in zip(sites["well"], sites["site"], sites["done"]) if not d],
-        }
-    image = open_plate(path)
-    try:
-        open_labels(path, like=image)
-        has_labels = True
-    except GradcamoError:
-        has_labels = False
-    return {
-        "kind": "plate", "plate": image.attrs.get("plate"), "wells": [str(w) for w in image["well"].values],
-        "sites": [int(s) for s in image["site"].values], "channels": [str(c) for c in image["c"].values],
-        "zyx": [int(image.sizes[d]) for d in "zyx"], "spacing_zyx_um": image.attrs.get("spacing_zyx_um"),
-        "dtype": str(image.dtype), "labels": has_labels,
-        "treatments": sorted({str(t) for t in image["treatment"].values}) if "treatment" in image.coords else [],
-    }

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,9 +32,15 @@ import torch
 from torch import nn
 
 from gradcamo_dask.engine.augment import Augmentation, augment_batch
-from gradcamo_dask.errors import InputError, LabelsError, TrainingError
 from gradcamo_dask.engine.regularize import gradcamo_loss
-from gradcamo_dask.jobs.trainset import SiteReader, assign_split, check_wells, combine_normalization
+from gradcamo_dask.errors import InputError, LabelsError, TrainingError
+from gradcamo_dask.jobs.trainset import (
+    SiteReader,
+    assign_split,
+    check_wells,
+    combine_normalization,
+)
+from gradcamo_dask.provenance import package_versions
 
 __all__ = ["train", "evaluate_split"]
 
@@ -48,15 +53,6 @@ CHECKPOINT_OPTIMIZER = "optimizer.safetensors"
 # ------------------------------------------------------------------ helpers
 def _seed_of(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0] % (2**63))
-
-
-def _versions() -> dict[str, str]:
-    import monai
-
-    from gradcamo_dask import __version__
-
-    return {"gradcamo_dask": __version__, "torch": torch.__version__, "monai": monai.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
 
 
 def _save_json(path: Path, data: Any) -> None:
@@ -372,8 +368,8 @@ def train(
         A class without training cells, too few cells for the split, a resume
         checkpoint made with another configuration.
     """
-    from gradcamo_dask.engine.bundles import save_bundle
     from gradcamo_dask.cells import cell_table
+    from gradcamo_dask.engine.bundles import save_bundle
     from gradcamo_dask.engine.models import efficientnet3d
     from gradcamo_dask.io.platemap import platemap_of, read_platemap, validate_platemap
 
@@ -541,7 +537,7 @@ def train(
         if regularizer else None,
         "augmentation": fingerprint["augmentation"], "crop_size": list(crop_size), "input_shape": list(input_shape),
         "val_fraction": val_fraction, "batchnorm_momentum": batchnorm_momentum, "head_init_std": head_init_std,
-        "history": history, "device": str(device), "versions": _versions(),
+        "history": history, "device": str(device), "versions": package_versions(),
         "seconds": round(time.time() - started, 1),
         "test": None if test is None else {k: test[k] for k in ("loss", "accuracy", "n", "gradcamo_mean",
                                                                  "gradcamo_sd", "n_undefined")} | {"layer": bundle_layers[0]},

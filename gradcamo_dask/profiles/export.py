@@ -42,7 +42,9 @@ import pandas as pd
 import xarray as xr
 
 from gradcamo_dask.cells import GEOMETRY_COLUMNS
+from gradcamo_dask.engine.gradcamo import DEFAULT_CUTOFF
 from gradcamo_dask.errors import InputError
+from gradcamo_dask.provenance import read_provenance
 
 __all__ = ["cellprofiler_name", "cellprofiler_table", "to_cellprofiler_table"]
 
@@ -50,7 +52,6 @@ KEY_COLUMNS = {"plate": "Metadata_Plate", "well": "Metadata_Well", "site": "Meta
                "object_number": "Metadata_ObjectNumber"}
 QC_BELOW = "Metadata_cqc_gradcamo_below_cutoff"
 QC_UNDEFINED = "Metadata_cqc_gradcamo_undefined"
-DEFAULT_CUTOFF = 0.25
 
 
 def str_values(values: Any) -> np.ndarray:
@@ -81,14 +82,6 @@ def cellprofiler_name(name: str) -> str:
     return out
 
 
-def _provenance(profiles: xr.Dataset) -> dict:
-    raw = profiles.attrs.get("provenance")
-    if not raw:
-        return {}
-    try:
-        return json.loads(raw) if isinstance(raw, str) else dict(raw)
-    except (TypeError, ValueError):
-        return {}
 
 
 def model_name_of(profiles: xr.Dataset) -> str:
@@ -99,7 +92,7 @@ def model_name_of(profiles: xr.Dataset) -> str:
     dict's ``name``/``architecture``/``config.architecture``. Paths are never read, so
     the same store gives the same column names wherever it is exported from.
     """
-    prov = _provenance(profiles)
+    prov = read_provenance(profiles)
     candidates: list[Any] = [prov.get("model_name"), prov.get("architecture")]
     for key in ("bundle", "model"):
         sub = prov.get(key)
@@ -292,7 +285,7 @@ def to_cellprofiler_table(
     table = cellprofiler_table(profiles, **options)
     paths = _paths(path, formats)
     next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"provenance": _provenance(profiles), "export": {
+    meta = {"provenance": read_provenance(profiles), "export": {
         "cutoff": options.get("cutoff", DEFAULT_CUTOFF), "layer": table["Metadata_GradCAMO_Layer"].iloc[0]
         if "Metadata_GradCAMO_Layer" in table and len(table) else options.get("layer"),
         "qc_columns": [c for c in (QC_BELOW, QC_UNDEFINED) if c in table]}}

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from gradcamo_dask.engine.gradcamo import DEFAULT_CUTOFF
 from gradcamo_dask.errors import InputError
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
     "summarize_gradcamo",
 ]
 
-DEFAULT_CUTOFF = 0.25
 ON_TARGET, OFF_TARGET, UNDEFINED = "on_target", "off_target", "undefined"
 
 
@@ -143,14 +143,12 @@ def summarize_gradcamo(
 
     Profiles with several scored layers are summarised per layer (a ``layer`` column
     first) unless ``layer`` picks one. Tables (one row per cell with a ``gradcamo``
-    column) work too. Built on :func:`gradcamo_dask.engine.gradcamo.gradcamo_summary`.
+    column) work too. Undefined (NaN) scores are counted in ``n_undefined``, never treated as 0.
     """
-    from gradcamo_dask.engine.gradcamo import gradcamo_summary
-
     cutoff = _check_cutoff(cutoff)
     by_list = [] if by is None else [by] if isinstance(by, str) else list(by)
     if isinstance(profiles, pd.DataFrame):
-        return gradcamo_summary(profiles, by_list or None, cutoff=cutoff)
+        return _summary(profiles, by_list, cutoff)
     _require_scores(profiles)
     missing = [c for c in by_list if c not in profiles.coords]
     if missing:
@@ -164,7 +162,39 @@ def summarize_gradcamo(
     scores = scores.drop_vars([c for c in scores.coords if c not in keep])
     table = scores.to_dataframe(name="gradcamo").reset_index()
     group = (["layer"] if "layer" in scores.dims else []) + by_list
-    return gradcamo_summary(table, group or None, cutoff=cutoff)
+    return _summary(table, group, cutoff)
+
+
+def _summary(table: pd.DataFrame, by: list[str], cutoff: float, column: str = "gradcamo") -> pd.DataFrame:
+    """One row per group of a one-row-per-cell table: n, mean, sd, share_on_target, n_undefined."""
+    missing = [c for c in [column, *by] if c not in table.columns]
+    if missing:
+        raise InputError(f"table has no column(s) {missing}; it has {list(table.columns)}")
+    scores = table[column].astype("float64")
+    frame = pd.DataFrame({column: scores, "_on": scores >= cutoff, "_def": scores.notna()})
+    for c in by:
+        frame[c] = table[c].to_numpy()
+
+    def summarise(group: pd.DataFrame) -> dict:
+        defined = group[column].dropna()
+        n_def = len(defined)
+        return {
+            "n": len(group),
+            "mean": float(defined.mean()) if n_def else float("nan"),
+            "sd": float(defined.std(ddof=1)) if n_def > 1 else float("nan"),
+            "share_on_target": float(group["_on"].sum()) / n_def if n_def else float("nan"),
+            "n_undefined": len(group) - n_def,
+        }
+
+    if by:
+        rows = []
+        for key, group in frame.groupby(by, sort=True, dropna=False):
+            key = key if isinstance(key, tuple) else (key,)
+            rows.append({**dict(zip(by, key)), **summarise(group)})
+    else:
+        rows = [summarise(frame)]
+    out = pd.DataFrame(rows, columns=[*by, "n", "mean", "sd", "share_on_target", "n_undefined"])
+    return out.astype({"n": "int64", "n_undefined": "int64"})
 
 
 def rank_layers(profiles: xr.Dataset, cutoff: float = DEFAULT_CUTOFF) -> pd.DataFrame:
@@ -230,7 +260,6 @@ def layer_sweep(
         share_on_target, n_undefined``.
     """
     from gradcamo_dask.engine.explain import explain
-    from gradcamo_dask.engine.gradcamo import gradcamo_summary
     from gradcamo_dask.engine.layers import layer_grids
 
     cutoff = _check_cutoff(cutoff)
@@ -253,7 +282,7 @@ def layer_sweep(
     rows = []
     for name in layers:
         table = pd.DataFrame({"gradcamo": np.asarray(result.gradcamo[name], dtype=np.float64).reshape(-1)})
-        summary = gradcamo_summary(table, None, cutoff=cutoff).iloc[0].to_dict()
+        summary = _summary(table, [], cutoff).iloc[0].to_dict()
         rows.append({"layer": name, "grid": tuple(int(n) for n in result.grids[name]), **summary})
     table = pd.DataFrame(rows).astype({"n": "int64", "n_undefined": "int64"})
     return _ranked(table)

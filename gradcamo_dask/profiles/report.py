@@ -38,9 +38,17 @@ import xarray as xr
 
 from gradcamo_dask.errors import GradcamoError, InputError
 from gradcamo_dask.profiles.export import str_values
-from gradcamo_dask.profiles.qc import DEFAULT_CUTOFF, gradcamo_counts, rank_layers, scored_layers, summarize_gradcamo
+from gradcamo_dask.profiles.qc import (
+    DEFAULT_CUTOFF,
+    gradcamo_counts,
+    rank_layers,
+    scored_layers,
+    summarize_gradcamo,
+)
+from gradcamo_dask.profiles.store import open_profiles
+from gradcamo_dask.provenance import read_provenance
 
-__all__ = ["load_profiles", "write_report"]
+__all__ = ["write_report"]
 
 FIGURES = {
     "gradcamo_by_treatment": "Grad-CAMO by treatment",
@@ -51,36 +59,6 @@ FIGURES = {
 }
 NO_SCORES = ("the profiles have no Grad-CAMO variables (gradcamo, cam_inside, cam_total): they were computed "
              "without masks or without Grad-CAM; rerun scoring with masks to get this part")
-
-
-def load_profiles(path: str | Path) -> xr.Dataset:
-    """Open a profiles Zarr store (as the pipeline writes it) lazily.
-
-    Bookkeeping variables (names starting with ``_``, such as the pipeline's
-    ``_done_chunks``) are dropped, and a store whose resumable write has not
-    finished (``gradcamo_complete`` false) is refused rather than reported half-empty.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"no profiles at {path}; give the Zarr store written by `gradcamo-dask score` or write_profiles")
-    try:
-        with warnings.catch_warnings():  # write_profiles does not consolidate: that fallback is expected
-            warnings.filterwarnings("ignore", message=".*consolidated metadata", category=RuntimeWarning)
-            ds = xr.open_zarr(path)
-    except Exception as err:  # zarr raises several unrelated types for "not a store"
-        raise InputError(f"{path} is not a readable profiles Zarr store ({type(err).__name__}: {err})") from err
-    if "gradcamo_complete" in ds.attrs and not ds.attrs["gradcamo_complete"]:
-        raise InputError(f"{path}: the profiles write did not finish; run the same `gradcamo-dask score` command "
-                         f"again to resume it, then make the report")
-    return ds.drop_vars([v for v in ds.variables if str(v).startswith("_")])
-
-
-def _provenance(profiles: xr.Dataset) -> dict:
-    raw = profiles.attrs.get("provenance")
-    try:
-        return json.loads(raw) if isinstance(raw, str) else dict(raw or {})
-    except (TypeError, ValueError):
-        return {}
 
 
 def _jsonable(value: Any) -> Any:
@@ -316,7 +294,7 @@ def write_report(
         The ``index.html`` written.
     """
     if not isinstance(profiles, xr.Dataset):
-        profiles = load_profiles(profiles)
+        profiles = open_profiles(profiles)
     if "cell" not in profiles.dims:
         raise InputError("profiles must have a 'cell' dim (CONTRACTS 'Profiles')")
     out = Path(out_dir)
@@ -324,7 +302,7 @@ def write_report(
     figures_dir.mkdir(parents=True, exist_ok=True)
     for old in figures_dir.glob("*.png"):  # a rerun never shows figures of an earlier run
         old.unlink()
-    prov = _provenance(profiles)
+    prov = read_provenance(profiles)
     layers = scored_layers(profiles)
     has_scores = bool(layers)
     if layer is not None and has_scores and str(layer) not in layers:

@@ -39,7 +39,7 @@ from gradcamo_dask.segment.segmenters import PAPER_ANISOTROPY, Segmenter, Waters
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
 
-__all__ = ["segment", "segment_site", "Segmenter", "make_segmenter", "WatershedSettings"]
+__all__ = ["segment_plate", "segment_site", "Segmenter", "make_segmenter", "WatershedSettings"]
 
 logger = logging.getLogger(__name__)
 
@@ -419,7 +419,7 @@ def segment_plate(
             for w in range(n_wells)
         ]
         labels = da.stack(site_arrays)
-    from gradcamo_dask.io.plate import labels_like
+    from gradcamo_dask.io.layout import labels_like
 
     out = labels_like(image, labels)  # the image's well/site coords (platemap included) and attrs
     provenance = segmenter.provenance()

@@ -34,7 +34,8 @@ def write_tiny_plate_and_bundle(directory: Path, *, seed: int = 0) -> dict[str, 
 
 
 def _tiny(tmp_path_factory) -> dict[str, Path]:
-    from gradcamo_dask.jobs.score import score_plate, write_profiles
+    from gradcamo_dask.jobs.score import score_plate
+    from gradcamo_dask.profiles.store import write_profiles
     from gradcamo_dask.io.plate import open_labels, open_plate
 
     directory = tmp_path_factory.mktemp("tiny")

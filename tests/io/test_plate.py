@@ -28,7 +28,8 @@ from gradcamo_dask import (
     synthetic_plate,
     write_plate,
 )
-from gradcamo_dask.io.plate import normalize_well, plate_dataarray
+from gradcamo_dask.io.layout import plate_dataarray
+from gradcamo_dask.io.platemap import normalize_well
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Actin", "Mito"]
 

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import zarr
 
-from gradcamo_dask.jobs import score as pipeline
+from gradcamo_dask.profiles import store as store_module
 from gradcamo_dask.jobs.cluster import connect, cuda_devices, local_cluster_shape
 from gradcamo_dask.errors import ClusterError
-from gradcamo_dask.jobs.score import open_profiles, score_plate, write_profiles
+from gradcamo_dask.jobs.score import score_plate
+from gradcamo_dask.profiles.store import open_profiles, write_profiles
 from tests.helpers.plate_fixtures import assert_same_profiles, make_bundle, make_plate, open_tiny, slow_sites, strings
 
 from tests.helpers.paths import REPO
@@ -88,7 +89,7 @@ def _kill_one_worker_mid_run(client, store: Path, pids: dict, killed: list) -> N
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            done = np.asarray(zarr.open_group(str(store), mode="r")[pipeline.DONE_ARRAY][:])
+            done = np.asarray(zarr.open_group(str(store), mode="r")[store_module.DONE_ARRAY][:])
         except Exception:  # noqa: BLE001 - template not written yet
             time.sleep(0.05)
             continue

@@ -493,7 +493,8 @@ def _profiles_equal(url, reference) -> None:
     "file://{tmp}/profiles.zarr",
 ])
 def test_write_profiles_to_an_fsspec_url_and_resume(tiny_plate, tmp_path, url):
-    from gradcamo_dask.jobs.score import score_plate, write_profiles
+    from gradcamo_dask.jobs.score import score_plate
+    from gradcamo_dask.profiles.store import write_profiles
     from gradcamo_dask.io.plate import open_labels, open_plate
 
     url = url.format(tmp=tmp_path)

@@ -186,3 +186,38 @@ def test_layer_sweep_with_a_bundle_normalises_raw_crops(tmp_path):
         if np.isfinite(expected).any():
             assert row["mean"] == pytest.approx(np.nanmean(expected), rel=1e-5)
         assert row["grid"] == tuple(direct.grids[layer])
+
+
+def test_summary_counts_undefined_scores_and_never_zeroes_them():
+    table = pd.DataFrame({
+        "gradcamo": [0.1, 0.3, np.nan, 0.5, 0.25, np.nan],
+        "treatment": ["a", "a", "b", "b", "c", "c"],
+    })
+    out = summarize_gradcamo(table, by="treatment").set_index("treatment")
+    assert out.loc["a", "n"] == 2 and out.loc["a", "n_undefined"] == 0
+    assert out.loc["a", "mean"] == pytest.approx(0.2)
+    assert out.loc["a", "sd"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    assert out.loc["a", "share_on_target"] == pytest.approx(0.5)
+    assert out.loc["b", "n"] == 2 and out.loc["b", "n_undefined"] == 1
+    assert out.loc["b", "mean"] == pytest.approx(0.5)  # the NaN is not a 0
+    assert out.loc["b", "share_on_target"] == pytest.approx(1.0)
+    assert out.loc["c", "share_on_target"] == pytest.approx(1.0)  # cut-off is inclusive
+    overall = summarize_gradcamo(table, cutoff=0.3)
+    assert overall.loc[0, "n"] == 6 and overall.loc[0, "n_undefined"] == 2
+    assert overall.loc[0, "mean"] == pytest.approx(np.mean([0.1, 0.3, 0.5, 0.25]))
+    assert overall.loc[0, "share_on_target"] == pytest.approx(2 / 4)
+    with pytest.raises(InputError, match="no column"):
+        summarize_gradcamo(table, by="well")
+
+
+def test_summary_of_a_profiles_dataset_is_per_layer():
+    import xarray as xr
+
+    ds = xr.Dataset(
+        {"gradcamo": (("cell", "layer"), np.array([[0.1, 0.6], [np.nan, 0.2], [0.4, 0.9]]))},
+        coords={"layer": ["head", "stage4"], "treatment": ("cell", ["a", "a", "b"])},
+    )
+    out = summarize_gradcamo(ds, by="treatment").set_index(["layer", "treatment"])
+    assert out.loc[("head", "a"), "n_undefined"] == 1
+    assert out.loc[("stage4", "a"), "mean"] == pytest.approx(0.4)
+    assert out.loc[("stage4", "b"), "share_on_target"] == pytest.approx(1.0)

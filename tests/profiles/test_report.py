@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from gradcamo_dask import InputError, cell_table, synthetic_plate, write_plate
+from gradcamo_dask import InputError, OutputStoreError, cell_table, synthetic_plate, write_plate
 from gradcamo_dask.cli import main
 from gradcamo_dask.profiles.report import FIGURES, write_report
 from tests.helpers.feature_profiles import profiles_from_model, tiny_cnn
@@ -123,8 +123,8 @@ def test_report_command_on_a_zarr_store(plate_and_profiles, full_report, capsys)
     assert "no profiles at" in capsys.readouterr().err
 
 
-def test_load_profiles_drops_bookkeeping_and_refuses_unfinished_stores(plate_and_profiles, tmp_path):
-    from gradcamo_dask.profiles.report import load_profiles
+def test_open_profiles_drops_bookkeeping_and_refuses_unfinished_stores(plate_and_profiles, tmp_path):
+    from gradcamo_dask.profiles.store import open_profiles as load_profiles
 
     _root, profiles = plate_and_profiles
     # as write_profiles leaves a store: a '_done_chunks' marker array and completion attrs
@@ -136,5 +136,5 @@ def test_load_profiles_drops_bookkeeping_and_refuses_unfinished_stores(plate_and
     assert loaded.sizes["cell"] == profiles.sizes["cell"] and "gradcamo" in loaded
     store.attrs["gradcamo_complete"] = False
     store.to_zarr(tmp_path / "half.zarr", mode="w")
-    with pytest.raises(InputError, match="write did not finish"):
+    with pytest.raises(OutputStoreError, match="write did not finish"):
         load_profiles(tmp_path / "half.zarr")

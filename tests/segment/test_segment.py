@@ -488,7 +488,7 @@ def test_each_worker_process_loads_its_own_model(cellpose_weights):
         with distributed.Client(cluster) as client:
             labels = segment_plate(image, "cellpose", model=str(cellpose_weights), device="cpu")
             values = labels.compute()
-            loaded = client.run(lambda: len(__import__("gradcamo_dask.segment.cellpose_adapter").cellpose_adapter._CACHE))
+            loaded = client.run(lambda: len(__import__("importlib").import_module("gradcamo_dask.segment.cellpose_adapter")._CACHE))
     assert list(loaded.values()) == [1]  # one model in the one worker process
     assert len(cellpose_adapter._CACHE) == 0  # and none in the client
     assert values.shape == (1, 2, 4, 64, 64)
@@ -500,8 +500,8 @@ def test_public_names():
     code = "import gradcamo_dask; print(gradcamo_dask.segment_plate.__name__, gradcamo_dask.segment_site.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.split() == ["segment_plate", "segment_site"]
-    import gradcamo_dask.segment.plate  # binds the subpackage; the top-level functions stay reachable
-    assert gradcamo_dask.segment.plate.segment_plate is gradcamo_dask.segment_plate
+    module = __import__("importlib").import_module("gradcamo_dask.segment.plate")  # binds the subpackage
+    assert module.segment_plate is gradcamo_dask.segment_plate
     assert gradcamo_dask.segment_site is segment_site
     assert gradcamo_dask.WeightsFormatError is WeightsFormatError
 

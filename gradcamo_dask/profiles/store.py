@@ -1,0 +1,343 @@
+"""The profiles store: resumable writes to Zarr, opening, and what a store holds.
+
+A profiles store is the Zarr form of the Dataset that
+:func:`~gradcamo_dask.jobs.score.score_plate` builds. :func:`write_profiles` writes
+it one cell-chunk task at a time and marks each chunk done in a bookkeeping
+array (``_gradcamo/done_chunks``, a subgroup that ``xarray.open_zarr`` does not
+show); a rerun with the same fingerprint skips done chunks. :func:`open_profiles`
+is the one reader, :func:`describe_profiles` and :func:`done_sites` say what is
+in a store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from gradcamo_dask.errors import InputError, OutputStoreError
+from gradcamo_dask.provenance import read_provenance
+
+__all__ = [
+    "DEFAULT_CHUNK_CELLS",
+    "describe_profiles",
+    "done_sites",
+    "open_profiles",
+    "profiles_fingerprint",
+    "write_profiles",
+]
+
+#: Zarr attribute names of a profiles store.
+FINGERPRINT_ATTR = "gradcamo_fingerprint"
+COMPLETE_ATTR = "gradcamo_complete"
+CHUNK_ATTR = "gradcamo_chunk_cells"
+DONE_ARRAY = "_gradcamo/done_chunks"  # in a subgroup: xarray.open_zarr(store) shows the profiles only
+DEFAULT_CHUNK_CELLS = 512
+
+
+def profiles_fingerprint(ds: xr.Dataset) -> str:
+    """What makes two runs the same run: plate, wells, sites, cells, bundle hash, layers, parameters."""
+    prov = read_provenance(ds)
+    keep = {k: prov.get(k) for k in ("plate", "wells", "sites", "n_cells", "cells_sha256", "bundle_hash", "layers",
+                                     "parameters")}
+    return "sha256:" + hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _chunk_bounds(n_cells: int, chunk_cells: int) -> list[tuple[int, int]]:
+    return [(a, min(a + chunk_cells, n_cells)) for a in range(0, n_cells, chunk_cells)]
+
+
+def _open_group(path: Any, mode: str) -> Any:
+    import zarr
+
+    return zarr.open_group(str(path) if isinstance(path, Path) else path, mode=mode)
+
+
+def _existing(path: Any) -> Any:
+    """The Zarr group at ``path``, or None when nothing is there."""
+    import zarr
+
+    try:
+        return _open_group(path, "r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return None
+    except Exception:  # noqa: BLE001 - an array or foreign files: treat as "something is there"
+        return False
+
+
+def _write_chunk(path: str, index: int, start: int, stop: int, names: list[str], parts: list[list],
+                 cuts: list[list[tuple[int, int]]]) -> int:
+    """Write cells ``[start, stop)`` of every data variable, then mark chunk ``index`` done.
+
+    ``parts[v]`` are the site blocks of variable ``v`` that overlap the chunk and
+    ``cuts[v]`` the rows of each block that fall in it. Exactly one task writes
+    each Zarr chunk, so concurrent tasks never touch the same chunk; the done
+    marker is its own chunk of size 1. Re-running this task (a lost worker)
+    rewrites the same bytes.
+    """
+    group = _open_group(path, "r+")
+    for name, blocks, rows in zip(names, parts, cuts):
+        pieces = [np.asarray(block)[a:b] for block, (a, b) in zip(blocks, rows)]
+        group[name][start:stop] = np.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+    group[DONE_ARRAY][index] = 1
+    return stop - start
+
+
+def _write_graph(ds: xr.Dataset, path: str, bounds: list[tuple[int, int]], todo: list[int], names: list[str],
+                 token: str) -> list:
+    """Delayed write tasks that depend directly on the site blocks they need.
+
+    Built by hand rather than with ``dask.delayed(f)(array[a:b])``: delayed
+    finalises each array argument with its own optimisation, which fuses the
+    site task into every variable's chain and runs it once per variable.
+    """
+    from dask.delayed import Delayed
+    from dask.optimization import cull
+
+    arrays = [ds[name].data for name in names]
+    graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays])) if arrays else {}
+    offsets = [np.concatenate([[0], np.cumsum(a.chunks[0])]).astype(int) for a in arrays]
+    keys = []
+    for i in todo:
+        start, stop = bounds[i]
+        parts, cuts = [], []
+        for array, off in zip(arrays, offsets):
+            tail = (0,) * (array.ndim - 1)
+            blocks = [b for b in range(len(array.chunks[0])) if off[b] < stop and off[b + 1] > start]
+            parts.append([(array.name, b, *tail) for b in blocks])
+            cuts.append([(max(start, off[b]) - off[b], min(stop, off[b + 1]) - off[b]) for b in blocks])
+        key = f"write-profiles-{token}-{i}"
+        graph[key] = (_write_chunk, path, i, start, stop, names, parts, cuts)
+        keys.append(key)
+    culled, _ = cull(graph, keys)
+    return [Delayed(key, culled) for key in keys]
+
+
+def write_profiles(
+    ds: xr.Dataset,
+    path: Any,
+    *,
+    overwrite: bool = False,
+    client: Any = None,
+    chunk_cells: int = DEFAULT_CHUNK_CELLS,
+    progress: bool = False,
+    check: bool = True,
+) -> dict:
+    """Write profiles to Zarr, resumably; ``xarray.open_zarr(path)`` reads them back.
+
+    Plan: the template (coords, attrs, empty data arrays chunked ``chunk_cells``
+    along ``cell``) is written first; then one write task per Zarr cell-chunk,
+    depending on the site tasks whose cells it holds, writes that chunk of every
+    variable and marks its own element of the ``_done_chunks`` array (chunk size
+    1, so markers never race). A rerun on a store with the same fingerprint
+    (plate, cells, bundle hash, layers, parameters) skips done chunks, and the
+    site tasks only they needed are never run. ``gradcamo_complete`` becomes true
+    when every chunk is done; until then the store does not look complete.
+
+    Parameters
+    ----------
+    ds : Dataset
+        From :func:`score_plate`.
+    path : str, Path or fsspec URL
+        The Zarr store to create or resume.
+    overwrite : bool
+        Replace a store that holds another plate's, bundle's or parameters' results
+        (or anything that is not a profiles store).
+    client : distributed.Client, optional
+        Run on this client (default: the current Dask scheduler).
+    chunk_cells : int
+        Cells per Zarr chunk (and per resumable write task).
+    progress : bool
+        Show a progress bar.
+    check : bool
+        First prove that every worker can write ``path``
+        (:func:`~gradcamo_dask.io.storage.check_writable`); False when the caller
+        already did, before scoring.
+
+    Returns
+    -------
+    dict
+        ``n_cells``, ``chunks``, ``written`` (chunks written now), ``skipped``
+        (chunks already done), ``seconds``.
+
+    Raises
+    ------
+    OutputStoreError
+        ``path`` holds something else and ``overwrite`` is False.
+    """
+    started = time.perf_counter()
+    if chunk_cells < 1:
+        raise InputError(f"chunk_cells must be >= 1, got {chunk_cells}")
+    from gradcamo_dask.io.storage import check_writable, normalize_output_url
+
+    path = normalize_output_url(path)  # absolute; file:// URLs become the local path they name
+    fingerprint = profiles_fingerprint(ds)
+    n_cells = int(ds.sizes["cell"])
+    bounds = _chunk_bounds(n_cells, chunk_cells)
+    names = [name for name in ds.data_vars]
+    if check:
+        check_writable(path, client)  # every worker can write there, before any site work
+
+    existing = _existing(path)
+    resume = False
+    if existing is not None:
+        same = existing is not False and existing.attrs.get(FINGERPRINT_ATTR) == fingerprint \
+            and int(existing.attrs.get(CHUNK_ATTR, -1)) == int(chunk_cells) and DONE_ARRAY in existing
+        if same:
+            resume = True
+        elif not overwrite:
+            what = "is not a gradcamo-dask profiles store" if existing is False or \
+                FINGERPRINT_ATTR not in existing.attrs else "holds results of another plate, bundle or parameters"
+            raise OutputStoreError(f"{path} {what}; choose another output path or pass overwrite=True (--overwrite) "
+                                   f"to replace it")
+    if not resume:
+        _write_template(ds, path, fingerprint, chunk_cells, len(bounds))
+    group = _open_group(path, "r+")
+    done = np.asarray(group[DONE_ARRAY][:]) if bounds else np.zeros(0)
+    todo = [i for i in range(len(bounds)) if not done[i]]
+    tasks = _write_graph(ds, str(path), bounds, todo, names, tokenize(fingerprint, str(path), time.time()))
+    if tasks:
+        _run(tasks, client, progress)
+    group = _open_group(path, "r+")
+    if bool(np.all(np.asarray(group[DONE_ARRAY][:]))):
+        group.attrs[COMPLETE_ATTR] = True
+    return {"n_cells": n_cells, "chunks": len(bounds), "written": len(todo), "skipped": len(bounds) - len(todo),
+            "seconds": time.perf_counter() - started}
+
+
+def _write_template(ds: xr.Dataset, path: Any, fingerprint: str, chunk_cells: int, n_chunks: int) -> None:
+    """Coords, attrs and empty data arrays; nothing marked done; ``gradcamo_complete`` false."""
+    template = ds.copy()
+    encoding = {}
+    for name in ds.data_vars:
+        var = ds[name]
+        template[name] = var.copy(data=da.zeros(var.shape, dtype=var.dtype, chunks=-1))
+        encoding[name] = {"chunks": (max(1, min(chunk_cells, max(1, var.shape[0]))), *var.shape[1:])}
+    template.attrs.update({FINGERPRINT_ATTR: fingerprint, COMPLETE_ATTR: False, CHUNK_ATTR: int(chunk_cells)})
+    target = str(path) if isinstance(path, Path) else path
+    template.to_zarr(target, mode="w", compute=False, encoding=encoding, consolidated=False)
+    group = _open_group(path, "r+")
+    sub = group.require_group(DONE_ARRAY.split("/")[0])
+    sub.create_array(DONE_ARRAY.split("/")[1], shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                     overwrite=True)
+
+
+def _run(tasks: list, client: Any, progress: bool) -> None:
+    if client is not None:
+        futures = client.compute(tasks, optimize_graph=False)
+        if progress:
+            from distributed import progress as show
+
+            show(futures)
+        client.gather(futures)
+        return
+    try:
+        from distributed import default_client
+
+        default_client()
+        has_client = True
+    except (ImportError, ValueError):
+        has_client = False
+    if progress and not has_client:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar():
+            dask.compute(*tasks, optimize_graph=False)
+    else:
+        dask.compute(*tasks, optimize_graph=False)
+
+
+def open_profiles(path: Any) -> xr.Dataset:
+    """The profiles at ``path``, lazily: a store from :func:`write_profiles` (or ``Dataset.to_zarr``).
+
+    Bookkeeping variables (names starting with ``_``) are dropped.
+
+    Raises
+    ------
+    OutputStoreError
+        ``path`` does not exist, holds no profiles (no ``cell`` dim), or is a
+        store whose resumable write has not finished (rerun the same score command).
+    """
+    from gradcamo_dask.io.storage import normalize_output_url
+
+    path = normalize_output_url(path)
+    group = _existing(path)
+    what = "give the Zarr store written by `gradcamo-dask score` (or write_profiles)"
+    if group is None:
+        raise OutputStoreError(f"no profiles at {path}; {what}")
+    if group is not False and FINGERPRINT_ATTR in group.attrs and not group.attrs.get(COMPLETE_ATTR):
+        raise OutputStoreError(f"{path}: the write did not finish ({done_summary(path)}); run the same score "
+                               f"command again to resume it")
+    try:
+        ds = xr.open_zarr(str(path) if isinstance(path, Path) else path, consolidated=False)
+    except Exception as err:  # noqa: BLE001 - zarr raises several unrelated types for "not a store"
+        raise OutputStoreError(f"{path} is not a readable profiles store ({type(err).__name__}: {err}); {what}") from err
+    if "cell" not in ds.dims:
+        raise OutputStoreError(f"{path} holds no profiles (no 'cell' dim); {what}")
+    return ds.drop_vars([v for v in ds.variables if str(v).startswith("_")])
+
+
+def done_summary(path: Any) -> str:
+    group = _open_group(path, "r")
+    if DONE_ARRAY not in group:
+        return "its setup was interrupted before any chunk was planned"
+    done = np.asarray(group[DONE_ARRAY][:])
+    return f"{int(done.sum())} of {len(done)} cell chunks written"
+
+
+def done_sites(path: Any) -> pd.DataFrame:
+    """Per site of a profiles store: cells and whether all of them are written.
+
+    Returns
+    -------
+    DataFrame
+        ``well, site, n_cells, done`` (sites without cells do not appear).
+    """
+    group = _open_group(path, "r")
+    chunk = int(group.attrs[CHUNK_ATTR])
+    done = np.asarray(group[DONE_ARRAY][:]).astype(bool)
+    wells = np.asarray([str(w) for w in group["well"][:]], dtype=object)
+    sites = np.asarray(group["site"][:]).astype(np.int64)
+    if len(wells) == 0:
+        return pd.DataFrame({"well": [], "site": [], "n_cells": [], "done": []})
+    cell_done = done[np.arange(len(wells)) // chunk]
+    frame = pd.DataFrame({"well": wells, "site": sites, "done": cell_done})
+    out = frame.groupby(["well", "site"], sort=False).agg(n_cells=("done", "size"), done=("done", "all"))
+    return out.reset_index()
+
+
+def describe_profiles(path: Any) -> dict | None:
+    """What a profiles store holds, or None when ``path`` is not a profiles store.
+
+    Returns
+    -------
+    dict or None
+        ``kind="profiles"``, ``plate``, ``cells``, ``layers``, ``classes``,
+        ``features``, ``bundle``, ``bundle_hash``, ``complete``, ``chunks_done``,
+        ``sites_done``/``sites_pending`` (``"B02/0"``...).
+    """
+    group = _existing(path)
+    if not group or FINGERPRINT_ATTR not in group.attrs:
+        return None
+    prov = json.loads(group.attrs.get("provenance", "{}"))
+    sites = done_sites(path)
+    done = np.asarray(group[DONE_ARRAY][:])
+    return {
+        "kind": "profiles", "plate": group.attrs.get("plate"), "cells": int(group["cell"].shape[0]),
+        "layers": [str(v) for v in group["layer"][:]], "classes": [str(v) for v in group["class"][:]],
+        "features": int(group["feature"].shape[0]), "bundle": prov.get("bundle_path"),
+        "bundle_hash": prov.get("bundle_hash"), "complete": bool(group.attrs.get(COMPLETE_ATTR)),
+        "chunks_done": f"{int(done.sum())}/{len(done)}",
+        "sites_done": [f"{w}/{s}" for w, s, d in zip(sites["well"], sites["site"], sites["done"]) if d],
+        "sites_pending": [f"{w}/{s}" for w, s, d in zip(sites["well"], sites["site"], sites["done"]) if not d],
+    }
