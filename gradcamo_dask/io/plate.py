@@ -27,6 +27,7 @@ chunks when computed.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ from gradcamo_dask.io.platemap import (  # noqa: F401  (re-exported: plate.py is
     well_name,
 )
 
+# Voxel size (µm, z, y, x) of a plate that records none: z / xy = 1.71, the paper's anisotropy,
+# which is also the segmenters' default.
+DEFAULT_SPACING_ZYX_UM: tuple[float, float, float] = (1.1115, 0.65, 0.65)
 
 # ------------------------------------------------------------------- plain Zarr
 
@@ -87,7 +91,8 @@ def _open_plain(group: Any, where: str, array_name: str, plate: str | None) -> x
     if not isinstance(spacing, (list, tuple)) or len(spacing) != 3:
         raise MetadataError(f"{where}: attribute 'spacing_zyx_um' must hold 3 numbers (z, y, x in µm), got {spacing}")
     name = plate or attrs.get("plate") or Path(where.rstrip("/")).stem
-    return plate_dataarray(data, wells=wells, channels=channels, plate=name, spacing_zyx_um=spacing)
+    return plate_dataarray(data, wells=wells, channels=channels, plate=name, spacing_zyx_um=spacing,
+                           attrs={"spacing_recorded": "spacing_zyx_um" in attrs})
 
 
 # -------------------------------------------------------------------- dispatch
@@ -140,13 +145,17 @@ def open_plate(
     platemap : DataFrame or path, optional
         Adds ``treatment``, ``dose``, ``is_control`` and extra columns as coords on
         ``well``. When None and the plate folder holds ``platemap.csv`` (as written by
-        :func:`write_plate`), that file is used; pass ``False`` to skip it.
+        :func:`write_plate`), that file is used; when there is none either, a
+        warning says that treatments are unknown and the model's classes go
+        unchecked. Pass ``False`` to say there is no platemap (no warning).
     channels : list of str, optional
         Channel names. If the plate records names, the plate is restricted to these
         channels in this order (a missing one is an error); if it records none, these
         name the channels (their number must match).
     spacing_zyx_um : 3 floats, optional
         Voxel size (µm) overriding what the metadata say (TIFFs often record none).
+        A plate that records none and gets none here uses ``DEFAULT_SPACING_ZYX_UM``
+        (1.1115 x 0.65 x 0.65 µm, anisotropy 1.71) with a warning naming it.
     axes : str, optional
         Axis order of TIFF files, e.g. ``"ZCYX"``.
     plate : str, optional
@@ -179,12 +188,24 @@ def open_plate(
         if len(spacing_zyx_um) != 3:
             raise ValueError(f"spacing_zyx_um must be 3 numbers (z, y, x in µm), got {spacing_zyx_um}")
         image.attrs["spacing_zyx_um"] = [float(v) for v in spacing_zyx_um]
+    elif image.attrs.get("spacing_recorded") is False:
+        image.attrs["spacing_zyx_um"] = list(DEFAULT_SPACING_ZYX_UM)
+        z, y, x = DEFAULT_SPACING_ZYX_UM
+        warnings.warn(f'plate "{image.attrs.get("plate")}" at {path} records no voxel size; using the default '
+                      f"{z} x {y} x {x} µm (z, y, x), anisotropy {z / x:.2f} (the paper's). Pass "
+                      f"spacing_zyx_um=(z, y, x) to open_plate if the microscope's voxel size differs",
+                      UserWarning, stacklevel=2)
     if channels is not None:
         image = _apply_channel_names(image, list(channels))
     if platemap is None and (d := _plate_dir(path)) is not None and (d / PLATEMAP_FILE).is_file():
         platemap = d / PLATEMAP_FILE
     if platemap is not None and platemap is not False:
         image = attach_platemap(image, platemap)
+    elif platemap is None:
+        warnings.warn(f'plate "{image.attrs.get("plate")}" at {path} was opened without a platemap (none given, no '
+                      f"{PLATEMAP_FILE} beside it): treatments are unknown, so scoring cannot check them against "
+                      f"the model's classes (classes unchecked). Pass platemap=PATH (or platemap=False to say "
+                      f"there is none)", UserWarning, stacklevel=2)
     return image
 
 

@@ -36,8 +36,9 @@ def _tiff_axes(path: Path, axes: str | None) -> tuple[tuple[int, ...], np.dtype,
         if tif.is_imagej and tif.imagej_metadata:
             meta = tif.imagej_metadata
             res = tif.pages[0].tags.get("XResolution")
-            if res is not None and res.value[0]:
-                xy = res.value[1] / res.value[0]
+            xy = res.value[1] / res.value[0] if res is not None and res.value[0] else 1.0
+            # tifffile writes a resolution of 1 to every ImageJ file: it counts only with a unit or a z step
+            if "spacing" in meta or str(meta.get("unit", "pixel")).lower() not in ("pixel", "") or xy != 1.0:
                 spacing = (float(meta.get("spacing", 1.0)), xy, xy)
     if axes is None:
         axes = found

@@ -485,6 +485,7 @@ def score_plate(
         ds[f"cam_lowres_{k}"].attrs["layer"] = name
     provenance = {
         "bundle_path": bundle_path, "bundle_hash": loaded.hash, "bundle_classes": list(cfg.classes),
+        "model_name": str(cfg.architecture.get("name", "")),  # export column names come from this, never a path
         "layers": layers, "layer_grids": {n: list(shapes[n][1]) for n in layers},
         "plate": plate, "plate_path": str(plate_path or image.encoding.get("source", image.attrs.get("source", ""))),
         "labels_path": str(labels_path or labels.encoding.get("source", labels.attrs.get("source", ""))),

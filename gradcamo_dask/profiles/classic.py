@@ -51,8 +51,24 @@ Units and conventions
 * Names follow CellProfiler without the compartment prefix (``AreaShape_Volume``,
   ``Intensity_MeanIntensity_DNA``, ``Texture_Contrast_DNA_3_00_256``,
   ``Granularity_1_DNA``); the per-object export adds ``Cells_``.
-* Undefined measurements (e.g. texture of a cell too thin for the texture scale) are
-  NaN, as in CellProfiler.
+* Thin and small cells (1-4 z-slices, a few voxels) get defined values; no measurement
+  is ever infinite. NaN appears only where there is nothing to measure, which is where
+  CellProfiler gives none either:
+
+  - ``Texture_*_<dir>``: a direction with no pair of cell voxels ``scale`` apart (the 9
+    directions with a z step for a cell thinner than ``scale + 1`` slices; any direction
+    for a cell narrower than the scale; all for a cell whose voxels all quantise to 0).
+    CellProfiler (mahotas) then gives NaN in all 13 directions; here the 4 in-plane
+    directions (``_02_``, ``_04_``, ``_06_``, ``_10_``) keep their values, measured by the
+    same mahotas functions one direction at a time.
+  - ``Granularity_*``: crops with fewer than 8 voxels along an axis (granularity
+    shrinks the image 4-fold and needs 2 samples per axis; CellProfiler gives NaN for
+    such an image too). The box around each cell is widened to 8 voxels for this.
+  - every feature of an empty mask.
+
+  A flat cell (one z-slice) has a 3D convex hull of no volume: its
+  ``AreaShape_ConvexArea`` is the voxel count of its 2D hull in its plane (the voxel hull
+  of a flat object) and ``AreaShape_Solidity`` is volume over that, never inf.
 * A cell larger than the crop is measured on its part inside the crop, the part the
   model sees: its ``AreaShape_Volume`` is then below the cell table's ``volume_voxels``.
   Choose a crop size that holds whole cells when classic features matter on their own.
@@ -60,6 +76,7 @@ Units and conventions
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -86,6 +103,11 @@ DEFAULT_MEASUREMENTS: tuple[str, ...] = ("sizeshape", "intensity", "texture")
 DEFAULT_TEXTURE_SCALES: tuple[int, ...] = (3,)
 FULL_TEXTURE_SCALES: tuple[int, ...] = (3, 5, 10)  # CellProfiler's JUMP Cell Painting settings
 GRAY_LEVELS = 256
+# Granularity shrinks the box 4-fold and needs 2 samples per axis: boxes are at least this wide.
+MIN_BOX = 8
+_HARALICK = ("AngularSecondMoment", "Contrast", "Correlation", "Variance", "InverseDifferenceMoment", "SumAverage",
+             "SumVariance", "SumEntropy", "Entropy", "DifferenceVariance", "DifferenceEntropy", "InfoMeas1",
+             "InfoMeas2")
 
 # cp_measure names that only locate the cell inside its crop (see the module notes).
 _POSITION_PREFIXES = (
@@ -148,6 +170,53 @@ def _functions() -> dict[str, Any]:
     return get_core_measurements_3d(sanitize=False)
 
 
+def _convex_voxels(mask: np.ndarray) -> float:
+    """Voxels of the convex hull of a flat (or thin-line) cell, whose 3D hull has no volume.
+
+    The voxel hull of a cell that lies in one plane is its 2D hull in that plane; of a
+    cell on one line, the line itself (its own voxels).
+    """
+    from skimage.morphology import convex_hull_image
+
+    flat = np.squeeze(mask.astype(bool))
+    if flat.ndim == 2 and min(flat.shape) > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # qhull's note on degenerate input
+            hull = float(convex_hull_image(flat).sum())
+        if hull > 0:
+            return hull
+    return float(mask.sum())
+
+
+def _texture_by_direction(mask: np.ndarray, image: np.ndarray, scale: int) -> dict[str, float]:
+    """Haralick features direction by direction, NaN only in directions without voxel pairs.
+
+    mahotas (behind cp_measure and CellProfiler) gives NaN in all 13 directions as soon
+    as one has no pair of voxels ``scale`` apart inside the cell (the z directions of a
+    cell thinner than ``scale + 1`` slices). The same mahotas functions measure each
+    direction alone here, so the directions that have pairs keep CellProfiler's values.
+    """
+    import mahotas.features.texture as texture
+    from skimage.util import img_as_ubyte
+
+    levels = img_as_ubyte(image)  # as cp_measure quantises: [0, 1] -> 0..255, 0 = ignored
+    levels[mask == 0] = 0
+    box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(mask))
+    levels = np.ascontiguousarray(levels[box])
+    names = [f"{name}_{scale}_{{:02d}}_{GRAY_LEVELS}" for name in _HARALICK]
+    out = {}
+    size = int(levels.max()) + 1  # as mahotas.haralick (cooccurence's own default overflows uint8 at 255)
+    for direction in range(13):
+        cmat = np.zeros((size, size), np.int32)
+        texture.cooccurence(levels, direction, output=cmat, distance=scale, symmetric=True)
+        cmat[0, :] = 0
+        cmat[:, 0] = 0  # ignore_zeros, as mahotas does
+        values = (texture.haralick_features([cmat], ignore_zeros=False)[0] if cmat.sum()
+                  else np.full(len(names), np.nan))
+        out.update({name.format(direction): float(v) for name, v in zip(names, values)})
+    return out
+
+
 def _measure_cell(
     functions: dict[str, Any],
     mask: np.ndarray,
@@ -168,7 +237,12 @@ def _measure_cell(
                 out[_rename(kind, key, channel)] = float(value[0]) if value.size else float("nan")
 
     if "sizeshape" in chosen:
-        put("sizeshape", functions["sizeshape"](mask, None, spacing=spacing), None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a flat cell's 3D hull: qhull's note and a division by 0
+            put("sizeshape", functions["sizeshape"](mask, None, spacing=spacing), None)
+        if not out.get("AreaShape_ConvexArea", 1.0) > 0:  # flat cell: its hull is 2D
+            out["AreaShape_ConvexArea"] = _convex_voxels(mask)
+            out["AreaShape_Solidity"] = out["AreaShape_Volume"] / out["AreaShape_ConvexArea"]
     for c, channel in enumerate(channels):
         image = pixels[c]
         if "intensity" in chosen:
@@ -176,7 +250,10 @@ def _measure_cell(
         if "texture" in chosen:
             clipped = np.clip(image, 0.0, 1.0)
             for scale in scales:
-                put("texture", functions["texture"](mask, clipped, scale=scale, gray_levels=GRAY_LEVELS), channel)
+                result = functions["texture"](mask, clipped, scale=scale, gray_levels=GRAY_LEVELS)
+                if all(np.isnan(np.asarray(v, dtype=float)).all() for v in result.values()):
+                    result = _texture_by_direction(mask, clipped, scale)
+                put("texture", result, channel)
         if "granularity" in chosen:
             put("granularity", functions["granularity"](mask, image, granular_spectrum_length=granularity_length),
                 channel)
@@ -310,10 +387,7 @@ def site_classic_features(
         mask = masks[i] != 0
         if not mask.any():
             continue
-        box = tuple(
-            slice(max(int(idx.min()) - margin, 0), min(int(idx.max()) + 1 + margin, n))
-            for idx, n in zip(np.nonzero(mask), mask.shape)
-        )
+        box = _cell_box(mask, int(margin))
         cell_mask = mask[box].astype(np.int32)
         pixels = crops[(i, slice(None), *box)].astype(np.float64) * scale
         result = _measure_cell(functions, cell_mask, pixels, channels, spacing, chosen, scales,
@@ -323,6 +397,19 @@ def site_classic_features(
             if j is not None:
                 values[i, j] = value
     return names, values
+
+
+def _cell_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The cell's bounding box plus ``margin``, at least ``MIN_BOX`` voxels per axis (within the crop)."""
+    box = []
+    for idx, n in zip(np.nonzero(mask), mask.shape):
+        lo, hi = max(int(idx.min()) - margin, 0), min(int(idx.max()) + 1 + margin, n)
+        short = MIN_BOX - (hi - lo)
+        if short > 0:  # grow both ways, then shift into the crop
+            lo, hi = lo - short // 2, hi + short - short // 2
+            lo, hi = max(0, min(lo, n - MIN_BOX)), min(n, max(hi, MIN_BOX))
+        box.append(slice(lo, hi))
+    return tuple(box)
 
 
 def _classic_block(crops: np.ndarray, masks: np.ndarray, channels: tuple, spacing: tuple, kwargs: dict) -> np.ndarray:

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from gradcamo_dask.cells import GEOMETRY_COLUMNS
 from gradcamo_dask.engine.gradcamo import DEFAULT_CUTOFF
 from gradcamo_dask.errors import InputError
 from gradcamo_dask.provenance import read_provenance
@@ -81,27 +82,18 @@ def cellprofiler_name(name: str) -> str:
     return out
 
 
-def _bundle_architecture(path: Any) -> Any:
-    """The ``architecture`` in a bundle's ``config.json`` when ``path`` is a readable local bundle, else None."""
-    if not isinstance(path, str) or not path:
-        return None
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("architecture") if isinstance(config, dict) else None
 
 
 def model_name_of(profiles: xr.Dataset) -> str:
     """The model's name recorded in the provenance (its architecture name), else ``"Deep"``.
 
-    Looks at ``model_name``/``architecture``, a ``bundle``/``model`` dict, and the
-    ``config.json`` of the bundle the provenance points to (``bundle_path``, as
-    ``score_plate`` records it) when that bundle is readable here.
+    A pure function of the stored provenance: ``model_name`` (as ``score_plate``
+    records it from the bundle's config), ``architecture``, or a ``bundle``/``model``
+    dict's ``name``/``architecture``/``config.architecture``. Paths are never read, so
+    the same store gives the same column names wherever it is exported from.
     """
     prov = read_provenance(profiles)
     candidates: list[Any] = [prov.get("model_name"), prov.get("architecture")]
-    bundle_paths = [prov.get("bundle_path")]  # score_plate's flat provenance
     for key in ("bundle", "model"):
         sub = prov.get(key)
         if isinstance(sub, dict):
@@ -109,10 +101,6 @@ def model_name_of(profiles: xr.Dataset) -> str:
             config = sub.get("config")
             if isinstance(config, dict):
                 candidates.append(config.get("architecture"))
-            bundle_paths.append(sub.get("path"))
-        elif isinstance(sub, str) and key == "model":
-            candidates.append(sub)
-    candidates += [_bundle_architecture(path) for path in bundle_paths]
     for cand in candidates:
         if isinstance(cand, dict):  # a bundle's architecture: {"name": "efficientnet3d", ...}
             cand = cand.get("name")
@@ -187,6 +175,9 @@ def cellprofiler_table(
     # the 'cell' index itself (a row number, as score_plate sets it) is not a cell-table column
     cell_coords = [c for c, v in profiles.coords.items() if v.dims == ("cell",) and c not in KEY_COLUMNS
                    and c not in ("cell", "center_x", "center_y", "center_z")]
+    # one order whatever order the store lists its coords in: the cell table's, then by name
+    rank = {c: i for i, c in enumerate(GEOMETRY_COLUMNS)}
+    cell_coords.sort(key=lambda c: (rank.get(c, len(rank)), c))
     for coord in cell_coords:
         values = np.asarray(profiles[coord].values)
         columns[f"Metadata_{coord}"] = str_values(values) if values.dtype.kind in "OUST" else values

@@ -330,7 +330,7 @@ def test_plain_zarr_layout(tmp_path):
                         "spacing_zyx_um": [1.0, 0.5, 0.5]})
     plate = open_plate(path)
     assert list(plate["well"].values) == ["A01", "H12"] and list(plate["c"].values) == ["DNA", "Mito"]
-    assert plate.attrs == {"plate": "P1", "spacing_zyx_um": [1.0, 0.5, 0.5]}
+    assert plate.attrs == {"plate": "P1", "spacing_zyx_um": [1.0, 0.5, 0.5], "spacing_recorded": True}
     assert plate.data.chunksize == (1, 1, 2, 4, 16, 16)
     np.testing.assert_array_equal(plate.values, image)
     np.testing.assert_array_equal(open_labels(path, like=plate).values, labels)
@@ -389,7 +389,51 @@ def test_real_tiff_opens_lazily_with_axes(real_data):
     assert guessed.sizes == plate.sizes
     raw = tifffile.imread(path)
     np.testing.assert_array_equal(plate.values[0, 0], raw.transpose(1, 0, 2, 3))
-    assert plate.attrs["spacing_zyx_um"] == [1.0, 1.0, 1.0]
+    assert plate.attrs["spacing_zyx_um"] == [1.1115, 0.65, 0.65]  # records none: the documented default
+
+
+def test_plate_without_voxel_size_uses_the_documented_default_with_a_warning(tmp_path):
+    from gradcamo_dask.io.plate import DEFAULT_SPACING_ZYX_UM
+    from gradcamo_dask.segment.segmenters import PAPER_ANISOTROPY
+
+    data = np.random.default_rng(2).integers(0, 60000, (4, 2, 12, 14), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "bare.tif", data, imagej=True, metadata={"axes": "ZCYX"})
+    with pytest.warns(UserWarning, match=r"records no voxel size; using the default 1.1115 x 0.65 x 0.65 µm .*"
+                                         r"anisotropy 1.71"):
+        bare = open_plate(tmp_path / "bare.tif", platemap=False)
+    assert bare.attrs["spacing_zyx_um"] == list(DEFAULT_SPACING_ZYX_UM)
+    z, y, x = bare.attrs["spacing_zyx_um"]
+    assert round(z / x, 2) == PAPER_ANISOTROPY == 1.71 and y == x  # what the segmenter derives from it
+    # a voxel size given, or recorded by the file, is used as it is and nothing is said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        given = open_plate(tmp_path / "bare.tif", platemap=False, spacing_zyx_um=(1.0, 1.0, 1.0))
+        tifffile.imwrite(tmp_path / "recorded.tif", data, imagej=True, resolution=(1 / 0.5, 1 / 0.5),
+                         metadata={"axes": "ZCYX", "spacing": 2.0, "unit": "um"})
+        recorded = open_plate(tmp_path / "recorded.tif", platemap=False)
+    assert given.attrs["spacing_zyx_um"] == [1.0, 1.0, 1.0]
+    assert recorded.attrs["spacing_zyx_um"] == pytest.approx([2.0, 0.5, 0.5])
+    # plain Zarr without the attribute: the same default and warning
+    group = zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    group.create_array("image", data=data.transpose(1, 0, 2, 3))
+    with pytest.warns(UserWarning, match="records no voxel size"):
+        plain = open_plate(tmp_path / "plain.zarr", platemap=False)
+    assert plain.attrs["spacing_zyx_um"] == list(DEFAULT_SPACING_ZYX_UM)
+
+
+def test_plate_without_platemap_warns_that_classes_go_unchecked(tmp_path, written):
+    data = np.zeros((2, 1, 4, 4), np.uint16)
+    tifffile.imwrite(tmp_path / "A1_s0.tif", data, imagej=True, metadata={"axes": "ZCYX"})
+    with pytest.warns(UserWarning, match=r"without a platemap .*classes unchecked"):
+        image = open_plate(tmp_path, spacing_zyx_um=(1, 1, 1))
+    assert "treatment" not in image.coords
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "treatment" not in open_plate(tmp_path, spacing_zyx_um=(1, 1, 1), platemap=False).coords
+        mapped = open_plate(tmp_path, spacing_zyx_um=(1, 1, 1),
+                            platemap=pd.DataFrame({"well": ["A01"], "treatment": ["DMSO"]}))
+        assert mapped["treatment"].values.tolist() == ["DMSO"]
+        assert "treatment" in open_plate(written).coords  # platemap.csv beside the plate is found
 
 
 # -------------------------------------------------------------------- platemap

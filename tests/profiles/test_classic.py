@@ -168,3 +168,124 @@ def test_lazy_per_site_matches_the_site_function(small_plate, site_crops):
     # measured on the crop the model sees: a cell wider than the crop keeps only its part inside it
     volume = table["Cells_AreaShape_Volume"].to_numpy()
     assert (volume <= cells["volume_voxels"].to_numpy()).all() and (volume == cells["volume_voxels"]).mean() > 0.5
+
+
+# ------------------------------------------------------------------ thin, small and real cells
+
+IN_PLANE = ("02", "04", "06", "10")  # mahotas' 3D directions without a z step
+
+
+def _pairs_exist(mask, pixels, direction, scale):
+    """Whether the cell has two voxels ``scale`` apart along mahotas' 3D ``direction``, both quantised above 0."""
+    import mahotas.features.texture as texture
+    from skimage.util import img_as_ubyte
+
+    levels = img_as_ubyte(np.clip(pixels, 0, 1))
+    levels[~mask] = 0
+    cmat = np.zeros((int(levels.max()) + 1,) * 2, np.int32)
+    texture.cooccurence(levels, direction, output=cmat, distance=scale)
+    return cmat[1:, 1:].sum() > 0
+
+
+def _check_defined(names, values, masks, pixels, scales):
+    """No inf anywhere; NaN only in texture directions without voxel pairs (checked here, voxel by voxel)."""
+    assert not np.isinf(values).any(), [names[j] for j in np.nonzero(np.isinf(values))[1]]
+    col = {n: j for j, n in enumerate(names)}
+    for i in range(len(values)):
+        nan = {names[j] for j in np.nonzero(np.isnan(values[i]))[0]}
+        assert not [n for n in nan if not n.startswith("Texture_")], sorted(nan)[:5]
+        for channel, image in pixels[i].items():
+            for scale in scales:
+                for d in range(13):
+                    name = f"Texture_Contrast_{channel}_{scale}_{d:02d}_256"
+                    has_pairs = _pairs_exist(masks[i], image, d, scale)
+                    assert (name in nan) == (not has_pairs), (i, name, has_pairs)
+                    assert np.isnan(values[i, col[name.replace("Contrast", "Entropy")]]) == (not has_pairs)
+
+
+def test_thin_and_small_cells_are_defined(site_crops):
+    """Synthetic discs 1-4 z-slices thick and tiny cells: no inf, NaN only where no voxel pairs exist."""
+    rng = np.random.default_rng(5)
+    z, y, x = np.mgrid[:12, :32, :32]
+    masks = [((y - 15.5) ** 2 + (x - 15.5) ** 2 <= r * r) & (z >= 4) & (z < 4 + t)
+             for t, r in ((1, 8), (2, 8), (3, 8), (4, 8), (4, 2), (1, 1))]
+    masks = np.stack(masks)
+    crops = (1000 + 30000 * rng.random((len(masks), 2, *masks.shape[1:]))).astype(np.uint16)
+    names, values = site_classic_features(crops, masks, ["DNA", "Mito"], SPACING, texture_scales=(1, 3, 5),
+                                          measurements=["sizeshape", "intensity", "texture", "granularity"],
+                                          granularity_length=4)
+    col = {n: j for j, n in enumerate(names)}
+    pixels = [{c: crops[i, k] / 65535 for k, c in enumerate(["DNA", "Mito"])} for i in range(len(masks))]
+    _check_defined(names, values, masks, pixels, (1, 3, 5))
+    # thinner than the scale: the z directions have no pairs, the in-plane ones do and are measured
+    one_slice = values[0]
+    assert np.isnan(one_slice[col["Texture_Contrast_DNA_3_00_256"]])
+    assert all(np.isfinite(one_slice[col[f"Texture_Contrast_DNA_3_{d}_256"]]) for d in IN_PLANE)
+    assert np.isfinite(values[3, col["Texture_Contrast_DNA_3_00_256"]])  # 4 slices reach 3 apart in z
+    # the in-plane directions are mahotas' own 2D values on the cell's one slice (CellProfiler's 2D texture)
+    import mahotas.features
+    from skimage.util import img_as_ubyte
+
+    plane = img_as_ubyte(pixels[0]["DNA"][4])
+    plane[~masks[0, 4]] = 0
+    expected = mahotas.features.haralick(plane, distance=3, ignore_zeros=True)  # 2D directions 0..3
+    for d3, d2 in zip(IN_PLANE, (2, 0, 1, 3)):
+        assert values[0, col[f"Texture_Contrast_DNA_3_{d3}_256"]] == pytest.approx(expected[d2, 1], rel=1e-5)
+        assert values[0, col[f"Texture_Entropy_DNA_3_{d3}_256"]] == pytest.approx(expected[d2, 8], rel=1e-5)
+    # flat cells: solidity from the 2D hull of the slice, never inf; the disc is nearly convex
+    assert 0.85 < values[0, col["AreaShape_Solidity"]] <= 1.0
+    assert values[0, col["AreaShape_ConvexArea"]] >= values[0, col["AreaShape_Volume"]] == masks[0].sum()
+    assert values[5, col["AreaShape_Solidity"]] == pytest.approx(masks[5].sum() / values[5, col["AreaShape_ConvexArea"]])
+    # granularity is defined for every cell of a 12-slice crop, whatever the cell's thickness
+    granularity = [j for n, j in col.items() if n.startswith("Granularity_")]
+    assert np.isfinite(values[:, granularity]).all()
+
+
+def test_granularity_is_nan_only_when_the_crop_itself_is_too_small():
+    z, y, x = np.mgrid[:6, :32, :32]
+    mask = (((y - 15.5) ** 2 + (x - 15.5) ** 2 <= 64) & (z >= 2) & (z < 4))[None]
+    crops = np.full((1, 1, *mask.shape[1:]), 20000, np.uint16)
+    crops[0, 0, 2:4, 12:20, 12:20] = 40000
+    names, values = site_classic_features(crops, mask, ["DNA"], SPACING, measurements=["granularity"],
+                                          granularity_length=2)
+    assert np.isnan(values).all()  # 6 slices shrink to 1 in z: CellProfiler has no value for this image either
+    names, values = site_classic_features(np.concatenate([crops, crops], axis=2), np.concatenate([mask, mask * 0], 1),
+                                          ["DNA"], SPACING, measurements=["granularity"], granularity_length=2)
+    assert np.isfinite(values).all()  # 12 slices: defined
+
+
+def test_real_volume_cells_and_their_thin_slabs_are_defined(real_data):
+    """Cells of the real confocal volume, whole and cut to slabs of 1-4 slices: no inf, NaN only without pairs."""
+    import tifffile
+
+    from gradcamo_dask import segment_site
+    from gradcamo_dask.io.plate import plate_dataarray
+
+    stack = tifffile.imread(real_data / "rgb_3D.tif")  # (z, c, y, x), no voxel size: isotropic (its README)
+    labels = segment_site(stack[:, 0], stack[:, 1], "watershed", anisotropy=1.0)
+    table = cell_table(plate_dataarray(labels[None, None].astype(np.int32), wells=["A01"], plate="rgb_3D"),
+                       size=(None, 48, 48), drop_border=False)
+    crops, masks = crop_site(stack.transpose(1, 0, 2, 3), labels, table, (None, 48, 48))
+    slabs = []
+    for i in range(len(table)):  # the middle 1, 2, 3 or 4 slices of each cell, as a thin segmentation gives
+        zs = np.nonzero(masks[i].any(axis=(1, 2)))[0]
+        thick = 1 + i % 4
+        start = zs[len(zs) // 2] - thick // 2
+        slab = np.zeros_like(masks[i])
+        slab[start:start + thick] = masks[i][start:start + thick]
+        slabs.append(slab)
+    slabs = np.stack(slabs)
+    assert sorted({int(s.any(axis=(1, 2)).sum()) for s in slabs}) == [1, 2, 3, 4]
+    all_masks = np.concatenate([masks, slabs])
+    all_crops = np.concatenate([crops, crops])
+    assert all_crops.max() == 65535  # real saturated voxels are part of it
+    names, values = site_classic_features(all_crops, all_masks, ["nucleus", "cytoplasm"], (1.0, 1.0, 1.0),
+                                          texture_scales=(3, 5))
+    pixels = [{c: all_crops[i, k] / 65535 for k, c in enumerate(["nucleus", "cytoplasm"])}
+              for i in range(len(all_masks))]
+    _check_defined(names, values, all_masks, pixels, (3, 5))
+    col = {n: j for j, n in enumerate(names)}
+    thin = values[len(table):]
+    assert np.isfinite(thin[:, col["AreaShape_Solidity"]]).all() and (thin[:, col["AreaShape_Solidity"]] <= 1).all()
+    for d in IN_PLANE:  # every slab, even one slice thick, has its in-plane texture
+        assert np.isfinite(thin[:, col[f"Texture_Contrast_nucleus_3_{d}_256"]]).all()

@@ -81,22 +81,46 @@ def test_columns_follow_cellprofiler_naming(profiles):
 def test_model_name_from_provenance_and_profiles_without_scores(profiles, tmp_path):
     table = cellprofiler_table(profiles)  # provenance bundle.architecture = "efficientnet3d"
     assert "Cells_Efficientnet3D_HeadSwish_0" in table
-    # score_plate's layout: a 'cell' index coord and flat provenance naming the bundle's directory,
-    # whose config.json gives the architecture
-    (tmp_path / "bundle").mkdir()
-    (tmp_path / "bundle" / "config.json").write_text(json.dumps({"architecture": {"name": "efficientnet3d"}}))
+    # score_plate's layout: a 'cell' index coord and flat provenance with the bundle config's model name
     scored = profiles.assign_coords(cell=np.arange(profiles.sizes["cell"]))
-    scored.attrs["provenance"] = json.dumps({"bundle_path": str(tmp_path / "bundle"), "bundle_hash": "sha256:0",
+    scored.attrs["provenance"] = json.dumps({"model_name": "efficientnet3d", "bundle_path": "somewhere/else",
                                              "plate": "P1", "layers": list(LAYERS)})
     table = cellprofiler_table(scored)
     assert "Cells_Efficientnet3D_HeadSwish_0" in table and "Metadata_cell" not in table
     assert list(table.columns) == list(cellprofiler_table(profiles).columns)
-    scored.attrs["provenance"] = json.dumps({"bundle_path": str(tmp_path / "gone")})  # not readable here
+    # a path is never read: a readable bundle whose config names another model changes nothing
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "config.json").write_text(json.dumps({"architecture": {"name": "othernet"}}))
+    scored.attrs["provenance"] = json.dumps({"bundle_path": str(tmp_path / "bundle")})  # no model name stored
     assert "Cells_Deep_HeadSwish_0" in cellprofiler_table(scored)
     bare = profiles.drop_vars(["gradcamo", "cam_inside", "cam_total"])
     table = cellprofiler_table(bare)
     assert "Metadata_GradCAMO" not in table and QC_BELOW not in table
     assert len(table) == profiles.sizes["cell"]
+
+
+def test_a_store_exports_the_same_names_from_any_working_folder(tmp_path, monkeypatch):
+    from gradcamo_dask import open_plate, open_labels, open_profiles, score_plate, write_profiles
+    from tests.helpers.tiny_plate import write_tiny_plate_and_bundle
+
+    work = tmp_path / "project"
+    write_tiny_plate_and_bundle(work)
+    monkeypatch.chdir(work)  # the bundle is named relative to this folder, as a user types it
+    image = open_plate("plate.zarr")
+    write_profiles(score_plate(image, open_labels("plate.zarr", like=image), "bundle"),
+                   "profiles.zarr")
+    store = work / "profiles.zarr"
+    provenance = json.loads(open_profiles(store).attrs["provenance"])
+    assert provenance["model_name"] == "efficientnet3d"
+    assert provenance["bundle_path"] == "bundle"  # relative: reading it would depend on the working folder
+    names = {}
+    for where in (work, tmp_path / "elsewhere", work / "bundle"):
+        where.mkdir(exist_ok=True)
+        monkeypatch.chdir(where)
+        names[where] = [c for c in cellprofiler_table(open_profiles(store)) if c.startswith("Cells_")]
+    first = next(iter(names.values()))
+    assert first and all(c.startswith("Cells_Efficientnet3D_") for c in first if not c.startswith("Cells_Location"))
+    assert all(n == first for n in names.values())
 
 
 def test_parquet_and_csv_round_trip(profiles, written):
