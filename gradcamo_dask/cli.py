@@ -60,6 +60,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     from gradcamo_dask.io.synthetic import DEFAULT_DOSES_UM, synthetic_plate
 
     try:
+        _check_out(args.out, option="OUT")  # no inputs; resolves the real path like every writing command
         plate = synthetic_plate(
             doses_um=args.doses or DEFAULT_DOSES_UM, wells_per_treatment=args.wells_per_treatment,
             sites_per_well=args.sites, site_shape=tuple(args.site_shape), seed=args.seed,
@@ -112,6 +113,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from gradcamo_dask.profiles.report import write_report
 
     try:
+        _check_out(args.out, profiles=args.profiles, plate=args.plate, labels=args.labels)
         path = write_report(args.profiles, args.out, cutoff=args.cutoff, layer=args.layer, whitening=args.whitening,
                             gallery_per_bin=args.gallery, channel=args.channel, max_umap_cells=args.max_umap_cells,
                             seed=args.seed, plate=args.plate, labels=args.labels)
@@ -180,6 +182,7 @@ def _run_segment(args) -> int:
     from gradcamo_dask.errors import GradcamoError, OutputStoreError
 
     try:
+        _check_out(args.out, plate=args.plate)
         if os.path.exists(args.out):
             raise OutputStoreError(f"{args.out} exists; choose a new --out (labels are never written over)")
         image = gradcamo_dask.open_plate(args.plate)
@@ -312,6 +315,8 @@ def _run_train(args) -> int:
     from gradcamo_dask.errors import GradcamoError
 
     try:
+        _check_out(args.out, plate=args.plate, labels=args.labels, platemap=args.platemap)
+        _positive(batch_size=args.batch_size, epochs=args.epochs)
         image = gradcamo_dask.open_plate(args.plate, platemap=args.platemap)
         labels = gradcamo_dask.open_labels(args.labels or args.plate, like=image)
         crop = args.crop_size
@@ -347,6 +352,23 @@ _COMMANDS.append(_add_train)
 
 
 # ------------------------------------------------------------------ demo, score, info (issue #4)
+
+
+def _positive(**options: int | None) -> None:
+    """Refuse option values below 1 (``--batch-size 0``) before anything is read or written."""
+    from gradcamo_dask.errors import InputError
+
+    for name, value in options.items():
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} must be a whole number >= 1, got {value}; nothing was read or written")
+
+
+def _check_out(out: str, option: str = "--out", **inputs: str | None) -> str:
+    """Refuse an output that is, contains or lies inside one of ``inputs`` (real paths, links followed)."""
+    from gradcamo_dask.io.safety import check_output_path
+
+    return check_output_path(out, inputs, option=option)
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -409,6 +431,7 @@ def _run_demo(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
+        _check_out(args.out, bundle=args.model)
         result = run_demo(args.out, labels_method=args.labels, model=args.model, scheduler=args.scheduler,
                           n_workers=args.workers, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
     except GradcamoError as err:
@@ -467,12 +490,16 @@ def _run_score(args: argparse.Namespace) -> int:
 
     client = None
     try:
+        from gradcamo_dask.io.storage import check_writable, normalize_output_url
+        from gradcamo_dask.profiles.store import check_output_store
+
+        _positive(batch_size=args.batch_size, chunk_cells=args.chunk_cells)
+        _check_out(args.out, plate=args.plate, labels=args.labels, bundle=args.model, platemap=args.platemap)
+        out = normalize_output_url(args.out)  # absolute: workers do not share this working directory
+        check_output_store(out, overwrite=args.overwrite)  # a folder of other files is refused before any work
         image = open_plate(args.plate, platemap=args.platemap)
         labels = open_labels(args.labels, name=args.label_name, like=image)
         client = _connect(args)
-        from gradcamo_dask.io.storage import check_writable, normalize_output_url
-
-        out = normalize_output_url(args.out)  # absolute: workers do not share this working directory
         check_writable(out, client)  # every worker can write OUT, before any site work starts
         ds = score_plate(image, labels, args.model, layers=args.layers, client=client, batch_size=args.batch_size,
                          check_classes=not args.any_classes, plate_path=args.plate, labels_path=args.labels,

@@ -185,6 +185,8 @@ def open_plate(
         platemap = d / PLATEMAP_FILE
     if platemap is not None and platemap is not False:
         image = attach_platemap(image, platemap)
+    if isinstance(path, (str, Path)):
+        image.encoding["source"] = str(path)  # what score records, and whose files identify the input
     return image
 
 
@@ -241,6 +243,8 @@ def open_labels(
     if like is not None:
         labels.attrs["plate"] = like.attrs.get("plate", labels.attrs["plate"])
         check_labels(like, labels)
+    if isinstance(path, (str, Path)):
+        labels.encoding["source"] = str(path)
     return labels
 
 

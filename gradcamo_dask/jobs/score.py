@@ -468,11 +468,16 @@ def score_plate(
     ds = xr.Dataset(data_vars, coords=coords)
     for k, name in enumerate(layers):
         ds[f"cam_lowres_{k}"].attrs["layer"] = name
+    from gradcamo_dask.io.identity import input_identity
+
+    plate_path = str(plate_path or image.encoding.get("source", image.attrs.get("source", "")))
+    labels_path = str(labels_path or labels.encoding.get("source", labels.attrs.get("source", "")))
+    inputs = {"image": input_identity(plate_path, img.name), "labels": input_identity(labels_path, lab.name),
+              "cell_table": hashlib.sha256(pd.util.hash_pandas_object(cells, index=False).values).hexdigest()}
     provenance = {
         "bundle_path": bundle_path, "bundle_hash": loaded.hash, "bundle_classes": list(cfg.classes),
         "layers": layers, "layer_grids": {n: list(shapes[n][1]) for n in layers},
-        "plate": plate, "plate_path": str(plate_path or image.encoding.get("source", image.attrs.get("source", ""))),
-        "labels_path": str(labels_path or labels.encoding.get("source", labels.attrs.get("source", ""))),
+        "plate": plate, "plate_path": plate_path, "labels_path": labels_path, "inputs": inputs,
         "wells": list(wells), "sites": list(sites), "n_cells": n_cells, "cells_sha256": _site_key(cells),
         "parameters": parameters, "versions": package_versions(),
     }

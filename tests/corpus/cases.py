@@ -1,0 +1,130 @@
+"""Builders of the bad-input corpus: ``CASES[name](paths) -> Case``.
+
+``paths`` holds ``root`` (the case's folder), ``plate`` and ``bundle`` (fresh copies
+of a tiny plate with labels inside and of a tiny bundle) and, for builders marked
+``needs_scheduler``, ``scheduler`` (the address of a one-worker cluster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradcamo_dask import errors
+from tests.helpers.tree_digest import tree_digest
+
+
+@dataclass
+class Case:
+    argv: list[Any]
+    error: type
+    culprits: tuple[Any, ...]
+    out: Path | None = None  # the intended output (may change); None: nothing may change
+    out_untouched: bool = False  # the output existed before and must not change either
+    out_before: dict = field(default_factory=dict)
+
+
+CASES: dict[str, Callable[[dict], Case]] = {}
+
+
+def case(needs_scheduler: bool = False):
+    def register(build):
+        build.needs_scheduler = needs_scheduler
+        CASES[build.__name__] = build
+        return build
+    return register
+
+
+def score(p: dict, out: Any, *extra: Any) -> list[Any]:
+    return ["score", p["plate"], "--labels", p["plate"], "--model", p["bundle"], "--out", out, "--quiet", *extra]
+
+
+# ------------------------------------------------------------------ 1. output safety
+
+
+def _user_folder(root: Path) -> Path:
+    folder = root / "my-results"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("a user's own file")
+    (folder / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    return folder
+
+
+@case()
+def score_out_is_a_user_folder(p):
+    folder = _user_folder(p["root"])
+    return Case(score(p, folder), errors.OutputStoreError, (folder, "not a gradcamo-dask profiles store"))
+
+
+@case()
+def score_out_is_a_user_folder_with_overwrite(p):
+    folder = _user_folder(p["root"])
+    return Case(score(p, folder, "--overwrite"), errors.OutputStoreError, (folder, "--overwrite replaces only"))
+
+
+@case()
+def score_out_is_a_file(p):
+    target = p["root"] / "table.csv"
+    target.write_text("x\n1\n")
+    return Case(score(p, target, "--overwrite"), errors.OutputStoreError, (target,))
+
+
+@case()
+def score_out_is_the_plate(p):
+    return Case(score(p, p["plate"], "--overwrite"), errors.OutputStoreError, (p["plate"], "is the plate"))
+
+
+@case()
+def score_out_inside_the_plate(p):
+    out = p["plate"] / "profiles.zarr"
+    return Case(score(p, out, "--overwrite"), errors.OutputStoreError, (out, "lies inside the plate"))
+
+
+@case()
+def score_out_contains_the_bundle(p):
+    return Case(score(p, p["root"], "--overwrite"), errors.OutputStoreError, ("contains the plate",))
+
+
+@case()
+def score_out_is_a_link_to_the_plate(p):
+    link = p["root"] / "link.zarr"
+    link.symlink_to(p["plate"], target_is_directory=True)
+    return Case(score(p, link, "--overwrite"), errors.OutputStoreError, (link, "is the plate"))
+
+
+@case()
+def score_out_is_the_bundle(p):
+    return Case(score(p, p["bundle"], "--overwrite"), errors.OutputStoreError, (p["bundle"], "is the bundle"))
+
+
+@case()
+def segment_out_inside_the_plate(p):
+    out = p["plate"] / "labels2.zarr"
+    return Case(["segment", p["plate"], "--out", out, "--method", "watershed"], errors.OutputStoreError,
+                (out, "lies inside the plate"))
+
+
+@case()
+def train_out_is_the_plate(p):
+    return Case(["train", p["plate"], "--out", p["plate"], "--epochs", "1"], errors.OutputStoreError,
+                (p["plate"], "is the plate"))
+
+
+@case()
+def report_out_is_the_plate(p):
+    return Case(["report", p["root"] / "profiles.zarr", "--out", p["plate"], "--plate", p["plate"]],
+                errors.OutputStoreError, ("is the plate",))
+
+
+@case()
+def demo_out_contains_the_bundle(p):
+    return Case(["demo", "--out", p["root"], "--model", p["bundle"]], errors.OutputStoreError,
+                ("contains the bundle",))
+
+
+@case()
+def synth_out_is_a_user_folder(p):
+    folder = _user_folder(p["root"])
+    return Case(["synth", folder, "--overwrite", "--quiet"], errors.OutputStoreError, (folder,))
