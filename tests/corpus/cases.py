@@ -128,3 +128,28 @@ def demo_out_contains_the_bundle(p):
 def synth_out_is_a_user_folder(p):
     folder = _user_folder(p["root"])
     return Case(["synth", folder, "--overwrite", "--quiet"], errors.OutputStoreError, (folder,))
+
+
+# ------------------------------------------------------------------ 2. input identity
+
+
+def _change_pixels(plate: Path) -> None:
+    """Same names, wells, labels and cells; other pixels in one site's image chunk."""
+    import numpy as np
+    import zarr
+
+    field = zarr.open_group(plate / "B" / "2" / "0", mode="r+")
+    array = field["0"]
+    array[0] = np.asarray(array[0]) // 2 + 1
+
+
+@case(needs_scheduler=True)
+def score_store_of_other_pixels_is_not_done(p):
+    from gradcamo_dask import cli
+
+    out = p["root"] / "profiles.zarr"
+    args = score(p, out, "--scheduler", p["scheduler"])
+    assert cli.main([str(a) for a in args]) == 0
+    _change_pixels(p["plate"])
+    return Case(args, errors.OutputStoreError, (out, "another run"), out=out, out_untouched=True,
+                out_before=tree_digest(out))
