@@ -376,6 +376,12 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
                                       "one worker per GPU when CUDA GPUs are present)")
     group.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="join a running Dask scheduler (tcp://host:port, tls://host:port or a scheduler JSON file)")
+    group.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
+                       help="give up on a --scheduler that does not answer as a Dask scheduler after this long "
+                       "(default 20)")
+    group.add_argument("--worker-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="how long to wait, saying so, for a first worker of a --scheduler that has none "
+                       "(default 600)")
     group.add_argument("--cluster", choices=["local", "slurm"], default=None,
                        help="cluster to start when no --scheduler is given (default local)")
     group.add_argument("--cluster-config", default=None, metavar="PATH", help="settings of the SLURM cluster (YAML)")
@@ -397,8 +403,13 @@ def _security(args: argparse.Namespace):
 def _connect(args: argparse.Namespace):
     from gradcamo_dask.jobs.cluster import connect
 
+    from gradcamo_dask.errors import InputError
+
+    for flag, value in (("--timeout", args.timeout), ("--worker-timeout", args.worker_timeout)):
+        if not value >= 0:
+            raise InputError(f"{flag} must be a number of seconds >= 0, got {value}")
     return connect(args.scheduler, cluster=args.cluster, cluster_config=args.cluster_config, n_workers=args.workers,
-                   security=_security(args))
+                   security=_security(args), timeout=args.timeout, worker_timeout=args.worker_timeout)
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:

@@ -24,6 +24,7 @@ class Case:
     out: Path | None = None  # the intended output (may change); None: nothing may change
     out_untouched: bool = False  # the output existed before and must not change either
     out_before: dict = field(default_factory=dict)
+    cleanup: Callable[[], None] | None = None  # stops servers the case started
 
 
 CASES: dict[str, Callable[[dict], Case]] = {}
@@ -153,3 +154,52 @@ def score_store_of_other_pixels_is_not_done(p):
     _change_pixels(p["plate"])
     return Case(args, errors.OutputStoreError, (out, "another run"), out=out, out_untouched=True,
                 out_before=tree_digest(out))
+
+
+# ------------------------------------------------------------------ 3. hangs
+
+
+@case()
+def score_scheduler_is_an_http_server(p):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"tcp://127.0.0.1:{server.server_address[1]}"
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+
+    out = p["root"] / "profiles.zarr"
+    return Case(score(p, out, "--scheduler", address, "--timeout", "2"), errors.ClusterError,
+                (address, "not a Dask scheduler"), out=out, cleanup=stop)
+
+
+# ------------------------------------------------------------------ 8. validation before any store
+
+
+@case()
+def score_batch_size_zero(p):
+    out = p["root"] / "profiles.zarr"
+    return Case(score(p, out, "--batch-size", "0"), errors.InputError, ("--batch-size", "got 0"))
+
+
+@case()
+def score_batch_size_negative(p):
+    out = p["root"] / "profiles.zarr"
+    return Case(score(p, out, "--batch-size", "-4"), errors.InputError, ("--batch-size", "got -4"))
+
+
+@case()
+def score_chunk_cells_zero(p):
+    out = p["root"] / "profiles.zarr"
+    return Case(score(p, out, "--chunk-cells", "0"), errors.InputError, ("--chunk-cells",))
+
+
+@case()
+def score_negative_worker_timeout(p):
+    out = p["root"] / "profiles.zarr"
+    return Case(score(p, out, "--worker-timeout", "-1", "--scheduler", "tcp://127.0.0.1:9"), errors.InputError,
+                ("--worker-timeout",))

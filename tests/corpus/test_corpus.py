@@ -52,7 +52,11 @@ def test_bad_input_is_refused_by_name_and_changes_nothing(name, base, tmp_path, 
     skip = tuple(p for p in (case.out,) if p is not None)
     before = tree_digest(work, skip=skip)
     base_before = tree_digest(base["root"])
-    code = cli.main([str(a) for a in case.argv])
+    try:
+        code = cli.main([str(a) for a in case.argv])
+    finally:
+        if case.cleanup is not None:
+            case.cleanup()
     err = capsys.readouterr().err
     assert code == 1, f"{name}: exit {code}, stderr: {err}"
     assert f"{case.error.__name__}:" in err, f"{name}: expected {case.error.__name__}, got: {err}"
