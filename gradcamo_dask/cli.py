@@ -508,6 +508,9 @@ def _run_score(args: argparse.Namespace) -> int:
         _check_out(args.out, plate=args.plate, labels=args.labels, bundle=args.model, platemap=args.platemap)
         out = normalize_output_url(args.out)  # absolute: workers do not share this working directory
         check_output_store(out, overwrite=args.overwrite)  # a folder of other files is refused before any work
+        from gradcamo_dask.jobs.score import cached_bundle
+
+        cached_bundle(args.model, None, "cpu")  # a broken bundle is named before a cluster starts (and stays cached)
         image = open_plate(args.plate, platemap=args.platemap)
         labels = open_labels(args.labels, name=args.label_name, like=image)
         client = _connect(args)
@@ -533,9 +536,23 @@ def _run_score(args: argparse.Namespace) -> int:
     if report["n_cells"]:
         from gradcamo_dask.profiles.store import open_profiles
 
-        summary = summarize_gradcamo(open_profiles(out))
+        profiles = open_profiles(out)
+        _warn_blank_sites(profiles)
+        summary = summarize_gradcamo(profiles)
         print(summary.to_string(index=False))
     return 0
+
+
+def _warn_blank_sites(profiles) -> None:
+    """Say which sites had an all-zero image (their cells carry ``blank_site``; their scores mean nothing)."""
+    if "blank_site" not in profiles:
+        return
+    blank = profiles["blank_site"].values.astype(bool)
+    if blank.any():
+        sites = sorted({f"{w}/{s}" for w, s in zip(profiles["well"].values[blank], profiles["site"].values[blank])})
+        print(f"gradcamo-dask score: warning: {len(sites)} site(s) have a blank (all-zero) image: {', '.join(sites)}; "
+              f"their {int(blank.sum())} cells are flagged blank_site = True (filter them out; check the "
+              "acquisition)", file=sys.stderr)
 
 
 def _add_info(commands: argparse._SubParsersAction) -> None:
@@ -576,8 +593,15 @@ def _describe(path: str) -> dict:
     from gradcamo_dask.io.plate import describe_plate, open_labels, open_plate
     from gradcamo_dask.profiles.store import describe_profiles
 
+    from gradcamo_dask.errors import PlateLayoutError
+
     if not os.path.exists(path) and "://" not in path:
         raise FileNotFoundError(f"{path} does not exist")
+    if os.path.isfile(path) and not path.lower().endswith((".tif", ".tiff")):
+        raise PlateLayoutError(f"{path} is a file, neither a plate (OME-Zarr, plain Zarr, TIFF) nor a profiles "
+                               "store; give the plate or store folder")
+    if os.path.isdir(path) and not os.listdir(path):
+        raise PlateLayoutError(f"{path} is an empty folder, neither a plate nor a profiles store")
     info = describe_profiles(path)
     if info is not None:
         return info
@@ -585,7 +609,7 @@ def _describe(path: str) -> dict:
     try:
         open_labels(path, like=image)
         has_labels = True
-    except GradcamoError:
+    except (GradcamoError, FileNotFoundError):
         has_labels = False
     return {**describe_plate(image), "labels": has_labels}
 

@@ -248,7 +248,13 @@ def _in_distributed_worker() -> bool:
 
 
 def _score_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, spec: dict) -> dict:
-    return score_site(image_block[0, 0], labels_block[0, 0], cells_site, spec)
+    out = score_site(image_block[0, 0], labels_block[0, 0], cells_site, spec)
+    blank = not bool(np.any(np.asarray(image_block)))  # an all-zero image: its scores mean nothing
+    if blank:
+        logger.warning("plate %s, well %s, site %s: the image is blank (all zero); its %d cells are flagged "
+                       "blank_site", spec.get("plate"), spec.get("well"), spec.get("site"), len(cells_site))
+    out["blank_site"] = np.full(len(cells_site), blank, dtype=bool)
+    return out
 
 
 # ------------------------------------------------------------------ the plate
@@ -430,6 +436,7 @@ def score_plate(
         "deep": (("feature",), (n_features,), np.float32),
         "logits": (("class",), (n_classes,), np.float32),
         "predicted": ((), (), np.int16),
+        "blank_site": ((), (), bool),  # the cell's site image is all zero (flagged, warned about)
         "gradcamo": (("layer",), (len(layers),), np.float64),
         "cam_inside": (("layer",), (len(layers),), np.float64),
         "cam_total": (("layer",), (len(layers),), np.float64),

@@ -393,6 +393,10 @@ def describe_profiles(path: Any) -> dict | None:
     if not group or FINGERPRINT_ATTR not in group.attrs:
         return None
     prov = json.loads(group.attrs.get("provenance", "{}"))
+    if not all(name in group for name in ("cell", "well", "site", "layer", "class", "feature")):
+        return {"kind": "profiles", "plate": group.attrs.get("plate"), "complete": False,
+                "chunks_done": "0 (setup interrupted: run the same score command again)",
+                "bundle": prov.get("bundle_path"), "bundle_hash": prov.get("bundle_hash")}
     sites = done_sites(path)
     done = np.asarray(group[DONE_ARRAY][:]) if DONE_ARRAY in group else None
     return {

@@ -203,3 +203,146 @@ def score_negative_worker_timeout(p):
     out = p["root"] / "profiles.zarr"
     return Case(score(p, out, "--worker-timeout", "-1", "--scheduler", "tcp://127.0.0.1:9"), errors.InputError,
                 ("--worker-timeout",))
+
+
+# ------------------------------------------------------------------ 4. silent wrong answers
+
+
+@case(needs_scheduler=True)
+def score_label_ids_beyond_int32(p):
+    import numpy as np
+    import zarr
+
+    from gradcamo_dask.io.plate import open_labels, open_plate
+
+    image = open_plate(p["plate"])
+    labels = np.asarray(open_labels(p["plate"], like=image).values).astype(np.int64)
+    site = labels[1, 0]
+    site[site > 0] += 2**32  # ids that an int32 cast would wrap onto other cells
+    store = p["root"] / "big-labels.zarr"
+    group = zarr.open_group(store, mode="w")
+    group.create_array("labels", data=labels, chunks=(1, 1, *labels.shape[2:]))
+    group.attrs.update({"wells": [str(w) for w in image["well"].values], "plate": "tiny"})
+    out = p["root"] / "profiles.zarr"
+    args = ["score", p["plate"], "--labels", store, "--model", p["bundle"], "--out", out, "--quiet",
+            "--scheduler", p["scheduler"]]
+    return Case(args, errors.LabelsError, (store, f'well "{image["well"].values[1]}", site 0', "int32"), out=out)
+
+
+# ------------------------------------------------------------------ 7. errors that name the culprit
+
+
+def _edit_config(bundle: Path, edit) -> Path:
+    import json
+
+    file = bundle / "config.json"
+    raw = json.loads(file.read_text())
+    result = edit(raw)
+    file.write_text(result if isinstance(result, str) else json.dumps(raw))
+    return file
+
+
+@case()
+def bundle_config_missing_keys(p):
+    file = _edit_config(p["bundle"], lambda raw: raw.pop("normalization"))
+    out = p["root"] / "profiles.zarr"
+    return Case(score(p, out, "--scheduler", "tcp://127.0.0.1:9"), errors.MetadataError, (file, "normalization"))
+
+
+@case()
+def bundle_config_empty(p):
+    file = _edit_config(p["bundle"], lambda raw: "")
+    return Case(score(p, p["root"] / "o.zarr"), errors.MetadataError, (file, "empty"))
+
+
+@case()
+def bundle_config_not_json(p):
+    file = _edit_config(p["bundle"], lambda raw: "{'format': oops")
+    return Case(score(p, p["root"] / "o.zarr"), errors.MetadataError, (file, "not JSON"))
+
+
+@case()
+def bundle_zero_std(p):
+    def zero(raw):
+        raw["normalization"]["std"][2] = 0.0
+
+    file = _edit_config(p["bundle"], zero)
+    return Case(score(p, p["root"] / "o.zarr"), errors.MetadataError, (file, "RNA", "> 0"))
+
+
+@case()
+def weights_truncated_without_hash(p):
+    _edit_config(p["bundle"], lambda raw: raw.pop("weights_sha256") and None)
+    weights = p["bundle"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return Case(score(p, p["root"] / "o.zarr"), errors.WeightsFormatError, (weights, "safetensors"))
+
+
+@case()
+def weights_not_safetensors_without_hash(p):
+    import pickle
+
+    _edit_config(p["bundle"], lambda raw: raw.pop("weights_sha256") and None)
+    weights = p["bundle"] / "model.safetensors"
+    weights.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))  # a pickle is never loaded
+    return Case(score(p, p["root"] / "o.zarr"), errors.WeightsFormatError, (weights, "never loaded"))
+
+
+@case()
+def platemap_not_utf8(p):
+    platemap = p["root"] / "platemap.csv"
+    platemap.write_bytes("well,treatment\nB02,caf\xe9ine\n".encode("latin-1"))
+    return Case([*score(p, p["root"] / "o.zarr"), "--platemap", platemap], errors.MetadataError,
+                (platemap, "UTF-8"))
+
+
+@case()
+def platemap_empty(p):
+    platemap = p["root"] / "platemap.csv"
+    platemap.write_text("")
+    return Case([*score(p, p["root"] / "o.zarr"), "--platemap", platemap], errors.MetadataError,
+                (platemap, "empty"))
+
+
+@case()
+def ngff_site_without_labels_group(p):
+    import shutil
+
+    shutil.rmtree(p["plate"] / "B" / "2" / "0" / "labels")
+    return Case(score(p, p["root"] / "o.zarr"), errors.LabelsError, ("no 'labels' group", "B02", "--labels"))
+
+
+@case()
+def info_on_a_file(p):
+    file = p["root"] / "notes.txt"
+    file.write_text("hello")
+    return Case(["info", file], errors.PlateLayoutError, (file, "is a file"))
+
+
+@case()
+def info_on_an_empty_folder(p):
+    folder = p["root"] / "empty"
+    folder.mkdir()
+    return Case(["info", folder], errors.PlateLayoutError, (folder, "empty folder"))
+
+
+def _interrupted_store(root: Path) -> Path:
+    """A profiles store whose setup stopped after its template, before any done-marker existed."""
+    import numpy as np
+    import xarray as xr
+
+    from gradcamo_dask.profiles.store import COMPLETE_ATTR, FINGERPRINT_ATTR
+
+    store = root / "interrupted.zarr"
+    ds = xr.Dataset({"gradcamo": (("cell", "layer"), np.zeros((3, 1)))},
+                    coords={"cell": np.arange(3), "layer": ["_head_swish"]})
+    ds.attrs.update({FINGERPRINT_ATTR: "sha256:x", COMPLETE_ATTR: False})
+    ds.to_zarr(store, mode="w", consolidated=False)
+    return store
+
+
+@case()
+def report_on_a_store_whose_setup_was_interrupted(p):
+    store = _interrupted_store(p["root"])
+    out = p["root"] / "report"
+    return Case(["report", store, "--out", out], errors.OutputStoreError, (store, "setup was interrupted"), out=out)
