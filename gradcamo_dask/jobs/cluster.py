@@ -393,6 +393,17 @@ def _local_client(shape: ClusterShape, options: dict, security: Any, timeout: fl
     return client
 
 
+def _check_options(scheduler: str | None, cluster: str | None, device: str, worker_timeout: float | None) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if cluster not in (None, "local", "slurm"):
+        raise InputError(f"cluster must be 'local' or 'slurm', got {cluster!r}")
+    if scheduler and cluster == "slurm":
+        raise InputError("pass either a scheduler address or cluster='slurm', not both")
+    if worker_timeout is not None and worker_timeout < 0:
+        raise InputError(f"worker_timeout must be >= 0 seconds (or None), got {worker_timeout}")
+
+
 def connect(
     scheduler: str | None = None,
     *,
@@ -433,27 +444,21 @@ def connect(
     cuda_visible_devices : list of str, optional
         GPUs for the CUDA cluster (default: all found).
     torch_threads : int, optional
-        torch intra-op threads per worker (default: cores shared out, see
-        :class:`TorchThreads`).
+        torch intra-op threads per worker (default: cores shared out, :class:`TorchThreads`).
     timeout : float
-        Seconds to wait for an existing scheduler to answer (a ``tcp://`` address
-        that is not a Dask scheduler is refused within this time) before
-        :class:`ClusterError`.
+        Seconds for an existing scheduler to answer; a ``tcp://`` address that is not
+        a Dask scheduler is refused within this time.
     worker_timeout : float or None
-        Seconds to wait for a first worker of a joined scheduler that has none,
-        after printing that it waits (None: without limit).
-    dashboard : bool
-        Serve the Dask dashboard (local clusters; needs ``bokeh``).
-    quiet : bool
-        Do not print the cluster and dashboard address.
+        Seconds to wait, saying so, for a first worker of a joined scheduler (None: no limit).
+    dashboard, quiet : bool
+        Serve the Dask dashboard (local clusters; needs ``bokeh``); do not print addresses.
     **cluster_options
         Passed to ``LocalCluster`` / ``LocalCUDACluster``.
 
     Returns
     -------
     distributed.Client
-        Close it (``client.close()``; the local cluster closes with it) or use it as a
-        context manager.
+        Close it (the local cluster closes with it) or use it as a context manager.
 
     Raises
     ------
@@ -461,14 +466,7 @@ def connect(
         Unreachable scheduler or not a Dask scheduler; no worker within
         ``worker_timeout``; ``device="cuda"`` without GPUs or without dask-cuda.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if cluster not in (None, "local", "slurm"):
-        raise InputError(f"cluster must be 'local' or 'slurm', got {cluster!r}")
-    if scheduler and cluster == "slurm":
-        raise InputError("pass either a scheduler address or cluster='slurm', not both")
-    if worker_timeout is not None and worker_timeout < 0:
-        raise InputError(f"worker_timeout must be >= 0 seconds (or None), got {worker_timeout}")
+    _check_options(scheduler, cluster, device, worker_timeout)
     if cluster == "slurm":
         return _slurm_client(cluster_config, n_workers, security, timeout, torch_threads, quiet)
     if scheduler:

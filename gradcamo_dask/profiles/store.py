@@ -296,11 +296,15 @@ def _write_template(ds: xr.Dataset, path: Any, fingerprint: str, chunk_cells: in
 def _run(tasks: list, client: Any, progress: bool) -> None:
     if client is not None:
         futures = client.compute(tasks, optimize_graph=False)
-        if progress:
-            from distributed import progress as show
+        try:
+            if progress:
+                from distributed import progress as show
 
-            show(futures)
-        client.gather(futures)
+                show(futures)
+            client.gather(futures)
+        except BaseException:
+            client.cancel(futures)  # a failed run (full disk, bad site) stops starting new chunks
+            raise
         return
     try:
         from distributed import default_client

@@ -40,3 +40,13 @@ def test_info_reads_a_tiff_plate(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "plate" and info["wells"] == ["B02"] and info["sites"] == [0, 1]
     assert info["labels"] is False
+
+
+def test_info_on_a_store_whose_setup_was_interrupted_says_so(tmp_path, capsys):
+    from tests.corpus.cases import _interrupted_store
+
+    store = _interrupted_store(tmp_path)
+    assert cli.main(["info", str(store), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "profiles" and info["complete"] is False
+    assert "setup interrupted" in info["chunks_done"]

@@ -115,10 +115,16 @@ def test_full_disk_mid_run_then_rerun_equals_an_undisturbed_run(tiny):
             write_profiles(_score(tiny, client), url, client=client, chunk_cells=CHUNK)
         assert info.value.errno == errno.ENOSPC or "No space left" in str(info.value)
         marked = assert_markers_honest(url, tiny["reference"])
+        for _ in range(60):  # bounded: tasks already running when the disk filled may still finish (or fail)
+            time.sleep(1.0)
+            now = assert_markers_honest(url, tiny["reference"])
+            if now == marked:
+                break
+            marked = now
         assert marked < n_chunks
         FullMemoryFileSystem.budget[0] = 10**12  # space freed
         report = write_profiles(_score(tiny, client), url, client=client, chunk_cells=CHUNK)
-    assert report["skipped"] == marked and report["written"] == n_chunks - marked
+    assert report["skipped"] >= marked and report["skipped"] + report["written"] == n_chunks
     assert_same_profiles(tiny["reference"], open_profiles(url))
 
 
