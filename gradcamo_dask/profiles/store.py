@@ -171,7 +171,7 @@ def write_profiles(
     client : distributed.Client, optional
         Run on this client (default: the current Dask scheduler).
     chunk_cells : int
-        Cells per Zarr chunk (and per resumable write task).
+        Cells per Zarr chunk (and per resumable write task); a resumed store keeps its own.
     progress : bool
         Show a progress bar.
     check : bool
