@@ -88,6 +88,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     from gradcamo_dask.io.synthetic import DEFAULT_DOSES_UM, cell_truth, synthetic_plate
 
     try:
+        _check_out(args.out, option="OUT")  # no inputs; resolves the real path like every writing command
         plate = synthetic_plate(
             doses_um=args.doses or DEFAULT_DOSES_UM, wells_per_treatment=args.wells_per_treatment,
             sites_per_well=args.sites, site_shape=tuple(args.site_shape), seed=args.seed,
@@ -142,6 +143,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from gradcamo_dask.profiles.report import write_report
 
     try:
+        _check_out(args.out, profiles=args.profiles, plate=args.plate, labels=args.labels)
         path = write_report(args.profiles, args.out, cutoff=args.cutoff, layer=args.layer, whitening=args.whitening,
                             gallery_per_bin=args.gallery, channel=args.channel, max_umap_cells=args.max_umap_cells,
                             seed=args.seed, plate=args.plate, labels=args.labels)
@@ -243,6 +245,7 @@ def _run_segment(args) -> int:
 
     cytoplasm = None if args.cytoplasm_channel.lower() == "none" else args.cytoplasm_channel
     try:
+        _check_out(args.out, plate=args.plate)
         if os.path.exists(args.out):
             raise OutputStoreError(f"{args.out} exists; choose a new --out (labels are never written over)")
         image = gradcamo_dask.open_plate(args.plate)
@@ -355,6 +358,8 @@ def _run_train(args) -> int:
     from gradcamo_dask.errors import GradcamoError
 
     try:
+        _check_out(args.out, plate=args.plate, labels=args.labels, platemap=args.platemap)
+        _positive(batch_size=args.batch_size, epochs=args.epochs)
         recipe = _recipe(args)
         image = gradcamo_dask.open_plate(args.plate, platemap=args.platemap)
         labels = gradcamo_dask.open_labels(args.labels or args.plate, like=image)
@@ -367,10 +372,24 @@ def _run_train(args) -> int:
     return 0
 
 
-
-
-
 # ------------------------------------------------------------------ demo, score, info (issue #4)
+
+
+def _positive(**options: int | None) -> None:
+    """Refuse option values below 1 (``--batch-size 0``) before anything is read or written."""
+    from gradcamo_dask.errors import InputError
+
+    for name, value in options.items():
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} must be a whole number >= 1, got {value}; nothing was read or written")
+
+
+def _check_out(out: str, option: str = "--out", **inputs: str | None) -> str:
+    """Refuse an output that is, contains or lies inside one of ``inputs`` (real paths, links followed)."""
+    from gradcamo_dask.io.safety import check_output_path
+
+    return check_output_path(out, inputs, option=option)
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -378,6 +397,12 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
                                       "one worker per GPU when CUDA GPUs are present)")
     group.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="join a running Dask scheduler (tcp://host:port, tls://host:port or a scheduler JSON file)")
+    group.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
+                       help="give up on a --scheduler that does not answer as a Dask scheduler after this long "
+                       "(default 20)")
+    group.add_argument("--worker-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="how long to wait, saying so, for a first worker of a --scheduler that has none "
+                       "(default 600)")
     group.add_argument("--cluster", choices=["local", "slurm"], default=None,
                        help="cluster to start when no --scheduler is given (default local)")
     group.add_argument("--cluster-config", default=None, metavar="PATH", help="settings of the SLURM cluster (YAML)")
@@ -405,7 +430,7 @@ def _security(args: argparse.Namespace):
 
 
 def _connect(args: argparse.Namespace):
-    from gradcamo_dask.errors import ClusterError
+    from gradcamo_dask.errors import ClusterError, InputError
     from gradcamo_dask.jobs.cluster import connect
 
     security = _security(args)
@@ -414,8 +439,11 @@ def _connect(args: argparse.Namespace):
         raise ClusterError(f"--scheduler {address} is not a TLS address but --tls-* options require encryption; "
                            f"use tls://{address.split('://', 1)[1]} (a scheduler started with --protocol tls) or "
                            "drop the --tls-* options")
+    for flag, value in (("--timeout", args.timeout), ("--worker-timeout", args.worker_timeout)):
+        if not value >= 0:
+            raise InputError(f"{flag} must be a number of seconds >= 0, got {value}")
     return connect(args.scheduler, cluster=args.cluster, cluster_config=args.cluster_config, n_workers=args.workers,
-                   security=security)
+                   security=security, timeout=args.timeout, worker_timeout=args.worker_timeout)
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
@@ -511,12 +539,19 @@ def _run_score(args: argparse.Namespace) -> int:
 
     client = None
     try:
+        from gradcamo_dask.io.storage import check_writable, normalize_output_url
+        from gradcamo_dask.profiles.store import check_output_store
+
+        _positive(batch_size=args.batch_size, chunk_cells=args.chunk_cells)
+        _check_out(args.out, plate=args.plate, labels=args.labels, bundle=args.model, platemap=args.platemap)
+        out = normalize_output_url(args.out)  # absolute: workers do not share this working directory
+        check_output_store(out, overwrite=args.overwrite)  # a folder of other files is refused before any work
+        from gradcamo_dask.jobs.score import cached_bundle
+
+        cached_bundle(args.model, None, "cpu")  # a broken bundle is named before a cluster starts (and stays cached)
         image = open_plate(args.plate, platemap=args.platemap)
         labels = open_labels(args.labels, name=args.label_name, like=image)
         client = _connect(args)
-        from gradcamo_dask.io.storage import check_writable, normalize_output_url
-
-        out = normalize_output_url(args.out)  # absolute: workers do not share this working directory
         check_writable(out, client)  # every worker can write OUT, before any site work starts
         # absolute paths (URLs unchanged) in the provenance: the report reads the plate back from any folder
         ds = score_plate(image, labels, normalize_output_url(args.model), layers=args.layers, client=client,
@@ -541,9 +576,23 @@ def _run_score(args: argparse.Namespace) -> int:
     if report["n_cells"]:
         from gradcamo_dask.profiles.store import open_profiles
 
-        summary = summarize_gradcamo(open_profiles(out))
+        profiles = open_profiles(out)
+        _warn_blank_sites(profiles)
+        summary = summarize_gradcamo(profiles)
         print(summary.to_string(index=False))
     return 0
+
+
+def _warn_blank_sites(profiles) -> None:
+    """Say which sites had an all-zero image (their cells carry ``blank_site``; their scores mean nothing)."""
+    if "blank_site" not in profiles:
+        return
+    blank = profiles["blank_site"].values.astype(bool)
+    if blank.any():
+        sites = sorted({f"{w}/{s}" for w, s in zip(profiles["well"].values[blank], profiles["site"].values[blank])})
+        print(f"gradcamo-dask score: warning: {len(sites)} site(s) have a blank (all-zero) image: {', '.join(sites)}; "
+              f"their {int(blank.sum())} cells are flagged blank_site = True (filter them out; check the "
+              "acquisition)", file=sys.stderr)
 
 
 def _add_info(commands: argparse._SubParsersAction) -> None:
@@ -584,8 +633,15 @@ def _describe(path: str) -> dict:
     from gradcamo_dask.io.plate import describe_labels, describe_plate, open_labels, open_plate
     from gradcamo_dask.profiles.store import describe_profiles
 
+    from gradcamo_dask.errors import PlateLayoutError
+
     if not os.path.exists(path) and "://" not in path:
         raise FileNotFoundError(f"{path} does not exist")
+    if os.path.isfile(path) and not path.lower().endswith((".tif", ".tiff")):
+        raise PlateLayoutError(f"{path} is a file, neither a plate (OME-Zarr, plain Zarr, TIFF) nor a profiles "
+                               "store; give the plate or store folder")
+    if os.path.isdir(path) and not os.listdir(path):
+        raise PlateLayoutError(f"{path} is an empty folder, neither a plate nor a profiles store")
     labels_info = describe_labels(path)
     if labels_info is not None:
         return labels_info
@@ -596,7 +652,7 @@ def _describe(path: str) -> dict:
     try:
         open_labels(path, like=image)
         has_labels = True
-    except GradcamoError:
+    except (GradcamoError, FileNotFoundError):
         has_labels = False
     return {**describe_plate(image), "labels": has_labels}
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradcamo_dask.errors import BundleMismatchError, InputError
+from gradcamo_dask.errors import (BundleMismatchError, InputError, MetadataError, WeightsFormatError,
+                                  WeightsNotFoundError)
 from gradcamo_dask.engine.layers import find_layer
 from gradcamo_dask.engine.models import efficientnet3d
 
-__all__ = ["ARCHITECTURES", "Bundle", "BundleConfig", "open_bundle", "write_bundle"]
+__all__ = ["ARCHITECTURES", "Bundle", "BundleConfig", "honour_umask", "open_bundle", "write_bundle"]
 
 BUNDLE_FORMAT = "gradcamo-dask-bundle"
 BUNDLE_VERSION = 1
@@ -203,6 +206,8 @@ def write_bundle(
     norm = {key: [float(v) for v in normalization[key]] for key in ("mean", "std")}
     if any(len(v) != len(channels) for v in norm.values()):
         raise InputError(f"normalization needs one mean and one std per channel ({len(channels)})")
+    if not all(math.isfinite(v) and v > 0 for v in norm["std"]):
+        raise InputError(f"normalization std must be finite and > 0 for every channel, got {norm['std']}")
     layers = list(layers) if layers is not None else [getattr(model, "default_cam_layer", "")]
     for name in layers:
         find_layer(model, name)
@@ -211,6 +216,7 @@ def write_bundle(
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": BUNDLE_FORMAT})
+    honour_umask(directory / WEIGHTS_FILE)  # safetensors writes 0600: workers of another user could not read it
     weights_hash = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest()
     config = BundleConfig(
         architecture=dict(arch),
@@ -227,6 +233,64 @@ def write_bundle(
     return directory
 
 
+def honour_umask(path: str | Path) -> None:
+    """Give a file written by a library that forces 0600 the mode the process's umask asks for (e.g. 0644)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+_REQUIRED = ("architecture", "channels", "classes", "crop_shape", "input_shape", "normalization")
+
+
+def _read_config(file: Path) -> BundleConfig:
+    """Parse and check ``config.json``; every problem is a :class:`MetadataError` naming the file and the key."""
+    text = file.read_bytes()
+    try:
+        raw = json.loads(text.decode("utf-8")) if text.strip() else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MetadataError(f"{file} is not JSON ({err}); save the bundle again (write_bundle or "
+                            "gradcamo-dask train)") from None
+    if not isinstance(raw, dict):
+        raise MetadataError(f"{file} is empty or not a JSON object; save the bundle again")
+    if raw.get("format") != BUNDLE_FORMAT:
+        raise MetadataError(f"{file} is not a {BUNDLE_FORMAT} config (format {raw.get('format')!r})")
+    missing = [key for key in _REQUIRED if key not in raw]
+    if missing:
+        raise MetadataError(f"{file} lacks the keys {missing}; save the bundle again")
+    arch, norm, channels = raw["architecture"], raw["normalization"], raw["channels"]
+    if not isinstance(arch, dict) or not {"name", "in_channels", "num_classes", "input_shape"} <= set(arch):
+        raise MetadataError(f"{file}: 'architecture' must name name, in_channels, num_classes and input_shape")
+    if not isinstance(norm, dict) or not isinstance(norm.get("mean"), list) or not isinstance(norm.get("std"), list) \
+            or not len(norm["mean"]) == len(norm["std"]) == len(channels):
+        raise MetadataError(f"{file}: 'normalization' needs 'mean' and 'std' lists with one value per channel "
+                            f"({len(channels)})")
+    bad = [i for i, v in enumerate(norm["std"]) if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
+    if bad:
+        raise MetadataError(f"{file}: normalization std of channel(s) {[channels[i] for i in bad]} is "
+                            f"{[norm['std'][i] for i in bad]}; every std must be finite and > 0 (crops are divided "
+                            "by it). Fix the value or save the bundle again")
+    return BundleConfig(**{k: raw[k] for k in BundleConfig.__dataclass_fields__ if k in raw})
+
+
+def _read_weights(file: Path, config: BundleConfig, weights_bytes: bytes) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    weights_hash = hashlib.sha256(weights_bytes).hexdigest()
+    if config.weights_sha256 and config.weights_sha256 != weights_hash:
+        raise BundleMismatchError(
+            f"{file} has sha256 {weights_hash[:12]}..., config.json expects "
+            f"{config.weights_sha256[:12]}...; the weights were replaced, save the bundle again"
+        )
+    try:
+        return load(weights_bytes)
+    except (SafetensorError, ValueError, OSError) as err:
+        raise WeightsFormatError(f"{file} is not a readable safetensors file ({err}); it may be truncated or of "
+                                 "another format. Save the bundle again (pickled checkpoints are never loaded)") \
+            from None
+
+
 def open_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle written by :func:`write_bundle`; never unpickles anything.
 
@@ -235,35 +299,29 @@ def open_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
 
     Raises
     ------
-    FileNotFoundError
+    WeightsNotFoundError
         When the directory lacks ``config.json`` or ``model.safetensors``.
+    MetadataError
+        ``config.json`` is empty, not JSON, lacks keys, or has a std that is not > 0.
+    WeightsFormatError
+        ``model.safetensors`` is truncated or not safetensors.
     BundleMismatchError
         When the weights do not match the config (hash or tensor names).
     """
-    from safetensors.torch import load_file
-
     directory = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a model bundle: {name} is missing")
+            raise WeightsNotFoundError(f"{directory} is not a model bundle: {name} is missing; give the folder "
+                                       "written by `gradcamo-dask train` (or write_bundle)")
     config_bytes = (directory / CONFIG_FILE).read_bytes()
     weights_bytes = (directory / WEIGHTS_FILE).read_bytes()
-    raw = json.loads(config_bytes)
-    if raw.get("format") != BUNDLE_FORMAT:
-        raise BundleMismatchError(f"{directory / CONFIG_FILE} is not a {BUNDLE_FORMAT} config")
-    config = BundleConfig(**{k: raw[k] for k in BundleConfig.__dataclass_fields__ if k in raw})
-    weights_hash = hashlib.sha256(weights_bytes).hexdigest()
-    if config.weights_sha256 and config.weights_sha256 != weights_hash:
-        raise BundleMismatchError(
-            f"{directory / WEIGHTS_FILE} has sha256 {weights_hash[:12]}..., config.json expects "
-            f"{config.weights_sha256[:12]}...; the weights were replaced, save the bundle again"
-        )
+    config = _read_config(directory / CONFIG_FILE)
+    state = _read_weights(directory / WEIGHTS_FILE, config, weights_bytes)
     arch = dict(config.architecture)
     builder = ARCHITECTURES.get(arch.pop("name", None))
     if builder is None:
         raise BundleMismatchError(f"unknown architecture {config.architecture.get('name')!r} in {directory}")
     model = builder(arch.pop("in_channels"), arch.pop("num_classes"), arch.pop("input_shape"), **arch)
-    state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
     if missing or unexpected:
         raise BundleMismatchError(

@@ -305,6 +305,11 @@ def open_hcs_labels(group: Any, where: str, name: str | None = None) -> xr.DataA
                 field = _parse_image(g["labels"][pick], where, context)
             else:
                 field = _parse_image(g, where, context)
+                if field.site_shape[0] != 1 or field.channels and len(field.channels) > 1:
+                    raise LabelsError(f"{context}: no 'labels' group in {field.file} (the field is a "
+                                      f"{field.site_shape[0]}-channel image, not labels); write labels with "
+                                      "write_plate(..., labels=), segment the plate (gradcamo-dask segment) or "
+                                      "pass --labels")
                 if not np.issubdtype(field.array.dtype, np.integer):
                     raise LabelsError(f"{context}: no 'labels' group in {field.file}, and the field is not a label "
                                       f"image (dtype {field.array.dtype}); write labels with write_plate(..., labels=)")

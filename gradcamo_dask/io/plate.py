@@ -206,6 +206,8 @@ def open_plate(
                       f"{PLATEMAP_FILE} beside it): treatments are unknown, so scoring cannot check them against "
                       f"the model's classes (classes unchecked). Pass platemap=PATH (or platemap=False to say "
                       f"there is none)", UserWarning, stacklevel=2)
+    if isinstance(path, (str, Path)):
+        image.encoding["source"] = str(path)  # what score records, and whose files identify the input
     return image
 
 
@@ -257,12 +259,31 @@ def open_labels(
     if not np.issubdtype(labels.dtype, np.integer):
         raise LabelsError(f'plate "{labels.attrs.get("plate")}": labels at {path} have dtype {labels.dtype}; labels must '
                           f"be integers (0 = background)")
-    if labels.dtype != np.int32:  # the package's label dtype; ids beyond 2**31 do not occur in practice
-        labels = labels.astype(np.int32)
+    if labels.dtype != np.int32:  # the package's label dtype: ids that do not fit are refused, never wrapped
+        wells = [str(w) for w in labels["well"].values]
+        data = labels.data.map_blocks(_checked_int32, str(path), wells, dtype=np.int32)
+        labels = labels.copy(data=data)
     if like is not None:
         labels.attrs["plate"] = like.attrs.get("plate", labels.attrs["plate"])
         check_labels(like, labels)
+    if isinstance(path, (str, Path)):
+        labels.encoding["source"] = str(path)
     return labels
+
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _checked_int32(block: np.ndarray, where: str, wells: list[str], block_info: dict | None = None) -> np.ndarray:
+    """Cast one site's labels to int32, refusing ids outside 0..2**31-1 (a cast would merge or negate cells)."""
+    if block.size and (block.max() > _INT32.max or block.min() < 0):
+        location = (block_info or {}).get(0, {}).get("chunk-location", ())
+        site = f'well "{wells[location[0]]}", site {location[1]}' if len(location) >= 2 else "a site"
+        bad = block.max() if block.max() > _INT32.max else block.min()
+        raise LabelsError(f"{where}: {site} has label id {bad}, outside 0..{_INT32.max} (int32), the range the "
+                          "package stores; relabel the cells consecutively (skimage.segmentation.relabel_sequential) "
+                          "and write the labels again")
+    return block.astype(np.int32)
 
 
 def write_plate(

@@ -151,10 +151,20 @@ def open_platemap(path: PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"platemap {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    else:
-        frame = pd.read_csv(path, sep="\t" if suffix in (".tsv", ".txt") else ",")
+    try:
+        if suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, sep="\t" if suffix in (".tsv", ".txt") else ",", encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise MetadataError(f"platemap {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as "
+                            "UTF-8 CSV") from None
+    except pd.errors.EmptyDataError:
+        raise MetadataError(f"platemap {path} is empty; it needs a header line (well, treatment, ...) and one "
+                            "row per well") from None
+    except (pd.errors.ParserError, ValueError, OSError) as err:
+        raise MetadataError(f"platemap {path} cannot be read as a table ({type(err).__name__}: {err}); give a "
+                            "CSV, TSV or Parquet file") from None
     return validate_platemap(frame, str(path))
 
 

@@ -41,6 +41,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    from gradcamo_dask.engine.bundles import honour_umask
+
+    honour_umask(tmp)  # safetensors writes 0600 whatever the umask
     os.replace(tmp, path)
 
 

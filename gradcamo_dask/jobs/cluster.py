@@ -43,6 +43,7 @@ __all__ = [
     "cuda_devices",
     "local_cluster_shape",
     "usable_cores",
+    "wait_for_workers",
     "workers_per_host",
 ]
 
@@ -205,9 +206,22 @@ def _is_scheduler_file(scheduler: str) -> bool:
     return "://" not in scheduler and Path(scheduler).suffix == ".json"
 
 
+#: Seconds a joined scheduler without workers is waited on before :class:`ClusterError` (``--worker-timeout``).
+DEFAULT_WORKER_TIMEOUT_S = 600.0
+_MAX_HANDSHAKE_BYTES = 2**26  # a Dask handshake is ~100 bytes; an 8-byte length beyond this is not Dask
+
+
 def _probe_tcp(scheduler: str, timeout: float) -> None:
-    """Fail fast when nothing listens at a ``tcp://host:port`` address (refused or unroutable)."""
+    """Fail fast unless a Dask scheduler answers at a ``tcp://host:port`` address.
+
+    A Dask scheduler sends its handshake as soon as a connection opens; something
+    else (an HTTP server, a dashboard port, a socket that never replies) sends
+    nothing or bytes that are not a Dask frame header, and is refused within
+    ``timeout`` seconds instead of hanging in the client's handshake.
+    """
     import socket
+    import struct
+    import time
     from urllib.parse import urlsplit
 
     parts = urlsplit(scheduler if "://" in scheduler else f"tcp://{scheduler}")
@@ -217,15 +231,31 @@ def _probe_tcp(scheduler: str, timeout: float) -> None:
         port = parts.port or 8786
     except ValueError as err:
         raise ClusterError(f"scheduler address {scheduler!r} is malformed ({err}); use tcp://host:port") from None
+    deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout):
-            pass
+        with socket.create_connection((parts.hostname, port), timeout=timeout) as sock:
+            header = b""
+            while len(header) < 8:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = sock.recv(8 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+    except socket.timeout:
+        raise ClusterError(
+            f"{scheduler} accepts connections but sent no Dask handshake within {timeout:g} s: it is not a Dask "
+            "scheduler (an HTTP server or the dashboard port?); the scheduler's default port is 8786, its "
+            "dashboard's 8787") from None
     except OSError as err:
         raise ClusterError(
             f"cannot reach a Dask scheduler at {scheduler}: nothing answers at {parts.hostname}:{port} "
             f"({type(err).__name__}: {err}); check the address (tcp://host:port), that the scheduler runs and "
             "that its port is open, or leave --scheduler out to start a local cluster"
         ) from None
+    if len(header) < 8 or not 0 < struct.unpack("<Q", header)[0] < _MAX_HANDSHAKE_BYTES:
+        raise ClusterError(
+            f"{scheduler} answered, but not as a Dask scheduler (first bytes {header[:8]!r}); check the address and "
+            "port (the scheduler's default port is 8786; 8787 is its dashboard)")
 
 
 def _join(scheduler: str, timeout: float, security: Any = None) -> Any:
@@ -256,6 +286,124 @@ def _join(scheduler: str, timeout: float, security: Any = None) -> Any:
         ) from None
 
 
+def wait_for_workers(client: Any, timeout: float | None = DEFAULT_WORKER_TIMEOUT_S, *, quiet: bool = False,
+                     where: str = "") -> int:
+    """Wait until the client's cluster has a worker, saying so; return the worker count.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    timeout : float or None
+        Seconds to wait (None: without limit).
+    quiet : bool
+        Do not print the waiting message.
+    where : str
+        The scheduler's address as the user gave it (named in messages).
+
+    Raises
+    ------
+    ClusterError
+        No worker joined within ``timeout``.
+    """
+    n = len(client.scheduler_info().get("workers", {}))
+    if n:
+        return n
+    where = where or str(client.scheduler.address)
+    limit = "without limit" if timeout is None else f"up to {timeout:g} s"
+    if not quiet:
+        print(f"gradcamo-dask: the scheduler {where} has no workers yet; waiting {limit} for one to join "
+              "(--worker-timeout SECONDS changes this)", file=sys.stderr, flush=True)
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError as err:
+        raise ClusterError(
+            f"no Dask worker joined the scheduler {where} within {timeout:g} s; start workers "
+            f"(`dask worker {client.scheduler.address}`), look at the cluster's queue (squeue, kubectl get pods), "
+            "or raise --worker-timeout") from err
+    return len(client.scheduler_info().get("workers", {}))
+
+
+def _security_options(security: Any) -> dict:
+    return {"security": security} if security is not None else {}
+
+
+def _slurm_client(cluster_config: Any, n_workers: int | None, security: Any, timeout: float,
+                  torch_threads: int | None, quiet: bool) -> Any:
+    from distributed import Client
+
+    try:
+        from gradcamo_dask.jobs.slurm import slurm_cluster
+    except ImportError as err:
+        raise ClusterError(f"cluster='slurm' needs gradcamo_dask.jobs.slurm (issue #8, dask-jobqueue), which is not "
+                           f"available here ({err}); start the cluster yourself and pass --scheduler ADDRESS") \
+            from None
+    slurm = slurm_cluster(cluster_config, n_workers=n_workers, security=security)
+    client = Client(slurm, timeout=timeout, **_security_options(security))
+    client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads)))
+    _announce(client, "SLURM cluster", quiet)
+    return client
+
+
+def _joined_client(scheduler: str, security: Any, timeout: float, worker_timeout: float | None,
+                   torch_threads: int | None, quiet: bool) -> Any:
+    client = _join(scheduler, float(timeout), security)
+    try:
+        wait_for_workers(client, worker_timeout, quiet=quiet, where=scheduler)
+        client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads, workers_per_host(client))))
+    except BaseException:
+        client.close()
+        raise
+    _announce(client, f"joined {scheduler}", quiet)
+    return client
+
+
+def _cuda_client(gpus: list[str], cuda_visible_devices: Sequence[str] | None, options: dict, security: Any,
+                 timeout: float, torch_threads: int | None, quiet: bool) -> Any:
+    from distributed import Client
+
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        raise ClusterError(
+            f"{len(gpus)} CUDA GPU(s) found but dask-cuda is not installed; pip install -e '.[gpu]' "
+            "(CuPy and dask-cuda), or pass device='cpu'"
+        ) from None
+    visible = list(cuda_visible_devices) if cuda_visible_devices is not None else gpus
+    per_gpu = max(1, usable_cores() // len(visible))
+    local = LocalCUDACluster(**{"CUDA_VISIBLE_DEVICES": ",".join(visible), **options})
+    client = Client(local, timeout=timeout, **_security_options(security))
+    client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads or per_gpu)))
+    _announce(client, f"LocalCUDACluster: {len(visible)} GPU worker(s) ({','.join(visible)})", quiet)
+    return client
+
+
+def _local_client(shape: ClusterShape, options: dict, security: Any, timeout: float, torch_threads: int | None,
+                  quiet: bool) -> Any:
+    from distributed import Client, LocalCluster
+
+    options = {"n_workers": shape.n_workers, "processes": True, "memory_limit": shape.memory_limit, **options}
+    try:
+        local = LocalCluster(**options)
+    except Exception as err:  # noqa: BLE001 - ports, permissions, spawn failures
+        raise ClusterError(f"could not start a local Dask cluster ({type(err).__name__}: {err})") from err
+    client = Client(local, timeout=timeout, **_security_options(security))
+    client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads or shape.torch_threads)))
+    _announce(client, f"LocalCluster: {shape.n_workers} worker process(es) x {shape.threads_per_worker} thread(s), "
+                      f"{torch_threads or shape.torch_threads} torch thread(s) each", quiet)
+    return client
+
+
+def _check_options(scheduler: str | None, cluster: str | None, device: str, worker_timeout: float | None) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if cluster not in (None, "local", "slurm"):
+        raise InputError(f"cluster must be 'local' or 'slurm', got {cluster!r}")
+    if scheduler and cluster == "slurm":
+        raise InputError("pass either a scheduler address or cluster='slurm', not both")
+    if worker_timeout is not None and worker_timeout < 0:
+        raise InputError(f"worker_timeout must be >= 0 seconds (or None), got {worker_timeout}")
+
+
 def connect(
     scheduler: str | None = None,
     *,
@@ -268,6 +416,7 @@ def connect(
     cuda_visible_devices: Sequence[str] | None = None,
     torch_threads: int | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
+    worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT_S,
     dashboard: bool = True,
     quiet: bool = False,
     **cluster_options: Any,
@@ -295,97 +444,45 @@ def connect(
     cuda_visible_devices : list of str, optional
         GPUs for the CUDA cluster (default: all found).
     torch_threads : int, optional
-        torch intra-op threads per worker (default: cores shared out, see
-        :class:`TorchThreads`).
+        torch intra-op threads per worker (default: cores shared out, :class:`TorchThreads`).
     timeout : float
-        Seconds to wait for an existing scheduler before :class:`ClusterError`.
-    dashboard : bool
-        Serve the Dask dashboard (local clusters; needs ``bokeh``).
-    quiet : bool
-        Do not print the cluster and dashboard address.
+        Seconds for an existing scheduler to answer; a ``tcp://`` address that is not
+        a Dask scheduler is refused within this time.
+    worker_timeout : float or None
+        Seconds to wait, saying so, for a first worker of a joined scheduler (None: no limit).
+    dashboard, quiet : bool
+        Serve the Dask dashboard (local clusters; needs ``bokeh``); do not print addresses.
     **cluster_options
         Passed to ``LocalCluster`` / ``LocalCUDACluster``.
 
     Returns
     -------
     distributed.Client
-        Close it (``client.close()``; the local cluster closes with it) or use it as a
-        context manager.
+        Close it (the local cluster closes with it) or use it as a context manager.
 
     Raises
     ------
     ClusterError
-        Unreachable scheduler; ``device="cuda"`` without GPUs or without dask-cuda.
+        Unreachable scheduler or not a Dask scheduler; no worker within
+        ``worker_timeout``; ``device="cuda"`` without GPUs or without dask-cuda.
     """
-    from distributed import Client
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if cluster not in (None, "local", "slurm"):
-        raise InputError(f"cluster must be 'local' or 'slurm', got {cluster!r}")
-    if scheduler and cluster == "slurm":
-        raise InputError("pass either a scheduler address or cluster='slurm', not both")
+    _check_options(scheduler, cluster, device, worker_timeout)
     if cluster == "slurm":
-        try:
-            from gradcamo_dask.jobs.slurm import slurm_cluster
-        except ImportError as err:
-            raise ClusterError(f"cluster='slurm' needs gradcamo_dask.jobs.slurm (issue #8, dask-jobqueue), which is not "
-                               f"available here ({err}); start the cluster yourself and pass --scheduler ADDRESS") \
-                from None
-        slurm = slurm_cluster(cluster_config, n_workers=n_workers, security=security)
-        client = Client(slurm, timeout=timeout, security=security) if security is not None else \
-            Client(slurm, timeout=timeout)
-        client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads)))
-        _announce(client, "SLURM cluster", quiet)
-        return client
+        return _slurm_client(cluster_config, n_workers, security, timeout, torch_threads, quiet)
     if scheduler:
-        client = _join(str(scheduler), float(timeout), security)
-        hosts = workers_per_host(client)
-        client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads, hosts)))
-        _announce(client, f"joined {scheduler}", quiet)
-        return client
+        return _joined_client(str(scheduler), security, timeout, worker_timeout, torch_threads, quiet)
     gpus = cuda_devices() if device != "cpu" else []
     if device == "cuda" and not gpus:
         raise ClusterError("device='cuda' but no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, NVML); "
                            "use device='cpu' or 'auto'")
-    dashboard_address = ":0" if dashboard and _has_bokeh() else None
+    options = {"dashboard_address": ":0" if dashboard and _has_bokeh() else None, "host": "127.0.0.1",
+               **_security_options(security)}
     if gpus:
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            raise ClusterError(
-                f"{len(gpus)} CUDA GPU(s) found but dask-cuda is not installed; pip install -e '.[gpu]' "
-                "(CuPy and dask-cuda), or pass device='cpu'"
-            ) from None
-        visible = list(cuda_visible_devices) if cuda_visible_devices is not None else gpus
-        per_gpu = max(1, usable_cores() // len(visible))
-        options = dict(CUDA_VISIBLE_DEVICES=",".join(visible), threads_per_worker=threads_per_worker or 1,
-                       dashboard_address=dashboard_address, host="127.0.0.1")
-        if security is not None:
-            options["security"] = security
-        options.update(cluster_options)
-        local = LocalCUDACluster(**options)
-        client = Client(local, timeout=timeout, **({"security": security} if security is not None else {}))
-        client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads or per_gpu)))
-        _announce(client, f"LocalCUDACluster: {len(visible)} GPU worker(s) ({','.join(visible)})", quiet)
-        return client
-    from distributed import LocalCluster
-
+        options = {**options, "threads_per_worker": threads_per_worker or 1, **cluster_options}
+        return _cuda_client(gpus, cuda_visible_devices, options, security, timeout, torch_threads, quiet)
     shape = local_cluster_shape(n_workers, threads_per_worker)
-    options = dict(n_workers=shape.n_workers, threads_per_worker=shape.threads_per_worker, processes=True,
-                   memory_limit=shape.memory_limit, dashboard_address=dashboard_address, host="127.0.0.1")
-    if security is not None:
-        options["security"] = security
-    options.update(cluster_options)
-    try:
-        local = LocalCluster(**options)
-    except Exception as err:  # noqa: BLE001 - ports, permissions, spawn failures
-        raise ClusterError(f"could not start a local Dask cluster ({type(err).__name__}: {err})") from err
-    client = Client(local, timeout=timeout, **({"security": security} if security is not None else {}))
-    client.register_plugin(_as_worker_plugin(TorchThreads(torch_threads or shape.torch_threads)))
-    _announce(client, f"LocalCluster: {shape.n_workers} worker process(es) x {shape.threads_per_worker} thread(s), "
-                      f"{torch_threads or shape.torch_threads} torch thread(s) each", quiet)
-    return client
+    options = {**options, "threads_per_worker": shape.threads_per_worker, **cluster_options}
+    return _local_client(shape, options, security, timeout, torch_threads, quiet)
 
 
 def _has_bokeh() -> bool:

@@ -225,7 +225,13 @@ def site_result_types(out: dict[str, np.ndarray], n_layers: int) -> dict[str, np
 
 
 def _score_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, spec: dict) -> dict:
-    return score_site(image_block[0, 0], labels_block[0, 0], cells_site, spec)
+    out = score_site(image_block[0, 0], labels_block[0, 0], cells_site, spec)
+    blank = not bool(np.any(np.asarray(image_block)))  # an all-zero image: its scores mean nothing
+    if blank:
+        logger.warning("plate %s, well %s, site %s: the image is blank (all zero); its %d cells are flagged "
+                       "blank_site", spec.get("plate"), spec.get("well"), spec.get("site"), len(cells_site))
+    out["blank_site"] = np.full(len(cells_site), blank, dtype=bool)
+    return out
 
 
 def _score_group_blocks(image_blocks: list, labels_blocks: list, cells: list, specs: list) -> list[dict]:
@@ -434,6 +440,7 @@ def score_plate(
         "deep": (("feature",), (n_features,), np.float32),
         "logits": (("class",), (n_classes,), np.float32),
         "predicted": ((), (), np.int16),
+        "blank_site": ((), (), bool),  # the cell's site image is all zero (flagged, warned about)
         "gradcamo": (("layer",), (len(layers),), np.float64),
         "cam_inside": (("layer",), (len(layers),), np.float64),
         "cam_total": (("layer",), (len(layers),), np.float64),
@@ -483,12 +490,17 @@ def score_plate(
     ds = xr.Dataset(data_vars, coords=coords)
     for k, name in enumerate(layers):
         ds[f"cam_lowres_{k}"].attrs["layer"] = name
+    from gradcamo_dask.io.identity import input_identity
+
+    plate_path = str(plate_path or image.encoding.get("source", image.attrs.get("source", "")))
+    labels_path = str(labels_path or labels.encoding.get("source", labels.attrs.get("source", "")))
+    inputs = {"image": input_identity(plate_path, img.name), "labels": input_identity(labels_path, lab.name),
+              "cell_table": hashlib.sha256(pd.util.hash_pandas_object(cells, index=False).values).hexdigest()}
     provenance = {
         "bundle_path": bundle_path, "bundle_hash": loaded.hash, "bundle_classes": list(cfg.classes),
         "model_name": str(cfg.architecture.get("name", "")),  # export column names come from this, never a path
         "layers": layers, "layer_grids": {n: list(shapes[n][1]) for n in layers},
-        "plate": plate, "plate_path": str(plate_path or image.encoding.get("source", image.attrs.get("source", ""))),
-        "labels_path": str(labels_path or labels.encoding.get("source", labels.attrs.get("source", ""))),
+        "plate": plate, "plate_path": plate_path, "labels_path": labels_path, "inputs": inputs,
         "wells": list(wells), "sites": list(sites), "n_cells": n_cells, "cells_sha256": cells_sha256,
         "parameters": parameters, "versions": package_versions(),
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from gradcamo_dask.provenance import read_provenance
 
 __all__ = [
     "DEFAULT_CHUNK_CELLS",
+    "check_output_store",
     "describe_profiles",
     "done_sites",
     "open_profiles",
@@ -45,11 +47,23 @@ DONE_ARRAY = "_gradcamo/done_chunks"  # in a subgroup: xarray.open_zarr(store) s
 DEFAULT_CHUNK_CELLS = 512
 
 
+#: Scoring parameters that do not change a stored value (beyond float noise): not part of the fingerprint.
+NEUTRAL_PARAMETERS = ("batch_size", "check_classes")
+
+
 def profiles_fingerprint(ds: xr.Dataset) -> str:
-    """What makes two runs the same run: plate, wells, sites, cells, bundle hash, layers, parameters."""
+    """What makes two runs the same run: plate, wells, sites, cells, input identity, bundle hash, layers, parameters.
+
+    ``inputs`` (the identity of the plate's and labels' files, see
+    :func:`~gradcamo_dask.io.identity.input_identity`) makes a store scored from one
+    image "another run" for an image with the same names and other pixels. Options
+    in :data:`NEUTRAL_PARAMETERS` (batch size, class check) are left out, so a rerun
+    with another batch size resumes.
+    """
     prov = read_provenance(ds)
     keep = {k: prov.get(k) for k in ("plate", "wells", "sites", "n_cells", "cells_sha256", "bundle_hash", "layers",
-                                     "parameters")}
+                                     "inputs")}
+    keep["parameters"] = {k: v for k, v in (prov.get("parameters") or {}).items() if k not in NEUTRAL_PARAMETERS}
     return "sha256:" + hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -152,12 +166,13 @@ def write_profiles(
     path : str, Path or fsspec URL
         The Zarr store to create or resume.
     overwrite : bool
-        Replace a store that holds another plate's, bundle's or parameters' results
-        (or anything that is not a profiles store).
+        Replace a profiles store that holds another run's results (another plate,
+        image content, bundle or parameters). Anything that is not a profiles store
+        (a folder of other files, another Zarr store) is never replaced.
     client : distributed.Client, optional
         Run on this client (default: the current Dask scheduler).
     chunk_cells : int
-        Cells per Zarr chunk (and per resumable write task).
+        Cells per Zarr chunk (and per resumable write task); a resumed store keeps its own.
     progress : bool
         Show a progress bar.
     check : bool
@@ -174,7 +189,8 @@ def write_profiles(
     Raises
     ------
     OutputStoreError
-        ``path`` holds something else and ``overwrite`` is False.
+        ``path`` holds something that is not a profiles store, or another run's
+        profiles and ``overwrite`` is False.
     """
     started = time.perf_counter()
     if chunk_cells < 1:
@@ -184,24 +200,14 @@ def write_profiles(
     path = normalize_output_url(path)  # absolute; file:// URLs become the local path they name
     fingerprint = profiles_fingerprint(ds)
     n_cells = int(ds.sizes["cell"])
-    bounds = _chunk_bounds(n_cells, chunk_cells)
     names = [name for name in ds.data_vars]
+    state = check_output_store(path, overwrite=overwrite, fingerprint=fingerprint)
     if check:
         check_writable(path, client)  # every worker can write there, before any site work
-
-    existing = _existing(path)
-    resume = False
-    if existing is not None:
-        same = existing is not False and existing.attrs.get(FINGERPRINT_ATTR) == fingerprint \
-            and int(existing.attrs.get(CHUNK_ATTR, -1)) == int(chunk_cells) and DONE_ARRAY in existing
-        if same:
-            resume = True
-        elif not overwrite:
-            what = "is not a gradcamo-dask profiles store" if existing is False or \
-                FINGERPRINT_ATTR not in existing.attrs else "holds results of another plate, bundle or parameters"
-            raise OutputStoreError(f"{path} {what}; choose another output path or pass overwrite=True (--overwrite) "
-                                   f"to replace it")
-    if not resume:
+    if state == "resume":  # the store's chunking wins: it does not change a single value
+        chunk_cells = int(_open_group(path, "r").attrs[CHUNK_ATTR])
+    bounds = _chunk_bounds(n_cells, chunk_cells)
+    if state != "resume":
         _write_template(ds, path, fingerprint, chunk_cells, len(bounds))
     group = _open_group(path, "r+")
     done = np.asarray(group[DONE_ARRAY][:]) if bounds else np.zeros(0)
@@ -214,6 +220,61 @@ def write_profiles(
         group.attrs[COMPLETE_ATTR] = True
     return {"n_cells": n_cells, "chunks": len(bounds), "written": len(todo), "skipped": len(bounds) - len(todo),
             "seconds": time.perf_counter() - started}
+
+
+def check_output_store(path: Any, *, overwrite: bool = False, fingerprint: str | None = None) -> str:
+    """What writing profiles to ``path`` would do, refusing anything that could lose data.
+
+    Call it before any work (it reads only metadata). ``--overwrite`` replaces a
+    gradcamo-dask profiles store only: an existing file, a folder of other files
+    or another Zarr store is refused whatever ``overwrite`` says.
+
+    Parameters
+    ----------
+    path : str, Path or fsspec URL
+        The output store.
+    overwrite : bool
+        Whether a profiles store of another run may be replaced.
+    fingerprint : str, optional
+        The run's :func:`profiles_fingerprint`; None when not known yet (then any
+        profiles store is accepted here and the fingerprint is checked again later).
+
+    Returns
+    -------
+    str
+        ``"new"`` (nothing there, or an empty folder), ``"resume"`` (the same run,
+        set up), ``"setup"`` (the same run, its setup interrupted: set up again) or
+        ``"replace"`` (another run's store, ``overwrite`` given).
+
+    Raises
+    ------
+    OutputStoreError
+        ``path`` holds something that is not a profiles store, or another run's
+        profiles without ``overwrite``.
+    """
+    from gradcamo_dask.io.storage import normalize_output_url
+
+    path = normalize_output_url(path)
+    local = "://" not in path
+    if local and not os.path.lexists(path):
+        return "new"
+    if local and os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+        return "new"
+    existing = _existing(path)
+    if existing is None and not local:
+        return "new"
+    if not existing or FINGERPRINT_ATTR not in existing.attrs:
+        raise OutputStoreError(
+            f"{path} exists and is not a gradcamo-dask profiles store (it holds other files); nothing was "
+            f"written or removed. --overwrite replaces only a profiles store: choose a new output path "
+            f"(or empty that folder yourself)")
+    if fingerprint is None or existing.attrs.get(FINGERPRINT_ATTR) == fingerprint:
+        return "resume" if DONE_ARRAY in existing and CHUNK_ATTR in existing.attrs else "setup"
+    if overwrite:
+        return "replace"
+    raise OutputStoreError(
+        f"{path} holds profiles of another run (another plate, bundle, labels, image content or parameters); "
+        f"choose another output path, or pass --overwrite (overwrite=True) to replace that store")
 
 
 def _write_template(ds: xr.Dataset, path: Any, fingerprint: str, chunk_cells: int, n_chunks: int) -> None:
@@ -236,11 +297,15 @@ def _write_template(ds: xr.Dataset, path: Any, fingerprint: str, chunk_cells: in
 def _run(tasks: list, client: Any, progress: bool) -> None:
     if client is not None:
         futures = client.compute(tasks, optimize_graph=False)
-        if progress:
-            from distributed import progress as show
+        try:
+            if progress:
+                from distributed import progress as show
 
-            show(futures)
-        client.gather(futures)
+                show(futures)
+            client.gather(futures)
+        except BaseException:
+            client.cancel(futures)  # a failed run (full disk, bad site) stops starting new chunks
+            raise
         return
     try:
         from distributed import default_client
@@ -305,13 +370,15 @@ def done_sites(path: Any) -> pd.DataFrame:
         ``well, site, n_cells, done`` (sites without cells do not appear).
     """
     group = _open_group(path, "r")
-    chunk = int(group.attrs[CHUNK_ATTR])
-    done = np.asarray(group[DONE_ARRAY][:]).astype(bool)
     wells = np.asarray([str(w) for w in group["well"][:]], dtype=object)
     sites = np.asarray(group["site"][:]).astype(np.int64)
     if len(wells) == 0:
         return pd.DataFrame({"well": [], "site": [], "n_cells": [], "done": []})
-    cell_done = done[np.arange(len(wells)) // chunk]
+    if DONE_ARRAY in group and CHUNK_ATTR in group.attrs:  # else the setup was interrupted: nothing is done
+        done = np.asarray(group[DONE_ARRAY][:]).astype(bool)
+        cell_done = done[np.arange(len(wells)) // int(group.attrs[CHUNK_ATTR])]
+    else:
+        cell_done = np.zeros(len(wells), dtype=bool)
     frame = pd.DataFrame({"well": wells, "site": sites, "done": cell_done})
     out = frame.groupby(["well", "site"], sort=False).agg(n_cells=("done", "size"), done=("done", "all"))
     return out.reset_index()
@@ -331,14 +398,19 @@ def describe_profiles(path: Any) -> dict | None:
     if not group or FINGERPRINT_ATTR not in group.attrs:
         return None
     prov = json.loads(group.attrs.get("provenance", "{}"))
+    if not all(name in group for name in ("cell", "well", "site", "layer", "class", "feature")):
+        return {"kind": "profiles", "plate": group.attrs.get("plate"), "complete": False,
+                "chunks_done": "0 (setup interrupted: run the same score command again)",
+                "bundle": prov.get("bundle_path"), "bundle_hash": prov.get("bundle_hash")}
     sites = done_sites(path)
-    done = np.asarray(group[DONE_ARRAY][:])
+    done = np.asarray(group[DONE_ARRAY][:]) if DONE_ARRAY in group else None
     return {
         "kind": "profiles", "plate": group.attrs.get("plate"), "cells": int(group["cell"].shape[0]),
         "layers": [str(v) for v in group["layer"][:]], "classes": [str(v) for v in group["class"][:]],
         "features": int(group["feature"].shape[0]), "bundle": prov.get("bundle_path"),
         "bundle_hash": prov.get("bundle_hash"), "complete": bool(group.attrs.get(COMPLETE_ATTR)),
-        "chunks_done": f"{int(done.sum())}/{len(done)}",
+        "chunks_done": f"{int(done.sum())}/{len(done)}" if done is not None else
+        "0 (setup interrupted: run the same score command again)",
         "sites_done": [f"{w}/{s}" for w, s, d in zip(sites["well"], sites["site"], sites["done"]) if d],
         "sites_pending": [f"{w}/{s}" for w, s, d in zip(sites["well"], sites["site"], sites["done"]) if not d],
     }
