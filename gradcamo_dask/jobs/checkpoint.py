@@ -48,10 +48,18 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file onto the CPU."""
+    """Read a safetensors file onto the CPU; anything else is a :class:`WeightsFormatError` naming the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    from gradcamo_dask.errors import WeightsFormatError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, OSError) as err:
+        raise WeightsFormatError(f"{path} is not a readable safetensors checkpoint ({err}); it may be truncated or "
+                                 "of another format (pickled checkpoints are never loaded). Delete the checkpoint "
+                                 "folder to train from the start, or resume from an intact one") from None
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
