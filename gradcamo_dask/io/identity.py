@@ -44,6 +44,9 @@ def _local_entries(root: str) -> list[tuple[str, int, int]]:
 def _remote_entries(url: str) -> list[tuple]:
     import fsspec
 
+    protocol = url.split("://", 1)[0]
+    if protocol not in fsspec.available_protocols():  # a generated plate (virtual://NAME?seed=N): its URL says it all
+        return [(url,)]
     fs, root = fsspec.core.url_to_fs(url)
     found = fs.find(root, detail=True) or {root: fs.info(root)}
     return [(name[len(root):], *(str(info.get(k)) for k in _OBJECT_KEYS)) for name, info in sorted(found.items())]
