@@ -224,9 +224,11 @@ def site_result_types(out: dict[str, np.ndarray], n_layers: int) -> dict[str, np
     return typed
 
 
-def _score_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, spec: dict) -> dict:
-    out = score_site(image_block[0, 0], labels_block[0, 0], cells_site, spec)
-    blank = not bool(np.any(np.asarray(image_block)))  # an all-zero image: its scores mean nothing
+def _flag_blank(out: dict, image_site: Any, cells_site: pd.DataFrame, spec: dict) -> dict:
+    """Add ``blank_site`` (an all-zero site image: its scores mean nothing) and warn about it."""
+    from gradcamo_dask.arrays import array_module
+
+    blank = not bool(array_module(image_site).any(image_site))  # the array's own namespace: CuPy blocks too
     if blank:
         logger.warning("plate %s, well %s, site %s: the image is blank (all zero); its %d cells are flagged "
                        "blank_site", spec.get("plate"), spec.get("well"), spec.get("site"), len(cells_site))
@@ -234,8 +236,14 @@ def _score_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, 
     return out
 
 
+def _score_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, spec: dict) -> dict:
+    return _flag_blank(score_site(image_block[0, 0], labels_block[0, 0], cells_site, spec), image_block, cells_site,
+                       spec)
+
+
 def _score_group_blocks(image_blocks: list, labels_blocks: list, cells: list, specs: list) -> list[dict]:
-    return score_site_group([b[0, 0] for b in image_blocks], [b[0, 0] for b in labels_blocks], cells, specs)
+    outs = score_site_group([b[0, 0] for b in image_blocks], [b[0, 0] for b in labels_blocks], cells, specs)
+    return [_flag_blank(o, b, c, s) for o, b, c, s in zip(outs, image_blocks, cells, specs)]
 
 
 # ------------------------------------------------------------------ the plate
