@@ -258,11 +258,11 @@ def test_real_volume_cells_and_their_thin_slabs_are_defined(real_data):
     """Cells of the real confocal volume, whole and cut to slabs of 1-4 slices: no inf, NaN only without pairs."""
     import tifffile
 
-    from gradcamo_dask import segment_site
+    from gradcamo_dask import WatershedSegmenter, segment_site
     from gradcamo_dask.io.plate import plate_dataarray
 
     stack = tifffile.imread(real_data / "rgb_3D.tif")  # (z, c, y, x), no voxel size: isotropic (its README)
-    labels = segment_site(stack[:, 0], stack[:, 1], "watershed", anisotropy=1.0)
+    labels = segment_site(stack[:, 0], stack[:, 1], WatershedSegmenter(anisotropy=1.0))
     table = cell_table(plate_dataarray(labels[None, None].astype(np.int32), wells=["A01"], plate="rgb_3D"),
                        size=(None, 48, 48), drop_border=False)
     crops, masks = crop_site(stack.transpose(1, 0, 2, 3), labels, table, (None, 48, 48))
