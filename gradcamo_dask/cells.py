@@ -23,7 +23,7 @@ on the GPU (no host round trip).
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import dask
@@ -35,10 +35,10 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.arrays import array_module, to_numpy
+from gradcamo_dask.crop_geometry import CropSize, crop_shape, crop_windows
 from gradcamo_dask.errors import InputError, LabelsError, PlateLayoutError
 from gradcamo_dask.normalize import fit_normalization, normalize_crops, rescale_crops  # noqa: F401  (contract home)
 
-CropSize = Sequence[int | None]
 DEFAULT_SIZE: tuple[int | None, int, int] = (None, 128, 128)
 GEOMETRY_COLUMNS = [
     "object_number", "center_z", "center_y", "center_x", "bbox_z0", "bbox_z1", "bbox_y0", "bbox_y1",
@@ -60,37 +60,6 @@ def _where(plate: Any = None, well: Any = None, site: Any = None) -> str:
 
 
 # ------------------------------------------------------------------ geometry
-
-
-def crop_shape(size: CropSize, site_zyx: Sequence[int], where: str = "site") -> tuple[int, int, int]:
-    """The ``(z, y, x)`` crop shape of ``size`` (None = the whole axis) on a site.
-
-    Raises
-    ------
-    PlateLayoutError
-        If a crop depth larger than the site's number of z-slices is requested.
-    """
-    if len(size) != 3:
-        raise InputError(f"crop size must be (z, y, x) with None for 'whole axis', got {size}")
-    out = tuple(int(n) if n is not None else int(full) for n, full in zip(size, site_zyx))
-    if any(n < 1 for n in out):
-        raise InputError(f"crop size must be positive, got {size}")
-    if size[0] is not None and out[0] > site_zyx[0]:
-        raise PlateLayoutError(
-            f"{where}: has {site_zyx[0]} z-slices, fewer than the requested crop depth {out[0]}; use size=(None, "
-            f"{out[1]}, {out[2]}) to keep all slices, or a depth <= {site_zyx[0]}"
-        )
-    return out  # type: ignore[return-value]
-
-
-def crop_windows(centers: np.ndarray, size: CropSize, site_zyx: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Half-open crop windows ``(start, stop)``, each ``(n, 3)`` int, voxels, around ``centers``."""
-    shape = np.asarray(crop_shape(size, site_zyx))
-    centers = np.asarray(centers, dtype=float).reshape(-1, 3)
-    start = np.floor(centers - shape / 2 + 0.5).astype(np.int64)
-    whole = np.array([n is None for n in size])
-    start[:, whole] = 0
-    return start, start + shape
 
 
 def _boxes_scatter(labels: Any, xp: Any) -> tuple[Any, Any, Any]:

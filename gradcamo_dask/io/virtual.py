@@ -215,7 +215,7 @@ class VirtualPlate:
         size : (int or None, int or None, int or None)
             Crop size ``(z, y, x)``, voxels, used for the ``crop_padded`` flag.
         """
-        from gradcamo_dask.cells import crop_windows
+        from gradcamo_dask.crop_geometry import crop_windows
 
         parts = []
         for w in range(self.n_wells):

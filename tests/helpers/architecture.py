@@ -16,7 +16,7 @@ PACKAGE = "gradcamo_dask"
 #: Stages from the bottom (read first) to the top; a stage may import only itself and those below.
 STAGES = ("io", "segment", "cells", "engine", "profiles", "jobs", "cli")
 #: Modules every stage may use; they import no stage.
-SHARED = ("arrays", "errors", "normalize", "provenance")
+SHARED = ("arrays", "crop_geometry", "errors", "normalize", "provenance")
 ROLES = {
     "io": "plates in and out: OME-Zarr HCS, plain Zarr, TIFF, platemaps, synthetic plates",
     "segment": "segmenters (Cellpose, watershed baseline) and tiling of large sites",
