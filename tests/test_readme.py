@@ -21,6 +21,7 @@ from tests.helpers.paths import REPO
 
 FENCE = re.compile(r"^```(bash|python)\s*$")
 SKIP = re.compile(r"^<!--\s*skip:\s*(.+?)\s*-->\s*$")
+SNIPPET = re.compile(r"^<!--\s*snippet:\s*(\w+)\s*-->\s*$")  # run by tests/profiles/test_readme_snippets.py
 
 
 def code_blocks(path: Path) -> list[dict]:
@@ -33,10 +34,13 @@ def code_blocks(path: Path) -> list[dict]:
             i += 1
             continue
         before = next((lines[k] for k in range(i - 1, -1, -1) if lines[k].strip()), "")
-        skip = SKIP.match(before)
+        skip, snippet = SKIP.match(before), SNIPPET.match(before)
+        reason = skip.group(1) if skip else (
+            f"snippet '{snippet.group(1)}': run on a scored store by tests/profiles/test_readme_snippets.py"
+            if snippet else None)
         end = next(k for k in range(i + 1, len(lines)) if lines[k].startswith("```"))
         blocks.append({"language": match.group(1), "code": "\n".join(lines[i + 1:end]) + "\n", "line": i + 1,
-                       "skip": skip.group(1) if skip else None})
+                       "skip": reason})
         i = end + 1
     return blocks
 
