@@ -199,14 +199,18 @@ def install_duckdb_extensions(home: str | Path | None = None) -> Path:
                          f"(the extension packages are built for that DuckDB version)") from err
     version = f"v{duckdb.__version__}"
     platform = duckdb.execute("PRAGMA platform").fetchone()[0]
-    source = Path(duckdb_ext.get_extension_dir()) / version / platform
+    # the wheels put their files under duckdb_ext/extensions/ and ship no __init__.py, so duckdb_ext is a
+    # namespace package: look in every folder of its __path__ (the files of the two wheels may lie apart)
+    roots = [Path(p) / "extensions" for p in duckdb_ext.__path__]
     names = ["sqlite_scanner.duckdb_extension", "httpfs.duckdb_extension"]
-    missing = [n for n in names if not (source / n).is_file()]
+    found = {n: next((r / version / platform / n for r in roots if (r / version / platform / n).is_file()), None)
+             for n in names}
+    missing = [n for n, f in found.items() if f is None]
     if missing:
-        shipped = sorted(p.name for p in Path(duckdb_ext.get_extension_dir()).glob("v*"))
-        raise InputError(f"{source} lacks {missing}: the duckdb-ext packages ship extensions for DuckDB {shipped}, "
-                         f"DuckDB {version} is installed; pip install duckdb-ext-sqlite duckdb-ext-httpfs and the "
-                         f"duckdb version they require")
+        shipped = sorted({p.name for r in roots for p in r.glob("v*")})
+        raise InputError(f"no {missing} for DuckDB {version} on {platform} under {[str(r) for r in roots]}: the "
+                         f"duckdb-ext packages ship extensions for DuckDB {shipped}; pip install duckdb-ext-sqlite "
+                         f"duckdb-ext-httpfs and the duckdb version they require")
     target = Path(home if home is not None else Path.home()) / ".duckdb" / "extensions" / version / platform
     target.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -214,7 +218,7 @@ def install_duckdb_extensions(home: str | Path | None = None) -> Path:
         if dest.exists():
             continue
         try:
-            dest.symlink_to(source / name)
+            dest.symlink_to(found[name])
         except OSError:
-            shutil.copy2(source / name, dest)
+            shutil.copy2(found[name], dest)
     return target
