@@ -48,6 +48,7 @@ from gradcamo_dask.jobs.profile_layout import (cells_key, classic_settings, laye
 __all__ = [
     "ModelCache",
     "cached_bundle",
+    "folded_model",
     "score_plate",
     "score_site",
     "site_tasks",
@@ -94,6 +95,30 @@ def cached_bundle(path: str, expected_hash: str | None = None, device: str | Non
                 )
             _CACHE[key] = bundle
     return bundle
+
+
+_FOLDED: dict[tuple[int, tuple], tuple[Any, Any]] = {}
+
+
+def folded_model(bundle: Any, layers: Sequence[str]) -> Any:
+    """The bundle's model with batch norms folded into convolutions, made once per process, bundle and layers.
+
+    Scoring runs this copy on every device (:func:`~gradcamo_dask.engine.fold.fold_batch_norm`;
+    ``layers`` keep their activations); on CUDA it keeps the ``channels_last_3d`` layout.
+    """
+    from gradcamo_dask.engine.fold import fold_batch_norm
+
+    key = (id(bundle.model), tuple(layers))
+    with _CACHE_LOCK:
+        entry = _FOLDED.get(key)
+        if entry is None or entry[0] is not bundle.model:  # the original is held, so its id is never reused
+            folded = fold_batch_norm(bundle.model, bundle.config.input_shape, keep=layers)
+            if next(folded.parameters()).device.type == "cuda":
+                import torch
+
+                folded.to(memory_format=torch.channels_last_3d)
+            entry = _FOLDED[key] = (bundle.model, folded)
+    return entry[1]
 
 
 class ModelCache:
@@ -196,8 +221,8 @@ def score_site_group(images: Sequence[Any], labels: Sequence[Any], cells: Sequen
     if runner is None:
         bundle = cached_bundle(spec["bundle_path"], spec["bundle_hash"], device)
         # crop_site refuses non-finite images, so crops are finite: no NaN scan, no host sync per batch
-        runner, normalization = ExplainRunner(bundle.model, layers, spec["target"], check_finite=False), \
-            bundle.config.normalization
+        runner, normalization = ExplainRunner(folded_model(bundle, layers), layers, spec["target"],
+                                              check_finite=False), bundle.config.normalization
     jobs = [SiteJob(read=functools.partial(_pair, image, label), cells=rows,
                     where={"plate": one["plate"], "well": one["well"], "site": one["site"]})
             for image, label, rows, one in zip(images, labels, cells, specs)]
