@@ -368,6 +368,12 @@ def site_runs(cells: pd.DataFrame) -> list[tuple[str, int, int, int]]:
     return runs
 
 
+def site_rows(ids: np.ndarray, centers: np.ndarray) -> pd.DataFrame:
+    """A site's cell rows for a task: ``object_number`` (int64) and ``center_z/y/x`` (float, voxels)."""
+    return pd.DataFrame({"object_number": np.asarray(ids, dtype=np.int64), "center_z": centers[:, 0],
+                         "center_y": centers[:, 1], "center_x": centers[:, 2]})
+
+
 def site_graph(image: xr.DataArray, labels: xr.DataArray, cells: pd.DataFrame, func: Any, name: str,
                args_of: Any = lambda well, site: ()) -> tuple[HighLevelGraph, list[int]]:
     """One Dask task per site with cells: ``func(image_block, labels_block, rows, *args_of(well, site))``.
@@ -389,14 +395,14 @@ def site_graph(image: xr.DataArray, labels: xr.DataArray, cells: pd.DataFrame, f
     sites = {int(s): i for i, s in enumerate(image["site"].values)}
     img = _per_site(image.data if isinstance(image.data, da.Array) else da.asarray(image.data), 4)
     lab = _per_site(labels.data if isinstance(labels.data, da.Array) else da.asarray(labels.data), 3)
-    columns = ["object_number", "center_z", "center_y", "center_x"]
+    # the graph holds per-site views of two plate-wide arrays; each task builds its rows' table on the worker
+    ids, centers = _cells_arrays(cells)
     dsk, counts = {}, []
     for k, (w, s, i, j) in enumerate(site_runs(cells)):
         if w not in wells or s not in sites:
             raise PlateLayoutError(f"{_where(plate, w, s)}: in the cell table but not in the image")
-        rows = cells.iloc[i:j][columns].reset_index(drop=True)
         dsk[(name, k)] = (func, (img.name, wells[w], sites[s], 0, 0, 0, 0), (lab.name, wells[w], sites[s], 0, 0, 0),
-                          rows, *args_of(w, s))
+                          (site_rows, ids[i:j], centers[i:j]), *args_of(w, s))
         counts.append(j - i)
     return HighLevelGraph.from_collections(name, dsk, dependencies=[img, lab]), counts
 

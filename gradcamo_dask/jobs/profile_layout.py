@@ -115,7 +115,13 @@ def table_coords(cells: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
     for column in cells.columns:
         values = cells[column].to_numpy()
         if values.dtype == object or pd.api.types.is_string_dtype(cells[column]):
-            values = np.asarray([str(v) for v in values], dtype=object)  # variable-length UTF-8 in Zarr v3
+            # variable-length UTF-8 in Zarr v3; all-text columns get one str per distinct value (a plate has a
+            # few hundred), not per cell; others (missing values, mixed types) are converted cell by cell
+            if pd.api.types.infer_dtype(values, skipna=False) != "string":
+                values = np.asarray([str(v) for v in values], dtype=object)
+            else:
+                codes, uniques = pd.factorize(values)
+                values = np.asarray([str(v) for v in uniques], dtype=object)[codes]
         coords[column] = ("cell", values)
     return coords
 
