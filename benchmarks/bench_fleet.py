@@ -195,13 +195,23 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = args.stem or ("bench_fleet" + ("_quick" if args.quick else ""))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    return 0
+
+
+def markdown(result: dict) -> str:
+    """The Markdown report of a run (from its JSON)."""
+    gpus = [r["gpus"] for r in result["runs"]]
     s, m = result["settings"], result["machine"]
     lines = [f"# bench_fleet ({result['mode']}, simulated GPUs)", "",
              f"{result['date']} on {m['platform']}, {m['cpus']} CPUs, load {m['load_average']} -> "
              f"{m['load_average_end']}.", "",
              f"{s['sites']} sites of 6 x {' x '.join(map(str, s['site_shape']))} voxels from OME-Zarr ({s['cells']} "
              f"cells), crops {s['crop']}, batches of {s['batch']} cells; each simulated GPU is a Dask thread whose "
-             f"runner sleeps {s['ms_per_cell']} ms per cell (an H100 at {1000 / s['ms_per_cell']:.0f} cells/s); "
+             f"runner sleeps {s['ms_per_cell']} ms per cell (a GPU at {1000 / s['ms_per_cell']:.0f} cells/s"
+             f"{'' if s.get('fit_cores') else '; 1 ms stands for an H100 at 1,000 cells/s'}); "
              "reads, decompression and crops are real. Scheduler overhead per empty task: "
              f"{result.get('task_overhead_ms')} ms.", "",
              *([f"Host work per cell (reads, decompression, crops, normalisation; one thread, no GPU wait): "
@@ -215,9 +225,7 @@ def main(argv=None) -> int:
     for r in result["runs"]:
         lines.append(f"| {r['gpus']} | {'on' if r['prefetch'] else 'off'} | {r['cells_per_s']} | {r['efficiency']} | "
                      f"{r['idle_share_mean']} | {r['idle_share_max']} | {r['seconds']} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
