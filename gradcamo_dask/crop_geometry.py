@@ -72,7 +72,11 @@ def gather_windows(volume: Any, start: Any, shape: Sequence[int], fill: Any = 0,
         return out
     inside = ((start >= 0) & (start + np.asarray(shape) <= zyx)).all(axis=1)
     if inside.any():
-        view = xp.lib.stride_tricks.sliding_window_view(volume, shape, axis=(-3, -2, -1))
+        # every window position as a strided view (numpy's sliding_window_view, built with as_strided, which
+        # CuPy has in every supported version); never written to
+        counts = tuple(int(n) for n in zyx - np.asarray(shape) + 1)
+        view = xp.lib.stride_tricks.as_strided(volume, shape=(*lead, *counts, *shape),
+                                               strides=(*volume.strides, *volume.strides[-3:]))
         rows = np.flatnonzero(inside)
         z, y, x = (xp.asarray(start[rows, a]) for a in range(3))
         whole = bool(inside.all())
