@@ -36,7 +36,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from machine_info import machine  # benchmarks/ is on sys.path when a script runs
+import numpy as np
+
+try:
+    from machine_info import machine  # benchmarks/ is on sys.path when a script runs
+except ImportError:  # imported as benchmarks.bench_crops (tests)
+    from benchmarks.machine_info import machine
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -115,6 +120,94 @@ def worker(plate_path: str, n_sites: int, threads: int, naive: bool) -> dict:
         out.update(naive_cells_per_s=len(cells) / t_naive, naive_s=t_naive, wells=len(wells))
     return out
 
+def per_cell_crops(image, labels, cells, size):
+    """Crops and masks cut as before the batched gather (one slice copy per cell, gradcamo-dask 8879fac).
+
+    Kept as the reference that ``crop_site`` must equal bit for bit (tests/test_crop_gather.py) and as the
+    "before" of ``--host``.
+    """
+    from gradcamo_dask.crop_geometry import crop_shape, crop_windows
+
+    ids = np.asarray(cells["object_number"], dtype=np.int64)
+    centers = np.stack([np.asarray(cells[f"center_{a}"], dtype=float) for a in "zyx"], axis=1)
+    shape = tuple(labels.shape)
+    dz, dy, dx = crop_shape(size, shape)
+    crops = np.zeros((len(ids), image.shape[0], dz, dy, dx), dtype=np.float32)
+    masks = np.zeros((len(ids), dz, dy, dx), dtype=bool)
+    start, stop = crop_windows(centers, size, shape)
+    lo, hi = np.maximum(start, 0), np.minimum(stop, shape)
+    for i in range(len(ids)):
+        src = tuple(slice(a, b) for a, b in zip(lo[i], hi[i]))
+        dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo[i], hi[i], start[i]))
+        crops[(i, slice(None), *dst)] = image[(slice(None), *src)]
+        masks[(i, *dst)] = labels[src] == int(ids[i])
+    return crops, masks
+
+
+def host_cost(site_shape: tuple[int, int, int], sizes: list, batch: int = 32, repeats: int = 5) -> dict:
+    """Host ms per cell of cutting crops (per-cell slicing vs batched gather) and normalising them, one thread.
+
+    One in-memory synthetic site (6 channels uint16); cells cut in batches of ``batch`` as the feeder does;
+    median of ``repeats`` runs of the whole site.
+    """
+    import dask
+    import torch
+
+    from gradcamo_dask import synthetic_plate
+    from gradcamo_dask.cells import crop_site, site_cells
+    from gradcamo_dask.normalize import normalize_crops
+
+    torch.set_num_threads(1)
+    plate = synthetic_plate(doses_um=(0.0,), wells_per_treatment=1, sites_per_well=1, site_shape=site_shape, seed=0)
+    image, labels = dask.compute(plate.image.data[0, 0], plate.labels.data[0, 0])
+    rows = []
+    for size in sizes:
+        cells = site_cells(labels, size=size, drop_border=False)
+        parts = [cells.iloc[i:i + batch].reset_index(drop=True) for i in range(0, len(cells), batch)]
+        norm = {"mean": [0.0] * image.shape[0], "std": [1.0] * image.shape[0]}
+        timing = {}
+        for name, cut in (("per_cell_slicing", lambda p: per_cell_crops(image, labels, p, size)),
+                          ("batched_gather", lambda p: crop_site(image, labels, p, size))):
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for p in parts:
+                    cut(p)
+                runs.append(time.perf_counter() - start)
+            timing[name] = 1000 * float(np.median(runs)) / len(cells)
+        crops = crop_site(image, labels, parts[0], size)[0]
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            normalize_crops(crops, norm)
+            runs.append(time.perf_counter() - start)
+        timing["normalize"] = 1000 * float(np.median(runs)) / len(parts[0])
+        rows.append({"crop": ["all z" if n is None else n for n in size], "cells": int(len(cells)),
+                     "padded_cells": int(cells["crop_padded"].sum()), **{f"{k}_ms_per_cell": v for k, v in timing.items()},
+                     "speedup": timing["per_cell_slicing"] / timing["batched_gather"]})
+        print(rows[-1], flush=True)
+    import gradcamo_dask
+
+    return {"site_shape_zyx": list(site_shape), "channels": int(image.shape[0]), "batch": batch, "rows": rows,
+            "package": str(Path(gradcamo_dask.__file__).parent)}
+
+
+def _host_markdown(result: dict) -> str:
+    h, m = result["host"], result["machine"]
+    lines = ["# bench_crops --host: host ms per cell of cutting and normalising crops", "",
+             f"- date: {result['date']}; load before/after {result['load_before']} / {result['load_after']}",
+             f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch threads 1, GPU {m['gpu']}",
+             f"- one in-memory synthetic site of {h['site_shape_zyx']} voxels x {h['channels']} channels uint16; "
+             f"cells cut {h['batch']} at a time (as the feeder does), border cells kept (padded windows included); "
+             "median of 5 runs. All figures measured.", "",
+             "| crop (z, y, x) | cells (padded) | per-cell slicing ms/cell | batched gather ms/cell | speed-up | "
+             "normalise ms/cell |", "|---|---|---|---|---|---|"]
+    for r in h["rows"]:
+        lines.append(f"| {r['crop']} | {r['cells']} ({r['padded_cells']}) | {r['per_cell_slicing_ms_per_cell']:.3f} | "
+                     f"{r['batched_gather_ms_per_cell']:.3f} | {r['speedup']:.2f}x | {r['normalize_ms_per_cell']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _write_plate(path: Path, site_shape: tuple[int, int, int]) -> dict:
     from gradcamo_dask import synthetic_plate, write_plate
 
@@ -168,7 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON and Markdown")
     parser.add_argument("--worker", nargs=2, metavar=("PLATE", "SITES"), help=argparse.SUPPRESS)
     parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--host", action="store_true",
+                        help="only the host ms per cell of cutting crops (before/after the batched gather)")
     args = parser.parse_args(argv)
+    if args.host:
+        load = os.getloadavg()
+        host = host_cost((21, 512, 512), [(None, 128, 128), (None, 48, 48)])
+        result = {"benchmark": "bench_crops_host", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "machine": machine(), "load_before": [round(v, 2) for v in load],
+                  "load_after": [round(v, 2) for v in os.getloadavg()], "host": host}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_crops_host.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "bench_crops_host.md").write_text(_host_markdown(result))
+        print(_host_markdown(result))
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.threads, args.naive)))
         return 0

@@ -35,7 +35,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.arrays import array_module, to_numpy
-from gradcamo_dask.crop_geometry import CropSize, crop_shape, crop_windows
+from gradcamo_dask.crop_geometry import CropSize, crop_shape, crop_windows, gather_windows
 from gradcamo_dask.errors import InputError, LabelsError, PlateLayoutError
 from gradcamo_dask.normalize import fit_normalization, normalize_crops, rescale_crops  # noqa: F401  (contract home)
 
@@ -327,18 +327,11 @@ def crop_site(
         raise InputError(f"{where}: the image holds NaN or inf intensities; fix or mask them before cropping")
     ids, centers = _cells_arrays(cells_site)
     dz, dy, dx = crop_shape(size, shape, where)
-    n, n_c = len(ids), image_site.shape[0]
-    crops = xp.zeros((n, n_c, dz, dy, dx), dtype=xp.float32)
-    masks = xp.zeros((n, dz, dy, dx), dtype=bool)
-    start, stop = crop_windows(centers, size, shape)
-    lo, hi = np.maximum(start, 0), np.minimum(stop, shape)
-    for i in range(n):
-        src = tuple(slice(a, b) for a, b in zip(lo[i], hi[i]))
-        dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo[i], hi[i], start[i]))
-        if any(b <= a for a, b in zip(lo[i], hi[i])):
-            continue  # window entirely outside the image: caught below as a missing cell
-        crops[(i, slice(None), *dst)] = image_site[(slice(None), *src)]
-        masks[(i, *dst)] = labels_site[src] == int(ids[i])
+    n = len(ids)
+    start, _stop = crop_windows(centers, size, shape)
+    # one batched gather per array (no loop over cells); zero where a window runs past the image
+    crops = gather_windows(image_site, start, (dz, dy, dx), dtype=xp.float32)
+    masks = gather_windows(labels_site, start, (dz, dy, dx)) == xp.asarray(ids).reshape(-1, 1, 1, 1)
     found = to_numpy(masks.reshape(n, -1).any(axis=1)) if n else np.zeros(0, bool)
     if not found.all():
         lost = ids[~found][:10].tolist()
@@ -375,6 +368,12 @@ def site_runs(cells: pd.DataFrame) -> list[tuple[str, int, int, int]]:
     return runs
 
 
+def site_rows(ids: np.ndarray, centers: np.ndarray) -> pd.DataFrame:
+    """A site's cell rows for a task: ``object_number`` (int64) and ``center_z/y/x`` (float, voxels)."""
+    return pd.DataFrame({"object_number": np.asarray(ids, dtype=np.int64), "center_z": centers[:, 0],
+                         "center_y": centers[:, 1], "center_x": centers[:, 2]})
+
+
 def site_graph(image: xr.DataArray, labels: xr.DataArray, cells: pd.DataFrame, func: Any, name: str,
                args_of: Any = lambda well, site: ()) -> tuple[HighLevelGraph, list[int]]:
     """One Dask task per site with cells: ``func(image_block, labels_block, rows, *args_of(well, site))``.
@@ -396,14 +395,14 @@ def site_graph(image: xr.DataArray, labels: xr.DataArray, cells: pd.DataFrame, f
     sites = {int(s): i for i, s in enumerate(image["site"].values)}
     img = _per_site(image.data if isinstance(image.data, da.Array) else da.asarray(image.data), 4)
     lab = _per_site(labels.data if isinstance(labels.data, da.Array) else da.asarray(labels.data), 3)
-    columns = ["object_number", "center_z", "center_y", "center_x"]
+    # the graph holds per-site views of two plate-wide arrays; each task builds its rows' table on the worker
+    ids, centers = _cells_arrays(cells)
     dsk, counts = {}, []
     for k, (w, s, i, j) in enumerate(site_runs(cells)):
         if w not in wells or s not in sites:
             raise PlateLayoutError(f"{_where(plate, w, s)}: in the cell table but not in the image")
-        rows = cells.iloc[i:j][columns].reset_index(drop=True)
         dsk[(name, k)] = (func, (img.name, wells[w], sites[s], 0, 0, 0, 0), (lab.name, wells[w], sites[s], 0, 0, 0),
-                          rows, *args_of(w, s))
+                          (site_rows, ids[i:j], centers[i:j]), *args_of(w, s))
         counts.append(j - i)
     return HighLevelGraph.from_collections(name, dsk, dependencies=[img, lab]), counts
 

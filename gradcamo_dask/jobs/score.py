@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import operator
@@ -43,13 +42,16 @@ from dask.highlevelgraph import HighLevelGraph
 from gradcamo_dask.errors import BundleMismatchError, InputError, LabelsError
 from gradcamo_dask.jobs.devices import in_dask_worker, on_device, prepare_cuda, resolve_device
 from gradcamo_dask.jobs.feed import ExplainRunner, SiteJob, score_sites
-from gradcamo_dask.provenance import package_versions
+from gradcamo_dask.jobs.profile_layout import (cells_key, classic_settings, layer_shapes, profile_coords,
+                                               profile_variables, scoring_provenance, site_variables)
 
 __all__ = [
     "ModelCache",
     "cached_bundle",
+    "folded_model",
     "score_plate",
     "score_site",
+    "site_tasks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,30 @@ def cached_bundle(path: str, expected_hash: str | None = None, device: str | Non
                 )
             _CACHE[key] = bundle
     return bundle
+
+
+_FOLDED: dict[tuple[int, tuple], tuple[Any, Any]] = {}
+
+
+def folded_model(bundle: Any, layers: Sequence[str]) -> Any:
+    """The bundle's model with batch norms folded into convolutions, made once per process, bundle and layers.
+
+    Scoring runs this copy on every device (:func:`~gradcamo_dask.engine.fold.fold_batch_norm`;
+    ``layers`` keep their activations); on CUDA it keeps the ``channels_last_3d`` layout.
+    """
+    from gradcamo_dask.engine.fold import fold_batch_norm
+
+    key = (id(bundle.model), tuple(layers))
+    with _CACHE_LOCK:
+        entry = _FOLDED.get(key)
+        if entry is None or entry[0] is not bundle.model:  # the original is held, so its id is never reused
+            folded = fold_batch_norm(bundle.model, bundle.config.input_shape, keep=layers)
+            if next(folded.parameters()).device.type == "cuda":
+                import torch
+
+                folded.to(memory_format=torch.channels_last_3d)
+            entry = _FOLDED[key] = (bundle.model, folded)
+    return entry[1]
 
 
 class ModelCache:
@@ -195,8 +221,8 @@ def score_site_group(images: Sequence[Any], labels: Sequence[Any], cells: Sequen
     if runner is None:
         bundle = cached_bundle(spec["bundle_path"], spec["bundle_hash"], device)
         # crop_site refuses non-finite images, so crops are finite: no NaN scan, no host sync per batch
-        runner, normalization = ExplainRunner(bundle.model, layers, spec["target"], check_finite=False), \
-            bundle.config.normalization
+        runner, normalization = ExplainRunner(folded_model(bundle, layers), layers, spec["target"],
+                                              check_finite=False), bundle.config.normalization
     jobs = [SiteJob(read=functools.partial(_pair, image, label), cells=rows,
                     where={"plate": one["plate"], "well": one["well"], "site": one["site"]})
             for image, label, rows, one in zip(images, labels, cells, specs)]
@@ -249,66 +275,11 @@ def _score_group_blocks(image_blocks: list, labels_blocks: list, cells: list, sp
 # ------------------------------------------------------------------ the plate
 
 
-def _layer_shapes(model: Any, input_shape: Sequence[int], layers: list[str]) -> dict[str, tuple[int, tuple]]:
-    """``{layer: (channels, (z, y, x))}`` from one forward pass on PyTorch's meta device."""
-    from gradcamo_dask.engine.layers import probe_layers
-
-    trace = {name: out for name, _m, calls, out in probe_layers(model, tuple(input_shape)) if calls == 1 and len(out) == 5}
-    unknown = [name for name in layers if name not in trace]
-    if unknown:
-        raise InputError(f"layers {unknown} are not spatial layers of the model that run once; choose among "
-                         f"{list(trace)[-8:]} (and others: gradcamo_dask.layer_grids lists them all)")
-    return {name: (int(trace[name][1]), tuple(int(n) for n in trace[name][2:])) for name in layers}
-
-
-def _table_coords(cells: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
-    coords = {}
-    for column in cells.columns:
-        values = cells[column].to_numpy()
-        if values.dtype == object or pd.api.types.is_string_dtype(cells[column]):
-            values = np.asarray([str(v) for v in values], dtype=object)  # variable-length UTF-8 in Zarr v3
-        coords[column] = ("cell", values)
-    return coords
-
-
-def _site_key(cells: pd.DataFrame) -> str:
-    """SHA-256 of the cells' identity columns, column by column (3.5 M cells in about a second).
-
-    Numbers enter as little-endian int64 / float64 bytes, text as newline-joined UTF-8,
-    each column preceded by its name.
-    """
-    digest = hashlib.sha256()
-    for column in ("well", "site", "object_number", "center_z", "center_y", "center_x", "volume_voxels"):
-        if column not in cells:
-            continue
-        values = cells[column].to_numpy()
-        digest.update(f"\n{column}\n".encode())
-        if np.issubdtype(values.dtype, np.number):
-            kind = "<f8" if np.issubdtype(values.dtype, np.floating) else "<i8"
-            digest.update(np.ascontiguousarray(values, dtype=kind).tobytes())
-        else:
-            digest.update("\n".join(map(str, values)).encode())
-    return digest.hexdigest()
-
-
-def score_plate(
-    image: xr.DataArray,
-    labels: xr.DataArray,
-    bundle: Any,
-    layers: str | Sequence[str] | None = None,
-    client: Any = None,
-    *,
-    platemap: pd.DataFrame | Any = None,
-    target: Any = "predicted",
-    batch_size: int = 8,
-    check_classes: bool = True,
-    device: str | None = None,
-    cells: pd.DataFrame | None = None,
-    plate_path: str | None = None,
-    labels_path: str | None = None,
-    classic: bool | dict = False,
-    sites_per_task: int = 1,
-) -> xr.Dataset:
+def score_plate(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: str | Sequence[str] | None = None,
+                client: Any = None, *, platemap: pd.DataFrame | Any = None, target: Any = "predicted",
+                batch_size: int = 8, check_classes: bool = True, device: str | None = None,
+                cells: pd.DataFrame | None = None, plate_path: str | None = None, labels_path: str | None = None,
+                classic: bool | dict = False, sites_per_task: int = 1) -> xr.Dataset:
     """Lazy profiles of every cell of a plate: deep features, logits, Grad-CAM(O) per layer.
 
     Parameters
@@ -318,60 +289,78 @@ def score_plate(
     labels : DataArray (well, site, z, y, x) of int
         Its cell labels (same wells, sites and grid).
     bundle : str, Path or Bundle
-        A model bundle directory (or a loaded :class:`~gradcamo_dask.Bundle`; only
-        its path travels to the workers).
+        A bundle directory (or a loaded :class:`~gradcamo_dask.Bundle`; only its path reaches the workers).
     layers : str or list of str, optional
         Grad-CAM / feature layers (default: the bundle's ``layers``).
     client : distributed.Client, optional
-        Cluster to run on; the model is loaded once per worker by a worker plugin.
-        None: the current Dask scheduler (threads by default, or an active client).
+        Cluster to run on (model loaded once per worker by a plugin); None: the current scheduler.
     platemap : DataFrame or path, optional
         Treatments per well (default: the coords the plate carries).
     target : "predicted" or int
         Class explained by Grad-CAM (paper: the predicted class).
     batch_size : int
-        Cells per forward pass on a worker.
+        Cells per forward pass on a worker (batches span the sites of a task).
     check_classes : bool
-        Refuse a plate whose treatments are not all classes of the bundle (set False
-        to score new compounds with a model trained on others).
+        Refuse treatments that are not classes of the bundle (False: score new compounds).
     device : str, optional
         Force ``"cpu"`` or ``"cuda"`` on the workers (default: each worker's own).
     plate_path, labels_path : str, optional
-        Recorded in the provenance (so that a report can read crops back); default:
-        the paths xarray recorded, if any.
+        Recorded in the provenance (a report reads crops back from them); default: xarray's.
     cells : DataFrame, optional
-        A precomputed cell table (default: :func:`~gradcamo_dask.cell_table` at the
-        bundle's crop grid; computed now, one task per site).
+        A precomputed cell table (default: :func:`~gradcamo_dask.cell_table` at the bundle's crop grid).
     classic : bool or dict
-        Also measure CellProfiler's 3D features (:mod:`gradcamo_dask.profiles.classic`) on the
-        same raw crops and masks, in the same site task, into ``classic (cell,
-        classic_feature)``; a dict gives :func:`~gradcamo_dask.site_classic_features`
-        options (``measurements="full"``, ...).
-
+        Also CellProfiler's 3D features into ``classic`` (dict: ``site_classic_features`` options).
     sites_per_task : int
-        Sites scored by one task: above 1, micro-batches span them and the next
-        site's crops are cut while the current batch runs (suits GPU workers; the
-        results equal one site per task to float rounding).
+        Sites scored by one task: above 1, micro-batches span them and the next site is cut while the
+        current batch runs (results equal one site per task to float rounding).
 
     Returns
     -------
     xarray.Dataset
-        Lazy (Dask) variables ``deep (cell, feature)``, ``logits (cell, class)``,
-        ``predicted (cell,)``, ``gradcamo``, ``cam_inside``, ``cam_total``
-        ``(cell, layer)`` and ``cam_lowres_<k>`` per layer, one Dask block per
-        site along ``cell``, rows in cell-table order; every cell-table column is a
-        coord on ``cell``; attrs ``plate`` and ``provenance`` (JSON). A plate
-        without cells gives a Dataset with zero cells.
+        Lazy ``deep (cell, feature)``, ``logits (cell, class)``, ``predicted``, ``gradcamo``, ``cam_inside``,
+        ``cam_total`` ``(cell, layer)``, ``cam_lowres_<k>``: one Dask block per site, rows in cell-table order,
+        every table column a coord on ``cell``; attrs ``plate``, ``provenance`` (JSON). No cells: zero rows.
 
     Raises
     ------
-    BundleMismatchError
-        The bundle's channels or classes do not fit the plate.
-    LabelsError, PlateLayoutError
-        Labels missing for a site, on another grid, not integers.
+    BundleMismatchError, LabelsError, PlateLayoutError
+        The bundle's channels or classes do not fit the plate; labels missing, on another grid, not integers.
     """
+    loaded, layers, crop_size, shapes = _checked_inputs(image, labels, bundle, layers, sites_per_task)
+    classic_spec, classic_names = classic_settings(image, classic)
+    cells = _plate_cells(image, labels, loaded, cells, platemap, crop_size, client, check_classes)
+    if client is not None:
+        client.register_plugin(_as_worker_plugin(ModelCache(str(loaded.path), loaded.hash)))
+    img, lab = (a if isinstance(a, da.Array) else da.asarray(a) for a in (image.data, labels.data))
+    parameters = {"layers": layers, "target": target if isinstance(target, (str, int)) else "per-cell",
+                  "batch_size": int(batch_size), "crop_size": list(crop_size),
+                  "input_shape": list(loaded.config.input_shape), "normalization": loaded.config.normalization,
+                  "check_classes": bool(check_classes), "classic": classic_spec,
+                  # recorded only when set, so that earlier stores keep their fingerprint
+                  **({"sites_per_task": int(sites_per_task)} if int(sites_per_task) != 1 else {})}
+    spec = {"bundle_path": str(loaded.path), "bundle_hash": loaded.hash, "layers": layers, "crop_size": crop_size,
+            "batch_size": int(batch_size), "target": target, "plate": str(image.attrs.get("plate", "plate")),
+            "device": device, "classic": classic_spec}
+    cells_sha256 = cells_key(cells)
+    token = tokenize(img.name, lab.name, cells_sha256, loaded.hash, json.dumps(parameters, default=str), device)
+    graph, site_name, counts = site_tasks(image, labels, cells, spec, token, sites_per_task)
+    names = None if classic_spec is None else classic_names
+    variables = profile_variables(shapes, layers, len(loaded.config.classes), None if names is None else len(names))
+    ds = xr.Dataset(site_variables(graph, site_name, counts, variables, token),
+                    coords=profile_coords(cells, shapes, layers, loaded.config.classes, names))
+    for k, name in enumerate(layers):
+        ds[f"cam_lowres_{k}"].attrs["layer"] = name
+    provenance = scoring_provenance(image, labels, loaded, cells, layers=layers, shapes=shapes,
+                                    parameters=parameters, cells_sha256=cells_sha256, plate_path=plate_path,
+                                    labels_path=labels_path, dask_names=(img.name, lab.name))
+    ds.attrs.update(plate=provenance["plate"], provenance=json.dumps(provenance, default=str))
+    return ds
+
+
+def _checked_inputs(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: Any,
+                    sites_per_task: int) -> tuple[Any, list[str], tuple, dict]:
+    """The loaded bundle, the layers, the crop size and the layers' shapes, once the inputs fit each other."""
     from gradcamo_dask.engine.bundles import Bundle
-    from gradcamo_dask.cells import cell_table, site_graph
     from gradcamo_dask.io.layout import check_labels
 
     if tuple(image.dims) != ("well", "site", "c", "z", "y", "x"):
@@ -381,10 +370,8 @@ def score_plate(
     check_labels(image, labels)
     plate = str(image.attrs.get("plate", "plate"))
     loaded = bundle if isinstance(bundle, Bundle) else cached_bundle(str(bundle), None, "cpu")
-    bundle_path = str(loaded.path)
     cfg = loaded.config
-    channels = [str(c) for c in image["c"].values]
-    loaded.check_fits(channels=channels)
+    loaded.check_fits(channels=[str(c) for c in image["c"].values])
     crop_size = tuple(None if n is None else int(n) for n in cfg.crop_shape)
     zyx = tuple(int(image.sizes[d]) for d in "zyx")
     if crop_size[0] is not None and crop_size[0] != zyx[0] and crop_size[0] > zyx[0]:
@@ -395,20 +382,13 @@ def score_plate(
     layers = list(cfg.layers) if layers is None else ([layers] if isinstance(layers, str) else list(layers))
     if not layers or not all(layers):
         raise InputError("no layers to explain: pass layers=[...] (the bundle names none)")
-    shapes = _layer_shapes(loaded.model, cfg.input_shape, layers)
-    classic_spec, classic_names = None, []
-    if classic:
-        from gradcamo_dask.profiles.classic import classic_feature_names
+    return loaded, layers, crop_size, layer_shapes(loaded.model, cfg.input_shape, layers)
 
-        options = dict(classic) if isinstance(classic, dict) else {}
-        if "intensity_max" not in options:  # CellProfiler divides by the dtype's maximum
-            options["intensity_max"] = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) \
-                else 1.0
-        spacing = [float(v) for v in image.attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0))]
-        classic_spec = {"channels": channels, "spacing": spacing, "options": options}
-        classic_names = classic_feature_names(tuple(channels), options.get("measurements", "default"),
-                                              texture_scales=options.get("texture_scales"),
-                                              granularity_length=options.get("granularity_length", 16))
+
+def _plate_cells(image: xr.DataArray, labels: xr.DataArray, loaded: Any, cells: pd.DataFrame | None,
+                 platemap: Any, crop_size: tuple, client: Any, check_classes: bool) -> pd.DataFrame:
+    """The cell table to score (computed now, one task per site, when not given), classes checked."""
+    from gradcamo_dask.cells import cell_table
 
     with (client.as_current() if client is not None else contextlib.nullcontext()):
         if cells is None:
@@ -422,48 +402,24 @@ def score_plate(
         treatments = sorted({str(t) for t in cells["treatment"] if str(t)})
         if treatments:
             loaded.check_fits(classes=treatments)
+    return cells
 
-    if client is not None:
-        client.register_plugin(_as_worker_plugin(ModelCache(bundle_path, loaded.hash)))
 
-    wells = [str(w) for w in image["well"].values]
-    sites = [int(s) for s in image["site"].values]
-    img, lab = image.data, labels.data
-    img = img if isinstance(img, da.Array) else da.asarray(img)
-    lab = lab if isinstance(lab, da.Array) else da.asarray(lab)
-    parameters = {"layers": layers, "target": target if isinstance(target, (str, int)) else "per-cell",
-                  "batch_size": int(batch_size), "crop_size": list(crop_size), "input_shape": list(cfg.input_shape),
-                  "normalization": cfg.normalization, "check_classes": bool(check_classes),
-                  "classic": classic_spec}
-    if int(sites_per_task) != 1:  # recorded only when set, so that earlier stores keep their fingerprint
-        parameters["sites_per_task"] = int(sites_per_task)
-    spec_common = {"bundle_path": bundle_path, "bundle_hash": loaded.hash, "layers": layers,
-                   "crop_size": crop_size, "batch_size": int(batch_size), "target": target, "plate": plate,
-                   "device": device, "classic": classic_spec}
+def site_tasks(image: xr.DataArray, labels: xr.DataArray, cells: pd.DataFrame, spec: dict, token: str,
+               sites_per_task: int = 1) -> tuple[HighLevelGraph, str, list[int]]:
+    """The scoring graph's site tasks: ``(graph, name, cells per site)``; task ``(name, k)`` scores site run k.
 
-    n_cells = len(cells)
-    n_features = sum(c for c, _ in shapes.values())
-    n_classes = len(cfg.classes)
-    variables = {
-        "deep": (("feature",), (n_features,), np.float32),
-        "logits": (("class",), (n_classes,), np.float32),
-        "predicted": ((), (), np.int16),
-        "blank_site": ((), (), bool),  # the cell's site image is all zero (flagged, warned about)
-        "gradcamo": (("layer",), (len(layers),), np.float64),
-        "cam_inside": (("layer",), (len(layers),), np.float64),
-        "cam_total": (("layer",), (len(layers),), np.float64),
-    }
-    for k, name in enumerate(layers):
-        variables[f"cam_lowres_{k}"] = ((f"cam{k}_z", f"cam{k}_y", f"cam{k}_x"), shapes[name][1], np.float32)
-    if classic_spec is not None:
-        variables["classic"] = (("classic_feature",), (len(classic_names),), np.float32)
+    Every site task is created here (one home for per-task annotations such as
+    resources). With ``sites_per_task`` above 1, groups of sites run in one task
+    ``("score-sites-<token>", first k)`` and each ``(name, k)`` picks its site's result
+    from the group: micro-batches span the group and the next site is cut ahead.
+    """
+    from gradcamo_dask.cells import site_graph
 
-    cells_sha256 = _site_key(cells)
-    token = tokenize(img.name, lab.name, cells_sha256, loaded.hash, json.dumps(parameters, default=str), device)
     site_name = f"score-site-{token}"
     base, counts = site_graph(image, labels, cells, _score_block, site_name,
-                              lambda w, s: ({**spec_common, "well": w, "site": s},))
-    if sites_per_task > 1:  # one task per group of sites: batches span them, the next site is cut ahead
+                              lambda w, s: ({**spec, "well": w, "site": s},))
+    if sites_per_task > 1:
         tasks = dict(base.layers[site_name])
         group_name = f"score-sites-{token}"
         for g in range(0, len(counts), sites_per_task):
@@ -473,47 +429,4 @@ def score_plate(
             for j in range(len(members)):
                 tasks[(site_name, g + j)] = (operator.getitem, (group_name, g), j)
         base = HighLevelGraph({**base.layers, site_name: tasks}, dict(base.dependencies))
-    data_vars = {}
-    for var, (dims, tail, dtype) in variables.items():
-        if counts:
-            name = f"{var.replace('_', '-')}-{token}"
-            dsk = {(name, k, *([0] * len(tail))): (operator.getitem, (site_name, k), var) for k in range(len(counts))}
-            graph = HighLevelGraph({**base.layers, name: dsk}, {**base.dependencies, name: {site_name}})
-            array = da.Array(graph, name, chunks=(tuple(counts), *((n,) for n in tail)), dtype=dtype,
-                             meta=np.empty((0,) * (1 + len(tail)), dtype=dtype))
-        else:
-            array = da.zeros((0, *tail), dtype=dtype, chunks=-1)
-        data_vars[var] = (("cell", *dims), array)
-    feature_names = [f"{name}_{i}" for name in layers for i in range(shapes[name][0])]
-    coords = {
-        "cell": np.arange(n_cells, dtype=np.int64),
-        "feature": np.asarray(feature_names, dtype=object),
-        "feature_layer": ("feature", np.asarray([n for n in layers for _ in range(shapes[n][0])], dtype=object)),
-        "feature_index": ("feature", np.concatenate([np.arange(shapes[n][0]) for n in layers]).astype(np.int64)),
-        "class": np.asarray([str(c) for c in cfg.classes], dtype=object),
-        "layer": np.asarray(layers, dtype=object),
-        **({"classic_feature": np.asarray(classic_names, dtype=object)} if classic_spec is not None else {}),
-        **_table_coords(cells),
-    }
-    ds = xr.Dataset(data_vars, coords=coords)
-    for k, name in enumerate(layers):
-        ds[f"cam_lowres_{k}"].attrs["layer"] = name
-    from gradcamo_dask.io.identity import input_identity
-
-    plate_path = str(plate_path or image.encoding.get("source", image.attrs.get("source", "")))
-    labels_path = str(labels_path or labels.encoding.get("source", labels.attrs.get("source", "")))
-    inputs = {"image": input_identity(plate_path, img.name), "labels": input_identity(labels_path, lab.name),
-              "cell_table": hashlib.sha256(pd.util.hash_pandas_object(cells, index=False).values).hexdigest()}
-    provenance = {
-        "bundle_path": bundle_path, "bundle_hash": loaded.hash, "bundle_classes": list(cfg.classes),
-        "model_name": str(cfg.architecture.get("name", "")),  # export column names come from this, never a path
-        "layers": layers, "layer_grids": {n: list(shapes[n][1]) for n in layers},
-        "plate": plate, "plate_path": plate_path, "labels_path": labels_path, "inputs": inputs,
-        "wells": list(wells), "sites": list(sites), "n_cells": n_cells, "cells_sha256": cells_sha256,
-        "parameters": parameters, "versions": package_versions(),
-    }
-    ds.attrs["plate"] = plate
-    ds.attrs["provenance"] = json.dumps(provenance, default=str)
-    return ds
-
-
+    return base, site_name, counts

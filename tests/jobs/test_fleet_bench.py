@@ -25,3 +25,16 @@ def test_bench_fleet_quick_mode(tmp_path):
     assert runs[(1, True)]["efficiency"] == 1.0 and runs[(2, True)]["efficiency"] > 0
     assert result["simulated"] is True and result["task_overhead_ms"] > 0
     assert "| 2 | on |" in (tmp_path / "bench_fleet_quick.md").read_text()
+
+
+def test_stand_in_gpus_are_slowed_until_their_feeders_fit_the_cores():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_fleet
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    host = {"cpu_ms_per_cell": 4.0, "wall_ms_per_cell": 6.0}
+    # 4 feeders at 6 ms of host per cell in 80 % of 2 cores: each GPU must take >= 6 * 4 / 1.6 = 15 ms per cell
+    assert bench_fleet.fitted_ms_per_cell(host, 1.0, [1, 2, 4], 2) == 15.0
+    assert bench_fleet.fitted_ms_per_cell(host, 40.0, [1, 2, 4], 2) == 40.0  # already slow enough: unchanged
+    assert bench_fleet.fitted_ms_per_cell(host, 1.0, [1, 16], 32) == 3.75
