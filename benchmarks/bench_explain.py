@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from gradcamo_dask import efficientnet3d, explain, gradcamo_score  # noqa: E402
 # one home for the weight draw that keeps signals alive: the tests' helper (same draws, seed 0)
-from tests.helpers.engine_models import lively as lively_weights  # noqa: E402
+from tests.helpers.engine_models import lively as lively_weights
 
 LAST, STAGE4 = "_head_swish", "_blocks.4.10"
 TARGETS = {"explain_last": 1.02, "explain_stage4": 1.15, "captum_speedup": 1.8}
