@@ -44,27 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gradcamo_dask import efficientnet3d, explain, gradcamo_score  # noqa: E402
+# one home for the weight draw that keeps signals alive: the tests' helper (same draws, seed 0)
+from tests.helpers.engine_models import lively as lively_weights
 
 LAST, STAGE4 = "_head_swish", "_blocks.4.10"
 TARGETS = {"explain_last": 1.02, "explain_stage4": 1.15, "captum_speedup": 1.8}
-
-
-def lively_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Weights under which signals neither vanish nor explode (a fresh init's logits are ~1e-15)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.Conv3d, torch.nn.Linear)):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (3.0 / m.weight[0].numel()) ** 0.5)
-                if m.bias is not None:
-                    m.bias.copy_(0.05 * torch.randn(m.bias.shape, generator=gen))
-            elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.weight.copy_(1 + 0.2 * torch.randn(n, generator=gen))
-                m.bias.copy_(0.05 * torch.randn(n, generator=gen))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-    return model.eval()
 
 
 def synthetic_cells(n: int, grid: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

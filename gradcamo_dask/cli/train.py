@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 from gradcamo_dask.cli.options import check_out, positive
+
+
+def _add_well_selection(parser: argparse.ArgumentParser, role: str, noun: str, default: str,
+                        examples: dict[str, str]) -> None:
+    """``--ROLE-wells``, ``--ROLE-columns`` and ``--ROLE-rows``: one side of the leave-wells-out split,
+    by well names, plate column numbers or row letters."""
+    parser.add_argument(f"--{role}-wells", nargs="+", default=None, metavar="WELL",
+                        help=f"{noun} wells{examples.get('wells', '')} ({default})")
+    for kind, metavar, type_ in (("columns", "COLUMN", int), ("rows", "ROW", None)):
+        parser.add_argument(f"--{role}-{kind}", type=type_, nargs="+", default=None, metavar=metavar,
+                            help=f"{noun} {kind}{examples.get(kind, '')} (instead of --{role}-wells)")
 
 
 def add_command(commands) -> None:
@@ -35,18 +47,9 @@ def add_command(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="cells per training step (paper: 8)")
     parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, shuffling, augmentations and weights")
-    parser.add_argument("--test-wells", nargs="+", default=None, metavar="WELL",
-                        help="held-out test wells, e.g. C02 C03 (default: each treatment's last well)")
-    parser.add_argument("--test-columns", type=int, nargs="+", default=None, metavar="COLUMN",
-                        help="held-out test columns, e.g. 3 (instead of --test-wells)")
-    parser.add_argument("--test-rows", nargs="+", default=None, metavar="ROW",
-                        help="held-out test rows, e.g. C (instead of --test-wells)")
-    parser.add_argument("--train-wells", nargs="+", default=None, metavar="WELL",
-                        help="training wells (default: every well not held out)")
-    parser.add_argument("--train-columns", type=int, nargs="+", default=None, metavar="COLUMN",
-                        help="training columns (instead of --train-wells)")
-    parser.add_argument("--train-rows", nargs="+", default=None, metavar="ROW",
-                        help="training rows (instead of --train-wells)")
+    _add_well_selection(parser, "test", "held-out test", "default: each treatment's last well",
+                        {"wells": ", e.g. C02 C03", "columns": ", e.g. 3", "rows": ", e.g. C"})
+    _add_well_selection(parser, "train", "training", "default: every well not held out", {})
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of training cells set aside for early stopping")
     parser.add_argument("--max-train-cells", type=int, default=None,

@@ -146,6 +146,35 @@ def _jsonable_shape(shape: Sequence[int | None], what: str) -> list[int | None]:
     return values
 
 
+def _checked_bundle_metadata(model: nn.Module, channels: Sequence[str], classes: Sequence[str],
+                             input_shape: Sequence[int], normalization: Mapping[str, Sequence[float]]) -> tuple:
+    """``(architecture, channel names, class names, {"mean": [...], "std": [...]})`` of a model to bundle,
+    after checking that they fit the model (one name per input channel / logit, its input grid in voxels,
+    one finite positive std per channel); raises :class:`InputError` otherwise."""
+    arch = getattr(model, "architecture", None)
+    if not isinstance(arch, dict) or arch.get("name") not in ARCHITECTURES:
+        raise InputError(
+            f"cannot bundle a {type(model).__name__}: bundles rebuild the network from its "
+            f"architecture name, known ones are {sorted(ARCHITECTURES)}; build it with efficientnet3d()"
+        )
+    channels, classes = [str(c) for c in channels], [str(c) for c in classes]
+    if len(channels) != arch["in_channels"]:
+        raise InputError(f"model takes {arch['in_channels']} channels, got {_names('channel names', channels)}")
+    if len(classes) != arch["num_classes"]:
+        raise InputError(f"model has {arch['num_classes']} classes, got {_names('class names', classes)}")
+    if list(_jsonable_shape(input_shape, "input_shape")) != list(arch["input_shape"]):
+        raise InputError(
+            f"input_shape {tuple(input_shape)} differs from the grid the model was built for "
+            f"{tuple(arch['input_shape'])}; rebuild the model with efficientnet3d(input_shape=...)"
+        )
+    norm = {key: [float(v) for v in normalization[key]] for key in ("mean", "std")}
+    if any(len(v) != len(channels) for v in norm.values()):
+        raise InputError(f"normalization needs one mean and one std per channel ({len(channels)})")
+    if not all(math.isfinite(v) and v > 0 for v in norm["std"]):
+        raise InputError(f"normalization std must be finite and > 0 for every channel, got {norm['std']}")
+    return arch, channels, classes, norm
+
+
 def write_bundle(
     path: str | Path,
     model: nn.Module,
@@ -187,27 +216,7 @@ def write_bundle(
     """
     from safetensors.torch import save_file
 
-    arch = getattr(model, "architecture", None)
-    if not isinstance(arch, dict) or arch.get("name") not in ARCHITECTURES:
-        raise InputError(
-            f"cannot bundle a {type(model).__name__}: bundles rebuild the network from its "
-            f"architecture name, known ones are {sorted(ARCHITECTURES)}; build it with efficientnet3d()"
-        )
-    channels, classes = [str(c) for c in channels], [str(c) for c in classes]
-    if len(channels) != arch["in_channels"]:
-        raise InputError(f"model takes {arch['in_channels']} channels, got {_names('channel names', channels)}")
-    if len(classes) != arch["num_classes"]:
-        raise InputError(f"model has {arch['num_classes']} classes, got {_names('class names', classes)}")
-    if list(_jsonable_shape(input_shape, "input_shape")) != list(arch["input_shape"]):
-        raise InputError(
-            f"input_shape {tuple(input_shape)} differs from the grid the model was built for "
-            f"{tuple(arch['input_shape'])}; rebuild the model with efficientnet3d(input_shape=...)"
-        )
-    norm = {key: [float(v) for v in normalization[key]] for key in ("mean", "std")}
-    if any(len(v) != len(channels) for v in norm.values()):
-        raise InputError(f"normalization needs one mean and one std per channel ({len(channels)})")
-    if not all(math.isfinite(v) and v > 0 for v in norm["std"]):
-        raise InputError(f"normalization std must be finite and > 0 for every channel, got {norm['std']}")
+    arch, channels, classes, norm = _checked_bundle_metadata(model, channels, classes, input_shape, normalization)
     layers = list(layers) if layers is not None else [getattr(model, "default_cam_layer", "")]
     for name in layers:
         find_layer(model, name)

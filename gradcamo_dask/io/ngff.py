@@ -377,18 +377,22 @@ def _json_safe(attrs: dict) -> dict:
     return out
 
 
-def write_hcs(
-    path: Any,
-    image: xr.DataArray,
-    labels: xr.DataArray | None = None,
-    *,
-    platemap: pd.DataFrame | None = None,
-    label_name: str = "cells",
-    overwrite: bool = False,
-    compute: bool = True,
-    progress: bool = False,
-) -> Any:
-    """Write an OME-Zarr 0.5 HCS plate; see :func:`gradcamo_dask.io.plate.write_plate`."""
+@dataclass(frozen=True)
+class HcsWriteOptions:
+    """How :func:`write_hcs` writes: the NGFF label image's name, whether an existing store is
+    replaced, whether to compute now (else return the ``dask.delayed`` write), a progress bar."""
+
+    label_name: str = "cells"
+    overwrite: bool = False
+    compute: bool = True
+    progress: bool = False
+
+
+def write_hcs(path: Any, image: xr.DataArray, labels: xr.DataArray | None, platemap: pd.DataFrame | None,
+              options: HcsWriteOptions) -> Any:
+    """Write an OME-Zarr 0.5 HCS plate; :func:`gradcamo_dask.io.plate.write_plate` checks the inputs
+    and documents the parameters."""
+    label_name, overwrite, compute, progress = options.label_name, options.overwrite, options.compute, options.progress
     import zarr
 
     dims = ("well", "site", "c", "z", "y", "x")

@@ -126,6 +126,63 @@ def _plate_dir(path: Any) -> Path | None:
     return Path(path) if isinstance(path, (str, Path)) and Path(path).is_dir() else None
 
 
+def _open_source(path: Any, what: str, *, axes: str | None = None, plate: str | None = None,
+                 name: str | None = None) -> xr.DataArray:
+    """The plate image (``what="image"``) or labels (``what="labels"``) at ``path`` as found there:
+    TIFF files, an OME-Zarr (NGFF) plate or image, or a plain-Zarr plate; no channel names, spacing
+    or platemap applied yet. ``name``: the NGFF label image; ``plate``: the plate name (images only)."""
+    labels = what == "labels"
+    if _is_tiff(path):
+        from gradcamo_dask.io.tiff import open_tiff
+
+        return open_tiff(path, axes=axes, labels=True) if labels else open_tiff(path, axes=axes, plate=plate)
+    from gradcamo_dask.io import ngff
+
+    group, where = _open_zarr_group(path)
+    if ngff.is_ngff(group):
+        return ngff.open_hcs_labels(group, where, name=name) if labels else ngff.open_hcs(group, where, plate=plate)
+    if what in group:
+        return _open_plain(group, where, what, None if labels else plate)
+    if labels:
+        raise LabelsError(f"{where}: no labels found (no NGFF plate with labels, no plain-Zarr 'labels' array)")
+    raise PlateLayoutError(
+        f"{where}: neither an OME-Zarr plate or image (no 'plate'/'multiscales' metadata in its "
+        f"attributes) nor a plain-Zarr plate (no 'image' array). If this store was being written, "
+        f"the write did not finish: write it again."
+    )
+
+
+def _set_spacing(image: xr.DataArray, spacing_zyx_um: Sequence[float] | None, path: Any) -> None:
+    """Set ``image.attrs["spacing_zyx_um"]`` (µm) to the given voxel size, or to the default with a
+    warning when the plate records none; else leave the recorded one."""
+    if spacing_zyx_um is not None:
+        if len(spacing_zyx_um) != 3:
+            raise ValueError(f"spacing_zyx_um must be 3 numbers (z, y, x in µm), got {spacing_zyx_um}")
+        image.attrs["spacing_zyx_um"] = [float(v) for v in spacing_zyx_um]
+    elif image.attrs.get("spacing_recorded") is False:
+        image.attrs["spacing_zyx_um"] = list(DEFAULT_SPACING_ZYX_UM)
+        z, y, x = DEFAULT_SPACING_ZYX_UM
+        warnings.warn(f'plate "{image.attrs.get("plate")}" at {path} records no voxel size; using the default '
+                      f"{z} x {y} x {x} µm (z, y, x), anisotropy {z / x:.2f} (the paper's). Pass "
+                      f"spacing_zyx_um=(z, y, x) to open_plate if the microscope's voxel size differs",
+                      UserWarning, stacklevel=3)  # 3: the warning points at open_plate's caller
+
+
+def _with_platemap(image: xr.DataArray, platemap: Any, path: Any) -> xr.DataArray:
+    """``image`` with the platemap given, else the ``platemap.csv`` beside the plate, as coords on
+    ``well``; ``platemap=False`` says there is none, None and no file warns that treatments are unknown."""
+    if platemap is None and (d := _plate_dir(path)) is not None and (d / PLATEMAP_FILE).is_file():
+        platemap = d / PLATEMAP_FILE
+    if platemap is not None and platemap is not False:
+        return attach_platemap(image, platemap)
+    if platemap is None:  # stacklevel 3: the warning points at open_plate's caller
+        warnings.warn(f'plate "{image.attrs.get("plate")}" at {path} was opened without a platemap (none given, no '
+                      f"{PLATEMAP_FILE} beside it): treatments are unknown, so scoring cannot check them against "
+                      f"the model's classes (classes unchecked). Pass platemap=PATH (or platemap=False to say "
+                      f"there is none)", UserWarning, stacklevel=3)
+    return image
+
+
 def open_plate(
     path: Any,
     platemap: pd.DataFrame | PathLike | bool | None = None,
@@ -166,46 +223,11 @@ def open_plate(
     xarray.DataArray
         Named ``"image"``, Dask-backed, one chunk per site.
     """
-    if _is_tiff(path):
-        from gradcamo_dask.io.tiff import open_tiff
-
-        image = open_tiff(path, axes=axes, plate=plate)
-    else:
-        from gradcamo_dask.io import ngff
-
-        group, where = _open_zarr_group(path)
-        if ngff.is_ngff(group):
-            image = ngff.open_hcs(group, where, plate=plate)
-        elif "image" in group:
-            image = _open_plain(group, where, "image", plate)
-        else:
-            raise PlateLayoutError(
-                f"{where}: neither an OME-Zarr plate or image (no 'plate'/'multiscales' metadata in its "
-                f"attributes) nor a plain-Zarr plate (no 'image' array). If this store was being written, "
-                f"the write did not finish: write it again."
-            )
-    if spacing_zyx_um is not None:
-        if len(spacing_zyx_um) != 3:
-            raise ValueError(f"spacing_zyx_um must be 3 numbers (z, y, x in µm), got {spacing_zyx_um}")
-        image.attrs["spacing_zyx_um"] = [float(v) for v in spacing_zyx_um]
-    elif image.attrs.get("spacing_recorded") is False:
-        image.attrs["spacing_zyx_um"] = list(DEFAULT_SPACING_ZYX_UM)
-        z, y, x = DEFAULT_SPACING_ZYX_UM
-        warnings.warn(f'plate "{image.attrs.get("plate")}" at {path} records no voxel size; using the default '
-                      f"{z} x {y} x {x} µm (z, y, x), anisotropy {z / x:.2f} (the paper's). Pass "
-                      f"spacing_zyx_um=(z, y, x) to open_plate if the microscope's voxel size differs",
-                      UserWarning, stacklevel=2)
+    image = _open_source(path, "image", axes=axes, plate=plate)
+    _set_spacing(image, spacing_zyx_um, path)
     if channels is not None:
         image = _apply_channel_names(image, list(channels))
-    if platemap is None and (d := _plate_dir(path)) is not None and (d / PLATEMAP_FILE).is_file():
-        platemap = d / PLATEMAP_FILE
-    if platemap is not None and platemap is not False:
-        image = attach_platemap(image, platemap)
-    elif platemap is None:
-        warnings.warn(f'plate "{image.attrs.get("plate")}" at {path} was opened without a platemap (none given, no '
-                      f"{PLATEMAP_FILE} beside it): treatments are unknown, so scoring cannot check them against "
-                      f"the model's classes (classes unchecked). Pass platemap=PATH (or platemap=False to say "
-                      f"there is none)", UserWarning, stacklevel=2)
+    image = _with_platemap(image, platemap, path)
     if isinstance(path, (str, Path)):
         image.encoding["source"] = str(path)  # what score records, and whose files identify the input
     return image
@@ -242,20 +264,7 @@ def open_labels(
     axes : str, optional
         Axis order of TIFF files, e.g. ``"ZYX"``.
     """
-    if _is_tiff(path):
-        from gradcamo_dask.io.tiff import open_tiff
-
-        labels = open_tiff(path, axes=axes, labels=True)
-    else:
-        from gradcamo_dask.io import ngff
-
-        group, where = _open_zarr_group(path)
-        if ngff.is_ngff(group):
-            labels = ngff.open_hcs_labels(group, where, name=name)
-        elif "labels" in group:
-            labels = _open_plain(group, where, "labels", None)
-        else:
-            raise LabelsError(f"{where}: no labels found (no NGFF plate with labels, no plain-Zarr 'labels' array)")
+    labels = _open_source(path, "labels", axes=axes, name=name)
     if not np.issubdtype(labels.dtype, np.integer):
         raise LabelsError(f'plate "{labels.attrs.get("plate")}": labels at {path} have dtype {labels.dtype}; labels must '
                           f"be integers (0 = background)")
@@ -328,8 +337,8 @@ def write_plate(
         check_labels(image, labels)
     if platemap is None:
         platemap = platemap_of(image)
-    return ngff.write_hcs(path, image, labels, platemap=platemap, label_name=label_name, overwrite=overwrite,
-                          compute=compute, progress=progress)
+    options = ngff.HcsWriteOptions(label_name=label_name, overwrite=overwrite, compute=compute, progress=progress)
+    return ngff.write_hcs(path, image, labels, platemap, options)
 
 
 def describe_plate(image: xr.DataArray) -> dict:

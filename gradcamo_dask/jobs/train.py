@@ -276,6 +276,26 @@ def _fit(run: _Run, state: _State, batches: dict[str, Batches], counts: dict[str
     return "early stopping" if len(state.history) < r.epochs else "epochs"
 
 
+def _fit_then_test(run: _Run, state: _State, reader: SiteReader, cells: _Cells, recipe: Recipe,
+                   layer: str) -> tuple[str, dict | None]:
+    """Fit ``run.model`` (normalisation from the training cells unless resumed), load the best
+    epoch's weights, and evaluate it on the test cells; returns why fitting stopped and the test
+    metrics (None without test cells). ``layer``: the layer whose Grad-CAMO the test reports."""
+    if state.normalization is None:
+        state.normalization = _training_normalization(reader)
+    targets = cells.targets[reader.table.index.to_numpy()]
+    batches = {s: Batches(reader, s, targets, state.normalization, recipe.batch_size, recipe.shuffle_sites)
+               for s in ("train", "val", "test")}
+    stopped = _fit(run, state, batches, cells.counts, recipe)
+    if run.files.best.is_file() and state.best["epoch"]:
+        run.model.load_state_dict(load_tensors(run.files.best))
+    test = None
+    if cells.counts["test"]:
+        test = evaluate_split(run.model, batches["test"], device=run.device, channels_last=run.channels_last,
+                              autocast=run.autocast, layer=layer)
+    return stopped, test
+
+
 def train(
     image: Any,
     labels: Any,
@@ -344,27 +364,15 @@ def train(
     cells = _split_cells(labels, pm, recipe)
     files = CheckpointFiles(checkpoint_dir if checkpoint_dir is not None else Path(out) / "checkpoint")
     run, bundle_layers = _start(plate, channels, cells, recipe, files, device, channels_last, autocast, progress)
-    model, device, channels_last = run.model, run.device, run.channels_last
-    state = _resume(files, run.fingerprint, model, run.optimizer) if resume and files.state.is_file() else _State()
+    state = _resume(files, run.fingerprint, run.model, run.optimizer) if resume and files.state.is_file() else _State()
     files.folder.mkdir(parents=True, exist_ok=True)
     reader = _crop_reader(image, labels, cells, recipe, cache)
     try:
-        if state.normalization is None:
-            state.normalization = _training_normalization(reader)
-        targets = cells.targets[reader.table.index.to_numpy()]
-        batches = {s: Batches(reader, s, targets, state.normalization, recipe.batch_size, recipe.shuffle_sites)
-                   for s in ("train", "val", "test")}
-        stopped = _fit(run, state, batches, cells.counts, recipe)
-        if files.best.is_file() and state.best["epoch"]:
-            model.load_state_dict(load_tensors(files.best))
-        test = None
-        if cells.counts["test"]:
-            test = evaluate_split(model, batches["test"], device=device, channels_last=channels_last,
-                                  autocast=autocast, layer=bundle_layers[0])
+        stopped, test = _fit_then_test(run, state, reader, cells, recipe, bundle_layers[0])
     finally:
         reader.close()
     provenance = _provenance(plate, cells, recipe, run, state, stopped, test, bundle_layers[0], started)
-    _write_bundle(out, model, channels, cells, recipe, state.normalization, provenance, bundle_layers)
+    _write_bundle(out, run.model, channels, cells, recipe, state.normalization, provenance, bundle_layers)
     return Path(out)
 
 

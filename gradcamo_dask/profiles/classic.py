@@ -355,6 +355,22 @@ def site_classic_features(
     values : numpy.ndarray (cell, len(names)) float32
         One row per cell; NaN where a measurement is undefined or the mask is empty.
     """
+    crops, masks, channels, spacing = _checked_site_inputs(crops, masks, channels, spacing_zyx_um,
+                                                           intensity_max, margin)
+    chosen, scales = _resolve(measurements, texture_scales)
+    names = list(_names(tuple(channels), chosen, scales, int(granularity_length)))
+    values = np.full((crops.shape[0], len(names)), np.nan, dtype=np.float32)
+    if crops.shape[0] == 0:
+        return names, values
+    options = {"chosen": chosen, "scales": scales, "granularity_length": int(granularity_length)}
+    _fill_site_rows(values, names, crops, masks, channels, spacing, 1.0 / float(intensity_max), int(margin), options)
+    return names, values
+
+
+def _checked_site_inputs(crops: Any, masks: Any, channels: Sequence[str], spacing_zyx_um: Sequence[float],
+                         intensity_max: float, margin: int) -> tuple[np.ndarray, np.ndarray, list[str], tuple]:
+    """Host copies of ``crops`` (cell, c, z, y, x) and ``masks`` (cell, z, y, x), the channel names and the
+    voxel spacing in µm, after checking that they fit together; raises :class:`InputError` otherwise."""
     crops = to_numpy(crops)
     masks = to_numpy(masks)
     channels = [str(c) for c in channels]
@@ -375,28 +391,29 @@ def site_classic_features(
         raise InputError(f"intensity_max must be > 0, got {intensity_max}")
     if int(margin) < 1:
         raise InputError(f"margin must be >= 1 voxel (marching cubes and edge intensities need it), got {margin}")
-    chosen, scales = _resolve(measurements, texture_scales)
-    names = list(_names(tuple(channels), chosen, scales, int(granularity_length)))
+    return crops, masks, channels, spacing
+
+
+def _fill_site_rows(values: np.ndarray, names: list[str], crops: np.ndarray, masks: np.ndarray,
+                    channels: list[str], spacing: tuple, scale: float, margin: int, options: dict) -> None:
+    """Measure each cell of a site on its crop trimmed to the cell box plus ``margin`` voxels, intensities
+    times ``scale`` (1 / intensity_max), writing row i of ``values`` (cell, feature) in place; cells with
+    an empty mask stay NaN. ``options``: ``chosen``, ``scales`` and ``granularity_length``."""
     column = {name: j for j, name in enumerate(names)}
-    values = np.full((crops.shape[0], len(names)), np.nan, dtype=np.float32)
-    if crops.shape[0] == 0:
-        return names, values
     functions = _functions()
-    scale = 1.0 / float(intensity_max)
     for i in range(crops.shape[0]):
         mask = masks[i] != 0
         if not mask.any():
             continue
-        box = _cell_box(mask, int(margin))
+        box = _cell_box(mask, margin)
         cell_mask = mask[box].astype(np.int32)
         pixels = crops[(i, slice(None), *box)].astype(np.float64) * scale
-        result = _measure_cell(functions, cell_mask, pixels, channels, spacing, chosen, scales,
-                               int(granularity_length))
+        result = _measure_cell(functions, cell_mask, pixels, channels, spacing, options["chosen"],
+                               options["scales"], options["granularity_length"])
         for name, value in result.items():
             j = column.get(name)
             if j is not None:
                 values[i, j] = value
-    return names, values
 
 
 def _cell_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:

@@ -163,11 +163,31 @@ def cellprofiler_table(
     """
     if not isinstance(profiles, xr.Dataset) or "cell" not in profiles.dims:
         raise InputError("profiles must be an xarray.Dataset with a 'cell' dim")
+    n = profiles.sizes["cell"]
+    columns = _metadata_columns(profiles, compartment)
+    columns.update(_gradcamo_columns(profiles, layer, cutoff))
+    columns.update(_model_output_columns(profiles))
+    blocks = [pd.DataFrame(columns, index=pd.RangeIndex(n))]
+    if classic and "classic" in profiles:
+        arr = profiles["classic"]
+        names = [f"{compartment}_{nm}" for nm in str_values(arr[arr.dims[1]].values)]
+        blocks.append(pd.DataFrame(np.asarray(arr.values, dtype=np.float32), columns=names))
+    if deep and "deep" in profiles:
+        blocks.append(_deep_block(profiles["deep"], model_name or model_name_of(profiles), compartment))
+    table = pd.concat(blocks, axis=1)
+    if table.columns.duplicated().any():
+        dup = table.columns[table.columns.duplicated()].tolist()
+        raise InputError(f"feature names collide in the export: {dup[:5]}; rename the layers or pass model_name=")
+    return table
+
+
+def _metadata_columns(profiles: xr.Dataset, compartment: str) -> dict[str, Any]:
+    """The cell keys, every other per-cell coord as ``Metadata_<coord>`` and the cell centres
+    (voxels) as ``<compartment>_Location_Center_X/Y/Z``, one array per column."""
     missing = [c for c in KEY_COLUMNS if c not in profiles.coords]
     if missing:
         raise InputError(f"the profiles lack the cell-key coords {missing}; a profiles dataset carries plate, well, "
                          f"site and object_number on 'cell'")
-    n = profiles.sizes["cell"]
     columns: dict[str, Any] = {}
     for coord, name in KEY_COLUMNS.items():
         values = np.asarray(profiles[coord].values)
@@ -185,44 +205,46 @@ def cellprofiler_table(
         coord = f"center_{axis.lower()}"
         if coord in profiles.coords:
             columns[f"{compartment}_Location_Center_{axis}"] = np.asarray(profiles[coord].values, dtype=np.float64)
+    return columns
 
+
+def _gradcamo_columns(profiles: xr.Dataset, layer: str | None, cutoff: float) -> dict[str, Any]:
+    """``Metadata_GradCAMO`` (score in [0, 1] or NaN) of the reported layer, its two sums, its layer
+    name, one score per layer when there are several, and the two ``Metadata_cqc_*`` QC flags
+    (score below ``cutoff``; undefined); empty when the profiles hold no scores."""
     scored = _layer_of_scores(profiles, layer)
-    if scored is not None:
-        score = _scores(profiles, "gradcamo", scored)
-        columns["Metadata_GradCAMO"] = score
-        if "cam_inside" in profiles:
-            columns["Metadata_GradCAMO_CAMInside"] = _scores(profiles, "cam_inside", scored)
-        if "cam_total" in profiles:
-            columns["Metadata_GradCAMO_CAMTotal"] = _scores(profiles, "cam_total", scored)
-        columns["Metadata_GradCAMO_Layer"] = np.full(n, scored)
-        layers = [str(v) for v in profiles["layer"].values] if "layer" in profiles["gradcamo"].dims else []
-        if len(layers) > 1:
-            for other in layers:
-                columns[f"Metadata_GradCAMO_{cellprofiler_name(other)}"] = _scores(profiles, "gradcamo", other)
-        undefined = np.isnan(score)
-        columns[QC_BELOW] = ~undefined & (np.where(undefined, np.inf, score) < cutoff)
-        columns[QC_UNDEFINED] = undefined
+    if scored is None:
+        return {}
+    score = _scores(profiles, "gradcamo", scored)
+    columns: dict[str, Any] = {"Metadata_GradCAMO": score}
+    if "cam_inside" in profiles:
+        columns["Metadata_GradCAMO_CAMInside"] = _scores(profiles, "cam_inside", scored)
+    if "cam_total" in profiles:
+        columns["Metadata_GradCAMO_CAMTotal"] = _scores(profiles, "cam_total", scored)
+    columns["Metadata_GradCAMO_Layer"] = np.full(profiles.sizes["cell"], scored)
+    layers = [str(v) for v in profiles["layer"].values] if "layer" in profiles["gradcamo"].dims else []
+    if len(layers) > 1:
+        for other in layers:
+            columns[f"Metadata_GradCAMO_{cellprofiler_name(other)}"] = _scores(profiles, "gradcamo", other)
+    undefined = np.isnan(score)
+    columns[QC_BELOW] = ~undefined & (np.where(undefined, np.inf, score) < cutoff)
+    columns[QC_UNDEFINED] = undefined
+    return columns
+
+
+def _model_output_columns(profiles: xr.Dataset) -> dict[str, Any]:
+    """The predicted class name as ``Metadata_Predicted`` and each class's logit as
+    ``Metadata_Logit_<class>``, when the profiles hold them."""
+    columns: dict[str, Any] = {}
     if "predicted" in profiles and "class" in profiles.coords:
         classes = str_values(profiles["class"].values)
         predicted = np.asarray(profiles["predicted"].values).astype(np.int64)
-        columns["Metadata_Predicted"] = classes[predicted] if n else np.array([], dtype=str)
+        columns["Metadata_Predicted"] = classes[predicted] if profiles.sizes["cell"] else np.array([], dtype=str)
     if "logits" in profiles and "class" in profiles.coords:
         logits = np.asarray(profiles["logits"].values, dtype=np.float32)
         for j, cls in enumerate(str_values(profiles["class"].values)):
             columns[f"Metadata_Logit_{cls}"] = logits[:, j]
-
-    blocks = [pd.DataFrame(columns, index=pd.RangeIndex(n))]
-    if classic and "classic" in profiles:
-        arr = profiles["classic"]
-        names = [f"{compartment}_{nm}" for nm in str_values(arr[arr.dims[1]].values)]
-        blocks.append(pd.DataFrame(np.asarray(arr.values, dtype=np.float32), columns=names))
-    if deep and "deep" in profiles:
-        blocks.append(_deep_block(profiles["deep"], model_name or model_name_of(profiles), compartment))
-    table = pd.concat(blocks, axis=1)
-    if table.columns.duplicated().any():
-        dup = table.columns[table.columns.duplicated()].tolist()
-        raise InputError(f"feature names collide in the export: {dup[:5]}; rename the layers or pass model_name=")
-    return table
+    return columns
 
 
 def _deep_block(arr: xr.DataArray, model: str, compartment: str) -> pd.DataFrame:

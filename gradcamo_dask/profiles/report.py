@@ -27,11 +27,10 @@ features and says so), no plate path in the provenance, too few cells.
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,37 +47,15 @@ from gradcamo_dask.profiles.qc import (
     scored_layers,
     summarize_gradcamo,
 )
-from gradcamo_dask.profiles.report_summary import details_html, plain_summary, summary_html
+from gradcamo_dask.profiles.report_page import FIGURES, jsonable, report_html
+from gradcamo_dask.profiles.report_summary import plain_summary
 from gradcamo_dask.profiles.store import open_profiles
 from gradcamo_dask.provenance import read_provenance
 
-__all__ = ["write_report"]
+__all__ = ["FIGURES", "write_report"]
 
-FIGURES = {
-    "gradcamo_by_treatment": "Grad-CAMO by treatment",
-    "gradcamo_by_site": "Grad-CAMO by site",
-    "umap": "UMAP of whitened deep features",
-    "gallery": "Example cells: high, middle and low Grad-CAMO",
-    "umap_filtered": "UMAP after Grad-CAMO filtering",
-}
 NO_SCORES = ("the profiles have no Grad-CAMO variables (gradcamo, cam_inside, cam_total): they were computed "
              "without masks or without Grad-CAM; rerun scoring with masks to get this part")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, pd.DataFrame):
-        return [_jsonable(r) for r in value.to_dict(orient="records")]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _site_labels(profiles: xr.Dataset) -> np.ndarray:
@@ -324,10 +301,62 @@ def write_report(
     figures_dir.mkdir(parents=True, exist_ok=True)
     for old in figures_dir.glob("*.png"):  # a rerun never shows figures of an earlier run
         old.unlink()
+    report = _start_report(profiles, layer, cutoff, figures_dir)
+    scores = _gradcamo_part(report, plate)
+    if "deep" not in profiles:
+        report.missing["umap"] = "the profiles have no deep features (variable 'deep')"
+        report.missing.setdefault("umap_filtered", report.missing["umap"])
+    elif report.n < 10:
+        report.missing["umap"] = f"only {report.n} cells: too few for a UMAP (need at least 10)"
+        report.missing.setdefault("umap_filtered", report.missing["umap"])
+    else:
+        _umap_part(report, scores, whitening, max_umap_cells, seed)
+    if report.layers and report.n and "gallery" not in report.missing:
+        _gallery_part(report, gallery_per_bin, channel, plate, labels)
+
+    summary = report.summary
+    summary["figures"] = {k: str(v.relative_to(out)) for k, v in report.figures.items()}
+    summary["missing"] = report.missing
+    summary["notes"] = report.notes
+    summary["tables"] = dict(report.tables)
+    json_path = out / "summary.json"
+    json_path.write_text(json.dumps(jsonable(summary), indent=2) + "\n")
+    html_path = out / "index.html"
+    html_path.write_text(report_html(summary, report.figures, report.tables, report.missing, report.notes, out))
+    return html_path
+
+
+@dataclass
+class _Report:
+    """What the parts of one report share while it is built: the cells' labels and orders, the
+    reported layer, and the figures, tables, missing parts and notes each part adds."""
+
+    profiles: xr.Dataset
+    layer: str | None
+    layers: list[str]
+    cutoff: float
+    figures_dir: Path
+    treatments: np.ndarray
+    sites: np.ndarray
+    treatment_order: list[str]
+    site_order: list[str]
+    summary: dict[str, Any]
+    figures: dict[str, Path] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        """Number of cells."""
+        return int(self.profiles.sizes["cell"])
+
+
+def _start_report(profiles: xr.Dataset, layer: str | None, cutoff: float, figures_dir: Path) -> _Report:
+    """The report's shared state and the head of its summary; ``layer`` checked against the scored layers."""
     prov = read_provenance(profiles)
     layers = scored_layers(profiles)
-    has_scores = bool(layers)
-    if layer is not None and has_scores and str(layer) not in layers:
+    if layer is not None and layers and str(layer) not in layers:
         raise InputError(f"layer {layer!r} has no Grad-CAMO scores; scored layers: {layers}")
     layer = str(layer) if layer is not None else (layers[0] if layers else None)
     n = int(profiles.sizes["cell"])
@@ -335,156 +364,97 @@ def write_report(
     sites = _site_labels(profiles) if {"well", "site"} <= set(profiles.coords) else np.full(n, "?")
     treatment_order = _ordered(treatments, profiles, by_dose=True)
     site_order = _ordered(sites)
-
-    figures: dict[str, Path] = {}
-    missing: dict[str, str] = {}
-    notes: list[str] = []
-    tables: dict[str, pd.DataFrame] = {}
     summary: dict[str, Any] = {
         "plate": profiles.attrs.get("plate"), "n_cells": n, "n_wells": len(set(profiles["well"].values))
         if "well" in profiles.coords else None, "n_sites": len(site_order), "treatments": treatment_order,
         "layers": layers, "layer": layer, "cutoff": float(cutoff), "provenance": prov,
     }
+    return _Report(profiles, layer, layers, cutoff, figures_dir, treatments, sites, treatment_order,
+                   site_order, summary)
 
+
+def _gradcamo_part(report: _Report, plate: Any) -> np.ndarray | None:
+    """Counts, summary tables, distribution figures and the plain summary of the reported layer's
+    Grad-CAMO; returns its scores (cell,) in [0, 1] or NaN, or None (parts marked missing) without."""
     from gradcamo_dask.profiles import report_figures as figs
 
-    # -- Grad-CAMO tables and distributions
-    scores = None
-    if has_scores and n:
-        scores = np.asarray(profiles["gradcamo"].sel(layer=layer).values if "layer" in profiles["gradcamo"].dims
-                            else profiles["gradcamo"].values, dtype=np.float64)
-        summary["counts"] = gradcamo_counts(profiles, cutoff, layer)
-        tables["Overall"] = summarize_gradcamo(profiles, cutoff=cutoff, layer=layer)
-        for name, by in (("By treatment", ["treatment"]), ("By dose", ["dose"]), ("By well and site", ["well", "site"])):
-            if all(b in profiles.coords for b in by):
-                tables[name] = summarize_gradcamo(profiles, by=by, cutoff=cutoff, layer=layer)
-        if len(layers) > 1:
-            tables["Layers ranked by mean Grad-CAMO"] = rank_layers(profiles, cutoff)
-        figures["gradcamo_by_treatment"] = figs.distribution_figure(
-            figures_dir / "gradcamo_by_treatment.png", scores, treatments, treatment_order, cutoff,
-            f"Grad-CAMO by treatment ({layer})", "treatment")
-        figures["gradcamo_by_site"] = figs.distribution_figure(
-            figures_dir / "gradcamo_by_site.png", scores, sites, site_order, cutoff, f"Grad-CAMO by site ({layer})",
-            "well/site")
-        prov_plate, _labels, size = _paths_from_provenance(prov)
-        summary["plain"] = plain_summary(profiles, scores, layer, prov, cutoff,
-                                         _crop_grid(size, plate or prov_plate, profiles))
-    else:
-        reason = NO_SCORES if not has_scores else "the profiles hold no cells"
-        for part in ("gradcamo_by_treatment", "gradcamo_by_site", "gallery", "umap_filtered"):
-            missing[part] = reason
-        missing["summary_tables"] = reason
-
-    # -- UMAPs
-    if "deep" not in profiles:
-        missing["umap"] = "the profiles have no deep features (variable 'deep')"
-        missing.setdefault("umap_filtered", missing["umap"])
-    elif n < 10:
-        missing["umap"] = f"only {n} cells: too few for a UMAP (need at least 10)"
-        missing.setdefault("umap_filtered", missing["umap"])
-    else:
-        feats, which = _feature_matrix(profiles, layer)
-        values, how = _whitened(feats, whitening, notes)
-        rng = np.random.default_rng(seed)
-        subset = np.sort(rng.choice(n, size=min(n, max_umap_cells), replace=False))
-        if len(subset) < n:
-            notes.append(f"UMAP of a random subset of {len(subset)} of {n} cells (max_umap_cells)")
-        xy = _umap(values[subset], seed)
-        figures["umap"] = figs.umap_figure(figures_dir / "umap.png", xy, treatments[subset], treatment_order,
-                                           sites[subset], site_order, f"UMAP of deep features ({which}, {how})")
-        summary["umap"] = {"features": which, "whitening": how, "n_cells": int(len(subset))}
-        if scores is not None:
-            on = subset[~np.isnan(scores[subset]) & (np.nan_to_num(scores[subset], nan=-1) >= cutoff)]
-            if len(on) >= 10:
-                xy_on = _umap(values[on], seed)
-                figures["umap_filtered"] = figs.umap_figure(
-                    figures_dir / "umap_filtered.png", xy_on, treatments[on], treatment_order, sites[on], site_order,
-                    f"UMAP after filtering: {len(on)} cells with Grad-CAMO >= {cutoff:g} ({which}, {how})")
-                summary["umap_filtered"] = {"n_cells": int(len(on))}
-            else:
-                missing["umap_filtered"] = f"only {len(on)} cells have Grad-CAMO >= {cutoff:g}: too few for a UMAP"
-
-    # -- gallery
-    if has_scores and n and "gallery" not in missing:
-        prov_plate, prov_labels, size = _paths_from_provenance(prov)
-        try:
-            rows, shown, check = _gallery_examples(profiles, layer, gallery_per_bin, channel, plate or prov_plate,
-                                                   labels or prov_labels, size)
-            summary["gallery"] = check
-            if check["max_score_difference"] is not None and not check["max_score_difference"] <= 1e-3:
-                notes.append(f"gallery: the Grad-CAMO recomputed from the crops read back differs from the stored "
-                             f"scores by up to {check['max_score_difference']:.3g}; the plate, labels or crop size "
-                             f"used for the gallery may not be those that were scored")
-            figures["gallery"] = figs.gallery_figure(
-                figures_dir / "gallery.png", rows,
-                f"Example cells: {shown} channel, middle z slice; yellow outline: the cell; right: Grad-CAM of {layer}")
-        except _Missing as err:
-            missing["gallery"] = str(err)
-        except (GradcamoError, OSError, KeyError) as err:
-            missing["gallery"] = f"could not read the example crops back ({type(err).__name__}: {err})"
-
-    summary["figures"] = {k: str(v.relative_to(out)) for k, v in figures.items()}
-    summary["missing"] = missing
-    summary["notes"] = notes
-    summary["tables"] = {k: v for k, v in tables.items()}
-    json_path = out / "summary.json"
-    json_path.write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
-    html_path = out / "index.html"
-    html_path.write_text(_html(summary, figures, tables, missing, notes, out))
-    return html_path
+    profiles, layer, cutoff = report.profiles, report.layer, report.cutoff
+    if not (report.layers and report.n):
+        reason = NO_SCORES if not report.layers else "the profiles hold no cells"
+        for part in ("gradcamo_by_treatment", "gradcamo_by_site", "gallery", "umap_filtered", "summary_tables"):
+            report.missing[part] = reason
+        return None
+    scores = np.asarray(profiles["gradcamo"].sel(layer=layer).values if "layer" in profiles["gradcamo"].dims
+                        else profiles["gradcamo"].values, dtype=np.float64)
+    report.summary["counts"] = gradcamo_counts(profiles, cutoff, layer)
+    report.tables["Overall"] = summarize_gradcamo(profiles, cutoff=cutoff, layer=layer)
+    for name, by in (("By treatment", ["treatment"]), ("By dose", ["dose"]), ("By well and site", ["well", "site"])):
+        if all(b in profiles.coords for b in by):
+            report.tables[name] = summarize_gradcamo(profiles, by=by, cutoff=cutoff, layer=layer)
+    if len(report.layers) > 1:
+        report.tables["Layers ranked by mean Grad-CAMO"] = rank_layers(profiles, cutoff)
+    report.figures["gradcamo_by_treatment"] = figs.distribution_figure(
+        report.figures_dir / "gradcamo_by_treatment.png", scores, report.treatments, report.treatment_order, cutoff,
+        f"Grad-CAMO by treatment ({layer})", "treatment")
+    report.figures["gradcamo_by_site"] = figs.distribution_figure(
+        report.figures_dir / "gradcamo_by_site.png", scores, report.sites, report.site_order, cutoff,
+        f"Grad-CAMO by site ({layer})", "well/site")
+    prov = report.summary["provenance"]
+    prov_plate, _labels, size = _paths_from_provenance(prov)
+    report.summary["plain"] = plain_summary(profiles, scores, layer, prov, cutoff,
+                                            _crop_grid(size, plate or prov_plate, profiles))
+    return scores
 
 
-def _table_html(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–", border=0, classes="t")
+def _umap_part(report: _Report, scores: np.ndarray | None, whitening: str, max_umap_cells: int, seed: int) -> None:
+    """The UMAP of the whitened deep features of (a seeded subset of at most ``max_umap_cells``) cells,
+    and again of the on-target cells only (Grad-CAMO >= the cut-off) when there are at least 10."""
+    from gradcamo_dask.profiles import report_figures as figs
+
+    n, cutoff = report.n, report.cutoff
+    feats, which = _feature_matrix(report.profiles, report.layer)
+    values, how = _whitened(feats, whitening, report.notes)
+    rng = np.random.default_rng(seed)
+    subset = np.sort(rng.choice(n, size=min(n, max_umap_cells), replace=False))
+    if len(subset) < n:
+        report.notes.append(f"UMAP of a random subset of {len(subset)} of {n} cells (max_umap_cells)")
+    xy = _umap(values[subset], seed)
+    report.figures["umap"] = figs.umap_figure(
+        report.figures_dir / "umap.png", xy, report.treatments[subset], report.treatment_order, report.sites[subset],
+        report.site_order, f"UMAP of deep features ({which}, {how})")
+    report.summary["umap"] = {"features": which, "whitening": how, "n_cells": int(len(subset))}
+    if scores is None:
+        return
+    on = subset[~np.isnan(scores[subset]) & (np.nan_to_num(scores[subset], nan=-1) >= cutoff)]
+    if len(on) < 10:
+        report.missing["umap_filtered"] = f"only {len(on)} cells have Grad-CAMO >= {cutoff:g}: too few for a UMAP"
+        return
+    xy_on = _umap(values[on], seed)
+    report.figures["umap_filtered"] = figs.umap_figure(
+        report.figures_dir / "umap_filtered.png", xy_on, report.treatments[on], report.treatment_order,
+        report.sites[on], report.site_order,
+        f"UMAP after filtering: {len(on)} cells with Grad-CAMO >= {cutoff:g} ({which}, {how})")
+    report.summary["umap_filtered"] = {"n_cells": int(len(on))}
 
 
-def _html(summary: dict, figures: dict[str, Path], tables: dict[str, pd.DataFrame], missing: dict[str, str],
-          notes: Sequence[str], out: Path) -> str:
-    e = html.escape
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Grad-CAMO report</title>",
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-        "img{max-width:100%;border:1px solid #ddd}table.t{border-collapse:collapse;font-size:13px;margin:0.5em 0}"
-        "table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #eee;text-align:right}"
-        ".missing{background:#fff4e5;border-left:4px solid #f0a020;padding:0.5em 1em}"
-        ".note{color:#555;font-size:13px}</style></head><body>",
-        f"<h1>Grad-CAMO report: plate {e(str(summary.get('plate')))}</h1>",
-        f"<p>{summary['n_cells']} cells, {summary.get('n_wells')} wells, {summary['n_sites']} sites; "
-        f"treatments: {e(', '.join(map(str, summary['treatments'])))}. Reported layer: "
-        f"<code>{e(str(summary.get('layer')))}</code>; cut-off {summary['cutoff']:g}.</p>",
-    ]
-    if summary.get("plain"):
-        parts.append(summary_html(summary["plain"]))
-    if missing:
-        items = "".join(f"<li><b>{e(FIGURES.get(k, k.replace('_', ' ')))}</b>: {e(v)}</li>" for k, v in missing.items())
-        parts.append(f"<div class='missing'><b>Missing parts</b><ul>{items}</ul></div>")
-    counts = summary.get("counts")
-    if counts:
-        share = counts["share_on_target"]
-        parts.append(
-            f"<h2>Grad-CAMO at a glance</h2><p>{counts['n_on_target']} cells on target (Grad-CAMO &ge; "
-            f"{counts['cutoff']:g}), {counts['n_off_target']} off target, {counts['n_undefined']} undefined (no "
-            f"positive attention: counted apart, not as 0); share on target among defined scores: "
-            f"{'–' if share is None or (isinstance(share, float) and math.isnan(share)) else f'{share:.1%}'}.</p>")
-    order = [("gradcamo_by_treatment", "How Grad-CAMO is distributed, by treatment and by site"),
-             ("gradcamo_by_site", None), ("umap", "Map of the cells' deep profiles (UMAP)"),
-             ("gallery", "Example cells with their Grad-CAM heatmaps"),
-             ("umap_filtered", "The same map with on-target cells only")]
-    for key, heading in order:
-        if heading:
-            parts.append(f"<h2>{e(heading)}</h2>")
-        if key in figures:
-            rel = figures[key].relative_to(out).as_posix()
-            parts.append(f"<figure><img src='{e(rel)}' alt='{e(FIGURES[key])}'><figcaption class='note'>"
-                         f"{e(FIGURES[key])}</figcaption></figure>")
-        elif key in missing:
-            parts.append(f"<p class='missing'>{e(FIGURES[key])}: missing ({e(missing[key])})</p>")
-    if tables:
-        parts.append("<h2>Summary tables</h2>")
-        for name, frame in tables.items():
-            parts.append(f"<h3>{e(name)}</h3>{_table_html(frame)}")
-    if notes:
-        parts.append("<h2>Notes</h2><ul class='note'>" + "".join(f"<li>{e(str(n))}</li>" for n in notes) + "</ul>")
-    parts.append(details_html(_jsonable(summary.get("provenance"))))
-    parts.append("<p class='note'>Machine-readable summary: <a href='summary.json'>summary.json</a></p></body></html>")
-    return "\n".join(parts)
+def _gallery_part(report: _Report, per_bin: int, channel: str | None, plate: Any, labels: Any) -> None:
+    """The gallery of high, middle and low Grad-CAMO cells read back from the plate, with a note when
+    the Grad-CAMO recomputed from those crops differs from the stored one by more than 1e-3."""
+    from gradcamo_dask.profiles import report_figures as figs
+
+    prov_plate, prov_labels, size = _paths_from_provenance(report.summary["provenance"])
+    try:
+        rows, shown, check = _gallery_examples(report.profiles, report.layer, per_bin, channel, plate or prov_plate,
+                                               labels or prov_labels, size)
+        report.summary["gallery"] = check
+        if check["max_score_difference"] is not None and not check["max_score_difference"] <= 1e-3:
+            report.notes.append(f"gallery: the Grad-CAMO recomputed from the crops read back differs from the stored "
+                                f"scores by up to {check['max_score_difference']:.3g}; the plate, labels or crop size "
+                                f"used for the gallery may not be those that were scored")
+        report.figures["gallery"] = figs.gallery_figure(
+            report.figures_dir / "gallery.png", rows, f"Example cells: {shown} channel, middle z slice; yellow "
+            f"outline: the cell; right: Grad-CAM of {report.layer}")
+    except _Missing as err:
+        report.missing["gallery"] = str(err)
+    except (GradcamoError, OSError, KeyError) as err:
+        report.missing["gallery"] = f"could not read the example crops back ({type(err).__name__}: {err})"

@@ -138,6 +138,21 @@ def _write_graph(ds: xr.Dataset, path: str, bounds: list[tuple[int, int]], todo:
     return [Delayed(key, culled) for key in keys]
 
 
+def _chunks_to_write(ds: xr.Dataset, path: Any, fingerprint: str, chunk_cells: int,
+                     resume: bool) -> tuple[list[tuple[int, int]], list[int]]:
+    """The ``[start, stop)`` cell rows of every Zarr cell-chunk and the indices of the chunks not yet
+    done. A new store gets its template (``chunk_cells`` cells per chunk) written first; a resumed
+    store keeps its own chunking, which does not change a single value."""
+    if resume:
+        chunk_cells = int(_open_group(path, "r").attrs[CHUNK_ATTR])
+    bounds = _chunk_bounds(int(ds.sizes["cell"]), chunk_cells)
+    if not resume:
+        _write_template(ds, path, fingerprint, chunk_cells, len(bounds))
+    group = _open_group(path, "r+")
+    done = np.asarray(group[DONE_ARRAY][:]) if bounds else np.zeros(0)
+    return bounds, [i for i in range(len(bounds)) if not done[i]]
+
+
 def write_profiles(
     ds: xr.Dataset,
     path: Any,
@@ -204,14 +219,7 @@ def write_profiles(
     state = check_output_store(path, overwrite=overwrite, fingerprint=fingerprint)
     if check:
         check_writable(path, client)  # every worker can write there, before any site work
-    if state == "resume":  # the store's chunking wins: it does not change a single value
-        chunk_cells = int(_open_group(path, "r").attrs[CHUNK_ATTR])
-    bounds = _chunk_bounds(n_cells, chunk_cells)
-    if state != "resume":
-        _write_template(ds, path, fingerprint, chunk_cells, len(bounds))
-    group = _open_group(path, "r+")
-    done = np.asarray(group[DONE_ARRAY][:]) if bounds else np.zeros(0)
-    todo = [i for i in range(len(bounds)) if not done[i]]
+    bounds, todo = _chunks_to_write(ds, path, fingerprint, chunk_cells, resume=state == "resume")
     tasks = _write_graph(ds, str(path), bounds, todo, names, tokenize(fingerprint, str(path), time.time()))
     if tasks:
         _run(tasks, client, progress)

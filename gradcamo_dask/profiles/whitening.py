@@ -254,8 +254,35 @@ def fit_whitening(
         raise InputError(f"method must be one of {list(METHODS)}, got {method!r}")
     if not epsilon >= 0:
         raise InputError(f"epsilon must be >= 0, got {epsilon}")
+    x, names = _control_rows(profiles, controls, variable, features)
+    n_controls = x.shape[0]
+    centred, mean, std, kept_names, dropped = _without_constant_features(x, names)
+    p_kept = len(kept_names)
+    scale = std if method.endswith("-cor") else np.ones_like(std)
+    z = centred / scale
+    cov = z.T @ z / (n_controls - 1)
+
+    alpha = _shrinkage(shrinkage, z, n_controls, p_kept)
+    if alpha > 0:
+        mu = np.trace(cov) / p_kept
+        cov = (1 - alpha) * cov + alpha * mu * np.eye(p_kept)
+    eigenvalues, vectors = _signed_eigenbasis(cov)
+    if not (eigenvalues + epsilon > 0).all():
+        raise InputError(f"the control covariance has zero eigenvalues and epsilon is 0; use epsilon > 0 or "
+                         f"shrinkage='auto' ({n_controls} control cells, {p_kept} features)")
+    w, out_names = _whitening_matrix(method, eigenvalues, vectors, epsilon, n_components, kept_names)
+    return Whitening(method=method, mean=mean, scale=scale, matrix=w, eigenvalues=eigenvalues,
+                     epsilon=float(epsilon), shrinkage=float(alpha), n_controls=n_controls,
+                     feature_names=kept_names, output_names=out_names, dropped_features=dropped,
+                     variable=variable if isinstance(profiles, xr.Dataset) else None)
+
+
+def _control_rows(profiles: Any, controls: Any, variable: str,
+                  features: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """The control cells' features as a float64 ``(n_controls, p)`` matrix (only those rows of a lazy
+    array are computed) and the feature names; at least 2 controls, all finite, or :class:`InputError`."""
     matrix, names = _features_of(profiles, variable, features)
-    n, p = int(matrix.shape[0]), int(matrix.shape[1])
+    n = int(matrix.shape[0])
     mask = _control_mask(profiles, controls, n)
     n_controls = int(mask.sum())
     if n_controls == 0:
@@ -268,6 +295,12 @@ def fit_whitening(
     if bad.any():
         raise InputError(f"{int(bad.sum())} of {n_controls} control cells have NaN or inf features; drop or impute "
                          f"them (or the features) before whitening")
+    return x, names
+
+
+def _without_constant_features(x: np.ndarray, names: list[str]) -> tuple:
+    """``(centred, mean, std, kept_names, dropped_names)`` of the controls ``x`` (n_controls, p) after
+    leaving out the features constant among them (with a warning); all constant is an InputError."""
     mean = x.mean(axis=0)
     centred = x - mean
     std = centred.std(axis=0, ddof=1)
@@ -275,47 +308,39 @@ def fit_whitening(
     if constant.all():
         raise InputError("every feature is constant among the control cells; nothing to whiten")
     dropped = [names[j] for j in np.flatnonzero(constant)]
-    if dropped:
-        warnings.warn(f"{len(dropped)} of {p} features are constant among the {n_controls} control cells and are "
-                      f"left out of the whitened output (e.g. {dropped[:3]})", UserWarning, stacklevel=2)
+    if dropped:  # stacklevel 3: the warning points at fit_whitening's caller
+        warnings.warn(f"{len(dropped)} of {x.shape[1]} features are constant among the {x.shape[0]} control cells "
+                      f"and are left out of the whitened output (e.g. {dropped[:3]})", UserWarning, stacklevel=3)
     keep = ~constant
-    centred, mean, std = centred[:, keep], mean[keep], std[keep]
     kept_names = [nm for nm, k in zip(names, keep) if k]
-    p_kept = len(kept_names)
-    scale = std if method.endswith("-cor") else np.ones_like(std)
-    z = centred / scale
-    cov = z.T @ z / (n_controls - 1)
+    return centred[:, keep], mean[keep], std[keep], kept_names, dropped
 
-    alpha = _shrinkage(shrinkage, z, n_controls, p_kept)
-    if alpha > 0:
-        mu = np.trace(cov) / p_kept
-        cov = (1 - alpha) * cov + alpha * mu * np.eye(p_kept)
+
+def _signed_eigenbasis(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues of ``cov`` (p, p) in decreasing order, clipped at 0, and their eigenvectors as
+    columns, each signed so that its largest entry is positive (a deterministic basis)."""
     eigenvalues, vectors = np.linalg.eigh(cov)
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues, vectors = np.clip(eigenvalues[order], 0.0, None), vectors[:, order]
-    # deterministic signs: the largest entry of each eigenvector is positive
-    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(p_kept)])
-    vectors = vectors * np.where(signs == 0, 1.0, signs)
-    if not (eigenvalues + epsilon > 0).all():
-        raise InputError(f"the control covariance has zero eigenvalues and epsilon is 0; use epsilon > 0 or "
-                         f"shrinkage='auto' ({n_controls} control cells, {p_kept} features)")
+    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])])
+    return eigenvalues, vectors * np.where(signs == 0, 1.0, signs)
+
+
+def _whitening_matrix(method: str, eigenvalues: np.ndarray, vectors: np.ndarray, epsilon: float,
+                      n_components: int | None, kept_names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """``W`` (out, p) and the output feature names: ``V diag(λ+ε)^-1/2 V^T`` for ZCA (names kept), the
+    first ``n_components`` rows of ``diag(λ+ε)^-1/2 V^T`` for PCA (named ``PCA_<i>``/``PCAcor_<i>``)."""
+    p_kept = len(kept_names)
     inv_sqrt = 1.0 / np.sqrt(eigenvalues + epsilon)
     if method.startswith("PCA"):
         k = p_kept if n_components is None else int(n_components)
         if not 1 <= k <= p_kept:
             raise InputError(f"n_components must be in [1, {p_kept}], got {n_components}")
-        w = inv_sqrt[:k, None] * vectors[:, :k].T
         tag = method.replace("-", "")
-        out_names = [f"{tag}_{i}" for i in range(k)]
-    else:
-        if n_components is not None:
-            raise InputError("n_components applies to the PCA forms only; ZCA keeps every feature")
-        w = (vectors * inv_sqrt) @ vectors.T
-        out_names = list(kept_names)
-    return Whitening(method=method, mean=mean, scale=scale, matrix=w, eigenvalues=eigenvalues,
-                     epsilon=float(epsilon), shrinkage=float(alpha), n_controls=n_controls,
-                     feature_names=kept_names, output_names=out_names, dropped_features=dropped,
-                     variable=variable if isinstance(profiles, xr.Dataset) else None)
+        return inv_sqrt[:k, None] * vectors[:, :k].T, [f"{tag}_{i}" for i in range(k)]
+    if n_components is not None:
+        raise InputError("n_components applies to the PCA forms only; ZCA keeps every feature")
+    return (vectors * inv_sqrt) @ vectors.T, list(kept_names)
 
 
 def _shrinkage(shrinkage: float | str | None, z: np.ndarray, n_controls: int, p: int) -> float:

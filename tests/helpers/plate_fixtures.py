@@ -50,6 +50,21 @@ def open_tiny(path: Path):
     return image, open_labels(path, like=image)
 
 
+def scored_tiny_plate(root: Path) -> dict:
+    """The tiny plate and bundle written under ``root``, opened, and scored once on the sync scheduler:
+    ``root``, ``plate``, ``bundle`` (paths), ``image``, ``labels`` and the computed ``reference`` profiles."""
+    import dask
+
+    from gradcamo_dask.jobs.score import score_plate
+
+    plate = make_plate(root / "plate.zarr")
+    bundle = make_bundle(root / "bundle")
+    image, labels = open_tiny(plate)
+    with dask.config.set(scheduler="sync"):
+        reference = score_plate(image, labels, bundle).compute()
+    return {"root": root, "plate": plate, "bundle": bundle, "image": image, "labels": labels, "reference": reference}
+
+
 def strings(values) -> np.ndarray:
     """Any array of strings (NumPy str, object or StringDType as Zarr v3 gives back) as a NumPy str array."""
     return np.asarray([str(v) for v in np.asarray(values).ravel()], dtype=str)

@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import dask
 import numpy as np
 import pytest
 import zarr
@@ -25,20 +24,14 @@ from gradcamo_dask.jobs.cluster import connect, cuda_devices, local_cluster_shap
 from gradcamo_dask.errors import ClusterError
 from gradcamo_dask.jobs.score import score_plate
 from gradcamo_dask.profiles.store import open_profiles, write_profiles
-from tests.helpers.plate_fixtures import assert_same_profiles, make_bundle, make_plate, open_tiny, slow_sites, strings
+from tests.helpers.plate_fixtures import assert_same_profiles, scored_tiny_plate, slow_sites, strings
 
 from tests.helpers.paths import REPO
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cluster")
-    plate = make_plate(root / "plate.zarr")
-    bundle = make_bundle(root / "bundle")
-    image, labels = open_tiny(plate)
-    with dask.config.set(scheduler="sync"):
-        reference = score_plate(image, labels, bundle).compute()
-    return {"root": root, "plate": plate, "bundle": bundle, "image": image, "labels": labels, "reference": reference}
+    return scored_tiny_plate(tmp_path_factory.mktemp("cluster"))
 
 
 # ------------------------------------------------------------------ connect

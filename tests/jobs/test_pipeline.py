@@ -24,20 +24,13 @@ from gradcamo_dask.normalize import normalize_crops
 from gradcamo_dask.jobs.score import score_plate
 from gradcamo_dask.profiles.store import describe_profiles, done_sites, open_profiles, write_profiles
 from gradcamo_dask.io.platemap import platemap_of
-from tests.helpers.plate_fixtures import (CROP_SHAPE, LAYERS, assert_same_profiles, make_bundle, make_plate, open_tiny,
-                                   strings)
+from tests.helpers.plate_fixtures import (CROP_SHAPE, LAYERS, assert_same_profiles, make_bundle, scored_tiny_plate,
+                                          strings)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    plate = make_plate(root / "plate.zarr")
-    bundle = make_bundle(root / "bundle")
-    image, labels = open_tiny(plate)
-    with dask.config.set(scheduler="sync"):
-        reference = score_plate(image, labels, bundle).compute()
-    return {"root": root, "plate": plate, "bundle": bundle, "image": image, "labels": labels,
-            "reference": reference}
+    return scored_tiny_plate(tmp_path_factory.mktemp("pipeline"))
 
 
 def test_dataset_is_lazy_labeled_and_matches_explain_on_the_same_crops(tiny):
