@@ -20,10 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradcamo_dask.errors import (BundleMismatchError, InputError, MetadataError, WeightsFormatError,
-                                  WeightsNotFoundError)
+from gradcamo_dask.errors import (BundleMismatchError, DimensionalityError, InputError, MetadataError,
+                                  WeightsFormatError, WeightsNotFoundError)
 from gradcamo_dask.engine.layers import find_layer
 from gradcamo_dask.engine.models import efficientnet3d
+from gradcamo_dask.engine.models2d import efficientnet2d
+from gradcamo_dask.engine.vit import vit
 
 __all__ = ["ARCHITECTURES", "Bundle", "BundleConfig", "honour_umask", "open_bundle", "write_bundle"]
 
@@ -32,7 +34,7 @@ BUNDLE_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-ARCHITECTURES = {"efficientnet3d": efficientnet3d}
+ARCHITECTURES = {"efficientnet3d": efficientnet3d, "efficientnet2d": efficientnet2d, "vit": vit}
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,11 @@ class BundleConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3: the model grid's axes ((y, x) or (z, y, x))."""
+        return len(self.input_shape)
 
 
 def _names(kind: str, names: Sequence[str]) -> str:
@@ -127,6 +134,12 @@ class Bundle:
                     f"bundle knows {_names('classes', cfg.classes)}, data has "
                     f"{_names('classes', list(classes))}; not in the bundle: {', '.join(map(str, unknown))}"
                 )
+        if crop_shape is not None and len(crop_shape) != cfg.spatial_dims:
+            raise DimensionalityError(
+                f"bundle is {cfg.spatial_dims}D (crops {tuple(cfg.crop_shape)}), data is {len(crop_shape)}D (crops "
+                f"{tuple(crop_shape)}); use a {len(crop_shape)}D bundle (e.g. trained with efficientnet"
+                f"{len(crop_shape)}d) for these crops"
+            )
         if crop_shape is not None:
             crop = list(crop_shape)
             ok = len(crop) == len(cfg.crop_shape) and all(
@@ -141,8 +154,8 @@ class Bundle:
 
 def _jsonable_shape(shape: Sequence[int | None], what: str) -> list[int | None]:
     values = [None if n is None else int(n) for n in shape]
-    if len(values) != 3:
-        raise InputError(f"{what} must be (z, y, x) in voxels, got {tuple(shape)}")
+    if len(values) not in (2, 3):
+        raise InputError(f"{what} must be (z, y, x) in voxels, or (y, x) for a 2D model, got {tuple(shape)}")
     return values
 
 
@@ -203,6 +216,9 @@ def write_bundle(
             f"input_shape {tuple(input_shape)} differs from the grid the model was built for "
             f"{tuple(arch['input_shape'])}; rebuild the model with efficientnet3d(input_shape=...)"
         )
+    if len(crop_shape) != len(arch["input_shape"]):
+        raise DimensionalityError(f"crop_shape {tuple(crop_shape)} and the model grid {tuple(arch['input_shape'])} "
+                                  "differ in dimensionality; give crops of the model's axes")
     norm = {key: [float(v) for v in normalization[key]] for key in ("mean", "std")}
     if any(len(v) != len(channels) for v in norm.values()):
         raise InputError(f"normalization needs one mean and one std per channel ({len(channels)})")

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcamo_dask.arrays import array_module, from_torch, is_cupy_array, is_torch_tensor, to_numpy, to_torch
-from gradcamo_dask.errors import InputError
+from gradcamo_dask.errors import DimensionalityError, InputError
+from gradcamo_dask.engine.attention import AttentionCAM, is_attention_request
 from gradcamo_dask.engine.gradcam import CAMResult, GradCAM, analytic_heads, grad_cam, head_cam, resolve_targets
 from gradcamo_dask.engine.gradcamo import gradcamo_lowres
-from gradcamo_dask.engine.layers import default_layer, first_conv_channels
+from gradcamo_dask.engine.layers import default_layer, first_conv_channels, model_spatial_dims
 from gradcamo_dask.engine.precision import autocast_context, resolve_autocast
 
 __all__ = ["CAMResult", "Explanation", "GradCAM", "analytic_heads", "eval_mode", "explain", "grad_cam", "head_cam",
@@ -81,8 +82,14 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 def _check_crops(model: nn.Module, crops: Any, masks: Any) -> None:
     shape = tuple(getattr(crops, "shape", ()))
-    if len(shape) != 5:
-        raise InputError(f"crops must be (cell, c, z, y, x), got shape {shape}")
+    if len(shape) not in (4, 5):
+        raise InputError(f"crops must be (cell, c, z, y, x) or, in 2D, (cell, c, y, x); got shape {shape}")
+    dims = model_spatial_dims(model)
+    if dims is not None and dims != len(shape) - 2:
+        raise DimensionalityError(
+            f"the model is {dims}D but the crops {shape} are {len(shape) - 2}D; use a {len(shape) - 2}D model "
+            f"(efficientnet{len(shape) - 2}d) or crops of {dims} spatial axes"
+        )
     channels = first_conv_channels(model)
     if channels is not None and shape[1] != channels:
         raise InputError(
@@ -93,7 +100,7 @@ def _check_crops(model: nn.Module, crops: Any, masks: Any) -> None:
         mshape = tuple(getattr(masks, "shape", ()))
         if mshape != (shape[0], *shape[2:]):
             raise InputError(
-                f"masks {mshape} do not match crops {shape}: expected (cell, z, y, x) = "
+                f"masks {mshape} do not match crops {shape}: expected (cell, [z,] y, x) = "
                 f"{(shape[0], *shape[2:])}, one mask per crop on the crop grid"
             )
 
@@ -148,18 +155,21 @@ def explain(
     model : torch.nn.Module
         A CNN returning logits ``(N, K)``, run on its own device in eval mode (a model
         shared by threads should already be in eval mode, as :func:`open_bundle` gives it).
-    crops : array (cell, c, z, y, x)
+    crops : array (cell, c, z, y, x), or (cell, c, y, x) for a 2D model
         NumPy, CuPy or torch; float, already normalised; cast to the model's dtype.
-    masks : array (cell, z, y, x), optional
+    masks : array (cell, z, y, x) (2D: (cell, y, x)), optional
         Central-cell masks on the crop grid (bool; nonzero = inside). With masks,
         Grad-CAMO and its two sums are returned per layer.
     layers : str or list of str, optional
         Grad-CAM layers (any number); default: the last convolutional activation
         (``_head_swish``); :func:`~gradcamo_dask.layer_grids` lists the candidates.
+        For a :class:`~gradcamo_dask.engine.vit.VisionTransformer`, attention sources
+        instead (``"cls_attention"``, ``"rollout"``, ``"gradcam_tokens"``; see
+        :mod:`gradcamo_dask.engine.attention`), scored on the patch grid.
     target : "predicted", int or sequence of int
         Class explained: predicted (paper), one for all cells, or one per cell.
-    input_shape : (z, y, x), optional
-        Model grid in voxels the crops are resampled to (trilinear); default:
+    input_shape : (z, y, x) or, in 2D, (y, x), optional
+        Model grid in voxels the crops are resampled to (trilinear; 2D bilinear); default:
         ``model.input_shape``, else the crop grid.
     batch_size : int, optional
         Cells per forward pass (default 8).
@@ -184,6 +194,8 @@ def explain(
 
     Raises
     ------
+    DimensionalityError
+        2D crops for a 3D model or the reverse.
     InputError
         Wrong channel count, masks not matching crops, unknown or non-spatial
         layers, NaN or inf in crops (naming the cells), bad targets.
@@ -197,7 +209,11 @@ def explain(
     autocast = resolve_autocast(device, autocast)  # once: a known-bad bf16 warns once per call
     parts: dict[str, list] = {}
     grids: dict[str, tuple[int, int, int]] = {}
-    with eval_mode(model), GradCAM(model, layers, cams=cams, route=route) as cam:
+    if is_attention_request(layers):  # a ViT's attention sources: same pass, same scoring
+        mapper: Any = AttentionCAM(model, layers, cams=cams)
+    else:
+        mapper = GradCAM(model, layers, cams=cams, route=route)
+    with eval_mode(model), mapper as cam:
         for start in range(0, max(n_cells, 1), batch_size):
             stop = min(start + batch_size, n_cells)
             x = model_input(crops[start:stop], device, dtype, input_shape, channels_last)
@@ -220,8 +236,9 @@ def _plan(model: nn.Module, crops: Any, masks: Any, layers: Any, target: Any, in
     if input_shape is None:
         input_shape = model_shape if model_shape is not None else crop_grid
     input_shape = tuple(int(n) for n in input_shape)
-    if len(input_shape) != 3:
-        raise InputError(f"input_shape must be (z, y, x) in voxels, got {input_shape}")
+    if len(input_shape) != len(crop_grid):
+        raise InputError(f"input_shape must be {'(z, y, x)' if len(crop_grid) == 3 else '(y, x)'} in voxels "
+                         f"like the crops, got {input_shape}")
     if model_shape is not None and tuple(model_shape) != input_shape:
         raise InputError(
             f"the model was built (padding derived) for input grid {tuple(model_shape)}, not {input_shape}; "
@@ -259,12 +276,14 @@ def eval_mode(model: nn.Module):
 def model_input(chunk: Any, device: torch.device, dtype: torch.dtype, input_shape: Sequence[int],
                 channels_last: bool) -> torch.Tensor:
     """Crops ``(n, c, z, y, x)`` (NumPy, CuPy or torch) as the model's input: on ``device``, in ``dtype``,
-    resampled trilinearly to ``input_shape`` (voxels), ``channels_last_3d`` if asked."""
+    resampled trilinearly to ``input_shape`` (voxels), ``channels_last_3d`` if asked. 2D crops
+    ``(n, c, y, x)`` are resampled bilinearly (``channels_last``)."""
     x = to_torch(chunk, device=device).to(dtype)
     if tuple(x.shape[2:]) != tuple(input_shape):
-        x = F.interpolate(x, size=tuple(input_shape), mode="trilinear", align_corners=False)
+        mode = "trilinear" if x.ndim == 5 else "bilinear"
+        x = F.interpolate(x, size=tuple(input_shape), mode=mode, align_corners=False)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
     return x
 
 
