@@ -159,6 +159,12 @@ def _jsonable_shape(shape: Sequence[int | None], what: str) -> list[int | None]:
     return values
 
 
+def _check_same_dims(crop_shape: Sequence[int | None], input_shape: Sequence[int]) -> None:
+    if len(crop_shape) != len(input_shape):
+        raise DimensionalityError(f"crop_shape {tuple(crop_shape)} and the model grid {tuple(input_shape)} differ in "
+                                  "dimensionality; give crops of the model's axes")
+
+
 def write_bundle(
     path: str | Path,
     model: nn.Module,
@@ -216,9 +222,7 @@ def write_bundle(
             f"input_shape {tuple(input_shape)} differs from the grid the model was built for "
             f"{tuple(arch['input_shape'])}; rebuild the model with efficientnet3d(input_shape=...)"
         )
-    if len(crop_shape) != len(arch["input_shape"]):
-        raise DimensionalityError(f"crop_shape {tuple(crop_shape)} and the model grid {tuple(arch['input_shape'])} "
-                                  "differ in dimensionality; give crops of the model's axes")
+    _check_same_dims(crop_shape, arch["input_shape"])
     norm = {key: [float(v) for v in normalization[key]] for key in ("mean", "std")}
     if any(len(v) != len(channels) for v in norm.values()):
         raise InputError(f"normalization needs one mean and one std per channel ({len(channels)})")

@@ -29,7 +29,7 @@ from gradcamo_dask.engine.layers import default_layer, first_conv_channels, mode
 from gradcamo_dask.engine.precision import autocast_context, resolve_autocast
 
 __all__ = ["CAMResult", "Explanation", "GradCAM", "analytic_heads", "eval_mode", "explain", "grad_cam", "head_cam",
-           "model_input", "resolve_targets"]
+           "map_maker", "model_input", "resolve_targets"]
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -162,14 +162,12 @@ def explain(
         Grad-CAMO and its two sums are returned per layer.
     layers : str or list of str, optional
         Grad-CAM layers (any number); default: the last convolutional activation
-        (``_head_swish``); :func:`~gradcamo_dask.layer_grids` lists the candidates.
-        For a :class:`~gradcamo_dask.engine.vit.VisionTransformer`, attention sources
-        instead (``"cls_attention"``, ``"rollout"``, ``"gradcam_tokens"``; see
-        :mod:`gradcamo_dask.engine.attention`), scored on the patch grid.
+        (``_head_swish``); :func:`~gradcamo_dask.layer_grids` lists the candidates. A ViT's
+        attention sources instead (:mod:`~gradcamo_dask.engine.attention`), e.g. ``"rollout"``.
     target : "predicted", int or sequence of int
         Class explained: predicted (paper), one for all cells, or one per cell.
-    input_shape : (z, y, x) or, in 2D, (y, x), optional
-        Model grid in voxels the crops are resampled to (trilinear; 2D bilinear); default:
+    input_shape : (z, y, x) or (y, x), optional
+        Model grid in voxels the crops are resampled to (trilinear or bilinear); default:
         ``model.input_shape``, else the crop grid.
     batch_size : int, optional
         Cells per forward pass (default 8).
@@ -181,8 +179,7 @@ def explain(
     cams : bool
         False: logits and features only, without gradients (masks, target ignored).
     route : "auto", "autograd" or "analytic"
-        "auto": forward-only Grad-CAM where the layer allows it (``_head_swish``),
-        autograd elsewhere; see :class:`GradCAM`.
+        "auto": forward-only where the layer allows it (``_head_swish``), else autograd (:class:`GradCAM`).
     check_finite : bool
         Scan crops and maps for NaN and inf (host syncs on a GPU); False for crops
         that cannot hold them: then nothing waits for the device between batches.
@@ -194,11 +191,9 @@ def explain(
 
     Raises
     ------
-    DimensionalityError
-        2D crops for a 3D model or the reverse.
     InputError
-        Wrong channel count, masks not matching crops, unknown or non-spatial
-        layers, NaN or inf in crops (naming the cells), bad targets.
+        Wrong channel count, masks not matching crops, unknown or non-spatial layers, NaN or
+        inf in crops (naming the cells), bad targets; DimensionalityError: 2D crops, 3D model.
     """
     input_shape, layers, batch_size = _plan(model, crops, masks, layers, target, input_shape, batch_size,
                                             check_finite)
@@ -208,12 +203,8 @@ def explain(
         channels_last = device.type == "cuda"
     autocast = resolve_autocast(device, autocast)  # once: a known-bad bf16 warns once per call
     parts: dict[str, list] = {}
-    grids: dict[str, tuple[int, int, int]] = {}
-    if is_attention_request(layers):  # a ViT's attention sources: same pass, same scoring
-        mapper: Any = AttentionCAM(model, layers, cams=cams)
-    else:
-        mapper = GradCAM(model, layers, cams=cams, route=route)
-    with eval_mode(model), mapper as cam:
+    grids: dict[str, tuple[int, ...]] = {}
+    with eval_mode(model), map_maker(model, layers, cams, route) as cam:
         for start in range(0, max(n_cells, 1), batch_size):
             stop = min(start + batch_size, n_cells)
             x = model_input(crops[start:stop], device, dtype, input_shape, channels_last)
@@ -222,6 +213,13 @@ def explain(
                 result = cam(x, target=t)
             _collect(parts, grids, result, masks, start, stop, device, layers, check_finite)
     return _assemble(parts, grids, layers, input_shape, crops, masks is not None and cams)
+
+
+def map_maker(model: nn.Module, layers: list[str], cams: bool, route: str) -> GradCAM | AttentionCAM:
+    """The context manager that makes the maps: a ViT's attention sources, else Grad-CAM on layers."""
+    if is_attention_request(layers):
+        return AttentionCAM(model, layers, cams=cams)
+    return GradCAM(model, layers, cams=cams, route=route)
 
 
 def _plan(model: nn.Module, crops: Any, masks: Any, layers: Any, target: Any, input_shape: Any,
