@@ -22,6 +22,7 @@ from torch import nn
 
 from gradcamo_dask.errors import (BundleMismatchError, DimensionalityError, InputError, MetadataError,
                                   WeightsFormatError, WeightsNotFoundError)
+from gradcamo_dask.engine.attention import ATTENTION_SOURCES
 from gradcamo_dask.engine.layers import find_layer
 from gradcamo_dask.engine.models import efficientnet3d
 from gradcamo_dask.engine.models2d import efficientnet2d
@@ -230,7 +231,8 @@ def write_bundle(
         raise InputError(f"normalization std must be finite and > 0 for every channel, got {norm['std']}")
     layers = list(layers) if layers is not None else [getattr(model, "default_cam_layer", "")]
     for name in layers:
-        find_layer(model, name)
+        if not (hasattr(model, "vit") and name in ATTENTION_SOURCES):  # a ViT's maps are named sources
+            find_layer(model, name)
 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)

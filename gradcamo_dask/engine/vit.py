@@ -42,14 +42,15 @@ class VisionTransformer(nn.Module):
     patch_grid : tuple of int
         Patches per axis: the grid of every attention map.
     default_cam_layer : str
-        The patch-embedding convolution (its output is on the patch grid), for
-        Grad-CAM by :func:`~gradcamo_dask.engine.explain.explain` with layer names;
-        the attention sources are named ``"cls_attention"``, ``"rollout"``, ``"gradcam_tokens"``.
+        ``"cls_attention"``: the default map is the last block's CLS-to-patch attention.
+        The other sources are ``"rollout"`` and ``"gradcam_tokens"``; Grad-CAM on a
+        named module with a spatial output (``"vit.patch_embedding.patch_embeddings"``,
+        on the patch grid) works too.
     architecture : dict
         JSON-able arguments that rebuild this network.
     """
 
-    default_cam_layer = "vit.patch_embedding.patch_embeddings"
+    default_cam_layer = "cls_attention"
 
     def __init__(self, in_channels: int, num_classes: int, input_shape: Sequence[int], *,
                  patch_size: int | Sequence[int] = 16, hidden_size: int = 192, mlp_dim: int = 768,
