@@ -28,12 +28,12 @@ class BundleMismatchError(GradcamoError, ValueError):
     """A model bundle does not fit the data (channels, classes, grids); names both sides."""
 
 
-class DimensionalityError(BundleMismatchError):
-    """A 3D model or bundle met 2D data, or the reverse; names both sides."""
-
-
 class InputError(GradcamoError, ValueError):
     """Bad arrays handed to the engine: wrong shapes, NaN or inf, unknown layers."""
+
+
+class DimensionalityError(BundleMismatchError, InputError):
+    """A 3D model or bundle met 2D data, or the reverse; names both sides."""
 
 
 class WeightsNotFoundError(GradcamoError, FileNotFoundError):

@@ -22,7 +22,8 @@ from gradcamo_dask.cli.synth import add_command as add_synth
 from gradcamo_dask.cli.train import add_command as add_train
 
 # workflow order, as `gradcamo-dask --help` lists them
-COMMANDS = (add_synth, add_segment, add_train, add_score, add_compare, add_report, add_info, add_demo, add_bench_report)
+COMMANDS = (add_synth, add_segment, add_train, add_score, add_compare, add_report, add_info, add_demo,
+            add_bench_report)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

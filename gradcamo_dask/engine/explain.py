@@ -32,6 +32,7 @@ __all__ = ["CAMResult", "Explanation", "GradCAM", "analytic_heads", "eval_mode",
            "map_maker", "model_input", "resolve_targets"]
 
 DEFAULT_BATCH_SIZE = 8
+_AXES = {2: "(cell, c, y, x)", 3: "(cell, c, z, y, x)"}
 
 
 # --------------------------------------------------------------------- explain
@@ -87,7 +88,8 @@ def _check_crops(model: nn.Module, crops: Any, masks: Any) -> None:
     dims = model_spatial_dims(model)
     if dims is not None and dims != len(shape) - 2:
         raise DimensionalityError(
-            f"the model is {dims}D but the crops {shape} are {len(shape) - 2}D; use a {len(shape) - 2}D model "
+            f"the model is {dims}D (crops {_AXES.get(dims, '?')}) but the crops {shape} are {len(shape) - 2}D; use a "
+            f"{len(shape) - 2}D model "
             f"(efficientnet{len(shape) - 2}d) or crops of {dims} spatial axes"
         )
     channels = first_conv_channels(model)
