@@ -160,6 +160,15 @@ def _jsonable_shape(shape: Sequence[int | None], what: str) -> list[int | None]:
     return values
 
 
+def _bundle_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+    """The bundle's default layers (the model's ``default_cam_layer`` if none), each checked to exist."""
+    layers = list(layers) if layers is not None else [getattr(model, "default_cam_layer", "")]
+    for name in layers:
+        if not (hasattr(model, "vit") and name in ATTENTION_SOURCES):  # a ViT's maps are named sources
+            find_layer(model, name)
+    return layers
+
+
 def _check_same_dims(crop_shape: Sequence[int | None], input_shape: Sequence[int]) -> None:
     if len(crop_shape) != len(input_shape):
         raise DimensionalityError(f"crop_shape {tuple(crop_shape)} and the model grid {tuple(input_shape)} differ in "
@@ -229,10 +238,7 @@ def write_bundle(
         raise InputError(f"normalization needs one mean and one std per channel ({len(channels)})")
     if not all(math.isfinite(v) and v > 0 for v in norm["std"]):
         raise InputError(f"normalization std must be finite and > 0 for every channel, got {norm['std']}")
-    layers = list(layers) if layers is not None else [getattr(model, "default_cam_layer", "")]
-    for name in layers:
-        if not (hasattr(model, "vit") and name in ATTENTION_SOURCES):  # a ViT's maps are named sources
-            find_layer(model, name)
+    layers = _bundle_layers(model, layers)
 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)

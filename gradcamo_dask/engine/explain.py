@@ -11,6 +11,7 @@ is then scored on the mask's grid with the exact low-resolution route of
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,10 @@ def _check_crops(model: nn.Module, crops: Any, masks: Any) -> None:
             f"{len(shape) - 2}D model "
             f"(efficientnet{len(shape) - 2}d) or crops of {dims} spatial axes"
         )
+    if dims == 3 and len(shape) == 5 and shape[2] == 1:
+        warnings.warn(f"crops {shape} have one z slice (a 2D plate): the 3D model sees that slice stretched over "
+                      "its z grid; use a 2D model (efficientnet2d, vit with a (y, x) grid) on crops[:, :, 0]",
+                      UserWarning, stacklevel=4)
     channels = first_conv_channels(model)
     if channels is not None and shape[1] != channels:
         raise InputError(
