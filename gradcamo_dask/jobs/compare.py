@@ -6,7 +6,8 @@ or a ViT's attention sources, at once); per model and layer the table gives the
 mean ± sd Grad-CAMO, the share at or above the cut-off, the accuracy and, where
 copairs can compute it, the mAP of treatment retrieval from the layer's features,
 each beside its reference (uniform map, chance accuracy, chance mAP). Rows are
-ranked by mean Grad-CAMO.
+ranked by mean Grad-CAMO, layers whose map can localise a cell (at least 3 x 3 in y
+and x) first.
 
 Cells: the test wells every bundle names in its training provenance (the common
 held-out cells), else all cells, said in the table (``cells`` column). They are
@@ -29,7 +30,7 @@ from gradcamo_dask.errors import InputError
 
 __all__ = ["common_cells", "compare_models", "held_out_wells", "model_layers", "write_comparison"]
 
-COLUMNS = ["rank", "model", "layer", "grid", "cells", "n", "mean", "sd", "share_on_target", "n_undefined",
+COLUMNS = ["rank", "model", "layer", "grid", "localises", "cells", "n", "mean", "sd", "share_on_target", "n_undefined",
            "mean_uniform", "accuracy", "accuracy_chance", "map", "map_chance"]
 
 
@@ -161,11 +162,12 @@ def compare_models(image: Any, labels: Any, bundles: Sequence[Any], layers: Sequ
     Returns
     -------
     pandas.DataFrame
-        One row per (model, layer), best first, columns :data:`COLUMNS`.
+        One row per (model, layer), best first (localising maps first), columns :data:`COLUMNS`.
     """
     from gradcamo_dask.engine.bundles import open_bundle
     from gradcamo_dask.io.platemap import open_platemap, platemap_of
     from gradcamo_dask.profiles.qc import check_cutoff
+    from gradcamo_dask.profiles.report_summary import can_localise
 
     cutoff = check_cutoff(cutoff)
     opened = [b if hasattr(b, "model") else open_bundle(b) for b in bundles]
@@ -178,7 +180,10 @@ def compare_models(image: Any, labels: Any, bundles: Sequence[Any], layers: Sequ
                                                       else open_platemap(platemap))
     table, kind = common_cells(labels, pm, opened, max_cells=max_cells, seed=seed)
     parts = [_score_bundle(b, n, image, labels, table, layers, cutoff, batch_size) for b, n in zip(opened, names)]
-    out = pd.concat(parts, ignore_index=True).sort_values("mean", ascending=False, na_position="last")
+    out = pd.concat(parts, ignore_index=True)
+    # A map under 3 x 3 in y and x cannot localise a cell (its Grad-CAMO is about the mask's share): ranked after.
+    out["localises"] = [bool(can_localise(g)) for g in out["grid"]]
+    out = out.sort_values(["localises", "mean"], ascending=[False, False], na_position="last")
     out["rank"] = np.arange(1, len(out) + 1)
     out["cells"] = kind
     out["grid"] = [" x ".join(map(str, g)) if not isinstance(g, str) else g for g in out["grid"]]
@@ -218,7 +223,7 @@ def _rounded(table: pd.DataFrame) -> pd.DataFrame:
 def _caption(table: pd.DataFrame) -> str:
     kind = table["cells"].iloc[0] if len(table) else "no"
     return (f"{int(table['n'].max()) if len(table) else 0} {kind} cells, the same for every model. Ranked by mean "
-            "Grad-CAMO (share of attention inside the cell's mask; mean_uniform: the score of a uniform map, i.e. "
+            "Grad-CAMO, maps that can localise a cell (>= 3 x 3 in y and x) first (share of attention inside the cell's mask; mean_uniform: the score of a uniform map, i.e. "
             "the mask's share of the crop); share_on_target: share at or above the cut-off; accuracy beside "
             "accuracy_chance (largest class share); mAP of treatment retrieval (copairs) beside its chance.")
 
@@ -227,7 +232,7 @@ def comparison_section(table: pd.DataFrame, plate: str = "plate") -> str:
     """The ranking as a Markdown report section (a heading, a caption, a table)."""
     shown = _rounded(table).copy()
     shown["grad-camo"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(table["mean"], table["sd"])]
-    keep = ["rank", "model", "layer", "grid", "n", "grad-camo", "share_on_target", "mean_uniform", "accuracy",
+    keep = ["rank", "model", "layer", "grid", "localises", "n", "grad-camo", "share_on_target", "mean_uniform", "accuracy",
             "accuracy_chance", "map", "map_chance"]
     lines = [f"## Model comparison: {plate}", "", _caption(table), "",
              "| " + " | ".join(keep) + " |", "|" + "---|" * len(keep)]

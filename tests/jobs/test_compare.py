@@ -50,9 +50,13 @@ def test_same_held_out_cells_one_row_per_model_and_layer_ranked(setup):
     assert set(zip(table["model"], table["layer"])) == {("effnet", "_head_swish"), ("effnet", "_blocks.2.4"),
                                                         ("vit", "cls_attention"), ("vit", "rollout")}
     assert list(table["rank"]) == [1, 2, 3, 4]
-    defined = table["mean"].notna()
-    assert table["mean"][defined].is_monotonic_decreasing and defined.sum() >= 3
-    assert not defined.any() or defined[:defined.sum()].all()  # rows without a defined score come last
+    assert table["localises"].tolist() == sorted(table["localises"], reverse=True)  # maps that localise first
+    assert dict(zip(table["layer"], table["localises"]))["_head_swish"] is False  # 1 x 1 x 1 at 8 x 48 x 48
+    assert table["localises"].sum() == 3
+    for _, group in table.groupby("localises"):
+        defined = group["mean"].notna()
+        assert group["mean"][defined].is_monotonic_decreasing
+        assert defined[:defined.sum()].all()  # rows without a defined score come last
     assert (table["cells"] == "held-out").all()
     # the cells: whole cells at the larger crop (40 x 40) in the test wells, the same for both models
     cells = cell_table(setup["labels"], setup["pm"], size=(None, 40, 40))
