@@ -32,7 +32,7 @@ from torch import nn
 from gradcamo_dask.errors import InputError
 from gradcamo_dask.engine.gradcam import CAMResult, grad_cam, resolve_targets, widen
 
-__all__ = ["ATTENTION_SOURCES", "AttentionCAM", "attention_rollout", "is_attention_request"]
+__all__ = ["ATTENTION_SOURCES", "AttentionCAM", "attention_rollout", "cls_rollout", "is_attention_request"]
 
 ATTENTION_SOURCES = ("cls_attention", "rollout", "gradcam_tokens")
 
@@ -58,6 +58,21 @@ def attention_rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
         a = a / a.sum(dim=-1, keepdim=True)
         rollout = a if rollout is None else a @ rollout
     return rollout
+
+
+def cls_rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Row 0 (CLS) of :func:`attention_rollout`, ``(N, T)``, without forming the ``T x T`` products.
+
+    ``e0ᵀ A_L ... A_1`` from the last block down: vector-matrix products, ``O(T²)`` per
+    block instead of ``O(T³)`` (785 tokens of a 3D ViT: the full product cost ~0.4x a forward pass).
+    """
+    row = None
+    for att in reversed(list(attentions)):
+        a = widen(att).mean(dim=1)
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = a / a.sum(dim=-1, keepdim=True)
+        row = a[:, 0] if row is None else torch.einsum("nt,nts->ns", row, a)
+    return row
 
 
 class AttentionCAM:
@@ -149,7 +164,7 @@ class AttentionCAM:
         if source == "cls_attention":
             return widen(self.blocks[-1].attn.att_mat).mean(dim=1)[:, 0, 1:]
         if source == "rollout":
-            return attention_rollout([b.attn.att_mat for b in self.blocks])[:, 0, 1:]
+            return cls_rollout([b.attn.att_mat for b in self.blocks])[:, 1:]
         tokens = self._seen["tokens"]
         with torch.enable_grad():
             selected = logits.gather(1, targets[:, None]).sum()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gradcamo_dask import explain
-from gradcamo_dask.engine.attention import AttentionCAM
+from gradcamo_dask.engine.attention import AttentionCAM, attention_rollout, cls_rollout
 from gradcamo_dask.engine.gradcamo import gradcamo_score, upsample_cam
 from gradcamo_dask.errors import InputError
 from gradcamo_dask.engine.vit import vit
@@ -88,6 +88,8 @@ def test_maps_equal_hand_computed_attention(model, data):
         rollout = (a / a.sum(-1, keepdim=True)) @ rollout
     np.testing.assert_allclose(result.cams["rollout"], rollout[:, 0, 1:].reshape(-1, *grid).numpy(), rtol=1e-4,
                                atol=1e-6)
+    full = attention_rollout([a for a in att])  # the T x T product, first block first
+    np.testing.assert_allclose(full[:, 0].numpy(), cls_rollout(att).numpy(), rtol=1e-5, atol=1e-7)
     assert float(token_cam.max()) > 0
     np.testing.assert_allclose(result.cams["gradcam_tokens"], token_cam.reshape(-1, *grid).numpy(), rtol=1e-4,
                                atol=1e-6 * float(token_cam.max()))
