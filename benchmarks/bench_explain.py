@@ -305,7 +305,13 @@ def main(argv=None) -> int:
                         help="wall: elapsed seconds; cpu: this process's CPU seconds (steadier on a loaded machine)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset, e.g. features,explain_last,explain_last_autograd")
+    parser.add_argument("--2d", dest="two_d", action="store_true",
+                        help="EfficientNet-B0 2D instead (bench_explain_variants.py); writes bench_explain_2d*")
+    parser.add_argument("--vit", action="store_true",
+                        help="MONAI ViT 2D and 3D, its attention maps (bench_explain_variants.py); writes bench_explain_vit*")
     args = parser.parse_args(argv)
+    if args.two_d or args.vit:
+        return run_variants(args, argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -337,6 +343,44 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{prefix}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{prefix}.md").write_text(markdown(report) + "\n")
+    print(f"[bench_explain] wrote {out / prefix}.json and .md")
+    return 0
+
+
+def run_variants(args: argparse.Namespace, argv=None) -> int:
+    """``--2d`` / ``--vit``: the variant configurations on the CPU, written to their own report."""
+    import bench_explain_variants as variants
+
+    torch.set_num_threads(args.threads)
+    cells, batch, repeats = args.cells or 8, args.batch_size or 8, args.repeats or (3 if args.quick else 5)
+    plans = ([lambda: variants.methods_2d(args.quick, cells, batch)] if args.two_d else []) + (
+        [lambda: variants.methods_vit(2, args.quick, cells, batch), lambda: variants.methods_vit(3, args.quick, cells,
+                                                                                                 batch)]
+        if args.vit else [])
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    report = {"quick": args.quick, "clock": args.clock, "command": " ".join([Path(sys.argv[0]).name,
+                                                                             *(argv or sys.argv[1:])]),
+              "machine": machine(torch.device("cpu")), "configs": []}
+    for plan in plans:
+        methods, config = plan()
+        print(f"[bench_explain] {config['config']}: crops {config['crop_grid']} -> {config['input_shape']}", flush=True)
+        cfg = variants.time_methods(methods, config, cells, repeats, clock)
+        report["configs"].append(cfg)
+        for r in cfg["rows"]:
+            print(f"  {r['method']:<20} {r['cells_per_s']:8.2f} cells/s  x{r['vs_features']:.3f}", flush=True)
+    if hasattr(os, "getloadavg"):
+        report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    prefix = args.out_prefix or ("bench_explain_2d" if args.two_d else "bench_explain_vit") + (
+        "_quick" if args.quick else "")
+    out = REPO / "benchmarks" / "results"
+    (out / f"{prefix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    m = report["machine"]
+    head = [f"# bench_explain {'--2d' if args.two_d else '--vit'} ({'quick' if args.quick else 'full'})", "",
+            f"- date (UTC): {m['date_utc']}", f"- machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, "
+            f"torch {m['torch']} with {m['torch_threads']} threads, device cpu",
+            f"- load average at start / end: {m.get('load_average_1_5_15')} / {report.get('load_average_end')}",
+            f"- command: `{report['command']}`", f"- clock: {args.clock}", ""]
+    (out / f"{prefix}.md").write_text("\n".join(head + variants.markdown(report)) + "\n")
     print(f"[bench_explain] wrote {out / prefix}.json and .md")
     return 0
 

@@ -32,6 +32,10 @@ class InputError(GradcamoError, ValueError):
     """Bad arrays handed to the engine: wrong shapes, NaN or inf, unknown layers."""
 
 
+class DimensionalityError(BundleMismatchError, InputError):
+    """A 3D model or bundle met 2D data, or the reverse; names both sides."""
+
+
 class WeightsNotFoundError(GradcamoError, FileNotFoundError):
     """Model weights are not on disk and cannot be downloaded; says where to put them."""
 

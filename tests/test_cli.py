@@ -156,7 +156,7 @@ def test_help_shows_defaults_and_workflow_order():
 
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == ["synth", "segment", "train", "score", "report", "info", "demo", "bench-report"]
+    assert list(sub.choices) == ["synth", "segment", "train", "score", "compare", "report", "info", "demo", "bench-report"]
     for name, command in sub.choices.items():
         command.format_help()  # renders without error
         for action in command._actions:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from gradcamo_dask import __version__
 from gradcamo_dask.cli.bench_report import add_command as add_bench_report
+from gradcamo_dask.cli.compare import add_command as add_compare
 from gradcamo_dask.cli.demo import add_command as add_demo
 from gradcamo_dask.cli.info import add_command as add_info
 from gradcamo_dask.cli.report import add_command as add_report
@@ -21,7 +22,8 @@ from gradcamo_dask.cli.synth import add_command as add_synth
 from gradcamo_dask.cli.train import add_command as add_train
 
 # workflow order, as `gradcamo-dask --help` lists them
-COMMANDS = (add_synth, add_segment, add_train, add_score, add_report, add_info, add_demo, add_bench_report)
+COMMANDS = (add_synth, add_segment, add_train, add_score, add_compare, add_report, add_info, add_demo,
+            add_bench_report)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

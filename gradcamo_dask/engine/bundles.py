@@ -20,10 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradcamo_dask.errors import (BundleMismatchError, InputError, MetadataError, WeightsFormatError,
-                                  WeightsNotFoundError)
+from gradcamo_dask.errors import (BundleMismatchError, DimensionalityError, InputError, MetadataError,
+                                  WeightsFormatError, WeightsNotFoundError)
+from gradcamo_dask.engine.attention import ATTENTION_SOURCES
 from gradcamo_dask.engine.layers import find_layer
 from gradcamo_dask.engine.models import efficientnet3d
+from gradcamo_dask.engine.models2d import efficientnet2d
+from gradcamo_dask.engine.vit import vit
 
 __all__ = ["ARCHITECTURES", "Bundle", "BundleConfig", "honour_umask", "open_bundle", "write_bundle"]
 
@@ -32,7 +35,7 @@ BUNDLE_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-ARCHITECTURES = {"efficientnet3d": efficientnet3d}
+ARCHITECTURES = {"efficientnet3d": efficientnet3d, "efficientnet2d": efficientnet2d, "vit": vit}
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,11 @@ class BundleConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3: the model grid's axes ((y, x) or (z, y, x))."""
+        return len(self.input_shape)
 
 
 def _names(kind: str, names: Sequence[str]) -> str:
@@ -127,6 +135,12 @@ class Bundle:
                     f"bundle knows {_names('classes', cfg.classes)}, data has "
                     f"{_names('classes', list(classes))}; not in the bundle: {', '.join(map(str, unknown))}"
                 )
+        if crop_shape is not None and len(crop_shape) != cfg.spatial_dims:
+            raise DimensionalityError(
+                f"bundle is {cfg.spatial_dims}D (crops {tuple(cfg.crop_shape)}), data is {len(crop_shape)}D (crops "
+                f"{tuple(crop_shape)}); use a {len(crop_shape)}D bundle (e.g. trained with efficientnet"
+                f"{len(crop_shape)}d) for these crops"
+            )
         if crop_shape is not None:
             crop = list(crop_shape)
             ok = len(crop) == len(cfg.crop_shape) and all(
@@ -141,8 +155,8 @@ class Bundle:
 
 def _jsonable_shape(shape: Sequence[int | None], what: str) -> list[int | None]:
     values = [None if n is None else int(n) for n in shape]
-    if len(values) != 3:
-        raise InputError(f"{what} must be (z, y, x) in voxels, got {tuple(shape)}")
+    if len(values) not in (2, 3):
+        raise InputError(f"{what} must be (z, y, x) in voxels, or (y, x) for a 2D model, got {tuple(shape)}")
     return values
 
 
@@ -173,6 +187,21 @@ def _checked_bundle_metadata(model: nn.Module, channels: Sequence[str], classes:
     if not all(math.isfinite(v) and v > 0 for v in norm["std"]):
         raise InputError(f"normalization std must be finite and > 0 for every channel, got {norm['std']}")
     return arch, channels, classes, norm
+
+
+def _bundle_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+    """The bundle's default layers (the model's ``default_cam_layer`` if none), each checked to exist."""
+    layers = list(layers) if layers is not None else [getattr(model, "default_cam_layer", "")]
+    for name in layers:
+        if not (hasattr(model, "vit") and name in ATTENTION_SOURCES):  # a ViT's maps are named sources
+            find_layer(model, name)
+    return layers
+
+
+def _check_same_dims(crop_shape: Sequence[int | None], input_shape: Sequence[int]) -> None:
+    if len(crop_shape) != len(input_shape):
+        raise DimensionalityError(f"crop_shape {tuple(crop_shape)} and the model grid {tuple(input_shape)} differ in "
+                                  "dimensionality; give crops of the model's axes")
 
 
 def write_bundle(
@@ -217,9 +246,8 @@ def write_bundle(
     from safetensors.torch import save_file
 
     arch, channels, classes, norm = _checked_bundle_metadata(model, channels, classes, input_shape, normalization)
-    layers = list(layers) if layers is not None else [getattr(model, "default_cam_layer", "")]
-    for name in layers:
-        find_layer(model, name)
+    _check_same_dims(crop_shape, arch["input_shape"])
+    layers = _bundle_layers(model, layers)
 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)

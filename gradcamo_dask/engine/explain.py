@@ -11,6 +11,7 @@ is then scored on the mask's grid with the exact low-resolution route of
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,16 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcamo_dask.arrays import array_module, from_torch, is_cupy_array, is_torch_tensor, to_numpy, to_torch
-from gradcamo_dask.errors import InputError
+from gradcamo_dask.errors import DimensionalityError, InputError
+from gradcamo_dask.engine.attention import AttentionCAM, is_attention_request
 from gradcamo_dask.engine.gradcam import CAMResult, GradCAM, analytic_heads, grad_cam, head_cam, resolve_targets
 from gradcamo_dask.engine.gradcamo import gradcamo_lowres
-from gradcamo_dask.engine.layers import default_layer, first_conv_channels
+from gradcamo_dask.engine.layers import default_layer, first_conv_channels, model_spatial_dims
 from gradcamo_dask.engine.precision import autocast_context, resolve_autocast
 
 __all__ = ["CAMResult", "Explanation", "GradCAM", "analytic_heads", "eval_mode", "explain", "grad_cam", "head_cam",
-           "model_input", "resolve_targets"]
+           "map_maker", "model_input", "resolve_targets"]
 
 DEFAULT_BATCH_SIZE = 8
+_AXES = {2: "(cell, c, y, x)", 3: "(cell, c, z, y, x)"}
 
 
 # --------------------------------------------------------------------- explain
@@ -81,8 +84,19 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 def _check_crops(model: nn.Module, crops: Any, masks: Any) -> None:
     shape = tuple(getattr(crops, "shape", ()))
-    if len(shape) != 5:
-        raise InputError(f"crops must be (cell, c, z, y, x), got shape {shape}")
+    if len(shape) not in (4, 5):
+        raise InputError(f"crops must be (cell, c, z, y, x) or, in 2D, (cell, c, y, x); got shape {shape}")
+    dims = model_spatial_dims(model)
+    if dims is not None and dims != len(shape) - 2:
+        raise DimensionalityError(
+            f"the model is {dims}D (crops {_AXES.get(dims, '?')}) but the crops {shape} are {len(shape) - 2}D; use a "
+            f"{len(shape) - 2}D model "
+            f"(efficientnet{len(shape) - 2}d) or crops of {dims} spatial axes"
+        )
+    if dims == 3 and len(shape) == 5 and shape[2] == 1:
+        warnings.warn(f"crops {shape} have one z slice (a 2D plate): the 3D model sees that slice stretched over "
+                      "its z grid; use a 2D model (efficientnet2d, vit with a (y, x) grid) on crops[:, :, 0]",
+                      UserWarning, stacklevel=4)
     channels = first_conv_channels(model)
     if channels is not None and shape[1] != channels:
         raise InputError(
@@ -93,7 +107,7 @@ def _check_crops(model: nn.Module, crops: Any, masks: Any) -> None:
         mshape = tuple(getattr(masks, "shape", ()))
         if mshape != (shape[0], *shape[2:]):
             raise InputError(
-                f"masks {mshape} do not match crops {shape}: expected (cell, z, y, x) = "
+                f"masks {mshape} do not match crops {shape}: expected (cell, [z,] y, x) = "
                 f"{(shape[0], *shape[2:])}, one mask per crop on the crop grid"
             )
 
@@ -148,18 +162,19 @@ def explain(
     model : torch.nn.Module
         A CNN returning logits ``(N, K)``, run on its own device in eval mode (a model
         shared by threads should already be in eval mode, as :func:`open_bundle` gives it).
-    crops : array (cell, c, z, y, x)
+    crops : array (cell, c, z, y, x), or (cell, c, y, x) for a 2D model
         NumPy, CuPy or torch; float, already normalised; cast to the model's dtype.
-    masks : array (cell, z, y, x), optional
+    masks : array (cell, z, y, x) (2D: (cell, y, x)), optional
         Central-cell masks on the crop grid (bool; nonzero = inside). With masks,
         Grad-CAMO and its two sums are returned per layer.
     layers : str or list of str, optional
         Grad-CAM layers (any number); default: the last convolutional activation
-        (``_head_swish``); :func:`~gradcamo_dask.layer_grids` lists the candidates.
+        (``_head_swish``); :func:`~gradcamo_dask.layer_grids` lists the candidates. A ViT's
+        attention sources instead (:mod:`~gradcamo_dask.engine.attention`), e.g. ``"rollout"``.
     target : "predicted", int or sequence of int
         Class explained: predicted (paper), one for all cells, or one per cell.
-    input_shape : (z, y, x), optional
-        Model grid in voxels the crops are resampled to (trilinear); default:
+    input_shape : (z, y, x) or (y, x), optional
+        Model grid in voxels the crops are resampled to (trilinear or bilinear); default:
         ``model.input_shape``, else the crop grid.
     batch_size : int, optional
         Cells per forward pass (default 8).
@@ -171,8 +186,7 @@ def explain(
     cams : bool
         False: logits and features only, without gradients (masks, target ignored).
     route : "auto", "autograd" or "analytic"
-        "auto": forward-only Grad-CAM where the layer allows it (``_head_swish``),
-        autograd elsewhere; see :class:`GradCAM`.
+        "auto": forward-only where the layer allows it (``_head_swish``), else autograd (:class:`GradCAM`).
     check_finite : bool
         Scan crops and maps for NaN and inf (host syncs on a GPU); False for crops
         that cannot hold them: then nothing waits for the device between batches.
@@ -185,8 +199,8 @@ def explain(
     Raises
     ------
     InputError
-        Wrong channel count, masks not matching crops, unknown or non-spatial
-        layers, NaN or inf in crops (naming the cells), bad targets.
+        Wrong channel count, masks not matching crops, unknown or non-spatial layers, NaN or
+        inf in crops (naming the cells), bad targets; DimensionalityError: 2D crops, 3D model.
     """
     input_shape, layers, batch_size = _plan(model, crops, masks, layers, target, input_shape, batch_size,
                                             check_finite)
@@ -196,8 +210,8 @@ def explain(
         channels_last = device.type == "cuda"
     autocast = resolve_autocast(device, autocast)  # once: a known-bad bf16 warns once per call
     parts: dict[str, list] = {}
-    grids: dict[str, tuple[int, int, int]] = {}
-    with eval_mode(model), GradCAM(model, layers, cams=cams, route=route) as cam:
+    grids: dict[str, tuple[int, ...]] = {}
+    with eval_mode(model), map_maker(model, layers, cams, route) as cam:
         for start in range(0, max(n_cells, 1), batch_size):
             stop = min(start + batch_size, n_cells)
             x = model_input(crops[start:stop], device, dtype, input_shape, channels_last)
@@ -206,6 +220,13 @@ def explain(
                 result = cam(x, target=t)
             _collect(parts, grids, result, masks, start, stop, device, layers, check_finite)
     return _assemble(parts, grids, layers, input_shape, crops, masks is not None and cams)
+
+
+def map_maker(model: nn.Module, layers: list[str], cams: bool, route: str) -> GradCAM | AttentionCAM:
+    """The context manager that makes the maps: a ViT's attention sources, else Grad-CAM on layers."""
+    if is_attention_request(layers):
+        return AttentionCAM(model, layers, cams=cams)
+    return GradCAM(model, layers, cams=cams, route=route)
 
 
 def _plan(model: nn.Module, crops: Any, masks: Any, layers: Any, target: Any, input_shape: Any,
@@ -220,8 +241,9 @@ def _plan(model: nn.Module, crops: Any, masks: Any, layers: Any, target: Any, in
     if input_shape is None:
         input_shape = model_shape if model_shape is not None else crop_grid
     input_shape = tuple(int(n) for n in input_shape)
-    if len(input_shape) != 3:
-        raise InputError(f"input_shape must be (z, y, x) in voxels, got {input_shape}")
+    if len(input_shape) != len(crop_grid):
+        raise InputError(f"input_shape must be {'(z, y, x)' if len(crop_grid) == 3 else '(y, x)'} in voxels "
+                         f"like the crops, got {input_shape}")
     if model_shape is not None and tuple(model_shape) != input_shape:
         raise InputError(
             f"the model was built (padding derived) for input grid {tuple(model_shape)}, not {input_shape}; "
@@ -259,12 +281,14 @@ def eval_mode(model: nn.Module):
 def model_input(chunk: Any, device: torch.device, dtype: torch.dtype, input_shape: Sequence[int],
                 channels_last: bool) -> torch.Tensor:
     """Crops ``(n, c, z, y, x)`` (NumPy, CuPy or torch) as the model's input: on ``device``, in ``dtype``,
-    resampled trilinearly to ``input_shape`` (voxels), ``channels_last_3d`` if asked."""
+    resampled trilinearly to ``input_shape`` (voxels), ``channels_last_3d`` if asked. 2D crops
+    ``(n, c, y, x)`` are resampled bilinearly (``channels_last``)."""
     x = to_torch(chunk, device=device).to(dtype)
     if tuple(x.shape[2:]) != tuple(input_shape):
-        x = F.interpolate(x, size=tuple(input_shape), mode="trilinear", align_corners=False)
+        mode = "trilinear" if x.ndim == 5 else "bilinear"
+        x = F.interpolate(x, size=tuple(input_shape), mode=mode, align_corners=False)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
     return x
 
 

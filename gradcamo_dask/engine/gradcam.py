@@ -22,6 +22,7 @@ is safe.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,11 +76,11 @@ class GradCAM:
     Parameters
     ----------
     model : torch.nn.Module
-        Takes ``(N, C, z, y, x)`` and returns logits ``(N, K)``. Used as it is (put
+        Takes ``(N, C, z, y, x)`` (a 2D model: ``(N, C, y, x)``) and returns logits ``(N, K)``. Used as it is (put
         it in eval mode yourself; :func:`explain` does).
     layers : str or list of str
         Names from ``model.named_modules()``; each must output ``(N, C, z, y, x)``
-        and run once per forward pass.
+        (2D: ``(N, C, y, x)``) and run once per forward pass.
     cams : bool
         False: features and logits only, in one pass without any gradient.
     route : "auto", "autograd" or "analytic"
@@ -131,11 +132,11 @@ class GradCAM:
             if state is None:  # not our call (another thread, or a plain forward)
                 return None
             state.calls[name] = state.calls.get(name, 0) + 1
-            if not isinstance(output, torch.Tensor) or output.ndim != 5:
+            if not isinstance(output, torch.Tensor) or output.ndim not in (4, 5):
                 shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                 state.bad_output[name] = str(shape)
                 return None
-            state.features[name] = widen(output.detach()).mean(dim=(2, 3, 4))
+            state.features[name] = widen(output.detach()).mean(dim=tuple(range(2, output.ndim)))
             state.grids[name] = tuple(int(n) for n in output.shape[2:])
             if name in self.heads and state.want_grad is not None:
                 state.activations[name] = output.detach()
@@ -207,7 +208,8 @@ class GradCAM:
                 )
             if name in state.bad_output:
                 raise InputError(
-                    f"layer {name!r} outputs {state.bad_output[name]}, not a spatial map (N, C, z, y, x); "
+                    f"layer {name!r} outputs {state.bad_output[name]}, not a spatial map (N, C, z, y, x) or "
+                    "(N, C, y, x); "
                     "Grad-CAM needs a convolutional layer: see gradcamo_dask.layer_grids(model)"
                 )
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != inputs.shape[0]:
@@ -222,11 +224,11 @@ def widen(tensor: torch.Tensor) -> torch.Tensor:
 def grad_cam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
     """``ReLU((1/C') sum_c w_c A_c)`` with ``w_c`` the voxel mean of the gradients.
 
-    ``activations`` and ``gradients``: ``(N, C', z, y, x)``; returns ``(N, z, y, x)``
-    in float32 (float64 for float64 inputs).
+    ``activations`` and ``gradients``: ``(N, C', z, y, x)`` or, in 2D, ``(N, C', y, x)``;
+    returns ``(N, z, y, x)`` (2D: ``(N, y, x)``) in float32 (float64 for float64 inputs).
     """
     a, g = widen(activations), widen(gradients)
-    weights = g.mean(dim=(2, 3, 4), keepdim=True)
+    weights = g.mean(dim=tuple(range(2, g.ndim)), keepdim=True)
     return torch.relu((weights * a).sum(dim=1) / a.shape[1])
 
 
@@ -257,14 +259,15 @@ def head_cam(activations: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     """Grad-CAM of a layer followed by global average pooling and a linear layer, from the forward pass.
 
     ``w_c = W[k, c] / V`` for class ``k``, so ``ReLU((1/C') sum_c W[k, c] A_c / V)``.
-    ``activations (N, C', z, y, x)``, ``weight (K, C')``, ``targets (N,)``; returns
-    ``(N, z, y, x)`` in float32 (float64 for float64 activations), like :func:`grad_cam`.
+    ``activations (N, C', z, y, x)`` (2D: ``(N, C', y, x)``), ``weight (K, C')``, ``targets (N,)``;
+    returns ``(N, z, y, x)`` (2D: ``(N, y, x)``) in float32 (float64 for float64 activations),
+    like :func:`grad_cam`.
     """
     a = widen(activations)
-    voxels = a.shape[2] * a.shape[3] * a.shape[4]
+    voxels = math.prod(a.shape[2:])
     with torch.autocast(device_type=a.device.type, enabled=False):  # a caller's autocast would make it bf16
         rows = weight.detach()[targets].to(a.dtype)  # (N, C')
-        return torch.relu(torch.einsum("nc,nczyx->nzyx", rows, a) / (voxels * a.shape[1]))
+        return torch.relu(torch.einsum("nc,nc...->n...", rows, a) / (voxels * a.shape[1]))
 
 
 def resolve_targets(target: Any, logits: torch.Tensor) -> torch.Tensor:

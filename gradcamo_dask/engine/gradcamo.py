@@ -11,6 +11,11 @@ Trilinear upsampling (``align_corners=False``) is linear and separable:
 :func:`gradcamo_lowres` contracts the mask down to the CAM grid and never builds
 the full-resolution map. Functions take NumPy, CuPy or torch arrays and compute in
 the array's own namespace and device.
+
+2D (bilinear) maps and masks, ``(N, y, x)`` and ``(N, Y, X)``, are scored by the
+same contraction with one fewer axis: a z axis of one voxel is added, whose 1 -> 1
+interpolation matrix is the identity, so bilinear upsampling is trilinear
+upsampling of that one-slice volume, exactly.
 """
 
 from __future__ import annotations
@@ -117,37 +122,42 @@ def _ratio(xp: Any, inside: Any, total: Any) -> Any:
     return xp.where(defined, inside / safe, xp.full_like(total, float("nan")))
 
 
-def gradcamo_score(cam: Any, mask: Any) -> tuple[Any, Any, Any]:
+def gradcamo_score(cam: Any, mask: Any, *, spatial_dims: int = 3) -> tuple[Any, Any, Any]:
     """Grad-CAMO of full-resolution maps (Eq. 5).
 
     Parameters
     ----------
-    cam : array (..., Z, Y, X)
+    cam : array (..., Z, Y, X), or (..., Y, X) with ``spatial_dims=2``
         Non-negative Grad-CAM maps at the crop grid (NumPy, CuPy or torch).
-    mask : array (..., Z, Y, X)
-        Binary masks of the central cells, same shape.
+    mask : array, same shape
+        Binary masks of the central cells.
+    spatial_dims : 3 or 2
+        Trailing axes summed over (3: z, y, x; 2: y, x).
 
     Returns
     -------
     score, inside, total : arrays of shape ``(...)``, float64
-        ``inside / total``, ``sum(cam * mask)``, ``sum(cam)`` over the last three
-        axes; the score is NaN where ``total == 0``.
+        ``inside / total``, ``sum(cam * mask)``, ``sum(cam)`` over the last
+        ``spatial_dims`` axes; the score is NaN where ``total == 0``.
 
     Raises
     ------
     InputError
-        Shapes differ, fewer than 3 axes, or the map is negative or not finite.
+        Shapes differ, fewer than ``spatial_dims`` axes, or the map is negative or not finite.
     """
     xp = array_namespace(cam, mask)
-    if tuple(cam.shape) != tuple(mask.shape) or len(cam.shape) < 3:
+    if spatial_dims not in (2, 3):
+        raise InputError(f"spatial_dims must be 2 (y, x) or 3 (z, y, x), got {spatial_dims}")
+    if tuple(cam.shape) != tuple(mask.shape) or len(cam.shape) < spatial_dims:
+        axes_text = "(..., Z, Y, X)" if spatial_dims == 3 else "(..., Y, X)"
         raise InputError(
-            f"cam {tuple(cam.shape)} and mask {tuple(mask.shape)} must have the same shape (..., Z, Y, X); "
+            f"cam {tuple(cam.shape)} and mask {tuple(mask.shape)} must have the same shape {axes_text}; "
             "upsample the CAM to the crop grid first or use gradcamo_lowres"
         )
     _check_cam(cam)
     cam64 = xp.astype(cam, xp.float64)
     mask64 = xp.astype(mask != 0, xp.float64)
-    axes = (-3, -2, -1)
+    axes = tuple(range(-spatial_dims, 0))
     inside = xp.sum(cam64 * mask64, axis=axes)
     total = xp.sum(cam64, axis=axes)
     return _ratio(xp, inside, total), inside, total
@@ -157,9 +167,12 @@ def contract_mask(mask: Any, grid: Sequence[int]) -> Any:
     """``Uzᵀ Uyᵀ Uxᵀ M``: masks ``(..., Z, Y, X)`` contracted to a CAM grid ``(z, y, x)``.
 
     Entry ``[..., i, j, k]`` is the summed weight that the upsampled CAM voxel
-    ``(i, j, k)`` puts inside the mask. Float64, same namespace and device.
+    ``(i, j, k)`` puts inside the mask. Float64, same namespace and device. A 2D
+    grid ``(y, x)`` contracts 2D masks ``(..., Y, X)`` bilinearly to ``(..., y, x)``.
     """
     xp = array_namespace(mask)
+    if len(grid) == 2:  # bilinear: a one-slice volume, whose 1 -> 1 z matrix is the identity
+        return contract_mask(xp.expand_dims(mask, axis=-3), (1, *grid))[..., 0, :, :]
     z, y, x = (int(n) for n in grid)
     Z, Y, X = mask.shape[-3:]
     lead = len(mask.shape) - 3
@@ -181,8 +194,10 @@ def contract_mask(mask: Any, grid: Sequence[int]) -> Any:
 
 
 def total_weights(grid: Sequence[int], shape: Sequence[int], like: Any) -> Any:
-    """``(Uzᵀ1) ⊗ (Uyᵀ1) ⊗ (Uxᵀ1)``: how much each CAM voxel adds to ``sum(G)``."""
+    """``(Uzᵀ1) ⊗ (Uyᵀ1) ⊗ (Uxᵀ1)``: how much each CAM voxel adds to ``sum(G)`` (2D: ``(Uyᵀ1) ⊗ (Uxᵀ1)``)."""
     xp = array_namespace(like)
+    if len(grid) == 2:
+        return total_weights((1, *grid), (1, *shape), like)[0]
     (z, y, x), (Z, Y, X) = grid, shape
     wz, wy, wx = (xp.sum(_matrix(xp, like, n, N), axis=0) for n, N in ((z, Z), (y, Y), (x, X)))
     return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
@@ -196,9 +211,9 @@ def gradcamo_lowres(cam: Any, mask: Any, *, check: bool = True) -> tuple[Any, An
 
     Parameters
     ----------
-    cam : array (N, z, y, x)
+    cam : array (N, z, y, x), or (N, y, x) for 2D maps (bilinear)
         Non-negative Grad-CAM maps at a layer's grid.
-    mask : array (N, Z, Y, X)
+    mask : array (N, Z, Y, X), or (N, Y, X) for 2D
         Central-cell masks at the crop grid (bool or 0/1).
     check : bool
         Refuse maps with NaN, inf or negative values (costs two host syncs on a GPU).
@@ -209,17 +224,18 @@ def gradcamo_lowres(cam: Any, mask: Any, *, check: bool = True) -> tuple[Any, An
         As :func:`gradcamo_score`.
     """
     xp = array_namespace(cam, mask)
-    if len(cam.shape) != 4 or len(mask.shape) != 4 or cam.shape[0] != mask.shape[0]:
+    if len(cam.shape) not in (3, 4) or len(mask.shape) != len(cam.shape) or cam.shape[0] != mask.shape[0]:
         raise InputError(
             f"cam {tuple(cam.shape)} must be (N, z, y, x) and mask {tuple(mask.shape)} (N, Z, Y, X) "
-            "with the same number of cells N"
+            "(2D: (N, y, x) and (N, Y, X)) with the same number of cells N"
         )
     if check:  # two host syncs; callers that made the map themselves (a ReLU of finite values) skip them
         _check_cam(cam)
     cam64 = xp.astype(cam, xp.float64)
     grid = tuple(cam.shape[1:])
-    inside = xp.sum(cam64 * contract_mask(mask, grid), axis=(1, 2, 3))
-    total = xp.sum(cam64 * total_weights(grid, tuple(mask.shape[1:]), cam64)[None], axis=(1, 2, 3))
+    axes = tuple(range(1, len(cam.shape)))
+    inside = xp.sum(cam64 * contract_mask(mask, grid), axis=axes)
+    total = xp.sum(cam64 * total_weights(grid, tuple(mask.shape[1:]), cam64)[None], axis=axes)
     return _ratio(xp, inside, total), inside, total
 
 
@@ -228,9 +244,12 @@ def upsample_cam(cam: Any, shape: Sequence[int]) -> Any:
 
     The same operator as ``torch.nn.functional.interpolate(mode="trilinear",
     align_corners=False)``; float64. For pictures and checks only: scoring never
-    needs it (see :func:`gradcamo_lowres`).
+    needs it (see :func:`gradcamo_lowres`). A 2D ``shape`` ``(Y, X)`` upsamples
+    ``cam (..., y, x)`` bilinearly (``mode="bilinear"``).
     """
     xp = array_namespace(cam)
+    if len(shape) == 2:
+        return upsample_cam(xp.expand_dims(cam, axis=-3), (1, *shape))[..., 0, :, :]
     z, y, x = cam.shape[-3:]
     Z, Y, X = (int(n) for n in shape)
     lead = len(cam.shape) - 3

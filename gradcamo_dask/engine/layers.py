@@ -15,7 +15,8 @@ from torch import nn
 
 from gradcamo_dask.errors import InputError
 
-__all__ = ["default_layer", "find_layer", "first_conv_channels", "layer_grids", "probe_layers", "trace_layers"]
+__all__ = ["default_layer", "find_layer", "first_conv_channels", "layer_grids", "model_spatial_dims", "probe_layers",
+           "trace_layers"]
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -35,6 +36,20 @@ def first_conv_channels(model: nn.Module) -> int | None:
     for module in model.modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             return int(module.in_channels)
+    return None
+
+
+def model_spatial_dims(model: nn.Module) -> int | None:
+    """2 or 3: the spatial axes of the model's first convolution (``None`` if it has none).
+
+    A model may say it itself with a ``spatial_dims`` attribute (the ViT does).
+    """
+    said = getattr(model, "spatial_dims", None)
+    if isinstance(said, int):
+        return said
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return len(module.kernel_size)
     return None
 
 
@@ -94,7 +109,7 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
-def probe_layers(model: nn.Module, shape: tuple[int, int, int]) -> list:
+def probe_layers(model: nn.Module, shape: tuple[int, ...]) -> list:
     """:func:`trace_layers` for one cell at ``shape``: on a ``meta`` copy, or on zeros."""
     channels = first_conv_channels(model)
     if channels is None:
@@ -111,7 +126,7 @@ def probe_layers(model: nn.Module, shape: tuple[int, int, int]) -> list:
 
 
 def layer_grids(model: nn.Module, input_shape: Sequence[int] | None = None) -> dict[str, tuple[int, int, int]]:
-    """Grid ``(z, y, x)`` in voxels of every spatial layer for one input grid.
+    """Grid ``(z, y, x)`` (2D model: ``(y, x)``) in voxels of every spatial layer for one input grid.
 
     A layer is spatial when its output is ``(N, C, z, y, x)`` and it runs once per
     forward pass (only those can be Grad-CAM layers). The forward pass runs on a
@@ -124,8 +139,9 @@ def layer_grids(model: nn.Module, input_shape: Sequence[int] | None = None) -> d
     input_shape : (int, int, int), optional
         Model input grid; defaults to ``model.input_shape``.
     """
-    trace = probe_layers(model, _input_shape_of(model, input_shape))
-    return {name: tuple(out[2:]) for name, _m, calls, out in trace if calls == 1 and len(out) == 5}
+    shape = _input_shape_of(model, input_shape)
+    trace = probe_layers(model, shape)
+    return {name: tuple(out[2:]) for name, _m, calls, out in trace if calls == 1 and len(out) == 2 + len(shape)}
 
 
 _NOT_ACTIVATIONS = (
@@ -150,17 +166,18 @@ def default_layer(model: nn.Module, input_shape: Sequence[int] | None = None) ->
     name = getattr(model, "default_cam_layer", None)
     if name:
         return str(name)
-    trace = probe_layers(model, _input_shape_of(model, input_shape))
+    shape = _input_shape_of(model, input_shape)
+    trace = probe_layers(model, shape)
     candidates = [
         n for n, module, calls, out in trace
-        if calls == 1 and len(out) == 5 and not list(module.children()) and not isinstance(module, _NOT_ACTIVATIONS)
+        if calls == 1 and len(out) == 2 + len(shape) and not list(module.children()) and not isinstance(module, _NOT_ACTIVATIONS)
     ]
     if not candidates:
         raise InputError(f"{type(model).__name__} has no spatial layer that runs once; name the layers explicitly")
     return candidates[-1]
 
 
-def _input_shape_of(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[int, int, int]:
+def _input_shape_of(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[int, ...]:
     if input_shape is None:
         input_shape = getattr(model, "input_shape", None)
     if input_shape is None:
@@ -168,6 +185,7 @@ def _input_shape_of(model: nn.Module, input_shape: Sequence[int] | None) -> tupl
             f"{type(model).__name__} does not say its input grid; pass input_shape=(z, y, x) in voxels"
         )
     shape = tuple(int(n) for n in input_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise InputError(f"input_shape must be 3 positive voxel counts (z, y, x), got {tuple(input_shape)}")
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise InputError(f"input_shape must be 3 positive voxel counts (z, y, x), or 2 (y, x) for a 2D model, "
+                         f"got {tuple(input_shape)}")
     return shape  # type: ignore[return-value]

@@ -96,7 +96,7 @@ def evaluate_split(model: nn.Module, batches: Batches, *, device: torch.device, 
     (per-cell array, NaN where undefined), ``gradcamo_mean``, ``gradcamo_sd``,
     ``n_undefined``, ``predicted``, ``rows``.
     """
-    from gradcamo_dask.engine.explain import GradCAM
+    from gradcamo_dask.engine.explain import map_maker
     from gradcamo_dask.engine.gradcamo import gradcamo_lowres
 
     was_training = model.training
@@ -111,7 +111,7 @@ def evaluate_split(model: nn.Module, batches: Batches, *, device: torch.device, 
                 with torch.no_grad(), autocast_context(device, autocast):
                     logits = model(x).float()
             else:
-                with GradCAM(model, [layer]) as cam, autocast_context(device, autocast):
+                with map_maker(model, [layer], True, "auto") as cam, autocast_context(device, autocast):
                     result = cam(x, target="predicted")
                 logits = result.logits.float()
                 score, _, _ = gradcamo_lowres(result.cams[layer], m.to(device))

@@ -112,7 +112,9 @@ class Recipe:
     shuffle_sites : int
         Sites whose cells are shuffled together, the read-ahead window (default 64).
     model_options : mapping, optional
-        Extra :func:`~gradcamo_dask.engine.models.efficientnet3d` options, e.g. ``{"dropout_rate": 0.2}``.
+        Extra :func:`~gradcamo_dask.engine.models.efficientnet3d` options, e.g. ``{"dropout_rate": 0.2}``;
+        ``"architecture"`` picks another network of the bundle registry, e.g. ``{"architecture": "vit",
+        "patch_size": [4, 8, 8]}`` (:func:`~gradcamo_dask.engine.vit.vit`; its map is ``cls_attention``).
     batchnorm_momentum : "epoch", float or None
         Batch-norm running statistics: ``"epoch"`` (default) averages each epoch's
         batches; a float is an exponential moving average with that momentum; None

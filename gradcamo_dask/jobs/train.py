@@ -140,10 +140,12 @@ def _split_cells(labels: Any, pm: pd.DataFrame, recipe: Recipe) -> _Cells:
 
 def _build_model(n_channels: int, n_classes: int, recipe: Recipe) -> tuple[nn.Module, str, list[str]]:
     """The seeded model with the recipe's batch-norm and head settings, its regulariser and bundle layers."""
-    from gradcamo_dask.engine.models import efficientnet3d
+    from gradcamo_dask.engine.bundles import ARCHITECTURES
 
     torch.manual_seed(seed_of(recipe.seed, 999_999))
-    model = efficientnet3d(n_channels, n_classes, recipe.input_shape, **dict(recipe.model_options or {}))
+    options = dict(recipe.model_options or {})
+    builder = ARCHITECTURES[options.pop("architecture", "efficientnet3d")]  # e.g. "vit" (attention maps)
+    model = builder(n_channels, n_classes, recipe.input_shape, **options)
     layers = recipe.layers
     layer = recipe.regularizer_layer or (layers[0] if layers else informative_layer(model, recipe.input_shape))
     if isinstance(recipe.batchnorm_momentum, (int, float)):
