@@ -63,11 +63,14 @@ SETTINGS = {
 # No augmentation: with ~300 cells x 6 epochs the paper's brightness/gamma augmentations slow learning more
 # than they help (the demo measured the same); the synthetic phenotype is shape and texture anyway.
 # Crop 48 x 48 px around cells of radius 12 px (a control cell is ~24 px across, half the crop's width; a crop
-# reaches the ring of neighbours, whose centres sit ~22 px away), resampled to the model grid 12 x 32 x 32:
-# maps are 6 x 16 x 16 (stem _swish), 3 x 8 x 8 (_blocks.0.0), 2 x 4 x 4 (_blocks.1.x); _blocks.2.x is 1 x 2 x 2
-# and deeper blocks 1 x 1 x 1: they cannot localise a cell (reported, marked).
+# reaches the ring of neighbours, whose centres sit ~22 px away), model grid 12 x 48 x 48 (no resampling in y, x)
+# and granules=1 (bright RNA puncta inside responders): the diagnosis (results/bench_attention_diagnosis.md) found
+# that without granules, or at a 12 x 32 x 32 grid that blurs the 2-4 px puncta, the models barely learn (held-out
+# accuracy 0.61-0.73 and 0.66), and a barely-learned model's Grad-CAM is noise. Maps at 12 x 48 x 48: 6 x 24 x 24
+# (stem _swish), 3 x 12 x 12 (_blocks.0.0), 2 x 6 x 6 (_blocks.1.x), 1 x 3 x 3 (_blocks.2.4); _blocks.3.7 is
+# 1 x 2 x 2 and _head_swish 1 x 1 x 1: they cannot localise a cell (reported, marked).
 COMMON = dict(doses_um=(0.0, 10.0), wells_per_treatment=2, site_shape=(12, 128, 128), cell_radius=12.0,
-              granules=0.0, crop_size=(None, 48, 48), input_shape=(12, 32, 32), learning_rate=1e-3, plate_seed=0,
+              granules=1.0, crop_size=(None, 48, 48), input_shape=(12, 48, 48), learning_rate=1e-3, plate_seed=0,
               test_rows=("C",), cutoff=0.25, feature_layer="_head_swish", target="predicted")
 TARGETS = ("predicted", "true")  # Grad-CAM of the predicted class, and of the true label (DESIGN allows both)
 LAYERS = ("_swish", "_blocks.0.0", "_blocks.1.1", "_blocks.1.2", "_blocks.2.4", "_blocks.3.7", "_head_swish")
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites-per-well", type=int, default=None, help="override the mode's sites per well")
     parser.add_argument("--max-train-cells", type=int, default=None, help="override the mode's training cell cap")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the mode's seeds")
-    parser.add_argument("--granules", type=float, default=None, help="synthetic_plate granules knob (default 0)")
+    parser.add_argument("--granules", type=float, default=None, help="synthetic_plate granules knob (default 1)")
     parser.add_argument("--input-shape", type=int, nargs=3, default=None, help="model grid z y x")
     parser.add_argument("--crop", type=int, nargs=2, default=None, help="crop y x, voxels")
     parser.add_argument("--target", choices=TARGETS, default=None, help="explained class of the main tables")
