@@ -32,18 +32,21 @@ __all__ = ["DEMO", "MODELS", "complete_bundle", "format_comparison", "format_sum
 
 #: Small enough for a few minutes on 2 CPU cores (measured: see README). Crop 48 x 48 px around cells of
 #: radius 12 px (a cell is half the crop's width; the crop reaches the ring of neighbours), model grid
-#: 12 x 32 x 32: `_blocks.0.0` maps are 3 x 8 x 8 and `_blocks.1.2` 2 x 4 x 4 (deeper blocks are 1 x 2 x 2 or
-#: coarser, `_head_swish` 1 x 1 x 1: they cannot localise a cell). The settings of benchmarks/bench_attention.py.
+#: 12 x 48 x 48 (no resampling in y and x, so the 2-4 px RNA granules of responding cells survive), maps
+#: `_blocks.0.0` 3 x 12 x 12 and `_blocks.1.2` 2 x 6 x 6 (`_blocks.3.x` and deeper are 1 x 2 x 2 or coarser and
+#: cannot localise a cell). Without granules, or at a 12 x 32 x 32 grid, the models barely learned and their
+#: maps were noise (benchmarks/results/bench_attention_diagnosis.md).
 DEMO = dict(
     doses_um=(0.0, 10.0),
     wells_per_treatment=2,
     sites_per_well=8,
     site_shape=(12, 128, 128),
     cell_radius=12.0,
+    granules=1.0,
     crop_shape=(None, 48, 48),
-    input_shape=(12, 32, 32),
+    input_shape=(12, 48, 48),
     layers=("_blocks.0.0", "_blocks.1.2"),
-    epochs=6,
+    epochs=5,
     batch_size=8,
     learning_rate=1e-3,  # paper 3e-4; a few hundred steps need a faster rate (bench_attention)
     max_train_cells=150,
@@ -286,34 +289,39 @@ def _tables_and_reports(out: Path, cfg: dict, crop_voxels: int, plate_path: Path
 
 
 def _compare(name: str, profiles: Any, crop_voxels: int) -> list[dict]:
-    """One row per scored layer: accuracy, Grad-CAMO, share >= 0.25 and the uniform-map reference."""
+    """One row per scored layer: accuracy, Grad-CAMO (all cells, treated cells), share >= 0.25 and the
+    uniform-map reference."""
     from gradcamo_dask.profiles.qc import DEFAULT_CUTOFF, scored_layers, scores_of
 
     classes = [str(c) for c in profiles["class"].values]
-    truth = np.asarray([classes.index(str(t)) for t in profiles["treatment"].values])
+    treatments = [str(t) for t in profiles["treatment"].values]
+    truth = np.asarray([classes.index(t) for t in treatments])
+    treated = np.asarray([t != "control" for t in treatments], dtype=bool)
     accuracy = float((profiles["predicted"].values == truth).mean()) if len(truth) else float("nan")
     uniform = profiles["volume_voxels"].values.astype(float) / crop_voxels
+    reference = float(uniform.mean()) if len(uniform) else float("nan")
     rows = []
     for layer in scored_layers(profiles):
         s = scores_of(profiles, layer)
-        ok = s[np.isfinite(s)]
+        ok, ok_treated = s[np.isfinite(s)], s[np.isfinite(s) & treated]
         mean = float(ok.mean()) if len(ok) else float("nan")
         rows.append({"model": name, "layer": layer, "cells": int(len(s)), "accuracy": accuracy,
                      "gradcamo_mean": mean, "gradcamo_sd": float(ok.std()) if len(ok) else float("nan"),
                      "share_on_target": float((ok >= DEFAULT_CUTOFF).mean()) if len(ok) else float("nan"),
-                     "uniform_reference": float(uniform.mean()) if len(uniform) else float("nan"),
-                     "times_uniform": mean / float(uniform.mean()) if len(uniform) else float("nan")})
+                     "gradcamo_treated": float(ok_treated.mean()) if len(ok_treated) else float("nan"),
+                     "uniform_reference": reference, "times_uniform": mean / reference if len(uniform) else float("nan")})
     return rows
 
 
 def format_comparison(table: pd.DataFrame) -> str:
-    """Both models side by side: Grad-CAMO against the uniform-map reference, per layer."""
+    """Both models side by side: Grad-CAMO (all held-out cells, and the treated ones, whose class has
+    local evidence) against the uniform-map reference, per layer."""
     lines = [f"{'model':<11} {'layer':<12} {'cells':>5} {'accuracy':>8}  {'Grad-CAMO mean ± sd':<20} "
-             f"{'>= 0.25':>7} {'uniform map':>11} {'x uniform':>9}"]
+             f"{'>= 0.25':>7} {'treated':>7} {'uniform map':>11} {'x uniform':>9}"]
     for _, r in table.iterrows():
         lines.append(f"{r['model']:<11} {r['layer']:<12} {int(r['cells']):>5} {r['accuracy']:>8.2f}  "
                      f"{r['gradcamo_mean']:.3f} ± {r['gradcamo_sd']:<12.3f} {r['share_on_target']:>7.2f} "
-                     f"{r['uniform_reference']:>11.3f} {r['times_uniform']:>9.2f}")
+                     f"{r['gradcamo_treated']:>7.3f} {r['uniform_reference']:>11.3f} {r['times_uniform']:>9.2f}")
     return "\n".join(lines)
 
 
