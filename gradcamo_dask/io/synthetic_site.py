@@ -32,18 +32,15 @@ carries the treatment only inside its own cell (its neighbours are bystanders, w
 look like controls); a bystander's crop carries it only through its responding
 neighbours. :class:`SiteGeometry` holds who is who.
 
-The ``granules`` knob (in [0, 1]) adds a strong, *local* phenotype: bright RNA puncta in
-the cytoplasm of responding cells (:func:`granule_field`); 0 leaves plates unchanged.
+The ``granules`` knob (in [0, 1]) adds a strong, *local* phenotype, bright RNA puncta in responders.
 
 The ``confounder`` knob (in [0, 1]) adds, strictly outside every cell (label 0), a
 faint grating whose orientation encodes the treatment: information a model can use
 to guess the treatment without looking at the cell. With ``confounder=0`` the
 background carries no treatment information.
 
-Every random draw comes from the one ``numpy.random.Generator`` handed in, so a site
-is a pure function of ``(seed, well index, site index)`` and the plate recipe.
-Rendering is vectorised NumPy/SciPy: a 21 x 256 x 256 six-channel site takes a few
-tenths of a second on one core.
+Every random draw comes from the one ``numpy.random.Generator`` handed in, so a site is a pure
+function of ``(seed, well index, site index)`` and the recipe; a 21 x 256 x 256 site takes ~0.3 s.
 """
 
 from __future__ import annotations
@@ -307,10 +304,8 @@ def _ridges(field: np.ndarray, width: float) -> np.ndarray:
 
 
 def site_signal(rng: np.random.Generator, geo: SiteGeometry, granules: float = 0.0) -> np.ndarray:
-    """Expected photon counts of the six stains, before optics: ``(6, z, y, x)`` float32.
-
-    ``granules`` in [0, 1]: RNA puncta in responders' cytoplasm, at 1 about 10x the RNA level.
-    """
+    """Expected photon counts of the six stains before optics, ``(6, z, y, x)`` float32; ``granules`` in
+    [0, 1]: RNA puncta in responders' cytoplasm (:func:`granule_field`), at 1 about 10x the RNA level."""
     labels, owner, radial = geo.labels, geo.owner, geo.radial
     nz, ny, nx = labels.shape
     cell = labels > 0
@@ -488,7 +483,7 @@ def render_site(
     mosaic : bool
         Only some cells respond (see :func:`site_geometry`).
     granules : float
-        In [0, 1]: brightness of RNA granules in responding cells (see :func:`site_signal`).
+        In [0, 1]: RNA granules in responding cells (:func:`site_signal`).
     """
     geo = site_geometry(rng, shape, strength, cell_radius, mosaic=mosaic)
     signal = site_signal(rng, geo, granules=granules)
