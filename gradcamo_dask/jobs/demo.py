@@ -32,9 +32,10 @@ __all__ = ["DEMO", "MODELS", "complete_bundle", "format_comparison", "format_sum
 
 #: Small enough for a few minutes on 2 CPU cores (measured: see README). Crop 48 x 48 px around cells of
 #: radius 12 px (a cell is half the crop's width; the crop reaches the ring of neighbours), model grid
-#: 12 x 48 x 48 (no resampling in y and x, so the 2-4 px RNA granules of responding cells survive), maps
-#: `_blocks.0.0` 3 x 12 x 12 and `_blocks.1.2` 2 x 6 x 6 (`_blocks.3.x` and deeper are 1 x 2 x 2 or coarser and
-#: cannot localise a cell). Without granules, or at a 12 x 32 x 32 grid, the models barely learned and their
+#: 12 x 48 x 48 (no resampling in y and x, so the 2-4 px RNA granules of responding cells survive). Layers: the
+#: two bench_attention ranks best for the in-cell model among those that localise, the stem `_swish`
+#: (6 x 24 x 24) and `_blocks.2.4` (1 x 3 x 3); `_blocks.3.x` and deeper are 1 x 2 x 2 or coarser and cannot
+#: localise a cell. Without granules, or at a 12 x 32 x 32 grid, the models barely learned and their
 #: maps were noise (benchmarks/results/bench_attention_diagnosis.md).
 DEMO = dict(
     doses_um=(0.0, 10.0),
@@ -45,7 +46,7 @@ DEMO = dict(
     granules=1.0,
     crop_shape=(None, 48, 48),
     input_shape=(12, 48, 48),
-    layers=("_blocks.0.0", "_blocks.1.2"),
+    layers=("_swish", "_blocks.2.4"),
     epochs=5,
     batch_size=8,
     learning_rate=1e-3,  # paper 3e-4; a few hundred steps need a faster rate (bench_attention)
@@ -158,7 +159,7 @@ def run_demo(
     t2 = time.perf_counter()
     _score_models(out, image, labels, truth, bundles, test_wells, plate_path, labels_method,
                   dict(scheduler=scheduler, n_workers=n_workers), {n: overwrite or n in fresh for n in MODELS},
-                  progress, log)
+                  progress, log, layers=tuple(cfg["layers"]))
     timings["score"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
@@ -242,7 +243,7 @@ def _train_models(out: Path, cfg: dict, image: Any, labels: Any, truth: pd.DataF
 
 def _score_models(out: Path, image: Any, labels: Any, truth: pd.DataFrame, bundles: dict, test_wells: list[str],
                   plate_path: Path, labels_method: str, cluster: dict, remake: dict, progress: bool,
-                  log: Any) -> None:
+                  log: Any, layers: tuple = DEMO["layers"]) -> None:
     """Score each model's held-out cells into ``profiles_<name>.zarr`` (finished chunks are kept)."""
     from gradcamo_dask.io.synthetic import population_labels
     from gradcamo_dask.jobs.cluster import connect
@@ -253,7 +254,7 @@ def _score_models(out: Path, image: Any, labels: Any, truth: pd.DataFrame, bundl
     try:
         for name, responder in MODELS.items():
             own = population_labels(labels, truth, responder).sel(well=test_wells)
-            ds = score_plate(image.sel(well=test_wells), own, bundles[name], client=client,
+            ds = score_plate(image.sel(well=test_wells), own, bundles[name], layers=list(layers), client=client,
                              plate_path=str(plate_path), labels_path=str(plate_path) if labels_method == "truth" else "")
             log(f"scoring model '{name}' on {ds.sizes['cell']} held-out cells of wells {', '.join(test_wells)}")
             done = write_profiles(ds, out / f"profiles_{name}.zarr", client=client, overwrite=remake[name],
