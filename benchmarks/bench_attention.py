@@ -267,6 +267,9 @@ def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, unifor
     layers = {k: {"grid": grids[k], "localises": grids[k][1] >= 3 and grids[k][2] >= 3,
                   **{m: summarise(scores[m][k], c["cutoff"]) for m in MODELS},
                   "cohens_d": cohens_d(scores["in_cell"][k], scores["off_cell"][k]),
+                  # responders are larger than bystanders: d of Grad-CAMO / uniform takes cell size out
+                  "cohens_d_over_uniform": cohens_d(scores["in_cell"][k] / np.tile(uniform[pops["in_cell"]], len(seeds)),
+                                                    scores["off_cell"][k] / np.tile(uniform[pops["off_cell"]], len(seeds))),
                   "cohens_d_per_seed": [cohens_d(audits[(sd, "in_cell")]["gradcamo"][k][pops["in_cell"]],
                                                  audits[(sd, "off_cell")]["gradcamo"][k][pops["off_cell"]])
                                         for sd in seeds]} for k in LAYERS}
@@ -339,13 +342,16 @@ def markdown(report: dict) -> str:
         "", "## Grad-CAMO of held-out cells, every layer (seeds pooled)", "",
         "mean ± sd (share >= 0.25). Best layer: the in-cell model's top-ranked layer that can localise "
         f"(>= 3 x 3 in y and x): **{best}**. Explained class: {st.get('target', 'predicted')}.", "",
-        "| layer | grid | localises | in-cell model | off-cell model | Cohen's d | in-cell / uniform |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| layer | grid | localises | in-cell model | off-cell model | Cohen's d | d of score / uniform | "
+        "in-cell / uniform | off-cell / uniform |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for k, v in lay.items():
         lines.append(f"| {k} | {'x'.join(map(str, v['grid']))} | {'yes' if v['localises'] else 'no'} | "
                      f"{_fmt(v['in_cell'])} | {_fmt(v['off_cell'])} | {v['cohens_d']:.2f} | "
-                     f"{v['in_cell']['mean'] / ref['in_cell']['mean']:.2f} |")
+                     f"{v.get('cohens_d_over_uniform', float('nan')):.2f} | "
+                     f"{v['in_cell']['mean'] / ref['in_cell']['mean']:.2f} | "
+                     f"{v['off_cell']['mean'] / ref['off_cell']['mean']:.2f} |")
     lines += ["", "Layer sweep ranking (rank_layers, pooled seeds):", ""]
     for name, ranks in report["ranking"].items():
         lines.append(f"- {name}: " + ", ".join(f"{r['rank']}. {r['layer']} {r['mean']:.3f}" for r in ranks))
