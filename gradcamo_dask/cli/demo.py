@@ -49,9 +49,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     print()
     print(f"Grad-CAMO of {result['n_cells']} held-out cells: the share of each cell's Grad-CAM attention inside its "
           "own mask. 'uniform map' is what attention spread evenly over the crop scores; a model whose Grad-CAMO is "
-          "near it (x uniform ~ 1) is not looking at the cell it describes. 'treated': mean Grad-CAMO of the treated "
-          "cells only, whose predicted class has local evidence (a control prediction rests on absent signal and "
-          "its map is diffuse).")
+          "near it (x uniform ~ 1) is not looking at the cell it describes. 'treated', 'x uniform': the same for the "
+          "treated cells only, whose predicted class has local evidence; read these first (a control prediction "
+          "rests on absent signal, so its map has nothing local to sit on and the pooled figures blur the two "
+          "models).")
     print(format_comparison(result["comparison"]))
     print(f"\nBy treatment ({args.out}/summary.csv; cut-off 0.25; NaN = all-zero Grad-CAM map):")
     print(format_summary(result["summary"]))

@@ -310,7 +310,9 @@ def _compare(name: str, profiles: Any, crop_voxels: int) -> list[dict]:
                      "gradcamo_mean": mean, "gradcamo_sd": float(ok.std()) if len(ok) else float("nan"),
                      "share_on_target": float((ok >= DEFAULT_CUTOFF).mean()) if len(ok) else float("nan"),
                      "gradcamo_treated": float(ok_treated.mean()) if len(ok_treated) else float("nan"),
-                     "uniform_reference": reference, "times_uniform": mean / reference if len(uniform) else float("nan")})
+                     "uniform_reference": reference, "times_uniform": mean / reference if len(uniform) else float("nan"),
+                     "treated_times_uniform": float(ok_treated.mean() / uniform[treated].mean())
+                     if len(ok_treated) else float("nan")})
     return rows
 
 
@@ -318,11 +320,12 @@ def format_comparison(table: pd.DataFrame) -> str:
     """Both models side by side: Grad-CAMO (all held-out cells, and the treated ones, whose class has
     local evidence) against the uniform-map reference, per layer."""
     lines = [f"{'model':<11} {'layer':<12} {'cells':>5} {'accuracy':>8}  {'Grad-CAMO mean ± sd':<20} "
-             f"{'>= 0.25':>7} {'treated':>7} {'uniform map':>11} {'x uniform':>9}"]
+             f"{'>= 0.25':>7} {'uniform map':>11} {'x uniform':>9} {'treated':>7} {'x uniform':>9}"]
     for _, r in table.iterrows():
         lines.append(f"{r['model']:<11} {r['layer']:<12} {int(r['cells']):>5} {r['accuracy']:>8.2f}  "
                      f"{r['gradcamo_mean']:.3f} ± {r['gradcamo_sd']:<12.3f} {r['share_on_target']:>7.2f} "
-                     f"{r['gradcamo_treated']:>7.3f} {r['uniform_reference']:>11.3f} {r['times_uniform']:>9.2f}")
+                     f"{r['uniform_reference']:>11.3f} {r['times_uniform']:>9.2f} {r['gradcamo_treated']:>7.3f} "
+                     f"{r['treated_times_uniform']:>9.2f}")
     return "\n".join(lines)
 
 
