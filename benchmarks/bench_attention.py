@@ -63,12 +63,16 @@ SETTINGS = {
 # No augmentation: with ~300 cells x 6 epochs the paper's brightness/gamma augmentations slow learning more
 # than they help (the demo measured the same); the synthetic phenotype is shape and texture anyway.
 # Crop 48 x 48 px around cells of radius 12 px (a control cell is ~24 px across, half the crop's width; a crop
-# reaches the ring of neighbours, whose centres sit ~22 px away), resampled to the model grid 12 x 32 x 32:
-# maps are 6 x 16 x 16 (stem _swish), 3 x 8 x 8 (_blocks.0.0), 2 x 4 x 4 (_blocks.1.x); _blocks.2.x is 1 x 2 x 2
-# and deeper blocks 1 x 1 x 1: they cannot localise a cell (reported, marked).
+# reaches the ring of neighbours, whose centres sit ~22 px away), model grid 12 x 48 x 48 (no resampling in y, x)
+# and granules=1 (bright RNA puncta inside responders): the diagnosis (results/bench_attention_diagnosis.md) found
+# that without granules, or at a 12 x 32 x 32 grid that blurs the 2-4 px puncta, the models barely learn (held-out
+# accuracy 0.61-0.73 and 0.66), and a barely-learned model's Grad-CAM is noise. Maps at 12 x 48 x 48: 6 x 24 x 24
+# (stem _swish), 3 x 12 x 12 (_blocks.0.0), 2 x 6 x 6 (_blocks.1.x), 1 x 3 x 3 (_blocks.2.4); _blocks.3.7 is
+# 1 x 2 x 2 and _head_swish 1 x 1 x 1: they cannot localise a cell (reported, marked).
 COMMON = dict(doses_um=(0.0, 10.0), wells_per_treatment=2, site_shape=(12, 128, 128), cell_radius=12.0,
-              crop_size=(None, 48, 48), input_shape=(12, 32, 32), learning_rate=1e-3, plate_seed=0,
-              test_rows=("C",), cutoff=0.25, feature_layer="_head_swish")
+              granules=1.0, crop_size=(None, 48, 48), input_shape=(12, 48, 48), learning_rate=1e-3, plate_seed=0,
+              test_rows=("C",), cutoff=0.25, feature_layer="_head_swish", target="predicted")
+TARGETS = ("predicted", "true")  # Grad-CAM of the predicted class, and of the true label (DESIGN allows both)
 LAYERS = ("_swish", "_blocks.0.0", "_blocks.1.1", "_blocks.1.2", "_blocks.2.4", "_blocks.3.7", "_head_swish")
 MODELS = {"in_cell": True, "off_cell": False}  # trained on responders / on bystanders
 
@@ -141,12 +145,15 @@ def audit(bundle_path: Path, table, x01, masks) -> dict:
     std = torch.tensor(cfg.normalization["std"], dtype=torch.float32).view(1, -1, 1, 1, 1)
     x = (x01 - mean) / std
     y = np.array([cfg.classes.index(str(t)) for t in table["treatment"]])
-    res = explain(bundle.model, x, masks, layers=list(LAYERS), target="predicted", batch_size=16,
-                  input_shape=tuple(cfg.input_shape))
-    out = {"predicted": np.asarray(res.predicted), "y": y,
-           "gradcamo": {k: np.asarray(v, dtype=np.float64) for k, v in res.gradcamo.items()},
-           "features": np.asarray(res.features[COMMON["feature_layer"]], dtype=np.float64),
-           "grids": {k: list(v) for k, v in res.grids.items()}}
+    out = {"y": y, "by_target": {}}
+    for target in TARGETS:
+        res = explain(bundle.model, x, masks, layers=list(LAYERS), target="predicted" if target == "predicted"
+                      else [int(v) for v in y], batch_size=16, input_shape=tuple(cfg.input_shape))
+        out["by_target"][target] = {k: np.asarray(v, dtype=np.float64) for k, v in res.gradcamo.items()}
+        if target == "predicted":
+            out.update(predicted=np.asarray(res.predicted), grids={k: list(v) for k, v in res.grids.items()},
+                       features=np.asarray(res.features[COMMON["feature_layer"]], dtype=np.float64))
+    out["gradcamo"] = out["by_target"][COMMON["target"]]
     with torch.no_grad():
         for name, keep_cell in (("cell_only", True), ("surround_only", False)):
             xb = blanked(x, masks, keep_cell)
@@ -198,7 +205,8 @@ def run(mode: str, on_seed) -> dict:
     s, c = SETTINGS[mode], COMMON
     plate = synthetic_plate(doses_um=c["doses_um"], wells_per_treatment=c["wells_per_treatment"],
                             sites_per_well=s["sites_per_well"], site_shape=c["site_shape"],
-                            cell_radius=c["cell_radius"], seed=c["plate_seed"], mosaic=True, plate="mosaic")
+                            cell_radius=c["cell_radius"], seed=c["plate_seed"], mosaic=True, granules=c["granules"],
+                            plate="mosaic")
     # render once, keep in memory (a few hundred MB): every training reads the same sites
     plate = plate._replace(**{k: getattr(plate, k).copy(data=da.from_array(getattr(plate, k).data.compute(),
                                                                            chunks=getattr(plate, k).data.chunks))
@@ -259,6 +267,9 @@ def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, unifor
     layers = {k: {"grid": grids[k], "localises": grids[k][1] >= 3 and grids[k][2] >= 3,
                   **{m: summarise(scores[m][k], c["cutoff"]) for m in MODELS},
                   "cohens_d": cohens_d(scores["in_cell"][k], scores["off_cell"][k]),
+                  # responders are larger than bystanders: d of Grad-CAMO / uniform takes cell size out
+                  "cohens_d_over_uniform": cohens_d(scores["in_cell"][k] / np.tile(uniform[pops["in_cell"]], len(seeds)),
+                                                    scores["off_cell"][k] / np.tile(uniform[pops["off_cell"]], len(seeds))),
                   "cohens_d_per_seed": [cohens_d(audits[(sd, "in_cell")]["gradcamo"][k][pops["in_cell"]],
                                                  audits[(sd, "off_cell")]["gradcamo"][k][pops["off_cell"]])
                                         for sd in seeds]} for k in LAYERS}
@@ -281,7 +292,24 @@ def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, unifor
                            "bystanders_touching_a_responder": float((table.loc[pops["off_cell"],
                                                                                "responding_neighbours"] > 0).mean())},
             "uniform_map_reference": reference, "best_layer": best, "layers": layers, "ranking": ranks,
-            "per_seed": per_seed, "quality": quality}
+            "per_seed": per_seed, "quality": quality, "by_target": by_target(audits, seeds, table, pops, layers)}
+
+
+def by_target(audits: dict, seeds: list, table, pops: dict, layers: dict) -> dict:
+    """Grad-CAMO of each explained class (predicted, true label), pooled and per true class, at every
+    layer that can localise; Cohen's d between the models on the same groups."""
+    treated = (table["treatment"] != "control").to_numpy()
+    groups = {"all": np.ones_like(treated), "control": ~treated, "treated": treated}
+    out = {}
+    for target in TARGETS:
+        out[target] = {}
+        for k in (k for k, v in layers.items() if v["localises"]):
+            pooled = {m: {g: np.concatenate([audits[(sd, m)]["by_target"][target][k][pops[m] & sel] for sd in seeds])
+                          for g, sel in groups.items()} for m in MODELS}
+            row = {m: {g: summarise(v, COMMON["cutoff"]) for g, v in pooled[m].items()} for m in MODELS}
+            row.update({f"cohens_d_{g}": cohens_d(pooled["in_cell"][g], pooled["off_cell"][g]) for g in groups})
+            out[target][k] = row
+    return out
 
 
 def _fmt(v: dict) -> str:
@@ -300,7 +328,8 @@ def markdown(report: dict) -> str:
         f"load average (1, 5, 15 min) at start {report['load_average_start']}, at end {report['load_average_end']} "
         "(other engineers shared the 2 cores)",
         f"- plate: synthetic mosaic, doses {st['doses_um']} µM, {st['wells_per_treatment']} wells x "
-        f"{st['sites_per_well']} sites of {st['site_shape']} voxels, cell radius {st['cell_radius']} px, seed "
+        f"{st['sites_per_well']} sites of {st['site_shape']} voxels, cell radius {st['cell_radius']} px, granules "
+        f"{st.get('granules', 0.0)}, seed "
         f"{st['plate_seed']}; test wells row {st['test_rows']}",
         f"- training: crop {st['crop_size']}, model grid {st['input_shape']}, {st['epochs']} epochs, at most "
         f"{st['max_train_cells']} training cells, batch 8, Adam {st['learning_rate']:g}, no augmentation; seeds "
@@ -312,17 +341,32 @@ def markdown(report: dict) -> str:
         f"{ref['in_cell']['sd']:.3f}, bystanders {ref['off_cell']['mean']:.3f} ± {ref['off_cell']['sd']:.3f}",
         "", "## Grad-CAMO of held-out cells, every layer (seeds pooled)", "",
         "mean ± sd (share >= 0.25). Best layer: the in-cell model's top-ranked layer that can localise "
-        f"(>= 3 x 3 in y and x): **{best}**.", "",
-        "| layer | grid | localises | in-cell model | off-cell model | Cohen's d | in-cell / uniform |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"(>= 3 x 3 in y and x): **{best}**. Explained class: {st.get('target', 'predicted')}.", "",
+        "| layer | grid | localises | in-cell model | off-cell model | Cohen's d | d of score / uniform | "
+        "in-cell / uniform | off-cell / uniform |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for k, v in lay.items():
         lines.append(f"| {k} | {'x'.join(map(str, v['grid']))} | {'yes' if v['localises'] else 'no'} | "
                      f"{_fmt(v['in_cell'])} | {_fmt(v['off_cell'])} | {v['cohens_d']:.2f} | "
-                     f"{v['in_cell']['mean'] / ref['in_cell']['mean']:.2f} |")
+                     f"{v.get('cohens_d_over_uniform', float('nan')):.2f} | "
+                     f"{v['in_cell']['mean'] / ref['in_cell']['mean']:.2f} | "
+                     f"{v['off_cell']['mean'] / ref['off_cell']['mean']:.2f} |")
     lines += ["", "Layer sweep ranking (rank_layers, pooled seeds):", ""]
     for name, ranks in report["ranking"].items():
         lines.append(f"- {name}: " + ", ".join(f"{r['rank']}. {r['layer']} {r['mean']:.3f}" for r in ranks))
+    lines += ["", "## Grad-CAMO by explained class and by true class (seeds pooled, layers that localise)", "",
+              "Explained class: `predicted` (the paper's) or `true` (the true label). Cells: all held-out cells of "
+              "the model's population, or those of control / treated wells. Reference: the uniform map above.", "",
+              "| layer | explained | in-cell all | in-cell control | in-cell treated | off-cell all | off-cell control | "
+              "off-cell treated | d all | d control | d treated |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- "
+              "| --- | --- |"]
+    for target, per_layer in report.get("by_target", {}).items():
+        for k, r in per_layer.items():
+            cells = " | ".join(f"{r[m][g]['mean']:.3f} ± {r[m][g]['sd']:.3f}" for m in MODELS
+                               for g in ("all", "control", "treated"))
+            lines.append(f"| {k} | {target} | {cells} | {r['cohens_d_all']:.2f} | {r['cohens_d_control']:.2f} | "
+                         f"{r['cohens_d_treated']:.2f} |")
     lines += ["", "## Accuracy: what each model uses (held-out cells of its own population)", "",
               "| seed | model | train cells x epochs | train s | test accuracy (balanced) | cell only | surround only | "
               f"Grad-CAMO at {best} |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -352,12 +396,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites-per-well", type=int, default=None, help="override the mode's sites per well")
     parser.add_argument("--max-train-cells", type=int, default=None, help="override the mode's training cell cap")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the mode's seeds")
+    parser.add_argument("--granules", type=float, default=None, help="synthetic_plate granules knob (default 1)")
+    parser.add_argument("--input-shape", type=int, nargs=3, default=None, help="model grid z y x")
+    parser.add_argument("--crop", type=int, nargs=2, default=None, help="crop y x, voxels")
+    parser.add_argument("--target", choices=TARGETS, default=None, help="explained class of the main tables")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     for key in ("epochs", "sites_per_well", "max_train_cells", "seeds"):
         if getattr(args, key) is not None:
             SETTINGS[mode][key] = tuple(args.seeds) if key == "seeds" else getattr(args, key)
+    for key, value in (("granules", args.granules), ("input_shape", args.input_shape), ("target", args.target),
+                       ("crop_size", None if args.crop is None else (None, *args.crop))):
+        if value is not None:
+            COMMON[key] = tuple(value) if isinstance(value, list) else value
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import os
@@ -369,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    stem = "bench_attention" + ("_quick" if args.quick else "")
+    stem = "bench_attention" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
 
     def write(partial: dict) -> None:
         report.update(partial)

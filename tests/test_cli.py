@@ -109,14 +109,14 @@ def test_score_refuses_bad_input_with_exit_1(tiny, scheduler, capsys):
 
 
 def test_demo_code_path_trains_two_models_and_compares_them(tmp_path, scheduler):
-    from gradcamo_dask.jobs.demo import MODELS, format_comparison, format_summary, run_demo
+    from gradcamo_dask.jobs.demo import DEMO, MODELS, format_comparison, format_summary, run_demo
 
     tiny_settings = dict(doses_um=(0.0, 10.0), sites_per_well=2, site_shape=(8, 96, 96), cell_radius=10.0,
                          crop_shape=(None, 40, 40), input_shape=(8, 32, 32), epochs=1, max_train_cells=16)
     result = run_demo(tmp_path / "demo", settings=tiny_settings, scheduler=scheduler, progress=False, log=lambda *_: None)
     table = result["comparison"]
     assert set(table["model"]) == set(MODELS) == {"own_cell", "neighbours"}
-    assert set(table["layer"]) == {"_blocks.0.0", "_blocks.1.2"}  # the demo's layers (>= 3 x 3 in y and x)
+    assert set(table["layer"]) == set(DEMO["layers"]) == {"_swish", "_blocks.2.4"}  # >= 3 x 3 in y and x
     assert table["cells"].groupby(table["model"]).first().sum() == result["n_cells"] > 0
     assert ((table["uniform_reference"] > 0) & (table["uniform_reference"] < 0.5)).all()
     np.testing.assert_allclose(table["times_uniform"], table["gradcamo_mean"] / table["uniform_reference"])

@@ -19,13 +19,14 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "in the cell itself) and 'neighbours' on the non-responding ones (it shows only in their neighbours). Score "
         "each model's held-out cells on a Dask cluster into OUT/profiles_<model>.zarr and print both models' "
         "Grad-CAMO side by side with what a uniform map scores, then write a report per model. A few minutes on 2 "
-        "CPU cores. Rerunning resumes finished work.",
+        "CPU cores. Rerunning with the same OUT resumes: complete model bundles and finished profile chunks are "
+        "reused, not remade (a folder made with other settings is refused; --overwrite remakes it).",
     )
     parser.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     parser.add_argument("--labels", choices=["truth", "watershed"], default="truth",
                         help="ground-truth labels of the synthetic plate (default) or the watershed segmenter")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the plate and the training (default 0)")
-    parser.add_argument("--overwrite", action="store_true", help="rebuild the plate and profiles in OUT")
+    parser.add_argument("--overwrite", action="store_true", help="remake the plate, models and profiles in OUT instead of resuming")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_cluster_options(parser)
     parser.set_defaults(run=_run_demo)
@@ -48,7 +49,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     print()
     print(f"Grad-CAMO of {result['n_cells']} held-out cells: the share of each cell's Grad-CAM attention inside its "
           "own mask. 'uniform map' is what attention spread evenly over the crop scores; a model whose Grad-CAMO is "
-          "near it (x uniform ~ 1) is not looking at the cell it describes.")
+          "near it (x uniform ~ 1) is not looking at the cell it describes. 'treated', 'x uniform': the same for the "
+          "treated cells only, whose predicted class has local evidence; read these first (a control prediction "
+          "rests on absent signal, so its map has nothing local to sit on and the pooled figures blur the two "
+          "models).")
     print(format_comparison(result["comparison"]))
     print(f"\nBy treatment ({args.out}/summary.csv; cut-off 0.25; NaN = all-zero Grad-CAM map):")
     print(format_summary(result["summary"]))

@@ -32,15 +32,15 @@ carries the treatment only inside its own cell (its neighbours are bystanders, w
 look like controls); a bystander's crop carries it only through its responding
 neighbours. :class:`SiteGeometry` holds who is who.
 
+The ``granules`` knob (in [0, 1]) adds a strong, *local* phenotype, bright RNA puncta in responders.
+
 The ``confounder`` knob (in [0, 1]) adds, strictly outside every cell (label 0), a
 faint grating whose orientation encodes the treatment: information a model can use
 to guess the treatment without looking at the cell. With ``confounder=0`` the
 background carries no treatment information.
 
-Every random draw comes from the one ``numpy.random.Generator`` handed in, so a site
-is a pure function of ``(seed, well index, site index)`` and the plate recipe.
-Rendering is vectorised NumPy/SciPy: a 21 x 256 x 256 six-channel site takes a few
-tenths of a second on one core.
+Every random draw comes from the one ``numpy.random.Generator`` handed in, so a site is a pure
+function of ``(seed, well index, site index)`` and the recipe; a 21 x 256 x 256 site takes ~0.3 s.
 """
 
 from __future__ import annotations
@@ -303,8 +303,9 @@ def _ridges(field: np.ndarray, width: float) -> np.ndarray:
     return np.exp(-((field / width) ** 2))
 
 
-def site_signal(rng: np.random.Generator, geo: SiteGeometry) -> np.ndarray:
-    """Expected photon counts of the six stains, before optics: ``(6, z, y, x)`` float32."""
+def site_signal(rng: np.random.Generator, geo: SiteGeometry, granules: float = 0.0) -> np.ndarray:
+    """Expected photon counts of the six stains before optics, ``(6, z, y, x)`` float32; ``granules`` in
+    [0, 1]: RNA puncta in responders' cytoplasm (:func:`granule_field`), at 1 about 10x the RNA level."""
     labels, owner, radial = geo.labels, geo.owner, geo.radial
     nz, ny, nx = labels.shape
     cell = labels > 0
@@ -373,8 +374,17 @@ def site_signal(rng: np.random.Generator, geo: SiteGeometry) -> np.ndarray:
     dots = (_smooth_noise(rng, shape, (0.6, 0.9, 0.9)) > 1.5).astype(np.float32) * 1.3
     sig[5, slab] = cyto_s * ((1 - s2) * tubes + s2 * dots) * perinuclear * bright[5]
 
+    if granules > 0:  # drawn last, so that granules=0 keeps every earlier draw (and plate) unchanged
+        sig[2, slab] += granule_field(rng, shape) * cyto_s * s2 * (10.0 * granules) * bright[2]
+
     sig *= _LEVELS[:, None, None, None]
     return sig
+
+
+def granule_field(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    """Sparse bright puncta in [0, 1], float32 ``(z, y, x)``: about 4 % of voxels, blobs 2-4 px across."""
+    field = _smooth_noise(rng, shape, (0.8, 1.5, 1.5))
+    return np.clip((field - 1.7) / 0.5, 0.0, 1.0).astype(np.float32)
 
 
 def treatment_grating(shape: tuple[int, int, int], treatment_index: int, n_treatments: int) -> np.ndarray:
@@ -448,6 +458,7 @@ def render_site(
     cell_radius: float = 28.0,
     noise: bool = True,
     mosaic: bool = False,
+    granules: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One site: ``(image (6, z, y, x) uint16, labels (z, y, x) int32)``.
 
@@ -471,9 +482,11 @@ def render_site(
         camera counts, for tests.
     mosaic : bool
         Only some cells respond (see :func:`site_geometry`).
+    granules : float
+        In [0, 1]: RNA granules in responding cells (:func:`site_signal`).
     """
     geo = site_geometry(rng, shape, strength, cell_radius, mosaic=mosaic)
-    signal = site_signal(rng, geo)
+    signal = site_signal(rng, geo, granules=granules)
     height = float(np.median(geo.height)) if len(geo.height) else 8.0
     blurred, illumination = apply_optics(rng, signal, geo.bottom, height)
     if confounder > 0:

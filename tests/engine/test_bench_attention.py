@@ -32,10 +32,16 @@ def test_bench_attention_quick_mode_writes_a_complete_report(tmp_path):
         assert v["localises"] == (v["grid"][1] >= 3 and v["grid"][2] >= 3)
         assert 0 <= v["in_cell"]["mean"] <= 1 and 0 <= v["off_cell"]["mean"] <= 1
         assert math.isfinite(v["cohens_d"])
+        if v["grid"] == [1, 1, 1]:  # a 1 x 1 x 1 map scores each cell's uniform share (undefined cells aside)
+            for name in ("in_cell", "off_cell"):
+                assert abs(v[name]["mean"] / report["uniform_map_reference"][name]["mean"] - 1) < 0.05
+        else:
+            assert math.isfinite(v["cohens_d_over_uniform"])
     assert report["layers"][report["best_layer"]]["localises"]
     ranks = [r["rank"] for r in report["ranking"]["in_cell"]]
     assert ranks == list(range(1, len(bench_attention.LAYERS) + 1))
     assert {q["model"] for q in report["quality"]} == {"in_cell", "off_cell"}
     assert all(0 <= q["all"] <= 1 for q in report["quality"])
     md = (tmp_path / "bench_attention_quick.md").read_text()
-    assert "Cohen's d" in md and "uniform" in md and report["best_layer"] in md
+    assert report["by_target"]["true"] and report["by_target"]["predicted"]
+    assert "Cohen's d" in md and "score / uniform" in md and "uniform" in md and report["best_layer"] in md
