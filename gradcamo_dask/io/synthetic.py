@@ -114,6 +114,51 @@ def _render_block(
     return image[None, None]
 
 
+def _checked_knobs(confounder: float, granules: float, site_shape: Sequence[int], sites_per_well: int) -> tuple:
+    """The site shape ``(z, y, x)`` as ints, after checking the plate's knobs; InputError names a bad one."""
+    if not 0.0 <= float(confounder) <= 1.0:
+        raise InputError(f"confounder must be in [0, 1], got {confounder}")
+    if not 0.0 <= float(granules) <= 1.0:
+        raise InputError(f"granules must be in [0, 1], got {granules}")
+    site_shape = tuple(int(n) for n in site_shape)
+    if len(site_shape) != 3 or site_shape[0] < 3 or min(site_shape[1:]) < 32:
+        raise InputError(f"site_shape must be (z, y, x) with z >= 3 and y, x >= 32 voxels, got {site_shape}")
+    if sites_per_well < 1:
+        raise InputError(f"sites_per_well must be >= 1, got {sites_per_well}")
+    return site_shape
+
+
+def _lazy_sites(common: dict, n_wells: int, sites_per_well: int, token: str) -> tuple[da.Array, da.Array]:
+    """``(image (well, site, c, z, y, x) uint16, labels (well, site, z, y, x) int32)``: one task per site."""
+    well_site = ((1,) * n_wells, (1,) * sites_per_well)
+    z, y, x = common["site_shape"]
+    image = da.map_blocks(
+        _render_block, "image", **common, chunks=(*well_site, (len(CHANNELS),), (z,), (y,), (x,)),
+        dtype=np.uint16, meta=np.empty((0,) * 6, np.uint16), name=f"synthetic-image-{token}",
+    )
+    labels = da.map_blocks(
+        _render_block, "labels", **common, chunks=(*well_site, (z,), (y,), (x,)),
+        dtype=np.int32, meta=np.empty((0,) * 5, np.int32), name=f"synthetic-labels-{token}",
+    )
+    return image, labels
+
+
+def _site_settings(platemap: pd.DataFrame, *, seed: int, site_shape: tuple, confounder: float, cell_radius: float,
+                   mosaic: bool, granules: float) -> dict:
+    """What every site task needs: seed, each well's response and treatment index, the knobs."""
+    treatments = sorted(set(platemap["treatment"]), key=lambda t: platemap.loc[platemap.treatment == t, "dose"].iloc[0])
+    common = dict(
+        seed=int(seed), responses=tuple(platemap["response"]),
+        treatment_index=tuple(treatments.index(t) for t in platemap["treatment"]), n_treatments=len(treatments),
+        site_shape=site_shape, confounder=float(confounder), cell_radius=float(cell_radius),
+    )
+    if mosaic:  # today's plates keep today's recipe (and Dask names)
+        common["mosaic"] = True
+    if granules > 0:
+        common["granules"] = float(granules)
+    return common
+
+
 def synthetic_plate(
     *,
     doses_um: Sequence[float] = DEFAULT_DOSES_UM,
@@ -173,41 +218,16 @@ def synthetic_plate(
         ``image`` (well, site, c, z, y, x) uint16 with the platemap as coords,
         ``labels`` (well, site, z, y, x) int32, ``platemap``; all lazy, one task per site.
     """
-    if not 0.0 <= float(confounder) <= 1.0:
-        raise InputError(f"confounder must be in [0, 1], got {confounder}")
-    if not 0.0 <= float(granules) <= 1.0:
-        raise InputError(f"granules must be in [0, 1], got {granules}")
-    site_shape = tuple(int(n) for n in site_shape)
-    if len(site_shape) != 3 or site_shape[0] < 3 or min(site_shape[1:]) < 32:
-        raise InputError(f"site_shape must be (z, y, x) with z >= 3 and y, x >= 32 voxels, got {site_shape}")
-    if sites_per_well < 1:
-        raise InputError(f"sites_per_well must be >= 1, got {sites_per_well}")
+    site_shape = _checked_knobs(confounder, granules, site_shape, sites_per_well)
     platemap = synthetic_platemap(doses_um, wells_per_treatment, ec50_um)
-    treatments = sorted(set(platemap["treatment"]), key=lambda t: platemap.loc[platemap.treatment == t, "dose"].iloc[0])
     n_wells = len(platemap)
-    common = dict(
-        seed=int(seed), responses=tuple(platemap["response"]),
-        treatment_index=tuple(treatments.index(t) for t in platemap["treatment"]), n_treatments=len(treatments),
-        site_shape=site_shape, confounder=float(confounder), cell_radius=float(cell_radius),
-    )
-    if mosaic:  # today's plates keep today's recipe (and Dask names)
-        common["mosaic"] = True
-    if granules > 0:
-        common["granules"] = float(granules)
+    common = _site_settings(platemap, seed=seed, site_shape=site_shape, confounder=confounder,
+                            cell_radius=cell_radius, mosaic=mosaic, granules=granules)
     recipe = json.dumps({**{k: v for k, v in common.items() if k not in ("responses", "treatment_index")},
                          "doses_um": [float(d) for d in doses_um], "wells_per_treatment": wells_per_treatment,
                          "sites_per_well": sites_per_well, "ec50_um": ec50_um, "generator": "gradcamo_dask.io.synthetic"})
     token = tokenize(recipe)
-    well_site = ((1,) * n_wells, (1,) * sites_per_well)
-    z, y, x = site_shape
-    image = da.map_blocks(
-        _render_block, "image", **common, chunks=(*well_site, (len(CHANNELS),), (z,), (y,), (x,)),
-        dtype=np.uint16, meta=np.empty((0,) * 6, np.uint16), name=f"synthetic-image-{token}",
-    )
-    labels = da.map_blocks(
-        _render_block, "labels", **common, chunks=(*well_site, (z,), (y,), (x,)),
-        dtype=np.int32, meta=np.empty((0,) * 5, np.int32), name=f"synthetic-labels-{token}",
-    )
+    image, labels = _lazy_sites(common, n_wells, sites_per_well, token)
     attrs = {"synthetic": recipe}
     wells = list(platemap["well"])
     image_da = plate_dataarray(image, wells=wells, channels=list(CHANNELS), plate=plate,
