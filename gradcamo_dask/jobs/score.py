@@ -43,6 +43,7 @@ from dask.highlevelgraph import HighLevelGraph
 from gradcamo_dask.errors import BundleMismatchError, InputError, LabelsError
 from gradcamo_dask.jobs.devices import in_dask_worker, on_device, prepare_cuda, resolve_device
 from gradcamo_dask.jobs.feed import ExplainRunner, SiteJob, score_sites
+from gradcamo_dask.jobs.resources import restrict_sites_to_gpus
 from gradcamo_dask.provenance import package_versions
 
 __all__ = [
@@ -473,6 +474,7 @@ def score_plate(
             for j in range(len(members)):
                 tasks[(site_name, g + j)] = (operator.getitem, (group_name, g), j)
         base = HighLevelGraph({**base.layers, site_name: tasks}, dict(base.dependencies))
+    base = restrict_sites_to_gpus(base, site_name, client)  # one site per GPU where workers advertise GPU=1
     data_vars = {}
     for var, (dims, tail, dtype) in variables.items():
         if counts:
