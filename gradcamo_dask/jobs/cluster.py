@@ -187,10 +187,7 @@ def connect(
     **cluster_options
         Passed to ``LocalCluster`` / ``LocalCUDACluster``.
 
-    Returns
-    -------
-    distributed.Client
-        Close it (the local cluster closes with it) or use it as a context manager.
+    Returns a :class:`distributed.Client`: close it or use it as a context manager.
 
     Raises
     ------

@@ -89,6 +89,10 @@ def join_scheduler(scheduler: str, timeout: float, security: Any = None) -> Any:
                 raise ClusterError(f"scheduler file {scheduler} does not exist; start the scheduler with "
                                    f"`dask scheduler --scheduler-file {scheduler}` or pass its address")
             return Client(scheduler_file=scheduler, timeout=timeout, **extra)
+        if security is not None and getattr(security, "require_encryption", False):
+            from gradcamo_dask.jobs.tls import open_tls_client  # names TLS failures, bounded in time
+
+            return open_tls_client(scheduler, security, timeout_s=timeout)
         probe_tcp(scheduler, timeout)
         return Client(scheduler, timeout=timeout, **extra)
     except ClusterError:

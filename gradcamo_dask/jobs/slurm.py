@@ -21,8 +21,8 @@ resource, a worker lifetime below the walltime, an adaptive scaler that replaces
 ended jobs (:mod:`gradcamo_dask.jobs.walltime`) and TLS. The scheduler of a SLURM
 cluster listens on a login node's network, where any user can reach it, so without
 ``--tls-*`` files it gets dask-jobqueue's temporary certificates (``security=True``:
-a fresh CA per run, key files under ``shared-temp-directory``, mode 0600, readable
-only by you on the compute nodes); ``gradcamo.slurm.tls: false`` turns that off.
+a fresh CA per run, key files mode 0600 in ``shared-temp-directory``, default
+``~/.gradcamo-dask/tls``, deleted when the cluster goes); ``gradcamo.slurm.tls: false`` turns that off.
 dask-jobqueue runs ``python -m <worker-command>``; the dask-cuda worker's
 module form is ``dask_cuda.cli`` (its ``__main__`` block runs the ``worker``
 command; ``dask-cuda-worker`` is only a console-script name and fails after
@@ -125,6 +125,30 @@ def open_slurm_config(config_path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(slurm, dict):
         raise ClusterError(f"the SLURM configuration {path} has no 'jobqueue.slurm' section (dask-jobqueue "
                            "settings: cores, memory, queue, walltime, ...)")
+    _check_jobqueue_section(slurm, path)
+    directives = list(slurm.get("job-extra-directives") or [])
+
+    kwargs = {key.replace("-", "_"): value for key, value in slurm.items()}
+    if kwargs.get("local_directory"):
+        kwargs["local_directory"] = quoted_local_directory(kwargs["local_directory"])
+    options = gradcamo_options(document, path)
+    walltime = slurm.get("walltime") or _jobqueue_default("walltime")
+    if walltime:
+        lifetime = worker_lifetime_seconds(walltime, options["lifetime-margin"], options["lifetime-stagger"])
+        kwargs["job_script_prologue"] = [*(slurm.get("job-script-prologue") or []),
+                                         *lifetime_environment(lifetime, options["lifetime-stagger"])]
+    kwargs["processes"] = gpus
+    kwargs["worker_command"] = DASK_CUDA_WORKER_MODULE
+    kwargs["job_extra_directives"] = [*directives, f"--gres=gpu:{gpus}"]
+    extra_args = list(slurm.get("worker-extra-args") or [])
+    if "--resources" not in extra_args:
+        extra_args += ["--resources", "GPU=1"]
+    kwargs["worker_extra_args"] = extra_args
+    return kwargs
+
+
+def _check_jobqueue_section(slurm: dict, path: Path) -> None:
+    """Refuse missing, unknown, managed or wrongly typed ``jobqueue.slurm`` keys, naming the key and the file."""
     for key in _REQUIRED_KEYS:
         if slurm.get(key) in (None, ""):
             raise ClusterError(f"jobqueue.slurm.{key} is missing in {path} (per SLURM job, e.g. cores: 8, "
@@ -144,24 +168,6 @@ def open_slurm_config(config_path: str | os.PathLike) -> dict[str, Any]:
     if any("--gres" in str(d) for d in directives):
         raise ClusterError(f"remove the --gres directive from jobqueue.slurm.job-extra-directives in {path}: "
                            f"it is made from {GPU_COUNT_KEY}")
-
-    kwargs = {key.replace("-", "_"): value for key, value in slurm.items()}
-    if kwargs.get("local_directory"):
-        kwargs["local_directory"] = quoted_local_directory(kwargs["local_directory"])
-    options = gradcamo_options(document, path)
-    walltime = slurm.get("walltime") or _jobqueue_default("walltime")
-    if walltime:
-        lifetime = worker_lifetime_seconds(walltime, options["lifetime-margin"], options["lifetime-stagger"])
-        kwargs["job_script_prologue"] = [*(slurm.get("job-script-prologue") or []),
-                                         *lifetime_environment(lifetime, options["lifetime-stagger"])]
-    kwargs["processes"] = gpus
-    kwargs["worker_command"] = DASK_CUDA_WORKER_MODULE
-    kwargs["job_extra_directives"] = [*directives, f"--gres=gpu:{gpus}"]
-    extra_args = list(slurm.get("worker-extra-args") or [])
-    if "--resources" not in extra_args:
-        extra_args += ["--resources", "GPU=1"]
-    kwargs["worker_extra_args"] = extra_args
-    return kwargs
 
 
 def gradcamo_options(document: dict, path: Any = "") -> dict[str, Any]:
@@ -223,6 +229,7 @@ def slurm_cluster(config_path: str | os.PathLike, n_workers: int | None = None, 
         kwargs["security"] = security
     elif options["tls"]:
         kwargs["security"] = True  # dask-jobqueue's temporary certificates (see the module docstring)
+        kwargs["shared_temp_directory"] = _certificate_folder(kwargs.get("shared_temp_directory"))
     try:
         cluster = SLURMCluster(**kwargs)
     except (TypeError, ValueError) as err:
@@ -239,6 +246,18 @@ def _known_jobqueue_keys() -> set[str]:
     except ImportError:
         return set()
     return set(dask.config.get("jobqueue.slurm", default={}) or {})
+
+
+def _certificate_folder(shared: str | None) -> str:
+    """The folder (made mode 0700 if new) for a run's temporary TLS files: ``shared`` or ``~/.gradcamo-dask/tls``.
+
+    Home folders are shared with the compute nodes on most clusters, while
+    dask-jobqueue's own default (the current folder) would put private keys beside
+    the user's data. dask-jobqueue deletes the files when the cluster object goes.
+    """
+    base = Path(os.path.expanduser(shared or "~/.gradcamo-dask/tls"))
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return str(base)
 
 
 def _jobqueue_default(key: str) -> Any:

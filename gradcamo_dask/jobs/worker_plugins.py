@@ -13,7 +13,7 @@ from typing import Any
 
 from gradcamo_dask.jobs.machine import usable_cores
 
-__all__ = ["TorchThreads", "WritableOnJoin", "as_worker_plugin", "workers_per_host"]
+__all__ = ["TorchThreads", "WritableOnJoin", "as_worker_plugin", "guard_output_on_join", "workers_per_host"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,3 +113,18 @@ def as_worker_plugin(plugin: Any) -> Any:
             self.plugin.setup(worker)
 
     return _Plugin()
+
+
+def guard_output_on_join(client: Any, url: str, storage_options: dict | None = None) -> None:
+    """Make every worker that joins from now on prove it can write ``url`` (:class:`WritableOnJoin`).
+
+    Call after :func:`~gradcamo_dask.io.storage.check_writable` has checked the workers
+    present. The scheduler keeps the plugin for later workers even when the broadcast
+    to present ones fails because one of them is leaving (its lifetime ended), so that
+    failure is logged, not raised.
+    """
+    try:
+        client.register_plugin(as_worker_plugin(WritableOnJoin(url, storage_options)))
+    except OSError as error:  # distributed's CommClosedError is an OSError
+        logger.warning("a worker left while the output check was being installed (%s); workers that join "
+                       "later still check %s", error, url)
