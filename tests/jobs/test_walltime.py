@@ -56,7 +56,7 @@ def tiny(tmp_path_factory):
     return {"image": image, "labels": labels, "bundle": bundle, "reference": reference}
 
 
-LIFETIME = {"distributed.worker.lifetime.duration": "45s", "distributed.worker.lifetime.stagger": "5s",
+LIFETIME = {"distributed.worker.lifetime.duration": "60s", "distributed.worker.lifetime.stagger": "5s",
             "distributed.worker.lifetime.restart": False, "distributed.deploy.lost-worker-timeout": "500ms"}
 
 
@@ -69,7 +69,7 @@ def test_jobs_ending_mid_run_are_replaced_and_no_cell_is_lost(tiny, tmp_path):
         cluster.scheduler.add_plugin(arrivals)
         # registered before any worker exists, as on a SLURM cluster whose jobs are still queued:
         # every worker gets them as it joins
-        client.register_plugin(SlowSites(5.0))
+        client.register_plugin(SlowSites(6.0))
         guard_output_on_join(client, str(store))
         cluster.adapt(Adaptive=ReplacingAdaptive, minimum=2, maximum=2, interval="300ms", wait_count=1)
         client.wait_for_workers(1, timeout=300)
