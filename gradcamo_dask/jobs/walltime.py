@@ -10,9 +10,10 @@ lifetime travels as Dask configuration in the job's environment
 it without depending on dask-cuda's command-line options.
 
 Why a subclass of :class:`distributed.deploy.Adaptive`: Dask's adaptive scaling counts
-a worker spec whose job is gone as still planned, so ``adapt(minimum=2)`` with both
-jobs ended by the walltime stays at zero workers and the run hangs (measured here on
-a LocalCluster with worker lifetimes; dask-jobqueue uses the same ``SpecCluster``).
+a worker spec whose job is gone as still planned, so the target equals the plan and no
+new job is asked for. Seen here: ``adapt(minimum=2, maximum=2)`` on a LocalCluster
+whose workers' lifetimes ended, with no task pending, stayed at zero workers; with
+this class the ended workers were replaced (dask-jobqueue uses the same ``SpecCluster``).
 """
 
 from __future__ import annotations
