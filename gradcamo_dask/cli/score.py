@@ -57,6 +57,7 @@ def _run_score(args: argparse.Namespace) -> int:
     client = None
     try:
         from gradcamo_dask.io.storage import check_writable, normalize_output_url
+        from gradcamo_dask.jobs.worker_plugins import guard_output_on_join
         from gradcamo_dask.profiles.store import check_output_store
 
         positive(batch_size=args.batch_size, chunk_cells=args.chunk_cells, sites_per_task=args.sites_per_task)
@@ -70,6 +71,7 @@ def _run_score(args: argparse.Namespace) -> int:
         labels = open_labels(args.labels, name=args.label_name, like=image)
         client = connect(args)
         check_writable(out, client)  # every worker can write OUT, before any site work starts
+        guard_output_on_join(client, out)  # and every worker that joins later (SLURM jobs replacing ended ones)
         # absolute paths (URLs unchanged) in the provenance: the report reads the plate back from any folder
         ds = score_plate(image, labels, normalize_output_url(args.model), layers=args.layers, client=client,
                          batch_size=args.batch_size, sites_per_task=args.sites_per_task,

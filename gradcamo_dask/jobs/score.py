@@ -44,6 +44,7 @@ from gradcamo_dask.jobs.devices import in_dask_worker, on_device, prepare_cuda, 
 from gradcamo_dask.jobs.feed import ExplainRunner, SiteJob, score_sites
 from gradcamo_dask.jobs.profile_layout import (cells_key, classic_settings, layer_shapes, profile_coords,
                                                profile_variables, scoring_provenance, site_variables)
+from gradcamo_dask.jobs.resources import restrict_sites_to_gpus
 
 __all__ = [
     "ModelCache",
@@ -343,7 +344,7 @@ def score_plate(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: 
             "device": device, "classic": classic_spec}
     cells_sha256 = cells_key(cells)
     token = tokenize(img.name, lab.name, cells_sha256, loaded.hash, json.dumps(parameters, default=str), device)
-    graph, site_name, counts = site_tasks(image, labels, cells, spec, token, sites_per_task)
+    graph, site_name, counts = site_tasks(image, labels, cells, spec, token, sites_per_task, client)
     names = None if classic_spec is None else classic_names
     variables = profile_variables(shapes, layers, len(loaded.config.classes), None if names is None else len(names))
     ds = xr.Dataset(site_variables(graph, site_name, counts, variables, token),
@@ -406,7 +407,7 @@ def _plate_cells(image: xr.DataArray, labels: xr.DataArray, loaded: Any, cells: 
 
 
 def site_tasks(image: xr.DataArray, labels: xr.DataArray, cells: pd.DataFrame, spec: dict, token: str,
-               sites_per_task: int = 1) -> tuple[HighLevelGraph, str, list[int]]:
+               sites_per_task: int = 1, client=None) -> tuple[HighLevelGraph, str, list[int]]:
     """The scoring graph's site tasks: ``(graph, name, cells per site)``; task ``(name, k)`` scores site run k.
 
     Every site task is created here (one home for per-task annotations such as
@@ -429,4 +430,6 @@ def site_tasks(image: xr.DataArray, labels: xr.DataArray, cells: pd.DataFrame, s
             for j in range(len(members)):
                 tasks[(site_name, g + j)] = (operator.getitem, (group_name, g), j)
         base = HighLevelGraph({**base.layers, site_name: tasks}, dict(base.dependencies))
+    # one site (or group of sites) per GPU where workers advertise GPU=1; a group's picks carry it too (trivial)
+    base = restrict_sites_to_gpus(base, site_name, client)
     return base, site_name, counts

@@ -16,9 +16,9 @@ from typing import Any
 from gradcamo_dask.errors import ClusterError
 
 
-def tls_security(ca_file: str | os.PathLike, cert: str | os.PathLike, key: str | os.PathLike | None = None
-                 ) -> Any:
-    """A :class:`distributed.security.Security` for a client, with encryption required.
+def tls_security(ca_file: str | os.PathLike, cert: str | os.PathLike, key: str | os.PathLike | None = None,
+                 *, all_roles: bool = False) -> Any:
+    """A :class:`distributed.security.Security` with encryption required: a client's, or every role's.
 
     Parameters
     ----------
@@ -27,6 +27,11 @@ def tls_security(ca_file: str | os.PathLike, cert: str | os.PathLike, key: str |
     cert, key
         This host's PEM certificate and private key (``key`` may be omitted when
         ``cert`` holds both).
+    all_roles
+        Also use ``cert``/``key`` as the scheduler's and the workers' certificate: what
+        a cluster started from this process needs (``--cluster slurm``: the scheduler
+        runs here and the workers get the paths on their command line). A client-only
+        Security there fails with ``TLS expects a ssl_context`` and ``--tls-cert None``.
 
     Raises
     ------
@@ -39,9 +44,12 @@ def tls_security(ca_file: str | os.PathLike, cert: str | os.PathLike, key: str |
         if path is not None and not Path(path).is_file():
             raise ClusterError(f"{option} {path}: no such file; pass the PEM files of the cluster's TLS "
                                "certificate authority and of this host (see deploy/README.md, 'TLS')")
-    paths = {"tls_ca_file": str(ca_file), "tls_client_cert": str(cert)}
-    if key is not None:
-        paths["tls_client_key"] = str(key)
+    roles = ("client", "scheduler", "worker") if all_roles else ("client",)
+    paths = {"tls_ca_file": str(ca_file)}
+    for role in roles:
+        paths[f"tls_{role}_cert"] = str(cert)
+        if key is not None:
+            paths[f"tls_{role}_key"] = str(key)
     return Security(require_encryption=True, **paths)
 
 

@@ -41,7 +41,12 @@ def test_gpu_detection_reads_cuda_visible_devices_without_cuda():
     assert cuda_devices({"CUDA_VISIBLE_DEVICES": "0,2"}) == ["0", "2"]
     assert cuda_devices({"CUDA_VISIBLE_DEVICES": ""}) == []
     assert cuda_devices({"CUDA_VISIBLE_DEVICES": "-1"}) == []
-    assert "torch" not in sys.modules or True  # connect never needs torch in the client for detection
+    # detection imports neither torch nor CuPy (no CUDA context in the client), checked in a fresh process
+    code = ("import sys; from gradcamo_dask.jobs.cluster import cuda_devices; cuda_devices(); "
+            "print(sorted(m for m in ('torch', 'cupy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.strip()
+    assert out == "[]"
 
 
 def test_local_cluster_shape_shares_cores_between_processes_and_torch():
@@ -187,7 +192,10 @@ def test_cuda_cluster_scores_on_each_workers_own_gpu(tiny, tmp_path):
     """dask-cuda numbers each worker's GPU 0: device='cuda:1' must mean 'this worker's GPU', and the CuPy
     allocator bridge and cudnn.benchmark are set on the worker; results agree with the CPU reference."""
     pytest.importorskip("dask_cuda")
+    from gradcamo_dask.jobs.resources import site_resources
+
     with connect(device="cuda", quiet=True, dashboard=False) as client:
+        assert site_resources(client) == {"GPU": 1}  # LocalCUDACluster workers advertise GPU=1
         ds = score_plate(tiny["image"], tiny["labels"], tiny["bundle"], client=client, device="cuda:1")
         write_profiles(ds, tmp_path / "cuda.zarr", client=client)
 

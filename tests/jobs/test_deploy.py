@@ -76,13 +76,22 @@ SLURM_CONFIG = DEPLOY / "slurm" / "jobqueue.yaml"
 
 
 def _slurm_job_script(config_path, **kwargs) -> str:
+    """The job script of ``config_path``'s cluster, started with no job (minimum-jobs 0; no sbatch here)."""
+    import tempfile
+
     from gradcamo_dask.jobs.slurm import slurm_cluster
 
-    cluster = slurm_cluster(config_path, **kwargs)
-    try:
-        return cluster.job_script()
-    finally:
-        cluster.close()
+    config = yaml.safe_load(Path(config_path).read_text())
+    config["gradcamo"]["slurm"]["minimum-jobs"] = 0
+    with tempfile.TemporaryDirectory() as folder:
+        config["jobqueue"]["slurm"]["shared-temp-directory"] = folder
+        path = Path(folder) / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        cluster = slurm_cluster(path, **kwargs)
+        try:
+            return cluster.job_script()
+        finally:
+            cluster.close()
 
 
 def test_shipped_slurm_config_makes_gpu_job_script():
@@ -92,8 +101,8 @@ def test_shipped_slurm_config_makes_gpu_job_script():
     assert "#SBATCH --cpus-per-task=8" in script
     # jobqueue runs "python -m <worker-command>": the module form of the dask-cuda worker.
     worker_line = next(line for line in script.splitlines() if " -m " in line)
-    assert re.search(r"\bpython -m dask_cuda\.cli tcp://\S+ ", worker_line), worker_line
-    assert "--resources GPU=1" in worker_line
+    assert re.search(r"\bpython -m dask_cuda\.cli tls://\S+ ", worker_line), worker_line  # TLS by default
+    assert "--resources GPU=1" in worker_line and "--protocol tls://" in worker_line
     assert "dask-cuda-worker" not in script and "distributed.cli.dask_worker" not in script
     assert "source $HOME/gradcamo-venv/bin/activate" in script  # the prologue from the file
 
@@ -129,18 +138,40 @@ def test_dask_cuda_worker_module_is_runnable_with_python_m():
 
 
 @pytest.mark.gpu
-def test_job_script_worker_command_launches_dask_cuda_on_gpu_machine():
-    # The exact worker line of the job script, with --help appended: dask-cuda's own CLI answers.
-    # (Checked on the dev machine with the dask-cuda 26.10 wheel and its CUDA Python deps on
-    # PYTHONPATH; "python -m dask-cuda-worker" answers "No module named dask-cuda-worker".)
+def test_job_script_worker_command_joins_a_scheduler_as_a_gpu_worker():
+    # The exact worker line of the job script, run as the node would run it (plain TCP here: tls false),
+    # against a real scheduler: a dask-cuda worker joins with the GPU=1 resource and the job's lifetime.
+    import os
     import shlex
+    import time
 
-    script = _slurm_job_script(SLURM_CONFIG)
-    argv = shlex.split(next(line for line in script.splitlines() if " -m " in line))
-    argv[0] = sys.executable
-    result = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Launch a distributed worker with GPUs attached" in result.stdout
+    from distributed import Client, LocalCluster
+
+    config = yaml.safe_load(SLURM_CONFIG.read_text())
+    config["gradcamo"]["slurm"]["tls"] = False
+    with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=":0") as scheduler, \
+            Client(scheduler) as client, __import__("tempfile").TemporaryDirectory() as folder:
+        path = Path(folder) / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        script = _slurm_job_script(path)
+        line = next(line for line in script.splitlines() if " -m " in line)
+        argv = shlex.split(line)
+        argv[0], argv[3] = sys.executable, scheduler.scheduler_address  # python; the scheduler to join
+        env = dict(os.environ)
+        for export in (x for x in script.splitlines() if x.startswith("export DASK_")):
+            key, value = export[len("export "):].split("=", 1)
+            env[key] = value
+        worker = subprocess.Popen([a.replace('${TMPDIR:-/tmp}', folder) for a in argv], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            client.wait_for_workers(1, timeout=120)
+            info = next(iter(client.scheduler_info()["workers"].values()))
+            assert info["resources"] == {"GPU": 1}
+            lifetime = client.run(lambda dask_worker: dask_worker.lifetime)
+            assert list(lifetime.values())[0] > 3600  # 4 h walltime - 15 min, staggered
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
 
 
 def _write_config(tmp_path, mutate) -> Path:
@@ -190,17 +221,21 @@ def test_slurm_config_missing_or_not_yaml(tmp_path):
         open_slurm_config(bad)
 
 
-def test_slurm_cluster_with_tls_passes_certificates_to_workers(tmp_path, tls_files):
-    from distributed.security import Security
+def test_slurm_cluster_with_cli_tls_files_passes_certificates_to_workers(tmp_path, tls_files):
+    # The Security the CLI builds for --cluster slurm from --tls-* (every role), not a hand-built one.
+    import argparse
 
-    security = Security(tls_ca_file=str(tls_files["ca"]), tls_client_cert=str(tls_files["cert"]),
-                        tls_client_key=str(tls_files["key"]), tls_scheduler_cert=str(tls_files["cert"]),
-                        tls_scheduler_key=str(tls_files["key"]), tls_worker_cert=str(tls_files["cert"]),
-                        tls_worker_key=str(tls_files["key"]), require_encryption=True)
-    script = _slurm_job_script(SLURM_CONFIG, security=security)
+    from gradcamo_dask.cli.options import add_cluster_options, cluster_security
+
+    parser = argparse.ArgumentParser()
+    add_cluster_options(parser)
+    args = parser.parse_args(["--cluster", "slurm", "--tls-ca-file", str(tls_files["ca"]), "--tls-cert",
+                              str(tls_files["cert"]), "--tls-key", str(tls_files["key"])])
+    script = _slurm_job_script(SLURM_CONFIG, security=cluster_security(args))
     worker_line = next(line for line in script.splitlines() if " -m " in line)
     assert re.search(r"dask_cuda\.cli tls://", worker_line)
-    assert f"--tls-ca-file {tls_files['ca']}" in worker_line and "--tls-cert" in worker_line
+    assert f"--tls-ca-file {tls_files['ca']}" in worker_line and f"--tls-cert {tls_files['cert']}" in worker_line
+    assert f"--tls-key {tls_files['key']}" in worker_line and "None" not in worker_line
 
 
 @pytest.fixture
@@ -448,30 +483,21 @@ def test_relative_output_paths_become_absolute(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- connect(cluster="slurm")
 
-def test_connect_starts_the_slurm_cluster_from_the_config(tls_files):
-    # No sbatch here: with no workers asked for, nothing is submitted; the cluster's
-    # scheduler runs in this process and its job script is the one jobs would get.
-    from distributed.security import Security
-
+def test_connect_to_slurm_gives_up_after_the_worker_timeout_and_cancels_its_jobs(tmp_path, monkeypatch):
+    # Jobs are submitted to a fake sbatch that never runs them: the bounded wait ends with a ClusterError
+    # naming the cluster, and the queued job is cancelled. (tests/jobs/test_slurm_tls.py runs the jobs.)
     from gradcamo_dask.jobs.cluster import connect
+    from tests.helpers.fake_slurm import install_fake_slurm, submitted_scripts
 
-    client = connect(cluster="slurm", cluster_config=str(SLURM_CONFIG), quiet=True)
-    try:
-        script = client.cluster.job_script()
-        assert "#SBATCH --gres=gpu:1" in script and "-m dask_cuda.cli tcp://" in script
-    finally:
-        client.close()
-        client.cluster.close()
-    paths = {f"tls_{role}_{part}": str(tls_files["cert" if part == "cert" else "key"])
-             for role in ("scheduler", "worker", "client") for part in ("cert", "key")}
-    security = Security(tls_ca_file=str(tls_files["ca"]), require_encryption=True, **paths)
-    client = connect(cluster="slurm", cluster_config=str(SLURM_CONFIG), security=security, quiet=True)
-    try:
-        assert client.scheduler.address.startswith("tls://")
-        assert "-m dask_cuda.cli tls://" in client.cluster.job_script()
-    finally:
-        client.close()
-        client.cluster.close()
+    jobs = install_fake_slurm(tmp_path / "slurm", monkeypatch)
+    config = yaml.safe_load(SLURM_CONFIG.read_text())
+    config["jobqueue"]["slurm"]["shared-temp-directory"] = str(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ClusterError, match="no Dask worker joined the scheduler SLURM cluster tls://"):
+        connect(cluster="slurm", cluster_config=str(path), worker_timeout=3, quiet=True)
+    assert len(submitted_scripts(jobs)) == 1 and "#SBATCH --gres=gpu:1" in submitted_scripts(jobs)[0]
+    assert (tmp_path / "slurm" / "cancelled").read_text().split() == ["1001"]
 
 
 # --------------------------------------------------------------------------- write_profiles and fsspec URLs

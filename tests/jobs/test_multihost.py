@@ -80,7 +80,8 @@ def tls_cluster(lab, pki, tmp_path_factory):
     for host in ("worker1", "worker2"):
         workers.append(lab.popen(host, [
             sys.executable, "-m", "distributed.cli.dask_worker", scheduler_address, "--host", lab.hosts[host],
-            "--name", host, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--death-timeout", "120",
+            "--name", host, "--nthreads", "4", "--resources", "GPU=1", "--no-nanny", "--no-dashboard",
+            "--death-timeout", "120",
             *_tls_args(certs[host]),
         ], env=_env(), log=logs / f"{host}.log"))
     info = {"address": scheduler_address, "logs": logs, "processes": [scheduler, *workers]}
@@ -97,12 +98,14 @@ def tls_cluster(lab, pki, tmp_path_factory):
 
 
 _CLIENT_PRELUDE = textwrap.dedent("""
-    import json, sys
-    from gradcamo_dask.jobs.tls import open_tls_client, tls_security
+    import argparse, json, sys
+    from gradcamo_dask.cli.options import add_cluster_options, connect
     def emit(value):
         print("RESULT " + json.dumps(value), flush=True)
-    security = tls_security(sys.argv[1], sys.argv[2], sys.argv[3])
-    client = open_tls_client(sys.argv[4], security, timeout_s=20)
+    parser = argparse.ArgumentParser()
+    add_cluster_options(parser)
+    client = connect(parser.parse_args(["--scheduler", sys.argv[4], "--tls-ca-file", sys.argv[1], "--tls-cert",
+                                        sys.argv[2], "--tls-key", sys.argv[3], "--timeout", "20"]))
 """)
 
 
@@ -230,23 +233,33 @@ def local_pki(tmp_path):
     return write_test_pki(tmp_path / "pki", {"client": ["127.0.0.1"]})["client"]
 
 
+def _cli_connect(address: str, pki: dict, timeout: float):
+    """Connect as `gradcamo-dask score --scheduler ADDRESS --tls-*` does (the CLI's own code path)."""
+    import argparse
+
+    from gradcamo_dask.cli.options import add_cluster_options, connect
+
+    parser = argparse.ArgumentParser()
+    add_cluster_options(parser)
+    return connect(parser.parse_args(["--scheduler", address, "--tls-ca-file", str(pki["ca"]), "--tls-cert",
+                                      str(pki["cert"]), "--tls-key", str(pki["key"]), "--timeout", str(timeout)]))
+
+
 def test_tls_client_to_a_plain_tcp_scheduler_fails_clearly_and_quickly(local_pki):
     from distributed import LocalCluster
 
     from gradcamo_dask.errors import ClusterError
-    from gradcamo_dask.jobs.tls import open_tls_client, tls_security
 
-    security = tls_security(local_pki["ca"], local_pki["cert"], local_pki["key"])
     with LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
                       dashboard_address=None) as plain:
         port = plain.scheduler_address.rsplit(":", 1)[1]
         started = time.monotonic()
         with pytest.raises(ClusterError, match=r"no TLS connection to the Dask scheduler at tls://127\.0\.0\.1"):
-            open_tls_client(f"tls://127.0.0.1:{port}", security, timeout_s=3)
+            _cli_connect(f"tls://127.0.0.1:{port}", local_pki, 3)
         assert time.monotonic() - started < 30
         # A tcp:// address while TLS is required: refused before connecting.
-        with pytest.raises(ClusterError, match="is not TLS but TLS is required"):
-            open_tls_client(plain.scheduler_address, security, timeout_s=3)
+        with pytest.raises(ClusterError, match="is not a TLS address but --tls-\\* options require encryption"):
+            _cli_connect(plain.scheduler_address, local_pki, 3)
 
 
 def test_tls_client_to_a_silent_listener_times_out_clearly(local_pki):
@@ -255,9 +268,7 @@ def test_tls_client_to_a_silent_listener_times_out_clearly(local_pki):
     import threading
 
     from gradcamo_dask.errors import ClusterError
-    from gradcamo_dask.jobs.tls import open_tls_client, tls_security
 
-    security = tls_security(local_pki["ca"], local_pki["cert"], local_pki["key"])
     listener = socket.create_server(("127.0.0.1", 0))
     accepted = []
     stop = threading.Event()
@@ -275,7 +286,7 @@ def test_tls_client_to_a_silent_listener_times_out_clearly(local_pki):
     try:
         started = time.monotonic()
         with pytest.raises(ClusterError, match="no TLS connection .* within 2 s"):
-            open_tls_client(f"127.0.0.1:{listener.getsockname()[1]}", security, timeout_s=2)
+            _cli_connect(f"tls://127.0.0.1:{listener.getsockname()[1]}", local_pki, 2)
         assert time.monotonic() - started < 20 and accepted
     finally:
         stop.set()
