@@ -40,6 +40,7 @@ def test_sites_per_task_and_batch_size_change_nothing_and_lose_no_cell(tiny):
 def test_cli_score_passes_batch_size_and_sites_per_task(tiny, monkeypatch, capsys):
     import gradcamo_dask.cli.score as command
     import gradcamo_dask.jobs.score as scoring
+    import gradcamo_dask.jobs.worker_plugins as worker_plugins
     from gradcamo_dask import cli
     from gradcamo_dask.errors import InputError
 
@@ -51,6 +52,7 @@ def test_cli_score_passes_batch_size_and_sites_per_task(tiny, monkeypatch, capsy
 
     monkeypatch.setattr(scoring, "score_plate", fake_score_plate)
     monkeypatch.setattr(command, "connect", lambda args: None)  # no cluster for an option check
+    monkeypatch.setattr(worker_plugins, "guard_output_on_join", lambda client, out: None)  # nor its join hook
     plate = str(tiny["root"] / "plate.zarr")
     base = ["score", plate, "--labels", plate, "--model", str(tiny["bundle"]), "--out", str(tiny["root"] / "o.zarr")]
     assert cli.main(base) == 1
