@@ -6,7 +6,6 @@ import argparse
 import sys
 
 
-
 def add_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "bench-report",

@@ -7,7 +7,6 @@ import os
 import sys
 
 
-
 def add_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "info",
