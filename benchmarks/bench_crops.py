@@ -189,7 +189,7 @@ def host_cost(site_shape: tuple[int, int, int], sizes: list, batch: int = 32, re
     import gradcamo_dask
 
     return {"site_shape_zyx": list(site_shape), "channels": int(image.shape[0]), "batch": batch, "rows": rows,
-            "package": str(Path(gradcamo_dask.__file__).parent)}
+            "package_version": gradcamo_dask.__version__}  # a version, never this machine's path
 
 
 def _host_markdown(result: dict) -> str:
