@@ -29,7 +29,7 @@ Each model is trained with several seeds and audited on the held-out wells (row 
 
 Usage::
 
-    python benchmarks/bench_attention.py --quick   # 1 seed, tiny; runs in a test
+    python benchmarks/bench_attention.py --quick   # 1 seed, tiny, plus a 3D ViT row (attention_vit.py); a test
     python benchmarks/bench_attention.py           # 3 seeds, the committed figures
 
 Writes ``benchmarks/results/bench_attention[_quick].json`` and ``.md`` (date, machine, load).
@@ -54,7 +54,7 @@ sys.path.insert(0, str(HERE))
 
 SETTINGS = {
     "quick": dict(sites_per_well=2, epochs=1, max_train_cells=16, max_test_cells=32, seeds=(0,), draws=2),
-    "full": dict(sites_per_well=24, epochs=6, max_train_cells=300, max_test_cells=300, seeds=(0, 1, 2), draws=5),
+    "full": dict(sites_per_well=24, epochs=8, max_train_cells=300, max_test_cells=300, seeds=(0, 1, 2), draws=5),
 }
 # Sized for <= 25 min on 2 shared cores. torch runs on ONE thread: with other engineers' jobs on the machine
 # (load average ~10), a forward + backward pass of 8 cells took 10.5 s on 2 threads and 0.92 s on 1.
@@ -69,9 +69,20 @@ SETTINGS = {
 # accuracy 0.61-0.73 and 0.66), and a barely-learned model's Grad-CAM is noise. Maps at 12 x 48 x 48: 6 x 24 x 24
 # (stem _swish), 3 x 12 x 12 (_blocks.0.0), 2 x 6 x 6 (_blocks.1.x), 1 x 3 x 3 (_blocks.2.4); _blocks.3.7 is
 # 1 x 2 x 2 and _head_swish 1 x 1 x 1: they cannot localise a cell (reported, marked).
-COMMON = dict(doses_um=(0.0, 10.0), wells_per_treatment=2, site_shape=(12, 128, 128), cell_radius=12.0,
-              granules=1.0, crop_size=(None, 48, 48), input_shape=(12, 48, 48), learning_rate=1e-3, plate_seed=0,
-              test_rows=("C",), cutoff=0.25, feature_layer="_head_swish", target="predicted")
+# Intensity scaling "plate" (one fixed range per channel, fitted on the training sites; the bundle carries it and
+# the audit, blanking included, applies it): the paper's per-crop min-max ("crop") leaked the treatment to every voxel
+# of a responder's crop, so both models read both locations (results/bench_attention_crop.md, the last crop run).
+# responder_growth=False: responders keep the bystanders' size, so a difference in Grad-CAMO cannot come from size.
+# Crop z 6 slices centred on the cell (model grid 6 x 48 x 48): cells fill z 2-7 of the 12 slices, and maps with 1-3
+# voxels in z put most of their mass in the empty slices above them when the crop keeps all 12; 8 epochs: with the
+# plate scaling a model must find the puncta themselves (no crop-wide intensity shift), and a 1-seed diagnosis at
+# 5 epochs was still learning (train accuracy 0.72-0.75; results/bench_attention_diagnosis.md).
+COMMON = dict(doses_um=(10.0,), compounds=2, wells_per_treatment=2, site_shape=(12, 128, 128), cell_radius=12.0,
+              granules=1.0, crop_size=(6, 48, 48), input_shape=(6, 48, 48), learning_rate=1e-3, plate_seed=0,
+              test_rows=("C",), cutoff=0.25, feature_layer="_head_swish", target="predicted",
+              intensity_scaling="plate", responder_growth=False)
+#: The reference that shows the per-crop leak: the last full run with intensity_scaling="crop" (committed as is).
+CROP_REFERENCE = HERE / "results" / "bench_attention_crop.json"
 TARGETS = ("predicted", "true")  # Grad-CAM of the predicted class, and of the true label (DESIGN allows both)
 LAYERS = ("_swish", "_blocks.0.0", "_blocks.1.1", "_blocks.1.2", "_blocks.2.4", "_blocks.3.7", "_head_swish")
 MODELS = {"in_cell": True, "off_cell": False}  # trained on responders / on bystanders
@@ -86,8 +97,9 @@ def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("nan")
 
 
-def test_cells(plate, truth, max_cells: int, seed: int):
-    """Held-out cells (row C) of both populations: table, rescaled crops at the model grid and masks."""
+def test_cells(plate, truth, max_cells: int, seed: int, raw: bool = False):
+    """Held-out cells (row C) of both populations: table, crops at the crop grid (rescaled per crop to [0, 1],
+    or with ``raw`` the raw intensities as float32, for :func:`audit` to normalise as each bundle says) and masks."""
     import torch
 
     from gradcamo_dask.cells import cell_table
@@ -106,8 +118,10 @@ def test_cells(plate, truth, max_cells: int, seed: int):
             picks.append(rng.choice(group.index.to_numpy(), size=min(len(group), max_cells // 2), replace=False))
         table = table.loc[np.sort(np.concatenate(picks))].reset_index(drop=True)
     table["split"] = "test"
-    crop_grid = (plate.image.sizes["z"], *c["crop_size"][1:])  # crops stay on the crop grid; explain resamples
+    crop_grid = (c["crop_size"][0] or plate.image.sizes["z"], *c["crop_size"][1:])  # explain resamples
     reader = SiteReader(plate.image, plate.labels, table, c["crop_size"], crop_grid, cache=False)
+    if raw:  # the identity range: raw intensities as float32
+        reader.intensity_range = {"low": [0.0] * plate.image.sizes["c"], "high": [1.0] * plate.image.sizes["c"]}
     try:
         xs, ms, rows = [], [], []
         for _key, data in reader.stream(reader.sites(["test"])):
@@ -131,23 +145,30 @@ def blanked(x, masks, keep_cell: bool):
     return torch.where(region if keep_cell else ~region, x, torch.zeros_like(x))
 
 
-def audit(bundle_path: Path, table, x01, masks) -> dict:
-    """Grad-CAMO at every layer, features, accuracy and blanked accuracies of one bundle."""
+def audit(bundle_path: Path, table, x01, masks, layers: tuple = LAYERS, raw: bool = False) -> dict:
+    """Grad-CAMO at every layer, features, accuracy and blanked accuracies of one bundle. ``x01``: crops
+    rescaled per crop, or with ``raw`` raw crops normalised here as the bundle says (its fixed range with
+    intensity_scaling="plate"), so blanking sees the model's own normalisation."""
     import torch
     import torch.nn.functional as F
 
     from gradcamo_dask.engine.bundles import open_bundle
     from gradcamo_dask.engine.explain import explain
+    from gradcamo_dask.normalize import normalize_crops
 
     bundle = open_bundle(bundle_path)
     cfg = bundle.config
-    mean = torch.tensor(cfg.normalization["mean"], dtype=torch.float32).view(1, -1, 1, 1, 1)
-    std = torch.tensor(cfg.normalization["std"], dtype=torch.float32).view(1, -1, 1, 1, 1)
-    x = (x01 - mean) / std
+    if raw:
+        x = normalize_crops(x01, cfg.normalization)
+    elif "low" in cfg.normalization:
+        raise ValueError(f"{bundle_path} rescales with a fixed range (intensity_scaling='plate'): audit it on raw "
+                         "crops (test_cells(raw=True), audit(raw=True))")
+    else:
+        x = normalize_crops(x01, cfg.normalization, rescaled=True)
     y = np.array([cfg.classes.index(str(t)) for t in table["treatment"]])
     out = {"y": y, "by_target": {}}
     for target in TARGETS:
-        res = explain(bundle.model, x, masks, layers=list(LAYERS), target="predicted" if target == "predicted"
+        res = explain(bundle.model, x, masks, layers=list(layers), target="predicted" if target == "predicted"
                       else [int(v) for v in y], batch_size=16, input_shape=tuple(cfg.input_shape))
         out["by_target"][target] = {k: np.asarray(v, dtype=np.float64) for k, v in res.gradcamo.items()}
         if target == "predicted":
@@ -193,52 +214,90 @@ def ranking(scores_by_layer: dict, grids: dict, cutoff: float) -> list[dict]:
     return json.loads(table.to_json(orient="records"))
 
 
-def run(mode: str, on_seed) -> dict:
-    """Train and audit every model and seed; ``on_seed(report)`` gets the report over the seeds done so far
-    after each seed (an interrupted run keeps its finished seeds). Returns the final report."""
+def mosaic_plate(c: dict, s: dict):
+    """The benchmark's mosaic plate, rendered once into memory (a few hundred MB), and its cell truth."""
     import dask.array as da
 
-    from gradcamo_dask.io.synthetic import cell_truth, population_labels, synthetic_plate
-    from gradcamo_dask.jobs.recipe import Recipe, Split
-    from gradcamo_dask.jobs.train import train
+    from gradcamo_dask.io.synthetic import cell_truth, synthetic_plate
 
-    s, c = SETTINGS[mode], COMMON
     plate = synthetic_plate(doses_um=c["doses_um"], wells_per_treatment=c["wells_per_treatment"],
                             sites_per_well=s["sites_per_well"], site_shape=c["site_shape"],
-                            cell_radius=c["cell_radius"], seed=c["plate_seed"], mosaic=True, granules=c["granules"],
-                            plate="mosaic")
-    # render once, keep in memory (a few hundred MB): every training reads the same sites
+                            cell_radius=c["cell_radius"], seed=c["plate_seed"], mosaic=c.get("mosaic", True),
+                            granules=c["granules"], compounds=c["compounds"], plate="mosaic",
+                            responder_growth=c.get("responder_growth", True))
     plate = plate._replace(**{k: getattr(plate, k).copy(data=da.from_array(getattr(plate, k).data.compute(),
                                                                            chunks=getattr(plate, k).data.chunks))
                               for k in ("image", "labels")})
-    truth = cell_truth(plate)
-    # train() also scores its own test split; the audit below is the benchmark's, so train() only gets the
-    # first site of each test well (a cheap, honest provenance figure) and every training-well cell
+    return plate, cell_truth(plate)
+
+
+def train_model(c: dict, s: dict, seed: int, name: str, out: str, recipe_options: dict | None = None) -> dict:
+    """Train one model (a process of its own when run in parallel: torch on 1 thread); returns its bundle
+    path, training seconds and provenance. ``name``: a key of MODELS (one population) or ``"all_cells"``;
+    ``recipe_options``: extra Recipe fields (e.g. the regulariser's)."""
+    import torch
+
+    from gradcamo_dask.io.synthetic import population_labels
+    from gradcamo_dask.jobs.recipe import Recipe, Split
+    from gradcamo_dask.jobs.train import train
+
+    torch.set_num_threads(1)
+    plate, truth = mosaic_plate(c, s)
+    # train() also scores its own test split; the audit is the benchmark's, so train() only gets the first site
+    # of each test well (a cheap, honest provenance figure) and every training-well cell
     test_site = int(plate.image["site"].values[0])
     train_truth = truth[~truth["well"].str[0].isin(c["test_rows"]) | (truth["site"] == test_site)]
-    table, x01, masks = test_cells(plate, truth, s["max_test_cells"], c["plate_seed"])
-    uniform = masks.float().mean(dim=(1, 2, 3)).numpy().astype(np.float64)
+    if name not in MODELS:  # every cell: one "population" that holds them all
+        train_truth = train_truth.assign(responder=True)
+    t0 = time.perf_counter()
+    recipe = Recipe(crop_size=c["crop_size"], input_shape=c["input_shape"], epochs=s["epochs"], seed=seed,
+                    learning_rate=c["learning_rate"], patience=None, layers=["_blocks.1.2"], augmentation=None,
+                    split=Split(test_rows=c["test_rows"], max_train_cells=s["max_train_cells"]),
+                    **({"intensity_scaling": c.get("intensity_scaling", "crop")} | dict(recipe_options or {})))
+    bundle = train(plate.image, population_labels(plate.labels, train_truth, MODELS.get(name, True)), recipe,
+                   out=out, platemap=plate.platemap, progress=False)
+    prov = json.loads((bundle / "config.json").read_text())["provenance"]
+    return {"bundle": str(bundle), "train_seconds": round(time.perf_counter() - t0, 1),
+            "train_cells": prov["cells"]["train"], "epochs": prov["epochs_run"]}
+
+
+def trained_models(c: dict, s: dict, tmp: str, workers: int):
+    """Yield ``(seed, {name: train_model result})`` seed by seed; with ``workers`` > 1 the models train in
+    that many processes at once (one core each), so later seeds train while earlier ones are audited."""
+    jobs = [(seed, name) for seed in s["seeds"] for name in MODELS]
+    if workers <= 1:
+        for seed in s["seeds"]:
+            yield seed, {name: train_model(c, s, seed, name, f"{tmp}/{name}-{seed}") for name in MODELS}
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {job: pool.submit(train_model, c, s, job[0], job[1], f"{tmp}/{job[1]}-{job[0]}") for job in jobs}
+        for seed in s["seeds"]:
+            yield seed, {name: futures[(seed, name)].result() for name in MODELS}
+
+
+def run(mode: str, on_seed, workers: int = 1) -> dict:
+    """Train and audit every model and seed; ``on_seed(report)`` gets the report over the seeds done so far
+    after each seed (an interrupted run keeps its finished seeds). Returns the final report."""
+    s, c = SETTINGS[mode], COMMON
+    plate, truth = mosaic_plate(c, s)
+    table, raw, masks = test_cells(plate, truth, s["max_test_cells"], c["plate_seed"], raw=True)
+    del plate
+    uniform = masks.float().mean(dim=tuple(range(1, masks.ndim))).numpy().astype(np.float64)
     pops = {name: (table["responder"] == flag).to_numpy() for name, flag in MODELS.items()}
     per_seed, audits, report = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in s["seeds"]:
+        for seed, models in trained_models(c, s, tmp, workers):
             record = {"seed": seed, "models": {}}
-            for name, responder in MODELS.items():
-                t0 = time.perf_counter()
-                recipe = Recipe(crop_size=c["crop_size"], input_shape=c["input_shape"], epochs=s["epochs"], seed=seed,
-                                learning_rate=c["learning_rate"], patience=None, layers=["_blocks.1.2"],
-                                augmentation=None,
-                                split=Split(test_rows=c["test_rows"], max_train_cells=s["max_train_cells"]))
-                bundle = train(plate.image, population_labels(plate.labels, train_truth, responder), recipe,
-                               out=Path(tmp) / f"{name}-{seed}", platemap=plate.platemap, progress=False)
-                train_s = time.perf_counter() - t0
-                prov = json.loads((bundle / "config.json").read_text())["provenance"]
+            for name, trained in models.items():
                 t1 = time.perf_counter()
-                a = audits[(seed, name)] = audit(bundle, table, x01, masks)
+                a = audits[(seed, name)] = audit(Path(trained["bundle"]), table, raw, masks, raw=True)
                 own = pops[name]
                 v = record["models"][name] = {
-                    "train_cells": prov["cells"]["train"], "epochs": prov["epochs_run"],
-                    "train_seconds": round(train_s, 1), "audit_seconds": round(time.perf_counter() - t1, 1),
+                    "train_cells": trained["train_cells"], "epochs": trained["epochs"],
+                    "train_seconds": trained["train_seconds"], "audit_seconds": round(time.perf_counter() - t1, 1),
                     "test": accuracy(a["predicted"], a["y"], own),
                     "cell_only": accuracy(a["cell_only"], a["y"], own),
                     "surround_only": accuracy(a["surround_only"], a["y"], own),
@@ -246,7 +305,7 @@ def run(mode: str, on_seed) -> dict:
                 }
                 print(f"[bench_attention] seed {seed} {name}: test accuracy {v['test']['accuracy']:.3f}, cell only "
                       f"{v['cell_only']['accuracy']:.3f}, surround only {v['surround_only']['accuracy']:.3f}; "
-                      f"train {train_s:.0f} s", flush=True)
+                      f"train {trained['train_seconds']:.0f} s", flush=True)
             per_seed.append(record)
             report = aggregate(mode, per_seed, audits, table, pops, uniform)
             on_seed(report)
@@ -284,7 +343,9 @@ def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, unifor
             q["responder_share_all"] = float(table["responder"].mean())
             q["responder_share_kept"] = float(table.loc[kept, "responder"].mean()) if kept.any() else float("nan")
             quality.append({"seed": sd, "model": name, **q})
-    return {"mode": mode, "seeds_done": seeds,
+    blanking = {m: {k: float(np.mean([r["models"][m][k]["accuracy"] for r in per_seed]))
+                    for k in ("test", "cell_only", "surround_only")} for m in MODELS}
+    return {"mode": mode, "seeds_done": seeds, "blanking_mean": blanking,
             "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
                          **{k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}},
             "test_cells": {"n": int(len(table)), "responders": int(pops["in_cell"].sum()),
@@ -298,8 +359,8 @@ def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, unifor
 def by_target(audits: dict, seeds: list, table, pops: dict, layers: dict) -> dict:
     """Grad-CAMO of each explained class (predicted, true label), pooled and per true class, at every
     layer that can localise; Cohen's d between the models on the same groups."""
-    treated = (table["treatment"] != "control").to_numpy()
-    groups = {"all": np.ones_like(treated), "control": ~treated, "treated": treated}
+    classes = sorted(set(table["treatment"]))
+    groups = {"all": np.ones(len(table), bool), **{t: (table["treatment"] == t).to_numpy() for t in classes}}
     out = {}
     for target in TARGETS:
         out[target] = {}
@@ -310,6 +371,49 @@ def by_target(audits: dict, seeds: list, table, pops: dict, layers: dict) -> dic
             row.update({f"cohens_d_{g}": cohens_d(pooled["in_cell"][g], pooled["off_cell"][g]) for g in groups})
             out[target][k] = row
     return out
+
+
+def headline(report: dict) -> dict:
+    """The target figures of one report at its best layer and at every layer that localises: Cohen's d, d of
+    score / uniform (size-free), the in-cell mean over its uniform reference; blanking accuracies (seed means)."""
+    ref = report["uniform_map_reference"]
+    layers = {k: {"cohens_d": v["cohens_d"], "cohens_d_over_uniform": v.get("cohens_d_over_uniform"),
+                  "in_cell_over_uniform": v["in_cell"]["mean"] / ref["in_cell"]["mean"],
+                  "off_cell_over_uniform": v["off_cell"]["mean"] / ref["off_cell"]["mean"]}
+              for k, v in report["layers"].items() if v["localises"]}
+    blanking = report.get("blanking_mean") or {
+        m: {k: float(np.mean([r["models"][m][k]["accuracy"] for r in report["per_seed"]]))
+            for k in ("test", "cell_only", "surround_only")} for m in MODELS}
+    return {"best_layer": report["best_layer"], "layers": layers, "blanking": blanking,
+            "scaling": report["settings"].get("intensity_scaling", "crop"),
+            "responder_growth": report["settings"].get("responder_growth", True),
+            "date": report.get("date"), "total_seconds": report.get("total_seconds")}
+
+
+def _comparison(report: dict) -> list[str]:
+    """Markdown: this run's target figures beside the per-crop reference run's (CROP_REFERENCE)."""
+    runs = {"this run": headline(report)}
+    if report.get("crop_reference"):
+        runs["reference: per-crop min-max"] = report["crop_reference"]
+    lines = ["## Targets, beside the per-crop reference", "",
+             "Targets at the best layer that localises: d >= 1.0, size-free d (score / uniform) >= 1.0 too (a d "
+             "that only size gives does not count), in-cell mean >= 3x uniform, wall time <= 1500 s. Chance accuracy "
+             "0.5. The reference is the last committed full run with the paper's per-crop scaling "
+             f"(`{CROP_REFERENCE.relative_to(REPO)}`, quoted, not rerun).", "",
+             "| run | scaling | responders grow | layer | d | size-free d | in-cell / uniform | off-cell / uniform |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, h in runs.items():
+        for k, v in h["layers"].items():
+            star = " (best)" if k == h["best_layer"] else ""
+            lines.append(f"| {name} | {h['scaling']} | {'yes' if h['responder_growth'] else 'no'} | {k}{star} | "
+                         f"{v['cohens_d']:.2f} | {v['cohens_d_over_uniform']:.2f} | {v['in_cell_over_uniform']:.2f} | "
+                         f"{v['off_cell_over_uniform']:.2f} |")
+    lines += ["", "Blanking (held-out accuracy of each model on its own population, mean over seeds; chance 0.5):", "",
+              "| run | model | test | cell only | surround only |", "| --- | --- | --- | --- | --- |"]
+    for name, h in runs.items():
+        for m, b in h["blanking"].items():
+            lines.append(f"| {name} | {m} | {b['test']:.3f} | {b['cell_only']:.3f} | {b['surround_only']:.3f} |")
+    return lines + [""]
 
 
 def _fmt(v: dict) -> str:
@@ -333,13 +437,15 @@ def markdown(report: dict) -> str:
         f"{st['plate_seed']}; test wells row {st['test_rows']}",
         f"- training: crop {st['crop_size']}, model grid {st['input_shape']}, {st['epochs']} epochs, at most "
         f"{st['max_train_cells']} training cells, batch 8, Adam {st['learning_rate']:g}, no augmentation; seeds "
-        f"{st['seeds']}; torch on 1 thread",
+        f"{st['seeds']}; torch on 1 thread; intensity scaling {st.get('intensity_scaling', 'crop')}; responders "
+        f"{'grow' if st.get('responder_growth', True) else 'keep the bystanders size'}",
+        f"- command: `{report.get('command', '?')}`",
         f"- held-out cells: {report['test_cells']['responders']} responders (in-cell model), "
         f"{report['test_cells']['bystanders']} bystanders (off-cell model; "
         f"{report['test_cells']['bystanders_touching_a_responder']:.0%} touch a responder)",
         f"- uniform-map reference (cell's share of its crop): responders {ref['in_cell']['mean']:.3f} ± "
         f"{ref['in_cell']['sd']:.3f}, bystanders {ref['off_cell']['mean']:.3f} ± {ref['off_cell']['sd']:.3f}",
-        "", "## Grad-CAMO of held-out cells, every layer (seeds pooled)", "",
+        "", *_comparison(report), "## Grad-CAMO of held-out cells, every layer (seeds pooled)", "",
         "mean ± sd (share >= 0.25). Best layer: the in-cell model's top-ranked layer that can localise "
         f"(>= 3 x 3 in y and x): **{best}**. Explained class: {st.get('target', 'predicted')}.", "",
         "| layer | grid | localises | in-cell model | off-cell model | Cohen's d | d of score / uniform | "
@@ -357,16 +463,18 @@ def markdown(report: dict) -> str:
         lines.append(f"- {name}: " + ", ".join(f"{r['rank']}. {r['layer']} {r['mean']:.3f}" for r in ranks))
     lines += ["", "## Grad-CAMO by explained class and by true class (seeds pooled, layers that localise)", "",
               "Explained class: `predicted` (the paper's) or `true` (the true label). Cells: all held-out cells of "
-              "the model's population, or those of control / treated wells. Reference: the uniform map above.", "",
-              "| layer | explained | in-cell all | in-cell control | in-cell treated | off-cell all | off-cell control | "
-              "off-cell treated | d all | d control | d treated |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- "
-              "| --- | --- |"]
-    for target, per_layer in report.get("by_target", {}).items():
+              "the model's population, or those of one treatment's wells. Reference: the uniform map above.", ""]
+    per_target = report.get("by_target", {})
+    first = next(iter(next(iter(per_target.values()), {}).values()), None)
+    groups = list(first["in_cell"]) if first else ["all"]
+    lines += ["| layer | explained | " + " | ".join(f"{m.replace('_', '-')} {g}" for m in MODELS for g in groups)
+              + " | " + " | ".join(f"d {g}" for g in groups) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in range(3 * len(groups))) + " |"]
+    for target, per_layer in per_target.items():
         for k, r in per_layer.items():
-            cells = " | ".join(f"{r[m][g]['mean']:.3f} ± {r[m][g]['sd']:.3f}" for m in MODELS
-                               for g in ("all", "control", "treated"))
-            lines.append(f"| {k} | {target} | {cells} | {r['cohens_d_all']:.2f} | {r['cohens_d_control']:.2f} | "
-                         f"{r['cohens_d_treated']:.2f} |")
+            cells = " | ".join(f"{r[m][g]['mean']:.3f} ± {r[m][g]['sd']:.3f}" for m in MODELS for g in groups)
+            lines.append(f"| {k} | {target} | {cells} | " + " | ".join(f"{r[f'cohens_d_{g}']:.2f}" for g in groups)
+                         + " |")
     lines += ["", "## Accuracy: what each model uses (held-out cells of its own population)", "",
               "| seed | model | train cells x epochs | train s | test accuracy (balanced) | cell only | surround only | "
               f"Grad-CAMO at {best} |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -384,6 +492,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {q['seed']} | {q['model']} | {q['all']:.3f} | {q['filtered']:.3f} | {q['random_mean']:.3f} ± "
                      f"{q['random_sd']:.3f} | {q['n_kept']} / {q['n_all']} | {q['responder_share_all']:.2f} / "
                      f"{q['responder_share_kept']:.2f} |")
+    if "transformer" in report:  # issue #17's ViT row: benchmarks/attention_vit.py
+        import attention_vit
+        lines += attention_vit.markdown_lines(report["transformer"])
     return "\n".join(lines) + "\n"
 
 
@@ -397,9 +508,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-train-cells", type=int, default=None, help="override the mode's training cell cap")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the mode's seeds")
     parser.add_argument("--granules", type=float, default=None, help="synthetic_plate granules knob (default 1)")
+    parser.add_argument("--compounds", type=int, default=None, help="synthetic_plate compounds knob")
+    parser.add_argument("--doses", type=float, nargs="+", default=None, help="doses, µM (0 = control)")
     parser.add_argument("--input-shape", type=int, nargs=3, default=None, help="model grid z y x")
     parser.add_argument("--crop", type=int, nargs=2, default=None, help="crop y x, voxels")
+    parser.add_argument("--crop-z", type=int, default=None, help="crop z, voxels, centred on the cell; 0: every slice (default 6)")
+    parser.add_argument("--site-z", type=int, default=None, help="slices per site (default 12)")
+    parser.add_argument("--scaling", choices=("crop", "plate"), default=None, help="intensity scaling (default plate)")
+    parser.add_argument("--responder-growth", action=argparse.BooleanOptionalAction, default=None,
+                        help="responders grow with their response (default: no, same size as bystanders)")
     parser.add_argument("--target", choices=TARGETS, default=None, help="explained class of the main tables")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="models trained at once, one process and core each (default: 1 in quick mode, else "
+                             "the machine's cores, at most 2)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
@@ -408,9 +529,14 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is not None:
             SETTINGS[mode][key] = tuple(args.seeds) if key == "seeds" else getattr(args, key)
     for key, value in (("granules", args.granules), ("input_shape", args.input_shape), ("target", args.target),
-                       ("crop_size", None if args.crop is None else (None, *args.crop))):
+                       ("compounds", args.compounds), ("doses_um", args.doses),
+                       ("crop_size", None if args.crop is None else (None, *args.crop)),
+                       ("intensity_scaling", args.scaling), ("responder_growth", args.responder_growth),
+                       ("site_shape", None if args.site_z is None else (args.site_z, *COMMON["site_shape"][1:]))):
         if value is not None:
             COMMON[key] = tuple(value) if isinstance(value, list) else value
+    if args.crop_z is not None:
+        COMMON["crop_size"] = (args.crop_z or None, *COMMON["crop_size"][1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import os
@@ -432,7 +558,14 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / f"{stem}.md").write_text(markdown(report))
 
-    run(mode, write)
+    if CROP_REFERENCE.exists():
+        report["crop_reference"] = headline(json.loads(CROP_REFERENCE.read_text()))
+    workers = args.workers or (1 if args.quick else min(2, os.cpu_count() or 1))
+    report["workers"] = workers
+    run(mode, write, workers)
+    if args.quick:  # issue #17's transformer row (benchmarks/attention_vit.py): same plate, recipe and cells
+        import attention_vit
+        write({"transformer": attention_vit.vit_row(sys.modules[__name__], mode)})
     print(markdown(report))
     return 0
 

@@ -144,6 +144,21 @@ def per_cell_crops(image, labels, cells, size):
     return crops, masks
 
 
+def normalize_crops_before(crops, normalization):
+    """Normalisation as before the in-place micro-batch version (gradcamo-dask 3343d85): one temporary per step.
+
+    Kept as the reference that ``normalize_crops`` must equal (tests/test_normalize.py) and as the "before"
+    of ``--host``.
+    """
+    x = crops.astype(np.float32)
+    lo = x.min(axis=(2, 3, 4), keepdims=True)
+    span = x.max(axis=(2, 3, 4), keepdims=True) - lo
+    span = span + (span == 0)
+    m = np.asarray(normalization["mean"], dtype=np.float32).reshape(1, -1, 1, 1, 1)
+    s = np.asarray(normalization["std"], dtype=np.float32).reshape(1, -1, 1, 1, 1)
+    return ((x - lo) / span - m) / s
+
+
 def host_cost(site_shape: tuple[int, int, int], sizes: list, batch: int = 32, repeats: int = 5) -> dict:
     """Host ms per cell of cutting crops (per-cell slicing vs batched gather) and normalising them, one thread.
 
@@ -176,15 +191,20 @@ def host_cost(site_shape: tuple[int, int, int], sizes: list, batch: int = 32, re
                 runs.append(time.perf_counter() - start)
             timing[name] = 1000 * float(np.median(runs)) / len(cells)
         crops = crop_site(image, labels, parts[0], size)[0]
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            normalize_crops(crops, norm)
-            runs.append(time.perf_counter() - start)
-        timing["normalize"] = 1000 * float(np.median(runs)) / len(parts[0])
+        for name, scale in (("normalize_before", lambda c: normalize_crops_before(c, norm)),
+                            ("normalize", lambda c: normalize_crops(c, norm)),
+                            ("normalize_in_place", lambda c: normalize_crops(c, norm, overwrite=True))):
+            runs = []
+            for _ in range(repeats):
+                fresh = crops.copy()  # a fresh micro-batch each run, as the feeder cuts one
+                start = time.perf_counter()
+                scale(fresh)
+                runs.append(time.perf_counter() - start)
+            timing[name] = 1000 * float(np.median(runs)) / len(parts[0])
         rows.append({"crop": ["all z" if n is None else n for n in size], "cells": int(len(cells)),
                      "padded_cells": int(cells["crop_padded"].sum()), **{f"{k}_ms_per_cell": v for k, v in timing.items()},
-                     "speedup": timing["per_cell_slicing"] / timing["batched_gather"]})
+                     "speedup": timing["per_cell_slicing"] / timing["batched_gather"],
+                     "normalize_speedup": timing["normalize_before"] / timing["normalize_in_place"]})
         print(rows[-1], flush=True)
     import gradcamo_dask
 
@@ -199,12 +219,17 @@ def _host_markdown(result: dict) -> str:
              f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch threads 1, GPU {m['gpu']}",
              f"- one in-memory synthetic site of {h['site_shape_zyx']} voxels x {h['channels']} channels uint16; "
              f"cells cut {h['batch']} at a time (as the feeder does), border cells kept (padded windows included); "
-             "median of 5 runs. All figures measured.", "",
+             "median of 5 runs. Normalise: one micro-batch of 32 crops, float32; before = one temporary per step "
+             "(3343d85), copy = the vectorised version leaving the crops as they are, in place = what the feeder "
+             "runs on the batch it just cut. All figures measured.", "",
              "| crop (z, y, x) | cells (padded) | per-cell slicing ms/cell | batched gather ms/cell | speed-up | "
-             "normalise ms/cell |", "|---|---|---|---|---|---|"]
+             "normalise before ms/cell | normalise (copy) ms/cell | normalise in place ms/cell | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in h["rows"]:
         lines.append(f"| {r['crop']} | {r['cells']} ({r['padded_cells']}) | {r['per_cell_slicing_ms_per_cell']:.3f} | "
-                     f"{r['batched_gather_ms_per_cell']:.3f} | {r['speedup']:.2f}x | {r['normalize_ms_per_cell']:.3f} |")
+                     f"{r['batched_gather_ms_per_cell']:.3f} | {r['speedup']:.2f}x | {r['normalize_before_ms_per_cell']:.3f} | "
+                     f"{r['normalize_ms_per_cell']:.3f} | {r['normalize_in_place_ms_per_cell']:.3f} | "
+                     f"{r['normalize_speedup']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -59,8 +59,24 @@ def _rss() -> int:
 
 
 def _max_rss() -> int:
-    """This process's resident-memory high-water mark, bytes (Linux reports KiB)."""
+    """This process's resident-memory high-water mark, bytes, since :func:`_reset_peak` (``VmHWM``; without
+    /proc, ``ru_maxrss``: since the process started)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:  # pragma: no cover - not Linux
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _reset_peak() -> bool:
+    """Start a new high-water mark (Linux: ``5`` into ``/proc/self/clear_refs``); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:  # pragma: no cover - not Linux, or not allowed
+        return False
 
 
 class _Clock:
@@ -161,8 +177,11 @@ def plan_plate(vp, bundle: Path, crop, tmp: Path, scheduler: bool) -> dict:
     clock = _Clock()
     with clock("open"):
         image, labels = vp.image(), vp.labels()
+    _reset_peak()
     with clock("cell_table_geometry"):
         cells = vp.cell_table(size=crop)
+    table_peak = _max_rss()
+    planning_peak_own = _reset_peak()  # the peak of planning alone, given the table (the table's own is kept)
     with clock("score_graph"):
         ds = score_plate(image, labels, str(bundle), cells=cells, check_classes=False)
     score_tasks = _graph_size([ds[v].data for v in ds.data_vars])
@@ -177,7 +196,9 @@ def plan_plate(vp, bundle: Path, crop, tmp: Path, scheduler: bool) -> dict:
            "image_tasks": _graph_size([image.data]), "score_tasks": score_tasks, "write_tasks": write_tasks,
            "write_tasks_per_site": round(write_tasks / sites, 2),
            "client_rss_mib": round(_rss() / MiB, 1), "client_rss_growth_mib": round((_rss() - rss0) / MiB, 1),
-           "client_peak_rss_mib": round(_max_rss() / MiB, 1),
+           "client_peak_rss_mib": round(max(_max_rss(), table_peak) / MiB, 1),
+           "client_peak_table_mib": round(table_peak / MiB, 1),
+           **({"client_peak_planning_mib": round(_max_rss() / MiB, 1)} if planning_peak_own else {}),
            "cell_table_mib": round(cells.memory_usage(deep=True).sum() / MiB, 1)}
     if scheduler:
         row.update(scheduler_load(recorder.tasks, tmp))
@@ -295,13 +316,15 @@ def markdown(result: dict) -> str:
     if result.get("planning"):
         lines += ["## Planning a virtual plate (given the cell table)", "",
                   "| wells x sites | cells | open s | table (geometry) s | score graph s | write graph s | planning s (CPU s) "
-                  "| tasks (write graph) | tasks/site | client RSS MiB | client peak MiB | submit s | scheduler RSS MiB |",
+                  "| tasks (write graph) | tasks/site | client RSS MiB | client peak MiB (table build / planning) | submit s "
+                  "| scheduler RSS MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["planning"]:
             lines.append(f"| {r['wells']} x {r['sites'] // r['wells']} | {r['cells']} | {r['open_s']} | "
                          f"{r['cell_table_geometry_s']} | {r['score_graph_s']} | {r['write_graph_s']} | "
                          f"{r['planning_s']} ({r['planning_cpu_s']}) | {r['write_tasks']} | {r['write_tasks_per_site']} | "
-                         f"{r['client_rss_mib']} | {r['client_peak_rss_mib']} | {r.get('submit_s', '-')} | "
+                         f"{r['client_rss_mib']} | {r['client_peak_rss_mib']} ({r.get('client_peak_table_mib', '-')} / "
+                         f"{r.get('client_peak_planning_mib', '-')}) | {r.get('submit_s', '-')} | "
                          f"{r.get('scheduler_rss_mib', '-')} |")
         lines.append("")
     if result.get("cell_table_cost"):

@@ -75,7 +75,7 @@ run_part() {  # run_part NAME MAX_SECONDS COMMAND...
 
 run_tests() {
     local files=(tests/engine tests/test_cells.py tests/jobs/test_pipeline.py tests/jobs/test_cluster.py
-                 tests/jobs/test_train.py)
+                 tests/jobs/test_prefetch.py tests/jobs/test_train.py)
     if timeout 60 "$PYTHON" -c "import cellpose.models" >/dev/null 2>&1; then
         files+=(tests/segment/test_segment.py)
     else

@@ -35,7 +35,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.arrays import array_module, to_numpy
-from gradcamo_dask.crop_geometry import CropSize, crop_shape, crop_windows, gather_windows
+from gradcamo_dask.crop_geometry import CropSize, crop_shape, crop_windows, gather_windows, zyx_size
 from gradcamo_dask.errors import InputError, LabelsError, PlateLayoutError
 from gradcamo_dask.normalize import fit_normalization, normalize_crops, rescale_crops  # noqa: F401  (contract home)
 
@@ -310,9 +310,10 @@ def crop_site(
     Returns
     -------
     crops : array (cell, c, z, y, x) float32
-        Raw intensities, zero where the window runs past the image.
+        Raw intensities, zero where the window runs past the image. A 2D site (one z
+        slice) gives 2D crops ``(cell, c, y, x)``.
     masks : array (cell, z, y, x) bool
-        The central cell only (neighbours excluded).
+        The central cell only (neighbours excluded); ``(cell, y, x)`` for a 2D site.
     """
     where = _where(plate, well, site)
     xp = array_module(image_site)
@@ -337,7 +338,14 @@ def crop_site(
         lost = ids[~found][:10].tolist()
         raise LabelsError(f"{where}: cells {lost} are not in the labels inside their crop window; the cell table "
                           f"does not belong to these labels (recompute it with cell_table)")
+    if shape[0] == 1:  # a 2D plate: crops (cell, c, y, x), as 2D models and the 2D Grad-CAMO route take them
+        return crops[:, :, 0], masks[:, 0]
     return crops, masks
+
+
+def plate_spatial_dims(image: xr.DataArray) -> int:
+    """2 for a plate (or labels) whose ``z`` has length 1, else 3: what its crops are (cell, c, [z,] y, x)."""
+    return 2 if int(image.sizes.get("z", 1)) == 1 else 3
 
 
 def _crop_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, size: tuple, plate: str,
@@ -352,12 +360,13 @@ def site_runs(cells: pd.DataFrame) -> list[tuple[str, int, int, int]]:
     """
     if not len(cells):
         return []
-    wells = cells["well"].astype(str).to_numpy()
+    # well codes, not a str per row: the few runs' names alone would keep the rows' strs' memory (client RSS)
+    wells, names = pd.factorize(cells["well"].astype(str), use_na_sentinel=False)
     sites = cells["site"].astype(np.int64).to_numpy()
     change = np.flatnonzero((wells[1:] != wells[:-1]) | (sites[1:] != sites[:-1])) + 1
     starts = np.concatenate([[0], change])
     stops = np.concatenate([change, [len(cells)]])
-    runs = [(str(wells[a]), int(sites[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+    runs = [(str(names[wells[a]]), int(sites[a]), int(a), int(b)) for a, b in zip(starts, stops)]
     if len({(w, s) for w, s, _, _ in runs}) < len(runs):
         seen: set = set()
         for w, s, _, _ in runs:
@@ -433,7 +442,8 @@ def extract_crops(
     Returns
     -------
     crops : dask.array (cell, c, z, y, x) float32, chunked per site along ``cell``
-    masks : dask.array (cell, z, y, x) bool, chunked the same way
+        (``(cell, c, y, x)`` on a 2D plate, whose ``z`` has length 1)
+    masks : dask.array (cell, z, y, x) bool, chunked the same way (``(cell, y, x)`` in 2D)
     """
     from gradcamo_dask.io.layout import check_labels
 
@@ -443,7 +453,7 @@ def extract_crops(
     built = cells.attrs.get("crop_size")
     if size is None:
         size = built if built is not None else DEFAULT_SIZE
-    elif built is not None and tuple(size) != tuple(built):
+    elif built is not None and zyx_size(size) != zyx_size(built):
         raise InputError(f"crop size {tuple(size)} differs from the {tuple(built)} the cell table was built with "
                          "(its border checks used that size); pass the same size or rebuild the table")
     plate = str(image.attrs.get("plate", "plate"))
@@ -457,20 +467,22 @@ def extract_crops(
     if missing:
         raise InputError(f"the cell table lacks columns {missing}; make it with cell_table()")
     meta_mod = array_module(image.data._meta if isinstance(image.data, da.Array) else image.data)
+    grid = (dz, dy, dx) if zyx[0] != 1 else (dy, dx)  # a 2D plate's crops have no z axis (crop_site)
     if not len(cells):
-        return (da.zeros((0, n_c, dz, dy, dx), dtype=np.float32, chunks=-1),
-                da.zeros((0, dz, dy, dx), dtype=bool, chunks=-1))
+        return (da.zeros((0, n_c, *grid), dtype=np.float32, chunks=-1),
+                da.zeros((0, *grid), dtype=bool, chunks=-1))
     token = tokenize(image.data.name if isinstance(image.data, da.Array) else image.data,
                      labels.data.name if isinstance(labels.data, da.Array) else labels.data,
                      cells[["well", "site", "object_number", "center_z", "center_y", "center_x"]].to_numpy().tolist(),
                      tuple(size))
     pair, crops_name, masks_name = f"crop-site-{token}", f"crops-{token}", f"masks-{token}"
     base, counts = site_graph(image, labels, cells, _crop_block, pair, lambda w, s: (tuple(size), plate, w, s))
-    crops_dsk = {(crops_name, k, 0, 0, 0, 0): (operator.getitem, (pair, k), 0) for k in range(len(counts))}
-    masks_dsk = {(masks_name, k, 0, 0, 0): (operator.getitem, (pair, k), 1) for k in range(len(counts))}
+    zeros = (0,) * len(grid)
+    crops_dsk = {(crops_name, k, 0, *zeros): (operator.getitem, (pair, k), 0) for k in range(len(counts))}
+    masks_dsk = {(masks_name, k, *zeros): (operator.getitem, (pair, k), 1) for k in range(len(counts))}
     outputs = []
-    for name, dsk, tail, dtype in ((crops_name, crops_dsk, (n_c, dz, dy, dx), np.float32),
-                                   (masks_name, masks_dsk, (dz, dy, dx), bool)):
+    for name, dsk, tail, dtype in ((crops_name, crops_dsk, (n_c, *grid), np.float32),
+                                   (masks_name, masks_dsk, grid, bool)):
         graph = HighLevelGraph({**base.layers, name: dsk}, {**base.dependencies, name: {pair}})
         meta = meta_mod.empty((0,) * (1 + len(tail)), dtype=dtype)
         outputs.append(da.Array(graph, name, chunks=(tuple(counts), *((n,) for n in tail)), dtype=dtype, meta=meta))

@@ -13,9 +13,15 @@ import numpy as np
 
 from gradcamo_dask.errors import InputError, PlateLayoutError
 
-__all__ = ["CropSize", "crop_shape", "crop_windows", "gather_windows"]
+__all__ = ["CropSize", "crop_shape", "crop_windows", "gather_windows", "zyx_size"]
 
 CropSize = Sequence[int | None]
+
+
+def zyx_size(size: CropSize) -> tuple[int | None, ...]:
+    """A crop size as ``(z, y, x)``: a 2D size ``(y, x)`` means all z slices, ``(None, y, x)`` (one on a 2D plate)."""
+    size = tuple(size)
+    return (None, *size) if len(size) == 2 else size
 
 
 def crop_shape(size: CropSize, site_zyx: Sequence[int], where: str = "site") -> tuple[int, int, int]:
@@ -26,8 +32,9 @@ def crop_shape(size: CropSize, site_zyx: Sequence[int], where: str = "site") -> 
     PlateLayoutError
         If a crop depth larger than the site's number of z-slices is requested.
     """
-    if len(size) != 3:
-        raise InputError(f"crop size must be (z, y, x) with None for 'whole axis', got {size}")
+    if len(size) not in (2, 3):
+        raise InputError(f"crop size must be (z, y, x) with None for 'whole axis', or (y, x), got {size}")
+    size = zyx_size(size)
     out = tuple(int(n) if n is not None else int(full) for n, full in zip(size, site_zyx))
     if any(n < 1 for n in out):
         raise InputError(f"crop size must be positive, got {size}")
@@ -41,6 +48,7 @@ def crop_shape(size: CropSize, site_zyx: Sequence[int], where: str = "site") -> 
 
 def crop_windows(centers: np.ndarray, size: CropSize, site_zyx: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Half-open crop windows ``(start, stop)``, each ``(n, 3)`` int, voxels, around ``centers``."""
+    size = zyx_size(size)
     shape = np.asarray(crop_shape(size, site_zyx))
     centers = np.asarray(centers, dtype=float).reshape(-1, 3)
     start = np.floor(centers - shape / 2 + 0.5).astype(np.int64)

@@ -11,7 +11,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from tests.helpers.paths import REAL_DATA, REPO  # noqa: F401  (re-exported for fixtures)
-from tests.helpers.tiny_plate import tiny_plate  # noqa: F401  (session fixture: tiny plate, bundle, profiles)
+from tests.helpers.tiny_plate import scored_tiny, tiny_plate  # noqa: F401  (session: tiny plates, bundles, profiles)
+from tests.helpers.demo_run import one_worker_scheduler, tiny_demo  # noqa: F401  (session: cluster, demo run)
 
 
 def _cuda_available() -> bool:

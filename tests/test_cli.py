@@ -47,13 +47,9 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scheduler():
-    """One single-worker cluster that the CLI calls join with --scheduler (starting one per call costs ~20 s)."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
-        yield cluster.scheduler_address
+def scheduler(one_worker_scheduler):
+    """The session's single-worker cluster that the CLI calls join with --scheduler (one costs ~20 s to start)."""
+    return one_worker_scheduler
 
 
 def test_score_then_info_then_refuse_another_bundle(tiny, scheduler, capsys):
@@ -70,6 +66,9 @@ def test_score_then_info_then_refuse_another_bundle(tiny, scheduler, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "profiles" and info["cells"] == ds.sizes["cell"] and info["complete"] is True
     assert len(info["sites_done"]) == 8 and info["sites_pending"] == []
+    assert cli.main(["info", str(out)]) == 0  # the text form, as README's "Scoring a plate" shows it
+    text = capsys.readouterr().out
+    assert "kind: profiles" in text and f"cells: {ds.sizes['cell']}" in text and "complete: True" in text
     assert cli.main(["info", str(tiny["plate"])]) == 0
     text = capsys.readouterr().out
     assert "kind: plate" in text and "channels: ['DNA', 'ER', 'RNA', 'AGP', 'Actin', 'Mito']" in text
@@ -108,12 +107,11 @@ def test_score_refuses_bad_input_with_exit_1(tiny, scheduler, capsys):
     assert not (tiny["root"] / "never.zarr").exists()  # bad input never leaves a store behind
 
 
-def test_demo_code_path_trains_two_models_and_compares_them(tmp_path, scheduler):
-    from gradcamo_dask.jobs.demo import DEMO, MODELS, format_comparison, format_summary, run_demo
+def test_demo_code_path_trains_two_models_and_compares_them(tiny_demo):
+    from gradcamo_dask.jobs.demo import DEMO, MODELS, format_comparison, format_summary
 
-    tiny_settings = dict(doses_um=(0.0, 10.0), sites_per_well=2, site_shape=(8, 96, 96), cell_radius=10.0,
-                         crop_shape=(None, 40, 40), input_shape=(8, 32, 32), epochs=1, max_train_cells=16)
-    result = run_demo(tmp_path / "demo", settings=tiny_settings, scheduler=scheduler, progress=False, log=lambda *_: None)
+    # run_demo(TINY_DEMO settings, the session's one-worker scheduler), made once for this test and test_demo
+    result, demo = tiny_demo["result"], tiny_demo["out"]
     table = result["comparison"]
     assert set(table["model"]) == set(MODELS) == {"own_cell", "neighbours"}
     assert set(table["layer"]) == set(DEMO["layers"]) == {"_swish", "_blocks.2.4"}  # >= 3 x 3 in y and x
@@ -121,18 +119,19 @@ def test_demo_code_path_trains_two_models_and_compares_them(tmp_path, scheduler)
     assert ((table["uniform_reference"] > 0) & (table["uniform_reference"] < 0.5)).all()
     np.testing.assert_allclose(table["times_uniform"], table["gradcamo_mean"] / table["uniform_reference"])
     # each model scored its own population of the held-out wells: responders vs bystanders of the truth table
-    truth = pd.read_csv(tmp_path / "demo" / "plate.zarr" / "cell_truth.csv")
+    truth = pd.read_csv(demo / "plate.zarr" / "cell_truth.csv")
     for name, responder in MODELS.items():
-        profiles = open_profiles(tmp_path / "demo" / f"profiles_{name}.zarr")
+        profiles = open_profiles(demo / f"profiles_{name}.zarr")
         cells = pd.DataFrame({"well": [str(w) for w in profiles["well"].values], "site": profiles["site"].values,
                               "object_number": profiles["object_number"].values})
         roles = cells.merge(truth, on=["well", "site", "object_number"], how="left")["responder"]
         assert roles.notna().all() and (roles == responder).all()
-        assert (tmp_path / "demo" / f"report_{name}" / "index.html").is_file()
+        assert (demo / f"report_{name}" / "index.html").is_file()
     text = format_comparison(table)
     assert "own_cell" in text and "neighbours" in text and "uniform map" in text
-    assert "compound_10uM" in format_summary(result["summary"])
-    assert (tmp_path / "demo" / "comparison.csv").is_file() and (tmp_path / "demo" / "summary.csv").is_file()
+    assert {"compoundA_10uM", "compoundB_10uM"} <= set(result["summary"]["treatment"])
+    assert "compoundA_10uM" in format_summary(result["summary"])
+    assert (demo / "comparison.csv").is_file() and (demo / "summary.csv").is_file()
 
 
 def test_tls_options_with_a_tcp_scheduler_give_a_named_error(tiny, tmp_path, capsys):
@@ -156,7 +155,8 @@ def test_help_shows_defaults_and_workflow_order():
 
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == ["synth", "segment", "train", "score", "compare", "report", "info", "demo", "bench-report"]
+    assert list(sub.choices) == ["synth", "segment", "train", "score", "export", "compare", "report", "info", "demo",
+                                 "bench-report"]
     for name, command in sub.choices.items():
         command.format_help()  # renders without error
         for action in command._actions:

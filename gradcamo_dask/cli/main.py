@@ -14,6 +14,7 @@ from gradcamo_dask import __version__
 from gradcamo_dask.cli.bench_report import add_command as add_bench_report
 from gradcamo_dask.cli.compare import add_command as add_compare
 from gradcamo_dask.cli.demo import add_command as add_demo
+from gradcamo_dask.cli.export import add_command as add_export
 from gradcamo_dask.cli.info import add_command as add_info
 from gradcamo_dask.cli.report import add_command as add_report
 from gradcamo_dask.cli.score import add_command as add_score
@@ -22,7 +23,7 @@ from gradcamo_dask.cli.synth import add_command as add_synth
 from gradcamo_dask.cli.train import add_command as add_train
 
 # workflow order, as `gradcamo-dask --help` lists them
-COMMANDS = (add_synth, add_segment, add_train, add_score, add_compare, add_report, add_info, add_demo,
+COMMANDS = (add_synth, add_segment, add_train, add_score, add_export, add_compare, add_report, add_info, add_demo,
             add_bench_report)
 
 

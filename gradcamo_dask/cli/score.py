@@ -56,7 +56,11 @@ def _run_score(args: argparse.Namespace) -> int:
 
     client = None
     try:
+        import functools
+
+        from gradcamo_dask.cli.options import first_worker_wait
         from gradcamo_dask.io.storage import check_writable, normalize_output_url
+        from gradcamo_dask.jobs.joining import wait_for_workers
         from gradcamo_dask.jobs.worker_plugins import guard_output_on_join
         from gradcamo_dask.profiles.store import check_output_store
 
@@ -70,7 +74,10 @@ def _run_score(args: argparse.Namespace) -> int:
         image = open_plate(args.plate, platemap=args.platemap)
         labels = open_labels(args.labels, name=args.label_name, like=image)
         client = connect(args)
-        check_writable(out, client)  # every worker can write OUT, before any site work starts
+        # every worker can write OUT, before any site work starts (a worker whose lifetime ended since
+        # connect() is waited for again, as connect() waits)
+        check_writable(out, client, wait_for_first_worker=functools.partial(
+            wait_for_workers, timeout=first_worker_wait(args), quiet=args.quiet))
         guard_output_on_join(client, out)  # and every worker that joins later (SLURM jobs replacing ended ones)
         # absolute paths (URLs unchanged) in the provenance: the report reads the plate back from any folder
         ds = score_plate(image, labels, normalize_output_url(args.model), layers=args.layers, client=client,

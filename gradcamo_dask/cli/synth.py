@@ -12,7 +12,7 @@ from gradcamo_dask.cli.options import check_out
 def add_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "synth",
-        help="write a synthetic 3D Cell Painting plate (OME-Zarr 0.5 HCS) with ground-truth labels",
+        help="write a synthetic 3D (or, with --2d, 2D) Cell Painting plate (OME-Zarr 0.5 HCS) with ground-truth labels",
         description="Write a synthetic 3D Cell Painting plate as an OME-Zarr 0.5 HCS plate (Zarr v3) with the "
         "ground-truth labels in each field's labels/cells group, platemap.csv and cell_truth.csv (each cell's "
         "role: responder or not, its response, its responding neighbours) inside the plate folder. "
@@ -30,12 +30,22 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                         help="0..1: brightness of RNA granules (puncta 2-4 px across) in the cytoplasm of responding "
                         "cells, a strong local phenotype that small models learn in a few epochs and attend to inside "
                         "the cell (default 0: none; the demo and bench_attention use 1)")
+    parser.add_argument("--compounds", type=int, default=1, metavar="N",
+                        help="1-3 compounds, each at every non-zero dose (control shared); they differ only in where "
+                        "their granules show: A in RNA, B in AGP, C in Mito, so with --granules and --doses 10 two "
+                        "compounds make two classes that both have local evidence (default 1; bench_attention and "
+                        "the demo use 2)")
     parser.add_argument("--doses", type=float, nargs="+", default=None, metavar="UM",
                         help="doses in µM, 0 = control (default 0 0.1 0.3 1 3 10)")
     parser.add_argument("--wells-per-treatment", type=int, default=2, help="replicate wells per dose (default 2)")
     parser.add_argument("--sites", type=int, default=4, help="sites (fields) per well (default 4)")
-    parser.add_argument("--site-shape", type=int, nargs=3, default=(21, 256, 256), metavar=("Z", "Y", "X"),
-                        help="site size in voxels (default 21 256 256)")
+    parser.add_argument("--site-shape", type=int, nargs="+", default=None, metavar="N",
+                        help="site size in voxels, Z Y X (default 21 256 256); with --2d, Y X pixels (default 256 256)")
+    parser.add_argument("--2d", dest="two_d", action="store_true",
+                        help="a 2D plate (z of length 1): every site is rendered in 3D at 8 slices with the same "
+                        "phenotype, --mosaic, --granules and --confounder, then the plane just above the coverslip is "
+                        "kept (it holds every cell's whole footprint; a maximum projection would smear the off-cell "
+                        "confounder into the cells); labels are the same plane of the 3D ground truth")
     parser.add_argument("--cell-radius", type=float, default=None, metavar="VOXELS",
                         help="typical radius of a control cell in y and x, voxels (default: synthetic_plate's, 28 "
                         "= 18 µm); on small sites use a smaller radius, e.g. 14 at 16 x 128 x 128, to get more cells")
@@ -52,10 +62,12 @@ def _run_synth(args: argparse.Namespace) -> int:
 
     try:
         check_out(args.out, option="OUT")  # no inputs; resolves the real path like every writing command
+        site_shape = args.site_shape or ((256, 256) if args.two_d else (21, 256, 256))
         plate = synthetic_plate(
             doses_um=args.doses or DEFAULT_DOSES_UM, wells_per_treatment=args.wells_per_treatment,
-            sites_per_well=args.sites, site_shape=tuple(args.site_shape), seed=args.seed,
-            confounder=args.confounder, mosaic=args.mosaic, granules=args.granules, plate=args.plate,
+            sites_per_well=args.sites, site_shape=tuple(site_shape), seed=args.seed,
+            confounder=args.confounder, mosaic=args.mosaic, granules=args.granules, compounds=args.compounds,
+            plate=args.plate, spatial_dims=2 if args.two_d else 3,
             **({"cell_radius": args.cell_radius} if args.cell_radius is not None else {}),
         )
         write_plate(args.out, plate.image, plate.labels, platemap=plate.platemap, overwrite=args.overwrite,

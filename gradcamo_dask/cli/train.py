@@ -41,8 +41,9 @@ def add_command(commands) -> None:
     parser.add_argument("--platemap", default=None, help="platemap CSV (default: PLATE/platemap.csv)")
     parser.add_argument("--crop-size", type=int, nargs="+", default=[128, 128], metavar="N",
                         help="crop size: Y X (all z-slices) or Z Y X, voxels (default 128 128)")
-    parser.add_argument("--input-shape", type=int, nargs=3, default=[64, 224, 224], metavar=("Z", "Y", "X"),
-                        help="model input grid, voxels (default 64 224 224; e.g. 16 48 48 on a CPU)")
+    parser.add_argument("--input-shape", type=int, nargs="+", default=[64, 224, 224], metavar="N",
+                        help="model input grid Z Y X, voxels (default 64 224 224; e.g. 16 48 48 on a CPU); on a 2D "
+                        "plate (one z slice) Y X (default 224 224), and efficientnet2d is trained")
     parser.add_argument("--epochs", type=int, default=50, help="most epochs (early stopping may end sooner)")
     parser.add_argument("--batch-size", type=int, default=8, help="cells per training step (paper: 8)")
     parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
@@ -60,6 +61,10 @@ def add_command(commands) -> None:
                         help="weight of the Grad-CAMO regulariser (default 0: plain cross-entropy)")
     parser.add_argument("--regularizer-layer", default=None, help="its Grad-CAM layer (default: the model's)")
     parser.add_argument("--layers", nargs="+", default=None, help="default Grad-CAM layers stored in the bundle")
+    parser.add_argument("--intensity-scaling", choices=("crop", "plate"), default="crop",
+                        help="crop (default, the paper's): min-max of each crop's channels; plate: one fixed range "
+                        "per channel fitted on the training sites, so a neighbour's bright phenotype cannot change "
+                        "the cell's own intensities")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,13 +80,16 @@ def _recipe(args):
     crop = args.crop_size
     if len(crop) not in (2, 3):
         raise InputError(f"--crop-size takes Y X or Z Y X, got {crop}")
+    if len(args.input_shape) not in (2, 3):
+        raise InputError(f"--input-shape takes Z Y X (or Y X for a 2D plate), got {args.input_shape}")
     split = Split(test_wells=args.test_wells, test_columns=args.test_columns, test_rows=args.test_rows,
                   train_wells=args.train_wells, train_columns=args.train_columns, train_rows=args.train_rows,
                   val_fraction=args.val_fraction, max_train_cells=args.max_train_cells)
     return Recipe(crop_size=(None, *crop) if len(crop) == 2 else tuple(crop), input_shape=tuple(args.input_shape),
                   epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, split=split,
                   patience=args.patience or None, augmentation=None if args.no_augment else Augmentation(),
-                  regularizer=args.regularizer, regularizer_layer=args.regularizer_layer, layers=args.layers)
+                  regularizer=args.regularizer, regularizer_layer=args.regularizer_layer, layers=args.layers,
+                  intensity_scaling=args.intensity_scaling)
 
 
 def _print_training(out) -> None:
@@ -100,6 +108,11 @@ def _run_train(args) -> int:
 
     try:
         check_out(args.out, plate=args.plate, labels=args.labels, platemap=args.platemap)
+        from gradcamo_dask.io.safety import check_output_folder
+
+        # a bundle, its checkpoint and cell list only: never mixed into (or over) a user's own files
+        check_output_folder(args.out, {"config.json", "model.safetensors", "cells.csv", "checkpoint"},
+                            what="a gradcamo-dask training output")
         positive(batch_size=args.batch_size, epochs=args.epochs)
         recipe = _recipe(args)
         image = gradcamo_dask.open_plate(args.plate, platemap=args.platemap)

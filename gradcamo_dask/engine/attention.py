@@ -15,14 +15,17 @@ Three sources, chosen by name:
 Each map lives on the patch grid and is non-negative; it is scored with the
 exact low-resolution route (:func:`~gradcamo_dask.engine.gradcamo.gradcamo_lowres`).
 Features come from the same pass: the CLS token after the final layer norm.
-Attention matrices are read from MONAI's ``SABlock`` (``save_attn``), switched on
-only inside the :class:`AttentionCAM` context and restored after it, with the hooks
-(the style of ``monai.visualize``). A model shared by threads must not be
-explained from two threads at once (the blocks keep the last attention matrix).
+Attention matrices are captured per call, never stored on the shared model: a
+forward hook on each ``SABlock``'s ``drop_weights`` (the dropout MONAI applies to the
+softmax attention) reads its input, and every hook of an :class:`AttentionCAM` records
+only the forwards of the thread that entered it. MONAI's ``save_attn`` / ``att_mat``
+are left alone, so threads (a threaded Dask worker, a ``ThreadPoolExecutor``) can
+explain one model at once, each with its own ``AttentionCAM``; hooks are released on exit.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,14 +112,15 @@ class AttentionCAM:
         self.blocks = list(blocks)
         self.grid = tuple(int(n) for n in getattr(model, "patch_grid"))
         self.cams = cams
-        self._saved: list[bool] = []
         self._handles: list = []
         self._seen: dict[str, torch.Tensor] = {}
+        self._thread: int | None = None
 
     def __enter__(self) -> AttentionCAM:
-        self._saved = [bool(b.attn.save_attn) for b in self.blocks]
-        for block in self.blocks:
-            block.attn.save_attn = True
+        self._thread = threading.get_ident()  # hooks fire for every thread's forwards; record this one's only
+        wanted = range(len(self.blocks)) if "rollout" in self.sources else [len(self.blocks) - 1]
+        for i in wanted if self.cams else []:
+            self._handles.append(self.blocks[i].attn.drop_weights.register_forward_hook(self._keep_attention(i)))
         self._handles.append(self.net.norm.register_forward_hook(self._keep("final")))
         if self.cams and "gradcam_tokens" in self.sources:
             self._handles.append(self.blocks[-1].norm1.register_forward_hook(self._trace_tokens))
@@ -125,18 +129,30 @@ class AttentionCAM:
     def __exit__(self, *exc_info: Any) -> None:
         while self._handles:
             self._handles.pop().remove()
-        for block, saved in zip(self.blocks, self._saved):
-            block.attn.save_attn = saved
-            block.attn.att_mat = torch.Tensor()  # MONAI's initial value: no batch kept alive
         self._seen.clear()
+        self._thread = None
+
+    def _mine(self) -> bool:
+        return threading.get_ident() == self._thread
 
     def _keep(self, key: str):
         def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
-            self._seen[key] = output
+            if self._mine():
+                self._seen[key] = output
 
         return hook
 
-    def _trace_tokens(self, _module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+    def _keep_attention(self, index: int):
+        # The input of SABlock.drop_weights is the softmax attention (N, heads, T, T) of this very call.
+        def hook(_module: nn.Module, args: Any, _output: torch.Tensor) -> None:
+            if self._mine():
+                self._seen[f"attention_{index}"] = args[0].detach()
+
+        return hook
+
+    def _trace_tokens(self, _module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if not self._mine():
+            return None  # another thread's forward: leave its tokens alone
         # Gradients from here on only (as GradCAM does): a leaf copy of the tokens.
         torch.set_grad_enabled(True)
         tokens = output.detach().requires_grad_()
@@ -162,9 +178,9 @@ class AttentionCAM:
     def _map(self, source: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``(N, patches)`` map of one source."""
         if source == "cls_attention":
-            return widen(self.blocks[-1].attn.att_mat).mean(dim=1)[:, 0, 1:]
+            return widen(self._seen[f"attention_{len(self.blocks) - 1}"]).mean(dim=1)[:, 0, 1:]
         if source == "rollout":
-            return cls_rollout([b.attn.att_mat for b in self.blocks])[:, 1:]
+            return cls_rollout([self._seen[f"attention_{i}"] for i in range(len(self.blocks))])[:, 1:]
         tokens = self._seen["tokens"]
         with torch.enable_grad():
             selected = logits.gather(1, targets[:, None]).sum()

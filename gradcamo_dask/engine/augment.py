@@ -66,14 +66,15 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, settings: Augmentation = Augmentation()) -> torch.Tensor:
-    """Augment a batch ``(N, C, z, y, x)`` of [0, 1] intensities; returns a new tensor.
+    """Augment a batch ``(N, C, z, y, x)`` (or 2D ``(N, C, y, x)``) of [0, 1] intensities; returns a new tensor.
 
     The same number of random draws is made whatever fires (fixed order: flip x,
     flip y, brightness, gamma; one coin and one value per cell each), so the
     generator's state after a batch depends only on the batch size.
     """
-    if x.ndim != 5:
-        raise InputError(f"augment_batch needs (N, C, z, y, x), got shape {tuple(x.shape)}")
+    if x.ndim not in (4, 5):
+        raise InputError(f"augment_batch needs (N, C, z, y, x) or 2D (N, C, y, x), got shape {tuple(x.shape)}")
+    per_cell = (-1,) + (1,) * (x.ndim - 1)
     n = x.shape[0]
     coins = torch.rand((4, n), generator=generator, dtype=torch.float64) < settings.p
     factor = _uniform(n, *(settings.brightness or (1.0, 1.0)), generator)
@@ -89,8 +90,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, settings: Augment
     if settings.gamma is not None:
         # gamma first, on [0, 1] values; brightness after, so that gamma sees [0, 1]
         g = torch.where(coins[3], power, torch.ones_like(power)).to(device=device, dtype=x.dtype)
-        out = out.clamp_min(0).pow(g.view(-1, 1, 1, 1, 1))
+        out = out.clamp_min(0).pow(g.view(per_cell))
     if settings.brightness is not None:
         b = torch.where(coins[2], factor, torch.ones_like(factor)).to(device=device, dtype=x.dtype)
-        out = out * b.view(-1, 1, 1, 1, 1)
+        out = out * b.view(per_cell)
     return out

@@ -181,9 +181,14 @@ def _checked_bundle_metadata(model: nn.Module, channels: Sequence[str], classes:
             f"input_shape {tuple(input_shape)} differs from the grid the model was built for "
             f"{tuple(arch['input_shape'])}; rebuild the model with efficientnet3d(input_shape=...)"
         )
-    norm = {key: [float(v) for v in normalization[key]] for key in ("mean", "std")}
+    keys = ("mean", "std", "low", "high") if "low" in normalization else ("mean", "std")  # low/high: plate scaling
+    norm = {key: [float(v) for v in normalization[key]] for key in keys}
     if any(len(v) != len(channels) for v in norm.values()):
-        raise InputError(f"normalization needs one mean and one std per channel ({len(channels)})")
+        raise InputError(f"normalization needs {' and '.join('one ' + k for k in keys)} per channel "
+                         f"({len(channels)})")
+    if "low" in norm and not all(math.isfinite(a) and math.isfinite(b) and b > a
+                                 for a, b in zip(norm["low"], norm["high"], strict=True)):
+        raise InputError(f"normalization 'high' must be finite and > 'low' for every channel, got {norm}")
     if not all(math.isfinite(v) and v > 0 for v in norm["std"]):
         raise InputError(f"normalization std must be finite and > 0 for every channel, got {norm['std']}")
     return arch, channels, classes, norm
@@ -232,7 +237,8 @@ def write_bundle(
         Model input grid in voxels; must be the grid the model was built for.
     normalization : dict
         ``{"mean": [...], "std": [...]}``, one value per channel (of rescaled
-        intensities).
+        intensities); with ``"low"``/``"high"`` too for a fixed intensity range
+        (``intensity_scaling="plate"``, raw intensity units).
     provenance : dict, optional
         Training provenance (data, parameters, versions); JSON-able.
     layers : list of str, optional
@@ -302,6 +308,14 @@ def _read_config(file: Path) -> BundleConfig:
             or not len(norm["mean"]) == len(norm["std"]) == len(channels):
         raise MetadataError(f"{file}: 'normalization' needs 'mean' and 'std' lists with one value per channel "
                             f"({len(channels)})")
+    if ("low" in norm or "high" in norm) and not (
+            isinstance(norm.get("low"), list) and isinstance(norm.get("high"), list)
+            and len(norm["low"]) == len(norm["high"]) == len(channels)
+            and all(isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isfinite(a)
+                    and math.isfinite(b) and b > a for a, b in zip(norm["low"], norm["high"], strict=True))):
+        raise MetadataError(f"{file}: the normalization's fixed intensity range needs finite 'low' and 'high' "
+                            f"lists with one value per channel ({len(channels)}) and high > low; save the bundle "
+                            "again")
     bad = [i for i, v in enumerate(norm["std"]) if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
     if bad:
         raise MetadataError(f"{file}: normalization std of channel(s) {[channels[i] for i in bad]} is "

@@ -17,7 +17,7 @@ from typing import Any
 
 from gradcamo_dask.errors import OutputStoreError
 
-__all__ = ["check_output_path", "real_location"]
+__all__ = ["check_output_folder", "check_output_path", "real_location"]
 
 
 def real_location(path: Any) -> str:
@@ -72,3 +72,33 @@ def check_output_path(out: Any, inputs: Mapping[str, Any], *, option: str = "--o
                 f"{option} {os.fspath(out)} contains the {role} {os.fspath(path)} (real path {source}); replacing "
                 f"or filling it would change an input. Choose an output outside every input. Nothing was written.")
     return target
+
+
+def check_output_folder(out: Any, own_names: set[str] | frozenset[str], *, what: str, option: str = "--out") -> None:
+    """Refuse a local output folder that holds anything a command does not write itself.
+
+    A command that writes several files into a folder (``train``: a bundle, its
+    checkpoint and cell list) would otherwise mix them into a user's folder and
+    replace any of the user's files of the same names. A missing or empty folder, or
+    one holding only ``own_names`` (an earlier run of the same command, e.g. to
+    resume), is accepted.
+
+    Raises
+    ------
+    OutputStoreError
+        Names the folder, up to five foreign entries and what to do. Nothing has been written.
+    """
+    from gradcamo_dask.io.storage import normalize_output_url
+
+    path = normalize_output_url(os.fspath(out))
+    if "://" in path or not os.path.lexists(path):
+        return
+    if not os.path.isdir(path):
+        raise OutputStoreError(f"{option} {os.fspath(out)} is a file, not a folder for {what}; choose a new "
+                               "folder. Nothing was written.")
+    foreign = sorted(set(os.listdir(path)) - set(own_names))
+    if foreign:
+        raise OutputStoreError(
+            f"{option} {os.fspath(out)} holds files that are not {what} ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); writing there would mix with or replace them. Choose a new "
+            "or empty folder. Nothing was written.")

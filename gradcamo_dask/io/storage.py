@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from gradcamo_dask.errors import ClusterError, OutputStoreError
 
 _PROBE_PREFIX = ".gradcamo-write-check-"
+_CHECK_ROUNDS = 3  # times every worker may leave during the write check before it gives up
 
 
 def normalize_output_url(url: str | os.PathLike) -> str:
@@ -80,7 +82,7 @@ def probe_writable(url: str, storage_options: dict | None = None) -> str:
 
 
 def check_writable(url: str | os.PathLike, client: Any, *, storage_options: dict | None = None,
-                   worker_timeout_s: float | None = 600.0) -> dict[str, str]:
+                   wait_for_first_worker: Callable[[Any], Any] | None = None) -> dict[str, str]:
     """Prove that every worker of ``client`` can write the output ``url``.
 
     Call it after connecting and before submitting any site. Each worker writes,
@@ -99,9 +101,12 @@ def check_writable(url: str | os.PathLike, client: Any, *, storage_options: dict
         (Dask's local schedulers write from here).
     storage_options
         fsspec options (credentials, endpoint) passed to the filesystem on the workers.
-    worker_timeout_s
-        How long to wait for a first worker when the cluster has none yet (SLURM jobs
-        in the queue, pods starting); ``None`` waits without limit.
+    wait_for_first_worker
+        Called with ``client`` when the cluster has no worker yet (SLURM jobs in the
+        queue, pods starting); it waits, saying so, and raises when none comes, e.g.
+        ``functools.partial(gradcamo_dask.jobs.joining.wait_for_workers, timeout=600)``.
+        The caller owns the wait (its limit and messages); ``None``: a cluster without
+        workers is refused at once.
 
     Returns
     -------
@@ -113,7 +118,7 @@ def check_writable(url: str | os.PathLike, client: Any, *, storage_options: dict
     OutputStoreError
         A worker cannot write ``url``; names the URL, the worker and the cause.
     ClusterError
-        No worker joined within ``worker_timeout_s``.
+        The cluster has no worker and ``wait_for_first_worker`` is None (or raised it).
     """
     target = normalize_output_url(url)
     if client is None:
@@ -128,16 +133,33 @@ def check_writable(url: str | os.PathLike, client: Any, *, storage_options: dict
                 raise OutputStoreError(f"the output {target} is not writable from this process "
                                        f"({type(error).__name__}: {error}); choose a writable location. "
                                        "Nothing was computed.") from error
-    if not client.scheduler_info().get("workers"):
-        try:
-            client.wait_for_workers(1, timeout=worker_timeout_s)
-        except TimeoutError as err:
-            raise ClusterError(
-                f"no Dask worker joined the scheduler {client.scheduler.address} within "
-                f"{worker_timeout_s:g} s, so the output {target} could not be checked; look at the "
-                "cluster's queue (squeue, kubectl get pods) and the worker logs") from err
+    for _ in range(_CHECK_ROUNDS):
+        if not client.scheduler_info().get("workers"):
+            if wait_for_first_worker is None:
+                raise ClusterError(
+                    f"the scheduler {client.scheduler.address} has no Dask worker, so the output {target} could not "
+                    "be checked; start workers first, or wait for one (gradcamo_dask.jobs.joining.wait_for_workers, "
+                    "which connect() and the CLI use)")
+            wait_for_first_worker(client)
+        written = _probe_workers(client, target, storage_options)
+        if written:
+            return written
+    raise ClusterError(f"every Dask worker left the cluster while it checked the output {target}, "
+                       f"{_CHECK_ROUNDS} times; look at the worker logs (lifetimes much shorter than a minute?)")
+
+
+def _probe_workers(client: Any, target: str, storage_options: dict | None) -> dict[str, str]:
+    """Probe ``target`` on every worker: ``{worker: probe}`` of those that wrote; refuses any that could not.
+
+    A worker that left while it was asked (its lifetime ended: the connection to it
+    closed) neither proves nor disproves anything and is left out; workers that join
+    later are checked as they join (``jobs.worker_plugins.WritableOnJoin``).
+    """
+    from distributed.comm.core import CommClosedError
+
     results = client.run(probe_writable, target, storage_options, on_error="return")
-    failures = {worker: result for worker, result in results.items() if isinstance(result, BaseException)}
+    failures = {worker: result for worker, result in results.items()
+                if isinstance(result, BaseException) and not isinstance(result, CommClosedError)}
     if failures:
         worker, error = sorted(failures.items())[0]
         raise OutputStoreError(
@@ -145,4 +167,4 @@ def check_writable(url: str | os.PathLike, client: Any, *, storage_options: dict
             f"(e.g. {worker}: {type(error).__name__}: {error}); give a location every worker can write "
             "(a shared filesystem mounted on all nodes, or an object-store URL such as s3://bucket/p.zarr "
             "with credentials available on the workers). Nothing was computed.") from error
-    return dict(results)
+    return {worker: result for worker, result in results.items() if not isinstance(result, BaseException)}

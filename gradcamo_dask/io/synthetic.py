@@ -40,6 +40,7 @@ from gradcamo_dask.io.platemap import attach_platemap, well_name
 from gradcamo_dask.io.synthetic_site import CHANNELS, render_site, site_geometry
 
 DEFAULT_DOSES_UM: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0)
+RENDER_Z_2D = 8  # slices a 2D site is rendered at before its focal plane is kept
 SPACING_ZYX_UM: tuple[float, float, float] = (1.1115, 0.65, 0.65)  # z / xy = 1.71
 CONTROL = "control"
 
@@ -52,9 +53,18 @@ class SyntheticPlate(NamedTuple):
     platemap: pd.DataFrame
 
 
-def treatment_name(dose_um: float) -> str:
+#: Granule channel of each compound (``compounds`` knob): A in RNA, B in AGP (Golgi/membrane), C in Mito.
+GRANULE_CHANNELS: tuple[str, ...] = ("RNA", "AGP", "Mito")
+
+
+def compound_name(index: int, compounds: int = 1) -> str:
+    """Name of compound ``index`` of ``compounds``: ``"compound"`` alone, else ``"compoundA"``, ``"compoundB"``..."""
+    return "compound" if compounds == 1 else f"compound{chr(ord('A') + index)}"
+
+
+def treatment_name(dose_um: float, compound: str = "compound") -> str:
     """Class name of a dose: ``"control"`` for 0, else e.g. ``"compound_0.3uM"``."""
-    return CONTROL if dose_um == 0 else f"compound_{dose_um:g}uM"
+    return CONTROL if dose_um == 0 else f"{compound}_{dose_um:g}uM"
 
 
 def dose_response(dose_um: float | np.ndarray, ec50_um: float = 1.0, hill: float = 1.0) -> np.ndarray:
@@ -67,8 +77,12 @@ def synthetic_platemap(
     doses_um: Sequence[float] = DEFAULT_DOSES_UM,
     wells_per_treatment: int = 2,
     ec50_um: float = 1.0,
+    compounds: int = 1,
 ) -> pd.DataFrame:
-    """Platemap of the synthetic layout: one column per dose, one row per replicate.
+    """Platemap of the synthetic layout: one column per dose (and compound), one row per replicate.
+
+    ``compounds`` > 1 gives every non-zero dose one column per compound (the control
+    column is shared) and adds a ``compound`` column (``""`` for the control).
 
     Returns
     -------
@@ -79,15 +93,21 @@ def synthetic_platemap(
     doses = [float(d) for d in doses_um]
     if len(set(doses)) != len(doses) or any(d < 0 for d in doses):
         raise InputError(f"doses must be distinct and >= 0 (µM), got {doses}")
-    if not 1 <= wells_per_treatment <= 14 or not 1 <= len(doses) <= 22:
-        raise InputError("the synthetic layout fits 1-14 wells per treatment and 1-22 doses on a 384-well plate")
+    if not 1 <= compounds <= len(GRANULE_CHANNELS):
+        raise InputError(f"compounds must be 1-{len(GRANULE_CHANNELS)}, got {compounds}")
+    columns = [(dose, k) for dose in sorted(doses) for k in (range(1) if dose == 0 else range(compounds))]
+    if not 1 <= wells_per_treatment <= 14 or not 1 <= len(columns) <= 22:
+        raise InputError("the synthetic layout fits 1-14 wells per treatment and 1-22 treatments on a 384-well plate")
     rows = []
     for rep in range(wells_per_treatment):
-        for i, dose in enumerate(sorted(doses)):
-            rows.append({
-                "well": well_name(chr(ord("B") + rep), 2 + i), "treatment": treatment_name(dose), "dose": dose,
-                "is_control": dose == 0, "response": float(dose_response(dose, ec50_um)), "replicate": rep,
-            })
+        for i, (dose, k) in enumerate(columns):
+            name = compound_name(k, compounds)
+            row = {"well": well_name(chr(ord("B") + rep), 2 + i), "treatment": treatment_name(dose, name),
+                   "dose": dose, "is_control": dose == 0, "response": float(dose_response(dose, ec50_um)),
+                   "replicate": rep}
+            if compounds > 1:
+                row["compound"] = "" if dose == 0 else name
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -102,20 +122,49 @@ def _render_block(
     cell_radius: float,
     mosaic: bool = False,
     granules: float = 0.0,
+    granule_channel: tuple[int, ...] | None = None,
+    spatial_dims: int = 3,
+    responder_growth: bool = True,
     block_id: tuple[int, ...] | None = None,
 ) -> np.ndarray:
-    """One site as a Dask block: ``(1, 1, 6, z, y, x)`` image or ``(1, 1, z, y, x)`` labels."""
+    """One site as a Dask block: ``(1, 1, 6, z, y, x)`` image or ``(1, 1, z, y, x)`` labels (z = 1 in 2D)."""
     well, site = block_id[0], block_id[1]
     rng = np.random.default_rng([seed, well, site])
     if what == "labels":  # geometry is the first thing render_site draws: same labels, a tenth of the work
-        return site_geometry(rng, site_shape, responses[well], cell_radius, mosaic=mosaic).labels[None, None]
-    image, _ = render_site(rng, site_shape, responses[well], treatment_index[well], n_treatments,
-                           confounder=confounder, cell_radius=cell_radius, mosaic=mosaic, granules=granules)
-    return image[None, None]
+        labels = site_geometry(rng, site_shape, responses[well], cell_radius, mosaic=mosaic,
+                               responder_growth=responder_growth).labels
+        return (labels[focal_plane(labels)][None] if spatial_dims == 2 else labels)[None, None]
+    channel = {} if granule_channel is None else {"granule_channel": granule_channel[well]}
+    image, labels = render_site(rng, site_shape, responses[well], treatment_index[well], n_treatments,
+                                confounder=confounder, cell_radius=cell_radius, mosaic=mosaic, granules=granules,
+                                responder_growth=responder_growth, **channel)
+    return (image[:, focal_plane(labels)][:, None] if spatial_dims == 2 else image)[None, None]
 
 
-def _checked_knobs(confounder: float, granules: float, site_shape: Sequence[int], sites_per_well: int) -> tuple:
-    """The site shape ``(z, y, x)`` as ints, after checking the plate's knobs; InputError names a bad one."""
+def focal_plane(labels: np.ndarray) -> int:
+    """The z index of a rendered site's 2D plane: the slice with the most cell voxels.
+
+    Cells are domes on the coverslip, every dome at least 2 slices high, so the slice just
+    above the coverslip holds every cell's whole footprint (the plane a widefield 2D screen
+    focuses on). A maximum projection would not do: the confounder grating fills every
+    voxel outside the cells, above the domes too, so a projection would carry it into the
+    cells' footprints; in this plane it stays strictly outside every cell, as in 3D.
+    """
+    return int(np.argmax((labels > 0).sum(axis=(1, 2))))
+
+
+def _checked_knobs(confounder: float, granules: float, site_shape: Sequence[int], sites_per_well: int,
+                   spatial_dims: int = 3) -> tuple:
+    """The site shape ``(z, y, x)`` as ints, after checking the plate's knobs; InputError names a bad one.
+
+    A 2D plate's ``(y, x)`` becomes ``(RENDER_Z_2D, y, x)``: rendered in 3D, then one plane kept."""
+    if spatial_dims not in (2, 3):
+        raise InputError(f"spatial_dims must be 2 (one z plane) or 3 (a z-stack), got {spatial_dims}")
+    if spatial_dims == 2:
+        site_shape = (256, 256) if tuple(site_shape) == (21, 256, 256) else site_shape  # the 3D default, as (y, x)
+        if len(site_shape) != 2:
+            raise InputError(f"a 2D plate's site_shape is (y, x), got {tuple(site_shape)}")
+        site_shape = (RENDER_Z_2D, *site_shape)
     if not 0.0 <= float(confounder) <= 1.0:
         raise InputError(f"confounder must be in [0, 1], got {confounder}")
     if not 0.0 <= float(granules) <= 1.0:
@@ -132,6 +181,7 @@ def _lazy_sites(common: dict, n_wells: int, sites_per_well: int, token: str) -> 
     """``(image (well, site, c, z, y, x) uint16, labels (well, site, z, y, x) int32)``: one task per site."""
     well_site = ((1,) * n_wells, (1,) * sites_per_well)
     z, y, x = common["site_shape"]
+    z = 1 if common.get("spatial_dims", 3) == 2 else z
     image = da.map_blocks(
         _render_block, "image", **common, chunks=(*well_site, (len(CHANNELS),), (z,), (y,), (x,)),
         dtype=np.uint16, meta=np.empty((0,) * 6, np.uint16), name=f"synthetic-image-{token}",
@@ -144,9 +194,10 @@ def _lazy_sites(common: dict, n_wells: int, sites_per_well: int, token: str) -> 
 
 
 def _site_settings(platemap: pd.DataFrame, *, seed: int, site_shape: tuple, confounder: float, cell_radius: float,
-                   mosaic: bool, granules: float) -> dict:
+                   mosaic: bool, granules: float, spatial_dims: int = 3, responder_growth: bool = True) -> dict:
     """What every site task needs: seed, each well's response and treatment index, the knobs."""
-    treatments = sorted(set(platemap["treatment"]), key=lambda t: platemap.loc[platemap.treatment == t, "dose"].iloc[0])
+    treatments = sorted(set(platemap["treatment"]),
+                        key=lambda t: (platemap.loc[platemap.treatment == t, "dose"].iloc[0], t))  # ties: by name
     common = dict(
         seed=int(seed), responses=tuple(platemap["response"]),
         treatment_index=tuple(treatments.index(t) for t in platemap["treatment"]), n_treatments=len(treatments),
@@ -156,6 +207,14 @@ def _site_settings(platemap: pd.DataFrame, *, seed: int, site_shape: tuple, conf
         common["mosaic"] = True
     if granules > 0:
         common["granules"] = float(granules)
+    if "compound" in platemap:  # several compounds: each shows its granules in its own channel
+        common["granule_channel"] = tuple(
+            CHANNELS.index(GRANULE_CHANNELS[ord(c[-1]) - ord("A")]) if c else CHANNELS.index(GRANULE_CHANNELS[0])
+            for c in platemap["compound"])
+    if spatial_dims == 2:  # 3D plates keep their recipe (and Dask names)
+        common["spatial_dims"] = 2
+    if not responder_growth:  # growing responders keep today's recipe (and Dask names)
+        common["responder_growth"] = False
     return common
 
 
@@ -171,46 +230,51 @@ def synthetic_plate(
     ec50_um: float = 1.0,
     mosaic: bool = False,
     granules: float = 0.0,
+    compounds: int = 1,
     plate: str = "synthetic",
+    spatial_dims: int = 3,
+    responder_growth: bool = True,
 ) -> SyntheticPlate:
-    """A lazy synthetic 3D Cell Painting plate with ground-truth labels.
+    """A lazy synthetic 3D (or 2D) Cell Painting plate with ground-truth labels.
 
     Parameters
     ----------
     doses_um : sequence of float
         Doses of the one compound, µM; 0 is the control. Each dose is a treatment
         (class) named by :func:`treatment_name`.
-    wells_per_treatment : int
-        Replicate wells per dose (rows B, C, ...).
-    sites_per_well : int
-        Fields per well.
-    site_shape : (int, int, int)
-        ``(z, y, x)`` of a site, voxels. The default (21, 256, 256) holds about 35
-        cells (about 16 not touching the border); the paper's sites were larger.
+    wells_per_treatment, sites_per_well : int
+        Replicate wells per dose (rows B, C, ...); fields per well.
+    site_shape : (int, int, int) or (int, int)
+        ``(z, y, x)`` voxels (``(y, x)`` with ``spatial_dims=2``); the default
+        (21, 256, 256) holds about 35 cells, about 16 not touching the border.
     cell_radius : float
         Typical radius of a control cell in y and x, pixels (28 px = 18 µm).
     seed : int
-        Seed; site ``(w, s)`` is rendered from ``numpy.random.default_rng([seed, w, s])``.
+        Site ``(w, s)`` is rendered from ``numpy.random.default_rng([seed, w, s])``.
     confounder : float
         In [0, 1]: strength of a treatment-specific grating planted outside the cells
         (label 0), i.e. label information a model can use to cheat. 0 = none.
     ec50_um : float
         Dose of half-maximal response, µM.
     mosaic : bool
-        Mosaic wells: only a maximal independent set of cells (about a quarter)
-        responds, the same cells in every well, at a density that does not depend on
-        the dose. Responders carry the treatment only inside their own cell,
-        bystanders only through their neighbours; :func:`cell_truth` says which is
-        which. False (default): about 88 % of cells respond and treated wells hold
-        fewer, larger cells.
+        Only a maximal independent set of cells (about a quarter) responds, the same
+        cells in every well, at a density independent of dose: responders carry the
+        treatment only in their own cell, bystanders only through their neighbours
+        (:func:`cell_truth`). False (default): about 88 % of cells respond.
     granules : float
-        In [0, 1]: a strong, local phenotype on top of the others: responding cells
-        show bright RNA granules (puncta 2-4 px across) in their cytoplasm, brighter
-        with their response (at 1, about 10x the RNA stain's typical level). Small
-        networks learn it in a few epochs and attend to it inside the cell; the
-        default 0 leaves plates exactly as before.
+        In [0, 1]: responding cells show bright granules (puncta 2-4 px, at 1 about 10x
+        the RNA stain's level), a strong local phenotype; 0 leaves plates as before.
+    compounds : int
+        1-3 compounds at every non-zero dose (control shared), whose granules show in
+        RNA, AGP and Mito (:data:`GRANULE_CHANNELS`): with two, both classes of a
+        ``doses_um=(10,)`` plate have local evidence (a control prediction has none).
     plate : str
         Plate name.
+    spatial_dims : 2 or 3
+        2: a 2D plate (``z`` of length 1): each site rendered in 3D at ``RENDER_Z_2D``
+        slices, every knob as above, then its :func:`focal_plane` kept (image and labels).
+    responder_growth : bool
+        False: responding cells keep the others' size (size cannot tell a responder).
 
     Returns
     -------
@@ -218,22 +282,20 @@ def synthetic_plate(
         ``image`` (well, site, c, z, y, x) uint16 with the platemap as coords,
         ``labels`` (well, site, z, y, x) int32, ``platemap``; all lazy, one task per site.
     """
-    site_shape = _checked_knobs(confounder, granules, site_shape, sites_per_well)
-    platemap = synthetic_platemap(doses_um, wells_per_treatment, ec50_um)
-    n_wells = len(platemap)
+    site_shape = _checked_knobs(confounder, granules, site_shape, sites_per_well, spatial_dims)
+    platemap = synthetic_platemap(doses_um, wells_per_treatment, ec50_um, compounds)
     common = _site_settings(platemap, seed=seed, site_shape=site_shape, confounder=confounder,
-                            cell_radius=cell_radius, mosaic=mosaic, granules=granules)
+                            cell_radius=cell_radius, mosaic=mosaic, granules=granules, spatial_dims=spatial_dims,
+                            responder_growth=responder_growth)
     recipe = json.dumps({**{k: v for k, v in common.items() if k not in ("responses", "treatment_index")},
                          "doses_um": [float(d) for d in doses_um], "wells_per_treatment": wells_per_treatment,
+                         **({"compounds": compounds} if compounds > 1 else {}),
                          "sites_per_well": sites_per_well, "ec50_um": ec50_um, "generator": "gradcamo_dask.io.synthetic"})
     token = tokenize(recipe)
-    image, labels = _lazy_sites(common, n_wells, sites_per_well, token)
-    attrs = {"synthetic": recipe}
-    wells = list(platemap["well"])
-    image_da = plate_dataarray(image, wells=wells, channels=list(CHANNELS), plate=plate,
-                               spacing_zyx_um=SPACING_ZYX_UM, attrs=attrs)
-    labels_da = plate_dataarray(labels, wells=wells, channels=None, plate=plate, spacing_zyx_um=SPACING_ZYX_UM,
-                                attrs=attrs)
+    image, labels = _lazy_sites(common, len(platemap), sites_per_well, token)
+    where = dict(wells=list(platemap["well"]), plate=plate, spacing_zyx_um=SPACING_ZYX_UM, attrs={"synthetic": recipe})
+    image_da = plate_dataarray(image, channels=list(CHANNELS), **where)
+    labels_da = plate_dataarray(labels, channels=None, **where)
     return SyntheticPlate(attach_platemap(image_da, platemap), labels_da, platemap)
 
 
@@ -249,7 +311,8 @@ def _site_truth(recipe: dict, response: float, well_index: int, site_index: int)
     """Role of every cell of one site, from the same draws as its labels."""
     rng = np.random.default_rng([recipe["seed"], well_index, site_index])
     geo = site_geometry(rng, tuple(recipe["site_shape"]), response, recipe["cell_radius"],
-                        mosaic=bool(recipe.get("mosaic", False)))
+                        mosaic=bool(recipe.get("mosaic", False)),
+                        responder_growth=bool(recipe.get("responder_growth", True)))
     responder = np.asarray(geo.responder, dtype=bool)
     return pd.DataFrame({
         "object_number": np.arange(1, len(responder) + 1, dtype=np.int32),

@@ -123,6 +123,7 @@ def site_geometry(
     strength: float,
     cell_radius: float = 28.0,
     mosaic: bool = False,
+    responder_growth: bool = True,
 ) -> SiteGeometry:
     """Cells and nuclei of one site.
 
@@ -139,6 +140,10 @@ def site_geometry(
     mosaic : bool
         Only a maximal independent set of cells responds (see the module notes), at
         the same density in every well; False: about 88 % of cells respond.
+    responder_growth : bool
+        Responding cells grow (footprint radius up to +45 %, domes up to 10 % lower);
+        False: every cell draws its size alike, so responders and bystanders have the
+        same size distribution and size carries no treatment information.
 
     Returns
     -------
@@ -146,13 +151,14 @@ def site_geometry(
     """
     nz, ny, nx = shape
     centres = _lattice(rng, (ny, nx), cell_radius, 0.0 if mosaic else strength)
-    responder, s, radius, elongation, angle, wobble = _cell_traits(rng, centres, strength, cell_radius, mosaic)
+    responder, s, radius, elongation, angle, wobble = _cell_traits(rng, centres, strength, cell_radius, mosaic,
+                                                                  responder_growth)
     yy, xx = np.mgrid[0:ny, 0:nx]
     radial, owner = _footprints(yy, xx, centres, radius, elongation, angle, wobble)
     owner, pick = _present_cells(owner, len(centres))
     s, radius, elongation, angle = s[pick], radius[pick], elongation[pick], angle[pick]
     centres, m, responder = centres[pick], len(pick), responder[pick]
-    labels, bottom, height = _domes(rng, yy, xx, owner, radial, s, nz)
+    labels, bottom, height = _domes(rng, yy, xx, owner, radial, s if responder_growth else 0 * s, nz)
     nucleus, n_centre, n_radius = _nuclei(rng, yy, xx, owner, labels, centres, radius, angle, s, bottom, height)
     inside = owner > 0
     return SiteGeometry(
@@ -174,7 +180,7 @@ def site_geometry(
 
 
 def _cell_traits(rng: np.random.Generator, centres: np.ndarray, strength: float, cell_radius: float,
-                 mosaic: bool) -> tuple:
+                 mosaic: bool, growth: bool = True) -> tuple:
     """``(responder, response, radius px, elongation, angle rad, outline harmonics)`` of each cell centre."""
     n = len(centres)
     if mosaic:
@@ -183,7 +189,7 @@ def _cell_traits(rng: np.random.Generator, centres: np.ndarray, strength: float,
     else:
         responder = rng.random(n) > 0.12
         s = np.clip(strength * responder * rng.normal(1.0, 0.25, n), 0.0, 1.0)
-    radius = cell_radius * np.exp(rng.normal(0, 0.1, n)) * (1 + 0.45 * s)
+    radius = cell_radius * np.exp(rng.normal(0, 0.1, n)) * (1 + 0.45 * s * growth)
     elongation = 1 + np.abs(rng.normal(0, 0.15, n)) + 0.9 * s
     angle = rng.uniform(0, np.pi, n)
     wobble = _harmonics(rng, n, 0.10 + 0.15 * s)

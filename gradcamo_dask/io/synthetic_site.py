@@ -75,9 +75,10 @@ def _ridges(field: np.ndarray, width: float) -> np.ndarray:
     return np.exp(-((field / width) ** 2))
 
 
-def site_signal(rng: np.random.Generator, geo: SiteGeometry, granules: float = 0.0) -> np.ndarray:
+def site_signal(rng: np.random.Generator, geo: SiteGeometry, granules: float = 0.0, granule_channel: int = 2) -> np.ndarray:
     """Expected photon counts of the six stains before optics, ``(6, z, y, x)`` float32; ``granules`` in
-    [0, 1]: RNA puncta in responders' cytoplasm (:func:`granule_field`), at 1 about 10x the RNA level."""
+    [0, 1]: puncta in responders' cytoplasm (:func:`granule_field`), at 1 about 10x the channel's level, in
+    channel ``granule_channel`` (index into CHANNELS; 2 = RNA)."""
     labels, owner, radial = geo.labels, geo.owner, geo.radial
     nz, ny, nx = labels.shape
     cell = labels > 0
@@ -147,7 +148,8 @@ def site_signal(rng: np.random.Generator, geo: SiteGeometry, granules: float = 0
     sig[5, slab] = cyto_s * ((1 - s2) * tubes + s2 * dots) * perinuclear * bright[5]
 
     if granules > 0:  # drawn last, so that granules=0 keeps every earlier draw (and plate) unchanged
-        sig[2, slab] += granule_field(rng, shape) * cyto_s * s2 * (10.0 * granules) * bright[2]
+        g = int(granule_channel)
+        sig[g, slab] += granule_field(rng, shape) * cyto_s * s2 * (10.0 * granules) * bright[g] * (_LEVELS[2] / _LEVELS[g])
 
     sig *= _LEVELS[:, None, None, None]
     return sig
@@ -231,6 +233,8 @@ def render_site(
     noise: bool = True,
     mosaic: bool = False,
     granules: float = 0.0,
+    granule_channel: int = 2,
+    responder_growth: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One site: ``(image (6, z, y, x) uint16, labels (z, y, x) int32)``.
 
@@ -255,10 +259,14 @@ def render_site(
     mosaic : bool
         Only some cells respond (see :func:`site_geometry`).
     granules : float
-        In [0, 1]: RNA granules in responding cells (:func:`site_signal`).
+        In [0, 1]: granules in responding cells (:func:`site_signal`).
+    granule_channel : int
+        Channel of the granules (index into CHANNELS; 2 = RNA).
+    responder_growth : bool
+        Responding cells grow (see :func:`site_geometry`); False: same sizes as the others.
     """
-    geo = site_geometry(rng, shape, strength, cell_radius, mosaic=mosaic)
-    signal = site_signal(rng, geo, granules=granules)
+    geo = site_geometry(rng, shape, strength, cell_radius, mosaic=mosaic, responder_growth=responder_growth)
+    signal = site_signal(rng, geo, granules=granules, granule_channel=granule_channel)
     height = float(np.median(geo.height)) if len(geo.height) else 8.0
     blurred, illumination = apply_optics(rng, signal, geo.bottom, height)
     if confounder > 0:

@@ -166,6 +166,7 @@ def compare_models(image: Any, labels: Any, bundles: Sequence[Any], layers: Sequ
     """
     from gradcamo_dask.engine.bundles import open_bundle
     from gradcamo_dask.io.platemap import open_platemap, platemap_of
+    from gradcamo_dask.jobs.dimensionality import check_bundle_dims
     from gradcamo_dask.profiles.qc import check_cutoff
     from gradcamo_dask.profiles.report_summary import can_localise
 
@@ -176,6 +177,7 @@ def compare_models(image: Any, labels: Any, bundles: Sequence[Any], layers: Sequ
     names = _model_names(opened)
     for bundle in opened:
         bundle.check_fits(channels=[str(c) for c in image["c"].values])
+        check_bundle_dims(bundle, image)  # a 3D bundle on a 2D plate, or the reverse: DimensionalityError, up front
     pm = platemap_of(image) if platemap is None else (platemap if isinstance(platemap, pd.DataFrame)
                                                       else open_platemap(platemap))
     table, kind = common_cells(labels, pm, opened, max_cells=max_cells, seed=seed)

@@ -30,9 +30,11 @@ def seed_of(seed: int, epoch: int) -> int:
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """A batch ``(cell, c, z, y, x)`` on ``device``, in ``channels_last_3d`` memory format when asked."""
+    """A batch ``(cell, c, z, y, x)`` (or 2D ``(cell, c, y, x)``) on ``device``, channels-last when asked."""
     x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+    if not channels_last:
+        return x
+    return x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
 
 
 class Batches:
@@ -43,8 +45,9 @@ class Batches:
                  batch_size: int, shuffle_sites: int) -> None:
         self.reader, self.split, self.labels = reader, split, labels
         self.batch_size, self.shuffle_sites = batch_size, shuffle_sites
-        self.mean = torch.tensor(normalization["mean"], dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self.std = torch.tensor(normalization["std"], dtype=torch.float32).view(1, -1, 1, 1, 1)
+        per_channel = (1, -1) + (1,) * len(reader.input_shape)  # 2D plates: (cell, c, y, x) batches
+        self.mean = torch.tensor(normalization["mean"], dtype=torch.float32).view(per_channel)
+        self.std = torch.tensor(normalization["std"], dtype=torch.float32).view(per_channel)
         self.keys = reader.sites([split])
         split_of = reader.table["split"].to_numpy()
         self.n_cells = int((split_of == split).sum())

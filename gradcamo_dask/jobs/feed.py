@@ -7,7 +7,9 @@
   cells, filled across site boundaries), so a site's crops never exist all at once
   in float32;
 * with ``prefetch=True`` the producer runs in a thread, at most ``depth`` batches
-  ahead: the next site's read, decompression and crops overlap the current batch;
+  ahead (:class:`~gradcamo_dask.jobs.prefetch.Prefetcher`): the next site's read,
+  decompression and crops overlap the current batch; host batches for a CUDA model
+  go through pinned buffers and a side stream;
 * the consumer hands each batch to the runner and keeps its results on the device;
   nothing in its loop waits for the device. Results go to the host once, after the
   last batch, and are split per site.
@@ -20,8 +22,6 @@ normalised crops ``(n, c, z, y, x)`` and masks ``(n, z, y, x)``: :class:`Explain
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +31,7 @@ import numpy as np
 
 from gradcamo_dask.arrays import array_module, to_numpy, to_torch
 from gradcamo_dask.jobs.devices import site_array
+from gradcamo_dask.jobs.prefetch import Prefetcher, stager_for
 
 __all__ = ["Batch", "ExplainRunner", "FeedStats", "SiteJob", "SleepRunner", "score_sites"]
 
@@ -65,6 +66,7 @@ class Batch:
     masks: Any
     owners: list[tuple[int, int, int]]  # (job index, first row, stop row), in batch order
     classic: Any = None
+    copied: Any = None  # the event of its host-to-device copy (CUDA stager), else None
 
 
 @dataclass
@@ -157,7 +159,8 @@ def _batches(jobs: Sequence[SiteJob], batch_size: int, device: str, crop_size: t
 
                 extra = site_classic_features(to_numpy(crops), to_numpy(masks), tuple(classic["channels"]),
                                               tuple(classic["spacing"]), **classic["options"])[1].astype(np.float32)
-            pending.append((normalize_crops(crops, normalization), masks, (index, start, stop), extra))
+            # the crops are this micro-batch's own fresh buffer: normalised in place, no second float32 copy
+            pending.append((normalize_crops(crops, normalization, overwrite=True), masks, (index, start, stop), extra))
             filled += stop - start
             start = stop
             if filled == batch_size:
@@ -175,45 +178,6 @@ def _stack(pending: list[tuple]) -> Batch:
     extras = [p[3] for p in pending]
     return Batch(xp.concatenate([p[0] for p in pending]), xp.concatenate([p[1] for p in pending]),
                  [p[2] for p in pending], None if extras[0] is None else np.concatenate(extras))
-
-
-def _prefetched(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
-    """Run ``source`` in a thread, at most ``depth`` batches ahead; its errors are raised here."""
-    box: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    done = object()
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():  # never blocks for good once the consumer has gone
-            try:
-                box.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for batch in source:
-                if not put(batch):
-                    return
-            put(done)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            put(err)
-
-    thread = threading.Thread(target=produce, name="gradcamo-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = box.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 def score_sites(
@@ -253,7 +217,8 @@ def score_sites(
     """
     stats = stats if stats is not None else FeedStats()
     source = _batches(jobs, int(batch_size), device, tuple(crop_size), normalization, classic)
-    feed = _prefetched(source, depth) if prefetch else source
+    stager = stager_for(device, depth + 1)  # pinned buffers and a side stream for host batches on CUDA; else nothing
+    feed = Prefetcher(source, depth, stager) if prefetch else (stager.ready(stager.stage(b)) for b in source)
     parts: list[tuple[list, dict, Any]] = []
     ready = time.perf_counter()
     for batch in feed:

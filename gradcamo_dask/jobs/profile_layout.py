@@ -30,15 +30,24 @@ __all__ = [
     "profile_variables",
     "scoring_provenance",
     "site_variables",
+    "per_cell_text",
     "table_coords",
+    "table_hash",
 ]
 
 
 def layer_shapes(model: Any, input_shape: Sequence[int], layers: list[str]) -> dict[str, tuple[int, tuple]]:
-    """``{layer: (channels, (z, y, x))}`` from one forward pass on PyTorch's meta device."""
+    """``{layer: (channels, (z, y, x))}`` (``(y, x)`` for a 2D model) from one forward pass on PyTorch's meta
+    device; a ViT's attention sources (``cls_attention``, ...) have its width and patch grid."""
+    from gradcamo_dask.engine.attention import ATTENTION_SOURCES
     from gradcamo_dask.engine.layers import probe_layers
 
-    trace = {name: out for name, _m, calls, out in probe_layers(model, tuple(input_shape)) if calls == 1 and len(out) == 5}
+    if hasattr(model, "vit") and layers and all(name in ATTENTION_SOURCES for name in layers):
+        width = int(model.vit.norm.normalized_shape[0])  # features: the CLS token after the final norm
+        return {name: (width, tuple(int(n) for n in model.patch_grid)) for name in layers}
+    spatial = len(tuple(input_shape)) + 2  # (N, C, [z,] y, x) activations
+    trace = {name: out for name, _m, calls, out in probe_layers(model, tuple(input_shape))
+             if calls == 1 and len(out) == spatial}
     unknown = [name for name in layers if name not in trace]
     if unknown:
         raise InputError(f"layers {unknown} are not spatial layers of the model that run once; choose among "
@@ -54,6 +63,7 @@ def classic_settings(image: xr.DataArray, classic: bool | dict) -> tuple[dict | 
     """
     if not classic:
         return None, []
+    from gradcamo_dask.cells import plate_spatial_dims
     from gradcamo_dask.profiles.classic import classic_feature_names
 
     channels = [str(c) for c in image["c"].values]
@@ -64,7 +74,8 @@ def classic_settings(image: xr.DataArray, classic: bool | dict) -> tuple[dict | 
     spacing = [float(v) for v in image.attrs.get("spacing_zyx_um", (1.0, 1.0, 1.0))]
     names = classic_feature_names(tuple(channels), options.get("measurements", "default"),
                                   texture_scales=options.get("texture_scales"),
-                                  granularity_length=options.get("granularity_length", 16))
+                                  granularity_length=options.get("granularity_length", 16),
+                                  spatial_dims=plate_spatial_dims(image))
     return {"channels": channels, "spacing": spacing, "options": options}, list(names)
 
 
@@ -82,7 +93,8 @@ def profile_variables(shapes: dict[str, tuple[int, tuple]], layers: list[str], n
         "cam_total": (("layer",), (n_layers,), np.float64),
     }
     for k, name in enumerate(layers):
-        variables[f"cam_lowres_{k}"] = ((f"cam{k}_z", f"cam{k}_y", f"cam{k}_x"), shapes[name][1], np.float32)
+        grid = shapes[name][1]  # (z, y, x), or (y, x) for a 2D model
+        variables[f"cam_lowres_{k}"] = (tuple(f"cam{k}_{a}" for a in "zyx"[-len(grid):]), grid, np.float32)
     if n_classic is not None:
         variables["classic"] = (("classic_feature",), (n_classic,), np.float32)
     return variables
@@ -109,21 +121,43 @@ def site_variables(graph: HighLevelGraph, site_name: str, counts: list[int], var
     return data_vars
 
 
-def table_coords(cells: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
-    """Every cell-table column as a coord on ``cell`` (text as variable-length strings)."""
-    coords = {}
+def table_coords(cells: pd.DataFrame) -> dict[str, Any]:
+    """Every cell-table column as a coord on ``cell`` (text as variable-length strings).
+
+    A text column becomes an object array of one ``str`` per distinct value (a plate
+    has a few hundred wells), shared by all their cells: 8 bytes per cell, made from
+    the column's codes (``pd.factorize``, no Python object per cell), with xarray's
+    variable-length string dtype so that writing it neither scans nor copies it. It is
+    written to Zarr as before (variable-length UTF-8) and reads back as the same text.
+    """
+    coords: dict[str, Any] = {}
     for column in cells.columns:
-        values = cells[column].to_numpy()
-        if values.dtype == object or pd.api.types.is_string_dtype(cells[column]):
-            # variable-length UTF-8 in Zarr v3; all-text columns get one str per distinct value (a plate has a
-            # few hundred), not per cell; others (missing values, mixed types) are converted cell by cell
-            if pd.api.types.infer_dtype(values, skipna=False) != "string":
-                values = np.asarray([str(v) for v in values], dtype=object)
-            else:
-                codes, uniques = pd.factorize(values)
-                values = np.asarray([str(v) for v in uniques], dtype=object)[codes]
-        coords[column] = ("cell", values)
+        text = per_cell_text(cells[column])
+        # fastpath: xarray would otherwise round-trip object arrays through a pandas (Arrow) string Series,
+        # which makes one new str per cell (650 MiB of client memory for 3.5 M cells, bench_scale)
+        coords[column] = ("cell", cells[column].to_numpy()) if text is None else xr.Variable("cell", text,
+                                                                                              fastpath=True)
     return coords
+
+
+def per_cell_text(column: pd.Series) -> np.ndarray | None:
+    """A text column as ``str(value)`` per cell in an object array of xarray's variable-length ``str`` dtype; None
+    for a column that is not text.
+
+    Values that are all text (or missing) share one ``str`` per distinct value; other
+    object columns (mixed types) are converted cell by cell.
+    """
+    from xarray.coding.strings import create_vlen_dtype
+
+    dtype = column.dtype.categories.dtype if isinstance(column.dtype, pd.CategoricalDtype) else column.dtype
+    if not (dtype == object or pd.api.types.is_string_dtype(dtype)):
+        return None
+    vlen = create_vlen_dtype(str)
+    if isinstance(column.dtype, pd.StringDtype) or pd.api.types.infer_dtype(column, skipna=False) in (
+            "string", "empty", "categorical"):
+        codes, uniques = pd.factorize(column, use_na_sentinel=False)
+        return np.asarray([str(v) for v in uniques], dtype=vlen)[codes]
+    return np.asarray([str(v) for v in column.to_numpy()], dtype=vlen)
 
 
 def profile_coords(cells: pd.DataFrame, shapes: dict[str, tuple[int, tuple]], layers: list[str],
@@ -142,23 +176,46 @@ def profile_coords(cells: pd.DataFrame, shapes: dict[str, tuple[int, tuple]], la
     }
 
 
-def cells_key(cells: pd.DataFrame) -> str:
+def cells_key(cells: pd.DataFrame, rows_per_slice: int = 2**18) -> str:
     """SHA-256 of the cells' identity columns, column by column (3.5 M cells in about a second).
 
-    Numbers enter as little-endian int64 / float64 bytes, text as newline-joined UTF-8,
-    each column preceded by its name.
+    Numbers enter as little-endian int64 / float64 bytes, text as newline-joined UTF-8
+    (``str`` of each value), each column preceded by its name. Text is joined in slices
+    of rows from one ``str`` per distinct value: the same bytes as one join of the whole
+    column, without a Python object per cell; ``rows_per_slice`` bounds that memory.
     """
     digest = hashlib.sha256()
     for column in ("well", "site", "object_number", "center_z", "center_y", "center_x", "volume_voxels"):
         if column not in cells:
             continue
-        values = cells[column].to_numpy()
         digest.update(f"\n{column}\n".encode())
+        text = per_cell_text(cells[column])  # before to_numpy, which makes a str per cell of Arrow text
+        values = cells[column].to_numpy() if text is None else text
         if np.issubdtype(values.dtype, np.number):
             kind = "<f8" if np.issubdtype(values.dtype, np.floating) else "<i8"
             digest.update(np.ascontiguousarray(values, dtype=kind).tobytes())
-        else:
-            digest.update("\n".join(map(str, values)).encode())
+            continue
+        text = np.asarray([str(v) for v in values], dtype=object) if text is None else text
+        for start in range(0, len(text), rows_per_slice):
+            digest.update(("\n" if start else "").encode() + "\n".join(text[start:start + rows_per_slice]).encode())
+    return digest.hexdigest()
+
+
+def table_hash(cells: pd.DataFrame, rows_per_slice: int = 2**18) -> str:
+    """SHA-256 of ``pandas.util.hash_pandas_object(cells, index=False)``, computed in slices of rows.
+
+    The row hashes depend on each row alone, so slices give the same bytes as the
+    whole table at once, with a slice's temporaries in memory instead of the table's.
+    An object column of mixed types is the exception (pandas hashes ``1`` as ``True``
+    when both are in the column): such a table is hashed at once.
+    """
+    mixed = any(cells[c].dtype == object and pd.api.types.infer_dtype(cells[c], skipna=True) not in ("string", "empty")
+                for c in cells.columns)
+    rows_per_slice = max(1, len(cells)) if mixed else rows_per_slice
+    digest = hashlib.sha256()
+    for start in range(0, len(cells), rows_per_slice):
+        part = cells.iloc[start:start + rows_per_slice]
+        digest.update(np.ascontiguousarray(pd.util.hash_pandas_object(part, index=False).to_numpy()).tobytes())
     return digest.hexdigest()
 
 
@@ -175,11 +232,12 @@ def scoring_provenance(image: xr.DataArray, labels: xr.DataArray, bundle: Any, c
     plate_path = str(plate_path or image.encoding.get("source", image.attrs.get("source", "")))
     labels_path = str(labels_path or labels.encoding.get("source", labels.attrs.get("source", "")))
     inputs = {"image": input_identity(plate_path, dask_names[0]), "labels": input_identity(labels_path, dask_names[1]),
-              "cell_table": hashlib.sha256(pd.util.hash_pandas_object(cells, index=False).values).hexdigest()}
+              "cell_table": table_hash(cells)}
     return {
         "bundle_path": str(bundle.path), "bundle_hash": bundle.hash, "bundle_classes": list(cfg.classes),
         "model_name": str(cfg.architecture.get("name", "")),  # export column names come from this, never a path
         "layers": layers, "layer_grids": {n: list(shapes[n][1]) for n in layers},
+        "spatial_dims": 2 if image.sizes["z"] == 1 else 3,  # 2D plates export without Location_Center_Z
         "plate": str(image.attrs.get("plate", "plate")), "plate_path": plate_path, "labels_path": labels_path,
         "inputs": inputs, "wells": [str(w) for w in image["well"].values],
         "sites": [int(s) for s in image["site"].values], "n_cells": len(cells), "cells_sha256": cells_sha256,

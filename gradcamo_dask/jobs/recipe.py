@@ -82,10 +82,12 @@ class Recipe:
     Parameters
     ----------
     crop_size : (int or None, int, int)
-        Crop ``(z, y, x)`` in voxels, None = all z-slices (default ``(None, 128, 128)``).
+        Crop ``(z, y, x)`` in voxels, None = all z-slices (default ``(None, 128, 128)``);
+        ``(y, x)`` for a 2D plate (a 3-entry size is read as its last two there).
     input_shape : (int, int, int)
         Model grid ``(z, y, x)`` in voxels the crops are resampled to (default
-        ``(64, 224, 224)``; e.g. ``(16, 48, 48)`` trains in minutes on a CPU).
+        ``(64, 224, 224)``; e.g. ``(16, 48, 48)`` trains in minutes on a CPU); ``(y, x)``
+        for a 2D plate, whose default is ``(224, 224)`` (:func:`~gradcamo_dask.jobs.dimensionality.plate_recipe`).
     epochs : int
         Most passes over the training cells (default 50).
     batch_size : int
@@ -122,6 +124,11 @@ class Recipe:
     head_init_std : float, optional
         Standard deviation of the re-initialised classification weights (default
         0.01: initial loss ln K); None keeps MONAI's U(+-1/sqrt(K)).
+    intensity_scaling : {"crop", "plate"}
+        ``"crop"`` (default, the paper's): each crop's channels min-max rescaled to [0, 1];
+        ``"plate"``: one fixed range per channel fitted on the training sites
+        (:func:`~gradcamo_dask.normalize.fit_intensity_range`), stored in the bundle, so a
+        neighbour's bright phenotype cannot change the cell's own intensities.
     """
 
     crop_size: Sequence[int | None] = (None, 128, 128)
@@ -141,14 +148,15 @@ class Recipe:
     model_options: Mapping[str, Any] | None = None
     batchnorm_momentum: float | str | None = "epoch"
     head_init_std: float | None = 0.01
+    intensity_scaling: str = "crop"
 
     def __post_init__(self) -> None:
         crop = tuple(None if n is None else int(n) for n in self.crop_size)
         grid = tuple(int(n) for n in self.input_shape)
-        if len(crop) != 3 or any(n is not None and n < 1 for n in crop):
-            raise InputError(f"crop_size must be (z or None, y, x) positive voxels, got {self.crop_size}")
-        if len(grid) != 3 or min(grid) < 1:
-            raise InputError(f"input_shape must be (z, y, x) positive voxels, got {self.input_shape}")
+        if len(crop) not in (2, 3) or any(n is not None and n < 1 for n in crop):
+            raise InputError(f"crop_size must be (z or None, y, x) or 2D (y, x) positive voxels, got {self.crop_size}")
+        if len(grid) not in (2, 3) or min(grid) < 1:
+            raise InputError(f"input_shape must be (z, y, x) or 2D (y, x) positive voxels, got {self.input_shape}")
         object.__setattr__(self, "crop_size", crop)
         object.__setattr__(self, "input_shape", grid)
         object.__setattr__(self, "layers", None if self.layers is None else tuple(str(n) for n in self.layers))
@@ -164,6 +172,9 @@ class Recipe:
         momentum = self.batchnorm_momentum
         if momentum not in (None, "epoch") and not isinstance(momentum, (int, float)):
             raise InputError(f"batchnorm_momentum must be 'epoch', a float or None, got {momentum!r}")
+        if self.intensity_scaling not in ("crop", "plate"):
+            raise InputError(f"intensity_scaling must be 'crop' (per-crop min-max, the paper's) or 'plate' (one "
+                             f"fixed range per channel), got {self.intensity_scaling!r}")
         if not isinstance(self.split, Split):
             raise InputError(f"split must be a Split, got {type(self.split).__name__}")
 

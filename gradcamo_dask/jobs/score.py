@@ -361,8 +361,10 @@ def score_plate(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: 
 def _checked_inputs(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: Any,
                     sites_per_task: int) -> tuple[Any, list[str], tuple, dict]:
     """The loaded bundle, the layers, the crop size and the layers' shapes, once the inputs fit each other."""
+    from gradcamo_dask.crop_geometry import zyx_size
     from gradcamo_dask.engine.bundles import Bundle
     from gradcamo_dask.io.layout import check_labels
+    from gradcamo_dask.jobs.dimensionality import check_bundle_dims
 
     if tuple(image.dims) != ("well", "site", "c", "z", "y", "x"):
         raise InputError(f"image must have dims (well, site, c, z, y, x), got {image.dims}")
@@ -373,7 +375,8 @@ def _checked_inputs(image: xr.DataArray, labels: xr.DataArray, bundle: Any, laye
     loaded = bundle if isinstance(bundle, Bundle) else cached_bundle(str(bundle), None, "cpu")
     cfg = loaded.config
     loaded.check_fits(channels=[str(c) for c in image["c"].values])
-    crop_size = tuple(None if n is None else int(n) for n in cfg.crop_shape)
+    check_bundle_dims(loaded, image)  # a 3D bundle on a 2D plate, or the reverse: DimensionalityError
+    crop_size = zyx_size(tuple(None if n is None else int(n) for n in cfg.crop_shape))
     zyx = tuple(int(image.sizes[d]) for d in "zyx")
     if crop_size[0] is not None and crop_size[0] != zyx[0] and crop_size[0] > zyx[0]:
         raise BundleMismatchError(f"bundle expects crops of {crop_size} voxels, plate {plate!r} sites are only "
@@ -421,15 +424,25 @@ def site_tasks(image: xr.DataArray, labels: xr.DataArray, cells: pd.DataFrame, s
     base, counts = site_graph(image, labels, cells, _score_block, site_name,
                               lambda w, s: ({**spec, "well": w, "site": s},))
     if sites_per_task > 1:
-        tasks = dict(base.layers[site_name])
-        group_name = f"score-sites-{token}"
-        for g in range(0, len(counts), sites_per_task):
-            members = [tasks[(site_name, k)] for k in range(g, min(g + sites_per_task, len(counts)))]
-            tasks[(group_name, g)] = (_score_group_blocks, [m[1] for m in members], [m[2] for m in members],
-                                      [m[3] for m in members], [m[4] for m in members])
-            for j in range(len(members)):
-                tasks[(site_name, g + j)] = (operator.getitem, (group_name, g), j)
-        base = HighLevelGraph({**base.layers, site_name: tasks}, dict(base.dependencies))
-    # one site (or group of sites) per GPU where workers advertise GPU=1; a group's picks carry it too (trivial)
-    base = restrict_sites_to_gpus(base, site_name, client)
-    return base, site_name, counts
+        base = _grouped(base, site_name, f"score-sites-{token}", len(counts), sites_per_task)
+        # one group of sites per GPU; the picks of a group's results are trivial and run anywhere
+        return restrict_sites_to_gpus(base, f"score-sites-{token}", client), site_name, counts
+    # one site per GPU where workers advertise GPU=1
+    return restrict_sites_to_gpus(base, site_name, client), site_name, counts
+
+
+def _grouped(base: HighLevelGraph, site_name: str, group_name: str, n_sites: int, per_task: int) -> HighLevelGraph:
+    """``base`` with its site tasks run in groups: layer ``group_name`` holds a task ``(group_name, g)`` per
+    ``per_task`` sites, and layer ``site_name`` only picks site ``k``'s result from its group (own layer, so
+    that a GPU restriction on the groups does not reach the picks)."""
+    tasks = base.layers[site_name]
+    groups, picks = {}, {}
+    for g in range(0, n_sites, per_task):
+        members = [tasks[(site_name, k)] for k in range(g, min(g + per_task, n_sites))]
+        groups[(group_name, g)] = (_score_group_blocks, [m[1] for m in members], [m[2] for m in members],
+                                   [m[3] for m in members], [m[4] for m in members])
+        for j in range(len(members)):
+            picks[(site_name, g + j)] = (operator.getitem, (group_name, g), j)
+    layers = {**base.layers, group_name: groups, site_name: picks}
+    dependencies = {**base.dependencies, group_name: set(base.dependencies[site_name]), site_name: {group_name}}
+    return HighLevelGraph(layers, dependencies)

@@ -41,9 +41,11 @@ from gradcamo_dask.jobs.checkpoint import (
     save_json,
     save_tensors,
 )
+from gradcamo_dask.jobs.dimensionality import plate_recipe
 from gradcamo_dask.jobs.epochs import Batches, evaluate_split, seed_of, train_epoch
 from gradcamo_dask.jobs.recipe import Recipe
 from gradcamo_dask.jobs.trainset import SiteReader, assign_split, check_wells, combine_normalization
+from gradcamo_dask.normalize import fit_intensity_range
 from gradcamo_dask.provenance import package_versions
 
 __all__ = ["Recipe", "informative_layer", "train"]
@@ -173,6 +175,8 @@ def _fingerprint(plate: str, channels: list[str], cells: _Cells, recipe: Recipe,
         "regularizer_target": r.regularizer_target if r.regularizer else None,
         "model_options": dict(r.model_options or {}), "batchnorm_momentum": r.batchnorm_momentum,
         "head_init_std": r.head_init_std,
+        # only when not the paper's, so that checkpoints made before the option existed still resume
+        **({"intensity_scaling": r.intensity_scaling} if r.intensity_scaling != "crop" else {}),
     }))
 
 
@@ -201,21 +205,41 @@ def _save_checkpoint(files: CheckpointFiles, fingerprint: dict, model: nn.Module
         "stale": state.stale, "normalization": state.normalization, "optimizer": opt_meta})
 
 
-def _crop_reader(image: Any, labels: Any, cells: _Cells, recipe: Recipe, cache: bool | None) -> SiteReader:
+def _crop_reader(image: Any, labels: Any, cells: _Cells, recipe: Recipe, cache: bool | None,
+                 resumed: dict | None) -> SiteReader:
+    """The training crops' reader; with ``intensity_scaling="plate"``, its fixed range (the checkpoint's
+    normalisation ``resumed`` when resuming) is set before any crop is read (the reader caches crops)."""
     channels = image.sizes["c"]
     per_cell = channels * math.prod(recipe.input_shape) * 4 + math.prod(
         n if n is not None else image.sizes["z"] for n in recipe.crop_size)
     if cache is None:  # keep crops in memory across epochs when they take under 2 GiB
         cache = sum(cells.counts.values()) * per_cell < 2 * 2**30
     table = cells.table
-    return SiteReader(image, labels, table[table["split"] != ""], recipe.crop_size, recipe.input_shape, cache=cache)
+    reader = SiteReader(image, labels, table[table["split"] != ""], recipe.crop_size, recipe.input_shape, cache=cache)
+    if recipe.intensity_scaling == "plate":
+        reader.intensity_range = _plate_intensity_range(reader, resumed)
+    return reader
 
 
 def _training_normalization(reader: SiteReader) -> dict:
     split_of = reader.table["split"].to_numpy()
     parts = [(int((split_of[d.rows] == "train").sum()), d.normalization)
              for _k, d in reader.stream(reader.sites(["train"])) if d.normalization is not None]
-    return combine_normalization(parts)
+    return combine_normalization(parts) | dict(reader.intensity_range or {})
+
+
+#: Training sites sampled (evenly, in table order) to fit a plate's fixed intensity range.
+RANGE_SITES = 32
+
+
+def _plate_intensity_range(reader: SiteReader, resumed: dict | None) -> dict:
+    """The fixed range of ``intensity_scaling="plate"``: the checkpoint's when resuming, else fitted on
+    up to :data:`RANGE_SITES` training sites."""
+    if resumed is not None:
+        return {"low": resumed["low"], "high": resumed["high"]}
+    keys = reader.sites(["train"])
+    keys = [keys[i] for i in np.unique(np.linspace(0, len(keys) - 1, min(RANGE_SITES, len(keys))).astype(int))]
+    return fit_intensity_range(reader.raw_site(k) for k in keys)
 
 
 @dataclass
@@ -313,7 +337,7 @@ def train(
     channels_last: bool | None = None,
     progress: bool = True,
 ) -> Path:
-    """Train EfficientNet-B0 3D on a plate by a recipe; returns the path of the model bundle.
+    """Train EfficientNet-B0 3D (2D on a 2D plate) on a plate by a recipe; returns the path of the model bundle.
 
     Parameters
     ----------
@@ -362,13 +386,14 @@ def train(
         raise InputError(f"train() takes a Recipe as its third argument, got {type(recipe).__name__}; "
                          "pass a platemap as platemap=")
     pm = _platemap(image, labels, platemap)
+    recipe = plate_recipe(recipe, image)  # a 2D plate trains efficientnet2d on (y, x) crops
     plate, channels = str(image.attrs.get("plate", "plate")), [str(c) for c in image["c"].values]
     cells = _split_cells(labels, pm, recipe)
     files = CheckpointFiles(checkpoint_dir if checkpoint_dir is not None else Path(out) / "checkpoint")
     run, bundle_layers = _start(plate, channels, cells, recipe, files, device, channels_last, autocast, progress)
     state = _resume(files, run.fingerprint, run.model, run.optimizer) if resume and files.state.is_file() else _State()
     files.folder.mkdir(parents=True, exist_ok=True)
-    reader = _crop_reader(image, labels, cells, recipe, cache)
+    reader = _crop_reader(image, labels, cells, recipe, cache, state.normalization)
     try:
         stopped, test = _fit_then_test(run, state, reader, cells, recipe, bundle_layers[0])
     finally:

@@ -189,6 +189,7 @@ class SiteReader:
         for (w, s), idx in table.groupby(["well", "site"], sort=False).indices.items():
             self.groups[(str(w), int(s))] = np.asarray(idx)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradcamo-train-read")
+        self.intensity_range: dict | None = None  # {"low", "high"}: fixed rescaling (scaling="plate")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -206,21 +207,26 @@ class SiteReader:
         w, s = key
         idx = self.groups[key]
         wi, si = self._wells[w], self._sites[s]
-        image_site = np.asarray(self.image.data[wi, si].compute())
+        image_site = self.raw_site(key)
         labels_site = np.asarray(self.labels.data[wi, si].compute())
         cells = self.table.iloc[idx]
         crops, masks = crop_site(image_site, labels_site, cells, self.crop_size,
                                  plate=str(self.image.attrs.get("plate", "plate")), well=w, site=s)
-        crops = rescale_crops(crops)
+        crops = rescale_crops(crops, intensity_range=self.intensity_range)
         is_train = (cells["split"] == "train").to_numpy()
         norm = fit_normalization(crops[is_train], rescaled=True) if is_train.any() else None
         x = torch.from_numpy(np.ascontiguousarray(crops))
         if tuple(x.shape[2:]) != self.input_shape:
-            x = F.interpolate(x, size=self.input_shape, mode="trilinear", align_corners=False)
+            mode = "trilinear" if x.ndim == 5 else "bilinear"  # 2D plates: (n, c, y, x) crops
+            x = F.interpolate(x, size=self.input_shape, mode=mode, align_corners=False)
         data = SiteData(x.contiguous(), torch.from_numpy(np.ascontiguousarray(masks)), idx, norm)
         if self.cache:
             self._cache[key] = data
         return data
+
+    def raw_site(self, key: tuple[str, int]) -> np.ndarray:
+        """One site's raw image ``(c, z, y, x)``, as stored (read from the plate, not cached)."""
+        return np.asarray(self.image.data[self._wells[key[0]], self._sites[key[1]]].compute())
 
     def stream(self, keys: Sequence[tuple[str, int]]) -> Iterator[tuple[tuple[str, int], SiteData]]:
         """Sites in the given order, the next one read in the background meanwhile."""

@@ -1,4 +1,4 @@
-"""Classic CellProfiler measurements of single cells in 3D, with ``cp_measure``.
+"""Classic CellProfiler measurements of single cells in 3D (or 2D), with ``cp_measure``.
 
 Each cell is measured on its own crop and central-cell mask, the same arrays the
 model sees (:func:`gradcamo_dask.cells.crop_site`), so classic and deep features
@@ -163,11 +163,12 @@ def _rename(kind: str, name: str, channel: str | None) -> str:
     raise AssertionError(kind)
 
 
-def _functions() -> dict[str, Any]:
-    from cp_measure.bulk import get_core_measurements_3d
+def _functions(spatial_dims: int = 3) -> dict[str, Any]:
+    from cp_measure.bulk import get_core_measurements, get_core_measurements_3d
 
-    # Our masks hold one object labelled 1: cp_measure's relabelling is not needed.
-    return get_core_measurements_3d(sanitize=False)
+    # Our masks hold one object labelled 1: cp_measure's relabelling is not needed. 2D crops (one z slice)
+    # get CellProfiler's 2D measurements (Area, Perimeter, 4 texture directions...), as its 2D pipelines do.
+    return (get_core_measurements_3d if spatial_dims == 3 else get_core_measurements)(sanitize=False)
 
 
 def _convex_voxels(mask: np.ndarray) -> float:
@@ -206,7 +207,7 @@ def _texture_by_direction(mask: np.ndarray, image: np.ndarray, scale: int) -> di
     names = [f"{name}_{scale}_{{:02d}}_{GRAY_LEVELS}" for name in _HARALICK]
     out = {}
     size = int(levels.max()) + 1  # as mahotas.haralick (cooccurence's own default overflows uint8 at 255)
-    for direction in range(13):
+    for direction in range(13 if levels.ndim == 3 else 4):  # mahotas: 13 directions in 3D, 4 in 2D
         cmat = np.zeros((size, size), np.int32)
         texture.cooccurence(levels, direction, output=cmat, distance=scale, symmetric=True)
         cmat[0, :] = 0
@@ -227,7 +228,7 @@ def _measure_cell(
     scales: tuple[int, ...],
     granularity_length: int,
 ) -> dict[str, float]:
-    """All chosen measurements of one cell: ``mask`` (z, y, x) int32 of 0/1, ``pixels`` (c, z, y, x) in [0, ~1]."""
+    """All chosen measurements of one cell: ``mask`` ([z,] y, x) int32 of 0/1, ``pixels`` (c, [z,] y, x) in [0, ~1]."""
     out: dict[str, float] = {}
 
     def put(kind: str, result: dict, channel: str | None) -> None:
@@ -239,8 +240,8 @@ def _measure_cell(
     if "sizeshape" in chosen:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a flat cell's 3D hull: qhull's note and a division by 0
-            put("sizeshape", functions["sizeshape"](mask, None, spacing=spacing), None)
-        if not out.get("AreaShape_ConvexArea", 1.0) > 0:  # flat cell: its hull is 2D
+            put("sizeshape", functions["sizeshape"](mask, None, spacing=spacing if mask.ndim == 3 else None), None)
+        if mask.ndim == 3 and not out.get("AreaShape_ConvexArea", 1.0) > 0:  # flat cell: its hull is 2D
             out["AreaShape_ConvexArea"] = _convex_voxels(mask)
             out["AreaShape_Solidity"] = out["AreaShape_Volume"] / out["AreaShape_ConvexArea"]
     for c, channel in enumerate(channels):
@@ -261,16 +262,17 @@ def _measure_cell(
 
 
 @lru_cache(maxsize=32)
-def _raw_keys(kind: str, option: int) -> tuple[str, ...]:
-    # The names come from cp_measure itself, measured once per kind on a small ball
-    # (one channel), so that they always match what it returns and an empty site
+def _raw_keys(kind: str, option: int, spatial_dims: int = 3) -> tuple[str, ...]:
+    # The names come from cp_measure itself, measured once per kind on a small ball (a disk in 2D;
+    # one channel), so that they always match what it returns and an empty site
     # still knows its columns. ``option``: the texture scale or the spectrum length.
     zz, yy, xx = np.mgrid[:12, :16, :16]
     mask = (((zz - 5.5) / 4.5) ** 2 + ((yy - 7.5) / 6) ** 2 + ((xx - 7.5) / 6) ** 2 <= 1).astype(np.int32)
+    mask = mask if spatial_dims == 3 else mask[6]
     pixels = 0.2 + 0.6 * np.random.default_rng(0).random(mask.shape)
-    functions = _functions()
+    functions = _functions(spatial_dims)
     if kind == "sizeshape":
-        result = functions[kind](mask, None, spacing=(1.0, 1.0, 1.0))
+        result = functions[kind](mask, None, spacing=(1.0, 1.0, 1.0) if spatial_dims == 3 else None)
     elif kind == "texture":
         result = functions[kind](mask, pixels, scale=option, gray_levels=GRAY_LEVELS)
     elif kind == "granularity":
@@ -281,16 +283,16 @@ def _raw_keys(kind: str, option: int) -> tuple[str, ...]:
 
 
 def _names(channels: tuple[str, ...], chosen: tuple[str, ...], scales: tuple[int, ...],
-           granularity_length: int) -> list[str]:
-    names = [_rename("sizeshape", k, None) for k in _raw_keys("sizeshape", 0)] if "sizeshape" in chosen else []
+           granularity_length: int, dims: int = 3) -> list[str]:
+    names = [_rename("sizeshape", k, None) for k in _raw_keys("sizeshape", 0, dims)] if "sizeshape" in chosen else []
     for channel in channels:
         if "intensity" in chosen:
-            names += [_rename("intensity", k, channel) for k in _raw_keys("intensity", 0)]
+            names += [_rename("intensity", k, channel) for k in _raw_keys("intensity", 0, dims)]
         if "texture" in chosen:
             for scale in scales:
-                names += [_rename("texture", k, channel) for k in _raw_keys("texture", scale)]
+                names += [_rename("texture", k, channel) for k in _raw_keys("texture", scale, dims)]
         if "granularity" in chosen:
-            names += [_rename("granularity", k, channel) for k in _raw_keys("granularity", granularity_length)]
+            names += [_rename("granularity", k, channel) for k in _raw_keys("granularity", granularity_length, dims)]
     return names
 
 
@@ -300,10 +302,12 @@ def classic_feature_names(
     *,
     texture_scales: Sequence[int] | None = None,
     granularity_length: int = 16,
+    spatial_dims: int = 3,
 ) -> list[str]:
-    """The feature names :func:`site_classic_features` returns for these options, in order."""
+    """The feature names :func:`site_classic_features` returns for these options, in order
+    (``spatial_dims=2``: CellProfiler's 2D measurements, for crops of 2D plates)."""
     chosen, scales = _resolve(measurements, texture_scales)
-    return _names(tuple(str(c) for c in channels), chosen, scales, int(granularity_length))
+    return _names(tuple(str(c) for c in channels), chosen, scales, int(granularity_length), int(spatial_dims))
 
 
 def site_classic_features(
@@ -322,9 +326,10 @@ def site_classic_features(
 
     Parameters
     ----------
-    crops : array (cell, c, z, y, x)
+    crops : array (cell, c, z, y, x), or 2D (cell, c, y, x)
         Raw intensities as from :func:`~gradcamo_dask.cells.crop_site` (not normalised).
-        CuPy arrays are copied to the host (cp_measure runs on the CPU).
+        CuPy arrays are copied to the host (cp_measure runs on the CPU). 2D crops get
+        CellProfiler's 2D measurements (``AreaShape_Area``, 4 texture directions).
     masks : array (cell, z, y, x) of bool
         Central-cell masks on the crop grid.
     channels : sequence of str
@@ -358,7 +363,7 @@ def site_classic_features(
     crops, masks, channels, spacing = _checked_site_inputs(crops, masks, channels, spacing_zyx_um,
                                                            intensity_max, margin)
     chosen, scales = _resolve(measurements, texture_scales)
-    names = list(_names(tuple(channels), chosen, scales, int(granularity_length)))
+    names = list(_names(tuple(channels), chosen, scales, int(granularity_length), crops.ndim - 2))
     values = np.full((crops.shape[0], len(names)), np.nan, dtype=np.float32)
     if crops.shape[0] == 0:
         return names, values
@@ -374,8 +379,8 @@ def _checked_site_inputs(crops: Any, masks: Any, channels: Sequence[str], spacin
     crops = to_numpy(crops)
     masks = to_numpy(masks)
     channels = [str(c) for c in channels]
-    if crops.ndim != 5:
-        raise InputError(f"crops must be (cell, c, z, y, x), got shape {crops.shape}")
+    if crops.ndim not in (4, 5):
+        raise InputError(f"crops must be (cell, c, z, y, x) or 2D (cell, c, y, x), got shape {crops.shape}")
     if masks.shape != (crops.shape[0], *crops.shape[2:]):
         raise InputError(f"masks {masks.shape} do not match crops {crops.shape}: expected (cell, z, y, x) = "
                          f"{(crops.shape[0], *crops.shape[2:])}")
@@ -400,7 +405,7 @@ def _fill_site_rows(values: np.ndarray, names: list[str], crops: np.ndarray, mas
     times ``scale`` (1 / intensity_max), writing row i of ``values`` (cell, feature) in place; cells with
     an empty mask stay NaN. ``options``: ``chosen``, ``scales`` and ``granularity_length``."""
     column = {name: j for j, name in enumerate(names)}
-    functions = _functions()
+    functions = _functions(crops.ndim - 2)
     for i in range(crops.shape[0]):
         mask = masks[i] != 0
         if not mask.any():
@@ -468,7 +473,8 @@ def classic_features(
         options["intensity_max"] = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else 1.0
     names = classic_feature_names(channels, options.get("measurements", "default"),
                                   texture_scales=options.get("texture_scales"),
-                                  granularity_length=options.get("granularity_length", 16))
+                                  granularity_length=options.get("granularity_length", 16),
+                                  spatial_dims=2 if image.sizes["z"] == 1 else 3)
     crops, masks = extract_crops(image, labels, cells, size)
     blocks = []
     for crop_block, mask_block, n in zip(crops.to_delayed().ravel(), masks.to_delayed().ravel(), crops.chunks[0]):

@@ -7,7 +7,9 @@ One row per cell, columns:
 * every other cell-table column as ``Metadata_<column>`` (``Metadata_treatment``,
   ``Metadata_dose``, ``Metadata_is_control``, ``Metadata_volume_voxels``, ... : the
   names pycytominer's ``annotate`` gives platemap columns);
-* ``Cells_Location_Center_X/Y/Z`` from the cell table (voxels; CellProfiler's pixels);
+* ``Cells_Location_Center_X/Y/Z`` from the cell table (voxels; CellProfiler's pixels); profiles
+  of a 2D plate (provenance ``spatial_dims`` 2) have no ``Location_Center_Z`` and no z bounding box,
+  as CellProfiler's 2D output;
 * classic features as ``Cells_<name>`` (``Cells_AreaShape_Volume``,
   ``Cells_Intensity_MeanIntensity_DNA``, ``Cells_Texture_..._DNA_3_00_256``, ...);
 * deep features as ``Cells_<Model>_<Layer>_<i>``: model and layer names are made
@@ -193,15 +195,17 @@ def _metadata_columns(profiles: xr.Dataset, compartment: str) -> dict[str, Any]:
         values = np.asarray(profiles[coord].values)
         columns[name] = str_values(values) if coord in ("plate", "well") else values.astype(np.int64)
     # the 'cell' index itself (a row number, as score_plate sets it) is not a cell-table column
+    flat = int(read_provenance(profiles).get("spatial_dims", 3)) == 2  # a 2D plate: no z, as CellProfiler 2D
+    z_columns = ("center_z", "bbox_z0", "bbox_z1") if flat else ()
     cell_coords = [c for c, v in profiles.coords.items() if v.dims == ("cell",) and c not in KEY_COLUMNS
-                   and c not in ("cell", "center_x", "center_y", "center_z")]
+                   and c not in ("cell", "center_x", "center_y", "center_z", *z_columns)]
     # one order whatever order the store lists its coords in: the cell table's, then by name
     rank = {c: i for i, c in enumerate(GEOMETRY_COLUMNS)}
     cell_coords.sort(key=lambda c: (rank.get(c, len(rank)), c))
     for coord in cell_coords:
         values = np.asarray(profiles[coord].values)
         columns[f"Metadata_{coord}"] = str_values(values) if values.dtype.kind in "OUST" else values
-    for axis in ("X", "Y", "Z"):
+    for axis in ("X", "Y") if flat else ("X", "Y", "Z"):
         coord = f"center_{axis.lower()}"
         if coord in profiles.coords:
             columns[f"{compartment}_Location_Center_{axis}"] = np.asarray(profiles[coord].values, dtype=np.float64)

@@ -216,9 +216,12 @@ def _gallery_examples(profiles: xr.Dataset, layer: str, per_bin: int, channel: s
         site_labels = np.asarray(labels.sel(well=well, site=site).values)
         table = pd.DataFrame({c: coords[c][rows] for c in ("object_number", "center_z", "center_y", "center_x")})
         crops, masks = crop_site(site_image, site_labels, table, size, well=well, site=site)
+        if crops.ndim == 4:  # a 2D plate: shown as one z slice (trilinear upsampling of one slice is bilinear)
+            crops, masks = crops[:, :, None], masks[:, None]
         for j, i in enumerate(rows):
             crops_of[i] = (crops[j, c_index], masks[j])
     cams = np.asarray(profiles[cam_name].isel(cell=wanted).values, dtype=np.float32)
+    cams = cams[:, None] if cams.ndim == 3 else cams  # 2D maps (cell, y, x) as one z slice, like the crops
     cam_of = {i: cams[j] for j, i in enumerate(wanted)}
     rows_out, differences, cells_shown = [], [], []
     for label, idx in picks:

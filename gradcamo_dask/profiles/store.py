@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -109,33 +110,43 @@ def _write_chunk(path: str, index: int, start: int, stop: int, names: list[str],
 
 def _write_graph(ds: xr.Dataset, path: str, bounds: list[tuple[int, int]], todo: list[int], names: list[str],
                  token: str) -> list:
-    """Delayed write tasks that depend directly on the site blocks they need.
+    """Delayed write tasks, one per Zarr cell-chunk, each depending directly on the site blocks it needs.
 
-    Built by hand rather than with ``dask.delayed(f)(array[a:b])``: delayed
-    finalises each array argument with its own optimisation, which fuses the
+    The tasks are one new layer on top of the score graph's layers, which are shared,
+    never copied into one dict; a resumed store culls them layer by layer to the sites
+    its chunks still need. Built by hand rather than with ``dask.delayed(f)(array[a:b])``:
+    delayed finalises each array argument with its own optimisation, which fuses the
     site task into every variable's chain and runs it once per variable.
     """
     from dask.delayed import Delayed
-    from dask.optimization import cull
 
     arrays = [ds[name].data for name in names]
-    graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays])) if arrays else {}
-    offsets = [np.concatenate([[0], np.cumsum(a.chunks[0])]).astype(int) for a in arrays]
-    keys = []
-    for i in todo:
-        start, stop = bounds[i]
-        parts, cuts = [], []
-        for array, off in zip(arrays, offsets):
-            tail = (0,) * (array.ndim - 1)
-            first, last = np.searchsorted(off, start, side="right") - 1, np.searchsorted(off, stop, side="left")
-            blocks = [b for b in range(max(0, first), last) if off[b] < stop and off[b + 1] > start]
-            parts.append([(array.name, b, *tail) for b in blocks])
-            cuts.append([(max(start, off[b]) - off[b], min(stop, off[b + 1]) - off[b]) for b in blocks])
-        key = f"write-profiles-{token}-{i}"
-        graph[key] = (_write_chunk, path, i, start, stop, names, parts, cuts)
-        keys.append(key)
-    culled, _ = cull(graph, keys)
-    return [Delayed(key, culled) for key in keys]
+    if not todo:
+        return []
+    graph = HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays])
+    layer = f"write-profiles-{token}"
+    offsets = [np.concatenate([[0], np.cumsum(a.chunks[0])]).astype(np.int64) for a in arrays]  # cells per block
+    tasks = {(layer, i): _write_task(arrays, offsets, names, path, i, bounds[i]) for i in todo}
+    depends = {a.name for a in arrays}
+    if len(todo) < len(bounds):  # resumed: only the site blocks these chunks read (cull renames the layers)
+        graph = graph.cull({key for task in tasks.values() for keys in task[6] for key in keys})
+        depends = set(graph.layers)
+    graph = HighLevelGraph({**graph.layers, layer: tasks}, {**graph.dependencies, layer: depends})
+    return [Delayed(key, graph, layer=layer) for key in tasks]
+
+
+def _write_task(arrays: list, offsets: list, names: list[str], path: str, index: int,
+                bound: tuple[int, int]) -> tuple:
+    """The task writing cells ``bound = [start, stop)``: the site blocks of every variable that overlap it."""
+    start, stop = bound
+    parts, cuts = [], []
+    for array, off in zip(arrays, offsets):
+        tail = (0,) * (array.ndim - 1)
+        first, last = int(np.searchsorted(off, start, side="right")) - 1, int(np.searchsorted(off, stop, side="left"))
+        blocks = [b for b in range(max(0, first), last) if off[b] < stop and off[b + 1] > start]
+        parts.append([(array.name, b, *tail) for b in blocks])
+        cuts.append([(int(max(start, off[b]) - off[b]), int(min(stop, off[b + 1]) - off[b])) for b in blocks])
+    return (_write_chunk, path, index, start, stop, names, parts, cuts)
 
 
 def _chunks_to_write(ds: xr.Dataset, path: Any, fingerprint: str, chunk_cells: int,
@@ -146,11 +157,24 @@ def _chunks_to_write(ds: xr.Dataset, path: Any, fingerprint: str, chunk_cells: i
     if resume:
         chunk_cells = int(_open_group(path, "r").attrs[CHUNK_ATTR])
     bounds = _chunk_bounds(int(ds.sizes["cell"]), chunk_cells)
-    if not resume:
+    if not resume:  # a new template has no chunk marked done: not read back (a 3.5 M-cell plate: 6,912 markers)
         _write_template(ds, path, fingerprint, chunk_cells, len(bounds))
-    group = _open_group(path, "r+")
-    done = np.asarray(group[DONE_ARRAY][:]) if bounds else np.zeros(0)
+        return bounds, list(range(len(bounds)))
+    done = _done_markers(path)
     return bounds, [i for i in range(len(bounds)) if not done[i]]
+
+
+def _done_markers(path: Any) -> np.ndarray:
+    """The store's done marker per cell-chunk (bool), without reading a file per marker when none is on disk.
+
+    Markers are only ever written as 1, so their chunks on disk (one listing) say how
+    many are done; reading them all costs a file each (about 3 CPU s for the 6,912 of
+    a 3.5 M-cell plate, bench_scale), so that is done only when some are there.
+    """
+    markers = _open_group(path, "r")[DONE_ARRAY]
+    if markers.nchunks_initialized == 0:
+        return np.zeros(markers.shape[0], dtype=bool)
+    return np.asarray(markers[:]).astype(bool)
 
 
 def write_profiles(
@@ -162,6 +186,7 @@ def write_profiles(
     chunk_cells: int = DEFAULT_CHUNK_CELLS,
     progress: bool = False,
     check: bool = True,
+    wait_for_first_worker: Any = None,
 ) -> dict:
     """Write profiles to Zarr, resumably; ``xarray.open_zarr(path)`` reads them back.
 
@@ -194,6 +219,9 @@ def write_profiles(
         First prove that every worker can write ``path``
         (:func:`~gradcamo_dask.io.storage.check_writable`); False when the caller
         already did, before scoring.
+    wait_for_first_worker : callable, optional
+        ``f(client)`` waiting for a first worker when there is none at the check (e.g.
+        ``jobs.joining.wait_for_workers`` with a timeout); None: refused at once.
 
     Returns
     -------
@@ -218,14 +246,15 @@ def write_profiles(
     names = [name for name in ds.data_vars]
     state = check_output_store(path, overwrite=overwrite, fingerprint=fingerprint)
     if check:
-        check_writable(path, client)  # every worker can write there, before any site work
+        # every worker can write there, before any site work
+        check_writable(path, client, wait_for_first_worker=wait_for_first_worker)
     bounds, todo = _chunks_to_write(ds, path, fingerprint, chunk_cells, resume=state == "resume")
     tasks = _write_graph(ds, str(path), bounds, todo, names, tokenize(fingerprint, str(path), time.time()))
     if tasks:
         _run(tasks, client, progress)
-    group = _open_group(path, "r+")
-    if bool(np.all(np.asarray(group[DONE_ARRAY][:]))):
-        group.attrs[COMPLETE_ATTR] = True
+    markers = _open_group(path, "r")[DONE_ARRAY]
+    if markers.nchunks_initialized == markers.nchunks and bool(np.all(_done_markers(path))):
+        _open_group(path, "r+").attrs[COMPLETE_ATTR] = True
     return {"n_cells": n_cells, "chunks": len(bounds), "written": len(todo), "skipped": len(bounds) - len(todo),
             "seconds": time.perf_counter() - started}
 
@@ -304,16 +333,7 @@ def _write_template(ds: xr.Dataset, path: Any, fingerprint: str, chunk_cells: in
 
 def _run(tasks: list, client: Any, progress: bool) -> None:
     if client is not None:
-        futures = client.compute(tasks, optimize_graph=False)
-        try:
-            if progress:
-                from distributed import progress as show
-
-                show(futures)
-            client.gather(futures)
-        except BaseException:
-            client.cancel(futures)  # a failed run (full disk, bad site) stops starting new chunks
-            raise
+        _run_on_cluster(tasks, client, progress)
         return
     try:
         from distributed import default_client
@@ -329,6 +349,36 @@ def _run(tasks: list, client: Any, progress: bool) -> None:
             dask.compute(*tasks, optimize_graph=False)
     else:
         dask.compute(*tasks, optimize_graph=False)
+
+
+def _run_on_cluster(tasks: list, client: Any, progress: bool) -> None:
+    """Run the chunk writes on ``client``, letting go of each one as soon as it is written.
+
+    A written chunk is on disk (marker set), so its future is released at once: a
+    worker that leaves later (its lifetime or walltime ended, with no other worker free
+    to take its data) then costs nothing already written. Holding every future until
+    the end, as ``client.gather`` does, made Dask recompute the chunks and sites such a
+    worker had finished: with lifetimes not much longer than the run, work was lost at
+    every turnover and the run stalled near its end (issue #18, 30 of 31 chunks).
+    """
+    from distributed import as_completed
+
+    futures = client.compute(tasks, optimize_graph=False)
+    if not futures:  # as_completed([]) would look for a default client, and there may be none
+        return
+    done, total = 0, len(futures)
+    try:
+        for future in as_completed(futures):
+            future.result()  # a chunk that failed (full disk, bad site) is raised here
+            futures.remove(future)
+            future.release()
+            done += 1
+            if progress:
+                print(f"\rchunks written: {done}/{total}", end="" if done < total else "\n", file=sys.stderr,
+                      flush=True)
+    except BaseException:
+        client.cancel(futures)  # a failed run (full disk, bad site) stops starting new chunks
+        raise
 
 
 def open_profiles(path: Any) -> xr.Dataset:

@@ -114,6 +114,13 @@ def train_out_is_the_plate(p):
 
 
 @case()
+def train_out_is_a_user_folder(p):
+    folder = _user_folder(p["root"])
+    return Case(["train", p["plate"], "--out", folder, "--epochs", "1"], errors.OutputStoreError,
+                (folder, "notes.txt", "not a gradcamo-dask training output"))
+
+
+@case()
 def report_out_is_the_plate(p):
     return Case(["report", p["root"] / "profiles.zarr", "--out", p["plate"], "--plate", p["plate"]],
                 errors.OutputStoreError, ("is the plate",))

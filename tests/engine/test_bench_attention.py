@@ -1,5 +1,5 @@
-"""The ground-truth attention benchmark's quick mode runs end to end (under a minute on a quiet 2-core
-machine) and writes a complete report."""
+"""The ground-truth attention benchmark's quick mode runs end to end (about a minute and a half on a quiet
+2-core machine, the ViT row included) and writes a complete report."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import json
 import math
 import sys
 
+import pytest
+
 from tests.helpers.paths import REPO
 
 
 def test_bench_attention_quick_mode_writes_a_complete_report(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
+        import attention_vit
         import bench_attention
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
@@ -45,3 +48,31 @@ def test_bench_attention_quick_mode_writes_a_complete_report(tmp_path):
     md = (tmp_path / "bench_attention_quick.md").read_text()
     assert report["by_target"]["true"] and report["by_target"]["predicted"]
     assert "Cohen's d" in md and "score / uniform" in md and "uniform" in md and report["best_layer"] in md
+    check_transformer_row(report, md, attention_vit.SOURCES)
+
+
+def check_transformer_row(report: dict, md: str, sources: tuple) -> None:
+    """Issue #17's ViT row: every attention source scored on the same held-out cells as the CNN rows."""
+    assert set(sources) == {"cls_attention", "rollout", "gradcam_tokens"}
+    row = report["transformer"]
+    assert row["seeds"] == [0] and row["architecture"]["architecture"] == "vit"
+    # 12 x 48 x 48 model grid in patches of 4 x 8 x 8
+    assert row["patch_grid"] == [3, 6, 6] and row["localises"] is True
+    cells = report["test_cells"]
+    for name, population in (("in_cell", "responders"), ("off_cell", "bystanders")):
+        m = row["models"][name]
+        # the same held-out cells as the CNN rows: same count, same uniform-map reference
+        assert m["n"] == cells[population]
+        assert m["uniform"]["mean"] == pytest.approx(report["uniform_map_reference"][name]["mean"], rel=1e-9)
+        assert 0 <= m["accuracy"] <= 1 and 0.5 <= m["accuracy_chance"] < 1
+        for source in sources:
+            v = m[source]
+            assert v["n"] == m["n"] and 0 <= v["n_undefined"] < v["n"]
+            assert 0 < v["mean"] < 1 and v["sd"] >= 0 and 0 <= v["share_on_target"] <= 1
+    for source in sources:
+        assert math.isfinite(row["cohens_d"][source]) and math.isfinite(row["cohens_d_over_uniform"][source])
+        assert f"| {source} |" in md
+    # the three sources are different maps: their mean scores differ
+    assert len({round(row["models"]["in_cell"][s]["mean"], 6) for s in sources}) == 3
+    assert {r["model"] for r in row["per_seed"]} == {"in_cell", "off_cell"}
+    assert "Transformer row" in md and "test accuracy (chance)" in md

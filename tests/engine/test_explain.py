@@ -315,12 +315,13 @@ print(json.dumps({"python": python_growth, "rss": process.memory_info().rss - rs
 """
 
 
-def _growth_over_1000_calls(mode):
-    """Memory growth of 1,000 explain calls, measured in a fresh interpreter.
+def _growth_over_1000_calls(*modes):
+    """Memory growth of 1,000 explain calls for each of ``modes``, each measured in its own fresh interpreter.
 
     tracemalloc counts every thread of its process; in a full test session, threads
     that earlier tests leave behind (Dask clients, progress monitors) allocate during
-    the window, so the measurement runs alone in a subprocess.
+    the window, so the measurement runs alone in a subprocess. The subprocesses run at
+    the same time (each on one core of CI's two): RSS and tracemalloc are per process.
     """
     import json
     import subprocess
@@ -328,16 +329,28 @@ def _growth_over_1000_calls(mode):
     from pathlib import Path
 
     tests_dir = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tests_dir), mode], capture_output=True,
-                         text=True, timeout=600, cwd=tests_dir.parent,
-                         env={**__import__("os").environ, "PYTHONPATH": str(tests_dir.parent)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    probes = [subprocess.Popen([sys.executable, "-c", _MEMORY_PROBE, str(tests_dir), mode], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tests_dir.parent,
+                               env={**__import__("os").environ, "PYTHONPATH": str(tests_dir.parent)})
+              for mode in modes]
+    results = []
+    try:
+        for probe in probes:
+            stdout, stderr = probe.communicate(timeout=600)
+            assert probe.returncode == 0, stderr[-2000:]
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for probe in probes:
+            if probe.poll() is None:
+                probe.kill()
+                probe.wait()
+    return results
 
 
 def test_memory_does_not_grow_over_1000_calls():
     pytest.importorskip("psutil")
-    honest = _growth_over_1000_calls("honest")
+    # the honest run and its leaky control run side by side (each probe is one process on one torch thread)
+    honest, leaky = _growth_over_1000_calls("honest", "leak")
     # Each call handles ~50 KB of crops and ~200 KB of activations. Measured on the dev
     # machine: an honest run grows ~13 KB (tracemalloc: Python objects) and ~1 MB (RSS: the
     # C allocator settling); keeping each call's logits alive grows 234 KB / 2.7 MB, keeping
@@ -346,8 +359,7 @@ def test_memory_does_not_grow_over_1000_calls():
     assert honest["python"] < 64 * 1024, honest
     assert honest["rss"] < 20 * 2**20, honest
     assert honest["hooks"] == 0
-    leaky = _growth_over_1000_calls("leak")  # the control: the same probe sees a real leak
-    assert leaky["python"] > 64 * 1024, leaky
+    assert leaky["python"] > 64 * 1024, leaky  # the control: the same probe sees a real leak
 
 
 # ------------------------------------------------------------------------- GPU

@@ -43,5 +43,13 @@ try:
     def tiny_plate(tmp_path_factory):
         """Tiny plate, bundle, and its profiles scored locally (Dask threads, no cluster): ``local``."""
         return _tiny(tmp_path_factory)
+
+    @pytest.fixture(scope="session")
+    def scored_tiny(tmp_path_factory):
+        """:func:`tests.helpers.plate_fixtures.scored_tiny_plate`, made once for the pipeline and cluster tests
+        (read-only for them: they write their own stores under ``tmp_path``)."""
+        from tests.helpers.plate_fixtures import scored_tiny_plate
+
+        return scored_tiny_plate(tmp_path_factory.mktemp("scored-tiny"))
 except ImportError:  # pragma: no cover - only tests import this module
     pass

@@ -24,14 +24,14 @@ from gradcamo_dask.jobs.cluster import connect, cuda_devices, local_cluster_shap
 from gradcamo_dask.errors import ClusterError
 from gradcamo_dask.jobs.score import score_plate
 from gradcamo_dask.profiles.store import open_profiles, write_profiles
-from tests.helpers.plate_fixtures import assert_same_profiles, scored_tiny_plate, slow_sites, strings
+from tests.helpers.plate_fixtures import assert_same_profiles, slow_sites, strings
 
 from tests.helpers.paths import REPO
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return scored_tiny_plate(tmp_path_factory.mktemp("cluster"))
+def tiny(scored_tiny):
+    return scored_tiny  # the session's scored tiny plate, shared with test_pipeline.py
 
 
 # ------------------------------------------------------------------ connect
@@ -120,17 +120,30 @@ def _check_no_cell_lost_or_duplicated(tiny, store: Path) -> None:
     assert_same_profiles(tiny["reference"], back, atol=1e-5)
 
 
+def _wait_for_the_specified_workers(client, timeout: float = 120) -> None:
+    """Wait until the scheduler's workers are exactly the LocalCluster's specified ones (after a scale-down,
+    and after the nanny of a killed worker has brought it back or the scale-down has closed it)."""
+    wanted = sorted(map(str, client.cluster.worker_spec))
+    deadline = time.monotonic() + timeout
+    while (names := sorted(str(w["name"]) for w in client.scheduler_info()["workers"].values())) != wanted:
+        assert time.monotonic() < deadline, f"workers {names}, not {wanted}, after {timeout} s"
+        time.sleep(0.2)
+
+
 def test_killed_worker_on_a_local_cluster_loses_no_cell_and_two_workers_agree_with_one(tiny, tmp_path):
     with connect(n_workers=2, quiet=True) as client:
         assert len(client.scheduler_info()["workers"]) == 2
         killed = _score_and_kill(client, tiny, tmp_path / "killed.zarr")
-    assert killed, "the run finished before a worker could be killed"
-    _check_no_cell_lost_or_duplicated(tiny, tmp_path / "killed.zarr")
+        assert killed, "the run finished before a worker could be killed"
+        _check_no_cell_lost_or_duplicated(tiny, tmp_path / "killed.zarr")
 
-    # determinism: 1 worker vs 2 workers (above) vs the in-process scheduler (the reference)
-    with connect(n_workers=1, quiet=True) as client:
+        # determinism: 1 worker vs 2 workers (above) vs the in-process scheduler (the reference); the same
+        # cluster scaled down to one worker (starting a second cluster cost ~20 s of worker start-up on 2 cores)
+        client.cluster.scale(1)
+        _wait_for_the_specified_workers(client)
         ds = score_plate(tiny["image"], tiny["labels"], tiny["bundle"], client=client)
         write_profiles(ds, tmp_path / "one.zarr", client=client)
+        assert len(client.scheduler_info()["workers"]) == 1
     one = open_profiles(tmp_path / "one.zarr")
     two = open_profiles(tmp_path / "killed.zarr")
     for name in ("gradcamo", "cam_inside", "cam_total", "logits", "deep"):

@@ -105,3 +105,53 @@ def test_refusals(setup, capsys):
     assert table["n"].tolist() == [3]
     paths = write_comparison(table, setup["folder"] / "one")
     assert sorted(p.name for p in paths.values()) == ["compare.csv", "compare.html", "compare.md"]
+
+
+def test_2d_plate_cnn_and_vit_ranked_and_a_3d_bundle_refused(tmp_path):
+    """compare on a 2D plate: a 2D CNN and a 2D ViT on the same held-out cells; a 3D bundle is refused up front."""
+    from gradcamo_dask.engine.models2d import efficientnet2d
+    from gradcamo_dask.errors import DimensionalityError
+    from gradcamo_dask.io.synthetic import synthetic_plate
+
+    plate = synthetic_plate(doses_um=(0, 10), wells_per_treatment=2, sites_per_well=1, site_shape=(96, 96),
+                            cell_radius=10, spatial_dims=2, seed=0)
+    image, labels, pm = plate.image, plate.labels, plate.platemap
+    channels = [str(c) for c in image["c"].values]
+    classes = sorted(pm["treatment"].astype(str).unique())
+    test_wells = sorted(pm.groupby("treatment")["well"].last().astype(str))
+    common = dict(channels=channels, classes=classes, normalization={"mean": [0.3] * 6, "std": [0.2] * 6},
+                  provenance={"split_wells": {"test": test_wells}})
+    torch.manual_seed(0)
+    cnn = write_bundle(tmp_path / "cnn2d", efficientnet2d(6, len(classes), (48, 48)), crop_shape=(32, 32),
+                       input_shape=(48, 48), layers=["_blocks.1.1", "_head_swish"], **common)
+    torch.manual_seed(1)
+    transformer = vit(6, len(classes), (32, 32), patch_size=8, hidden_size=16, mlp_dim=32, num_layers=2, num_heads=2)
+    with torch.no_grad():  # livelier than the default init, so that attention is far from uniform
+        for name, p in transformer.named_parameters():
+            if "qkv" in name or "pos" in name:
+                p.mul_(6.0)
+    vit2d = write_bundle(tmp_path / "vit2d", transformer, crop_shape=(40, 40), input_shape=(32, 32),
+                         layers=["cls_attention", "gradcam_tokens"], **common)
+    table = compare_models(image, labels, [cnn, vit2d], platemap=pm)
+    grids = dict(zip(table["layer"], table["grid"]))
+    assert grids == {"_blocks.1.1": "12 x 12", "_head_swish": "2 x 2", "cls_attention": "4 x 4",
+                     "gradcam_tokens": "4 x 4"}
+    assert table["layer"].iloc[-1] == "_head_swish" and not table["localises"].iloc[-1]  # 2 x 2: ranked last
+    assert table["mean"].iloc[:3].is_monotonic_decreasing and (table["cells"] == "held-out").all()
+    # the same cells for both models: the test wells' whole cells at the larger (40 x 40) crop
+    cells = cell_table(labels, pm, size=(40, 40))
+    cells = cells[~cells["touches_border"] & cells["well"].astype(str).isin(test_wells)].reset_index(drop=True)
+    assert len(cells) >= 4 and (table["n"] == len(cells)).all()
+    # the ViT's CLS-attention row recomputed by hand on 40 x 40 crops of those cells
+    bundle = open_bundle(vit2d)
+    crops, masks = (a.compute() for a in extract_crops(image, labels, cells, size=(40, 40)))
+    result = explain(bundle.model, normalize_crops(crops, bundle.config.normalization), masks, layers="cls_attention")
+    row = table[table["layer"] == "cls_attention"].iloc[0]
+    np.testing.assert_allclose(row["mean"], np.nanmean(result.gradcamo["cls_attention"]), rtol=1e-6)
+    assert row["mean_uniform"] == pytest.approx(float(masks.mean(axis=(1, 2)).mean()))
+    assert row["mean"] != pytest.approx(row["mean_uniform"], abs=1e-4)  # attention is not spread evenly
+    flat = efficientnet3d(6, len(classes), (4, 32, 32))
+    deep = write_bundle(tmp_path / "cnn3d", flat, crop_shape=(None, 32, 32), input_shape=(4, 32, 32),
+                        layers=["_head_swish"], **common)
+    with pytest.raises(DimensionalityError, match="the plate is 2D"):
+        compare_models(image, labels, [cnn, deep], platemap=pm)

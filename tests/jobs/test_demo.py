@@ -9,18 +9,8 @@ import pytest
 
 from gradcamo_dask.errors import InputError
 from gradcamo_dask.jobs.demo import MODELS, complete_bundle, run_demo
-
-TINY = dict(doses_um=(0.0, 10.0), sites_per_well=2, site_shape=(8, 96, 96), cell_radius=10.0,
-            crop_shape=(None, 40, 40), input_shape=(8, 32, 32), epochs=1, max_train_cells=16)
-
-
-@pytest.fixture(scope="module")
-def scheduler():
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
-        yield cluster.scheduler_address
+from tests.helpers.demo_run import TINY_DEMO as TINY
+from tests.helpers.demo_run import copy_demo
 
 
 def chunk_times(out) -> dict:
@@ -29,10 +19,11 @@ def chunk_times(out) -> dict:
             if p.is_file() and "/c/" in str(p)}
 
 
-def test_demo_rerun_resumes_instead_of_retraining(tmp_path, scheduler):
-    out = tmp_path / "demo"
-    quiet = dict(settings=TINY, scheduler=scheduler, progress=False, log=lambda *_: None)
-    first = run_demo(out, **quiet)
+def test_demo_rerun_resumes_instead_of_retraining(tmp_path, tiny_demo, one_worker_scheduler):
+    # the first, uninterrupted run is the session's tiny demo (the CLI test checks its results); reruns go to a copy
+    out = copy_demo(tiny_demo, tmp_path / "demo")
+    quiet = dict(settings=TINY, scheduler=one_worker_scheduler, progress=False, log=lambda *_: None)
+    first = tiny_demo["result"]
     assert first["retrained"] == sorted(MODELS)
     weights = {n: (out / f"model_{n}" / "model.safetensors").stat().st_mtime_ns for n in MODELS}
     profiles = chunk_times(out)
@@ -56,3 +47,22 @@ def test_demo_rerun_resumes_instead_of_retraining(tmp_path, scheduler):
 
     with pytest.raises(InputError, match="other settings .*epochs.*--overwrite"):
         run_demo(out, **{**quiet, "settings": {**TINY, "epochs": 2}})
+
+
+def test_demo_2d_rerun_reuses_its_bundles(tmp_path, one_worker_scheduler):
+    # the 2D bundle records its crop as (y, x); the demo's recipe must say the same, or every rerun retrains
+    from gradcamo_dask.cli.demo import settings_2d
+
+    tiny_2d = {**settings_2d(TINY), "max_train_cells": 8, "train_workers": 1}
+    quiet = dict(settings=tiny_2d, scheduler=one_worker_scheduler, progress=False, log=lambda *_: None)
+    first = run_demo(tmp_path / "demo2d", **quiet)
+    assert first["retrained"] == sorted(MODELS)
+    config = json.loads((tmp_path / "demo2d" / "model_own_cell" / "config.json").read_text())
+    assert config["provenance"]["crop_size"] == [40, 40] and "low" in config["normalization"]  # plate scaling
+    weights = {n: (tmp_path / "demo2d" / f"model_{n}" / "model.safetensors").stat().st_mtime_ns for n in MODELS}
+    lines: list[str] = []
+    again = run_demo(tmp_path / "demo2d", **{**quiet, "log": lines.append})
+    assert again["retrained"] == []
+    assert sum("reusing the complete bundle" in line for line in lines) == 2
+    assert {n: (tmp_path / "demo2d" / f"model_{n}" / "model.safetensors").stat().st_mtime_ns
+            for n in MODELS} == weights

@@ -28,7 +28,6 @@ from gradcamo_dask.jobs.score import score_plate
 from gradcamo_dask.profiles.store import CHUNK_ATTR, DONE_ARRAY, open_profiles, write_profiles
 from tests.helpers.plate_fixtures import assert_same_profiles
 from tests.helpers.paths import REPO
-from tests.helpers.tiny_plate import write_tiny_plate_and_bundle
 
 CHUNK = 3
 
@@ -67,17 +66,12 @@ fsspec.register_implementation("fullmem", FullMemoryFileSystem, clobber=True)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    paths = write_tiny_plate_and_bundle(root)
-    image = open_plate(paths["plate"])
-    labels = open_labels(paths["plate"], like=image)
-    with dask.config.set(scheduler="threads"):
-        ds = score_plate(image, labels, paths["bundle"], plate_path=str(paths["plate"]),
-                         labels_path=str(paths["plate"]))
-        write_profiles(ds, root / "reference.zarr", chunk_cells=CHUNK)
-    return {**paths, "root": root, "image": image, "labels": labels,
-            "reference": open_profiles(root / "reference.zarr").load()}
+def tiny(tiny_plate):
+    """The session's tiny plate and bundle (tests/helpers/tiny_plate.py) and its undisturbed run's profiles,
+    scored there on Dask threads (the chunking of that store does not matter: only values are compared)."""
+    image = open_plate(tiny_plate["plate"])
+    return {**tiny_plate, "image": image, "labels": open_labels(tiny_plate["plate"], like=image),
+            "reference": open_profiles(tiny_plate["local"]).load()}
 
 
 def assert_markers_honest(store, reference) -> int:
@@ -137,8 +131,9 @@ KILLED_CLIENT = textwrap.dedent("""
 
     plate, bundle, out, chunk = sys.argv[1:5]
     if __name__ == "__main__":
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None)
+        # worker threads in this process (two worker processes would each import torch and MONAI, ~20 s of
+        # CPU on 2 cores): the SIGKILL ends the client, its cluster and its workers at once either way
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
         client = Client(cluster)
         client.run(slow_sites, 1.5)
         image = open_plate(plate)

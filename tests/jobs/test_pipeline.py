@@ -24,13 +24,13 @@ from gradcamo_dask.normalize import normalize_crops
 from gradcamo_dask.jobs.score import score_plate
 from gradcamo_dask.profiles.store import describe_profiles, done_sites, open_profiles, write_profiles
 from gradcamo_dask.io.platemap import platemap_of
-from tests.helpers.plate_fixtures import (CROP_SHAPE, LAYERS, assert_same_profiles, make_bundle, scored_tiny_plate,
+from tests.helpers.plate_fixtures import (CROP_SHAPE, LAYERS, assert_same_profiles, make_bundle,
                                           strings)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return scored_tiny_plate(tmp_path_factory.mktemp("pipeline"))
+def tiny(scored_tiny):
+    return scored_tiny  # the session's scored tiny plate, shared with test_cluster.py
 
 
 def test_dataset_is_lazy_labeled_and_matches_explain_on_the_same_crops(tiny):

@@ -149,8 +149,9 @@ def test_bad_input(plate, tmp_path):
 
 def test_recipe_checks_its_fields_when_built():
     for bad, match in [(dict(batch_size=0), "batch_size"), (dict(learning_rate=0.0), "learning_rate"),
-                       (dict(crop_size=(24, 24)), "crop_size"), (dict(regularizer_target="class"), "label"),
-                       (dict(batchnorm_momentum="fast"), "batchnorm_momentum"), (dict(patience=0), "patience")]:
+                       (dict(crop_size=(24,)), "crop_size"), (dict(regularizer_target="class"), "label"),
+                       (dict(batchnorm_momentum="fast"), "batchnorm_momentum"), (dict(patience=0), "patience"),
+                       (dict(input_shape=(48,)), "input_shape")]:  # (y, x) sizes are 2D recipes, one entry is not
         with pytest.raises(InputError, match=match):
             Recipe(**bad)
     with pytest.raises(InputError, match="val_fraction"):
@@ -210,3 +211,49 @@ def test_last_batch_of_one_cell_is_merged(plate, tmp_path):
     assert (cells.split == "train").sum() == 9
     history = json.loads((out / "config.json").read_text())["provenance"]["history"]
     assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
+
+
+def test_plate_intensity_scaling_fits_one_range_on_training_sites_and_the_bundle_carries_it(plate, tmp_path):
+    import pandas as pd
+
+    from gradcamo_dask.cells import cell_table, extract_crops, fit_normalization, rescale_crops
+    from gradcamo_dask.engine.bundles import open_bundle
+    from gradcamo_dask.errors import MetadataError
+    from gradcamo_dask.normalize import fit_intensity_range
+
+    with pytest.raises(InputError, match="intensity_scaling"):
+        recipe(intensity_scaling="site")
+    out = train(plate.image, plate.labels, recipe(epochs=1, intensity_scaling="plate", patience=None),
+                out=tmp_path / "b", platemap=plate.platemap, progress=False)
+    norm = open_bundle(out).config.normalization
+    # the range: fitted on the sites that hold training cells (every one: there are fewer than RANGE_SITES)
+    cells = pd.read_csv(out / "cells.csv")
+    wells = [str(w) for w in plate.image["well"].values]
+    keys = sorted(set(map(tuple, cells.loc[cells.split == "train", ["well", "site"]].to_numpy().tolist())))
+    assert len(keys) >= 2
+    want = fit_intensity_range([plate.image.data[wells.index(w), int(s)].compute() for w, s in keys])
+    np.testing.assert_allclose(norm["low"], want["low"])
+    np.testing.assert_allclose(norm["high"], want["high"])
+    # the statistics: of training crops rescaled with that range, not per crop
+    table = cell_table(plate.labels, plate.platemap, size=CROP)
+    train_cells = table.merge(cells[cells.split == "train"][["well", "site", "object_number"]])
+    crops, _ = extract_crops(plate.image, plate.labels, train_cells, CROP)
+    fixed = fit_normalization(rescale_crops(crops, intensity_range=want), rescaled=True)
+    np.testing.assert_allclose(norm["mean"], fixed["mean"], rtol=1e-5)
+    assert not np.allclose(norm["mean"], fit_normalization(crops)["mean"], rtol=1e-3)  # per-crop would differ
+    # resuming keeps the range (from the checkpoint) and gives the straight run's weights
+    straight = train(plate.image, plate.labels, recipe(epochs=2, intensity_scaling="plate", patience=None),
+                     out=tmp_path / "straight", platemap=plate.platemap, progress=False)
+    resumed = train(plate.image, plate.labels, recipe(epochs=2, intensity_scaling="plate", patience=None),
+                    out=tmp_path / "b", platemap=plate.platemap, resume=True, progress=False)
+    assert _same(_weights(straight), _weights(resumed))
+    # a crop-scaled checkpoint is not resumed as a plate-scaled run
+    with pytest.raises(TrainingError, match="intensity_scaling"):
+        train(plate.image, plate.labels, recipe(epochs=2, patience=None), out=tmp_path / "b",
+              platemap=plate.platemap, resume=True, progress=False)
+    # a broken range in config.json is refused by name
+    config = json.loads((out / "config.json").read_text())
+    config["normalization"]["high"] = config["normalization"]["low"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MetadataError, match="intensity range"):
+        open_bundle(out)
