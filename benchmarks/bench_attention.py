@@ -54,14 +54,21 @@ sys.path.insert(0, str(HERE))
 
 SETTINGS = {
     "quick": dict(sites_per_well=2, epochs=1, max_train_cells=16, max_test_cells=32, seeds=(0,), draws=2),
-    "full": dict(sites_per_well=24, epochs=8, max_train_cells=300, max_test_cells=300, seeds=(0, 1, 2), draws=5),
+    "full": dict(sites_per_well=48, epochs=24, max_train_cells=600, max_test_cells=300, seeds=(0, 1, 2), draws=5),
 }
+# Full mode: 48 sites per well (about 540 responders and 600 bystanders to train on), 24 epochs, x/y flips. On a
+# quiet machine (load ~1-2) one seed took 294 s at 16 epochs without flips (held-out accuracy 0.76 / 0.88, d 1.00
+# at _blocks.0.0) and 528 s at 24 epochs with flips (0.90 / 0.91, d 1.57 at _blocks.1.1), beside two helpers'
+# tests (results/bench_attention_diagnosis.md, third part). Earlier full runs (24 sites, 8 epochs) left models at
+# 0.49-0.69 when the cores were loaded ~20: training is cheap on idle cores (16 epochs of 268 cells: 124 s) and
+# ~8x slower at that load.
 # Sized for <= 25 min on 2 shared cores. torch runs on ONE thread: with other engineers' jobs on the machine
 # (load average ~10), a forward + backward pass of 8 cells took 10.5 s on 2 threads and 0.92 s on 1.
 # Learning rate 1e-3 (paper: 3e-4): a first full run at 3e-4, model grid 12 x 48 x 48 and 4 epochs left the
 # in-cell model at chance (0.525 held-out accuracy, 240 s); the smaller grid buys steps, the rate speed.
-# No augmentation: with ~300 cells x 6 epochs the paper's brightness/gamma augmentations slow learning more
-# than they help (the demo measured the same); the synthetic phenotype is shape and texture anyway.
+# Augmentation: x/y flips only (the paper's brightness/gamma would rescale the fixed intensity range the plate
+# scaling gives; with ~300 cells x 6 epochs they slowed learning); flips lifted held-out accuracy from 0.76 to 0.90
+# together with 24 instead of 16 epochs.
 # Crop 48 x 48 px around cells of radius 12 px (a control cell is ~24 px across, half the crop's width; a crop
 # reaches the ring of neighbours, whose centres sit ~22 px away), model grid 12 x 48 x 48 (no resampling in y, x)
 # and granules=1 (bright RNA puncta inside responders): the diagnosis (results/bench_attention_diagnosis.md) found
@@ -80,12 +87,24 @@ SETTINGS = {
 COMMON = dict(doses_um=(10.0,), compounds=2, wells_per_treatment=2, site_shape=(12, 128, 128), cell_radius=12.0,
               granules=1.0, crop_size=(6, 48, 48), input_shape=(6, 48, 48), learning_rate=1e-3, plate_seed=0,
               test_rows=("C",), cutoff=0.25, feature_layer="_head_swish", target="predicted",
-              intensity_scaling="plate", responder_growth=False)
+              intensity_scaling="plate", responder_growth=False, augmentation="flips")
 #: The reference that shows the per-crop leak: the last full run with intensity_scaling="crop" (committed as is).
 CROP_REFERENCE = HERE / "results" / "bench_attention_crop.json"
 TARGETS = ("predicted", "true")  # Grad-CAM of the predicted class, and of the true label (DESIGN allows both)
 LAYERS = ("_swish", "_blocks.0.0", "_blocks.1.1", "_blocks.1.2", "_blocks.2.4", "_blocks.3.7", "_head_swish")
 MODELS = {"in_cell": True, "off_cell": False}  # trained on responders / on bystanders
+
+
+#: Training augmentation by name: none, x/y flips only (p = 0.5 each; intensities stay as scaled), or the
+#: paper's (flips, brightness, gamma).
+AUGMENTATIONS = ("none", "flips", "paper")
+
+
+def augmentation(name: str):
+    """The Recipe's ``augmentation`` for a name of AUGMENTATIONS."""
+    from gradcamo_dask.engine.augment import Augmentation
+
+    return {"none": None, "flips": Augmentation(brightness=None, gamma=None), "paper": Augmentation()}[name]
 
 
 def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
@@ -251,7 +270,8 @@ def train_model(c: dict, s: dict, seed: int, name: str, out: str, recipe_options
         train_truth = train_truth.assign(responder=True)
     t0 = time.perf_counter()
     recipe = Recipe(crop_size=c["crop_size"], input_shape=c["input_shape"], epochs=s["epochs"], seed=seed,
-                    learning_rate=c["learning_rate"], patience=None, layers=["_blocks.1.2"], augmentation=None,
+                    learning_rate=c["learning_rate"], patience=None, layers=["_blocks.1.2"],
+                    augmentation=augmentation(c.get("augmentation", "none")),
                     split=Split(test_rows=c["test_rows"], max_train_cells=s["max_train_cells"]),
                     **({"intensity_scaling": c.get("intensity_scaling", "crop")} | dict(recipe_options or {})))
     bundle = train(plate.image, population_labels(plate.labels, train_truth, MODELS.get(name, True)), recipe,
@@ -307,13 +327,24 @@ def run(mode: str, on_seed, workers: int = 1) -> dict:
                       f"{v['cell_only']['accuracy']:.3f}, surround only {v['surround_only']['accuracy']:.3f}; "
                       f"train {trained['train_seconds']:.0f} s", flush=True)
             per_seed.append(record)
-            report = aggregate(mode, per_seed, audits, table, pops, uniform)
+            report = aggregate(mode, per_seed, audits, table, pops, uniform, ceilings(masks, audits))
             on_seed(report)
     return report
 
 
-def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, uniform: np.ndarray) -> dict:
-    """The report over the seeds done: layers, ranking, Cohen's d, references, filtering."""
+def ceilings(masks, audits: dict) -> dict:
+    """Per layer, the highest Grad-CAMO any map on its grid can reach for each held-out cell
+    (:func:`~gradcamo_dask.engine.gradcamo.gradcamo_ceiling`): the other end of the scale from the uniform map."""
+    from gradcamo_dask.engine.gradcamo import gradcamo_ceiling
+
+    grids = next(iter(audits.values()))["grids"]
+    m = masks.numpy() if hasattr(masks, "numpy") else np.asarray(masks)
+    return {k: np.asarray(gradcamo_ceiling(m, grids[k]), dtype=np.float64) for k in LAYERS}
+
+
+def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, uniform: np.ndarray,
+              ceiling: dict | None = None) -> dict:
+    """The report over the seeds done: layers, ranking, Cohen's d, references (uniform map, ceiling), filtering."""
     from gradcamo_dask.profiles.quality import filtering_effect
 
     s, c = SETTINGS[mode], COMMON
@@ -331,7 +362,9 @@ def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, unifor
                                                     scores["off_cell"][k] / np.tile(uniform[pops["off_cell"]], len(seeds))),
                   "cohens_d_per_seed": [cohens_d(audits[(sd, "in_cell")]["gradcamo"][k][pops["in_cell"]],
                                                  audits[(sd, "off_cell")]["gradcamo"][k][pops["off_cell"]])
-                                        for sd in seeds]} for k in LAYERS}
+                                        for sd in seeds],
+                  **({} if ceiling is None else {"ceiling": {m: float(ceiling[k][pops[m]].mean()) for m in MODELS}})}
+              for k in LAYERS}
     reference = {m: {"mean": float(uniform[pops[m]].mean()), "sd": float(uniform[pops[m]].std())} for m in MODELS}
     quality = []
     for sd in seeds:
@@ -436,7 +469,8 @@ def markdown(report: dict) -> str:
         f"{st.get('granules', 0.0)}, seed "
         f"{st['plate_seed']}; test wells row {st['test_rows']}",
         f"- training: crop {st['crop_size']}, model grid {st['input_shape']}, {st['epochs']} epochs, at most "
-        f"{st['max_train_cells']} training cells, batch 8, Adam {st['learning_rate']:g}, no augmentation; seeds "
+        f"{st['max_train_cells']} training cells, batch 8, Adam {st['learning_rate']:g}, augmentation "
+        f"{st.get('augmentation', 'none')}; seeds "
         f"{st['seeds']}; torch on 1 thread; intensity scaling {st.get('intensity_scaling', 'crop')}; responders "
         f"{'grow' if st.get('responder_growth', True) else 'keep the bystanders size'}",
         f"- command: `{report.get('command', '?')}`",
@@ -449,16 +483,21 @@ def markdown(report: dict) -> str:
         "mean ± sd (share >= 0.25). Best layer: the in-cell model's top-ranked layer that can localise "
         f"(>= 3 x 3 in y and x): **{best}**. Explained class: {st.get('target', 'predicted')}.", "",
         "| layer | grid | localises | in-cell model | off-cell model | Cohen's d | d of score / uniform | "
-        "in-cell / uniform | off-cell / uniform |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "in-cell / uniform | off-cell / uniform | ceiling, in-cell cells (x uniform) | in-cell / ceiling |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for k, v in lay.items():
+        top = v.get("ceiling", {}).get("in_cell", float("nan"))
         lines.append(f"| {k} | {'x'.join(map(str, v['grid']))} | {'yes' if v['localises'] else 'no'} | "
                      f"{_fmt(v['in_cell'])} | {_fmt(v['off_cell'])} | {v['cohens_d']:.2f} | "
                      f"{v.get('cohens_d_over_uniform', float('nan')):.2f} | "
                      f"{v['in_cell']['mean'] / ref['in_cell']['mean']:.2f} | "
-                     f"{v['off_cell']['mean'] / ref['off_cell']['mean']:.2f} |")
-    lines += ["", "Layer sweep ranking (rank_layers, pooled seeds):", ""]
+                     f"{v['off_cell']['mean'] / ref['off_cell']['mean']:.2f} | "
+                     f"{top:.3f} ({top / ref['in_cell']['mean']:.2f}) | {v['in_cell']['mean'] / top:.2f} |")
+    lines += ["", "Ceiling: the highest Grad-CAMO any non-negative map on the layer's grid can reach for the cell "
+              "(all its mass on the one grid voxel that puts the most of its upsampled weight inside the mask; "
+              "`gradcamo_ceiling`), mean over the in-cell model's held-out cells. A mean of 3x uniform needs a "
+              "ceiling above that.", "", "Layer sweep ranking (rank_layers, pooled seeds):", ""]
     for name, ranks in report["ranking"].items():
         lines.append(f"- {name}: " + ", ".join(f"{r['rank']}. {r['layer']} {r['mean']:.3f}" for r in ranks))
     lines += ["", "## Grad-CAMO by explained class and by true class (seeds pooled, layers that localise)", "",
@@ -517,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", choices=("crop", "plate"), default=None, help="intensity scaling (default plate)")
     parser.add_argument("--responder-growth", action=argparse.BooleanOptionalAction, default=None,
                         help="responders grow with their response (default: no, same size as bystanders)")
+    parser.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                        help="training augmentation (default none)")
     parser.add_argument("--target", choices=TARGETS, default=None, help="explained class of the main tables")
     parser.add_argument("--workers", type=int, default=None,
                         help="models trained at once, one process and core each (default: 1 in quick mode, else "
@@ -532,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("compounds", args.compounds), ("doses_um", args.doses),
                        ("crop_size", None if args.crop is None else (None, *args.crop)),
                        ("intensity_scaling", args.scaling), ("responder_growth", args.responder_growth),
+                       ("augmentation", args.augment),
                        ("site_shape", None if args.site_z is None else (args.site_z, *COMMON["site_shape"][1:]))):
         if value is not None:
             COMMON[key] = tuple(value) if isinstance(value, list) else value

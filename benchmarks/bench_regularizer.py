@@ -57,9 +57,15 @@ SETTINGS = {
 # the cross-entropy's.
 
 
+def sweep_settings(scaling: str, run_options: dict | None = None) -> dict:
+    """bench_attention's plate and recipe without mosaic wells; ``run_options``: ``layer`` (regularised and
+    audited, default LAYER) and ``augmentation`` (a name of ``bench_attention.AUGMENTATIONS``)."""
+    return {**ba.COMMON, "mosaic": False, "intensity_scaling": scaling, "layer": LAYER, **(run_options or {})}
+
+
 def train_job(c: dict, s: dict, seed: int, lam: float, out: str) -> dict:
     """One regularised (or plain, λ = 0) model on every cell, with the run's intensity scaling."""
-    options = {"regularizer": lam, "regularizer_layer": LAYER} if lam > 0 else {}
+    options = {"regularizer": lam, "regularizer_layer": c["layer"]} if lam > 0 else {}
     options["intensity_scaling"] = c["intensity_scaling"]
     return ba.train_model(c, s, seed, "all_cells", out, recipe_options=options)
 
@@ -69,24 +75,24 @@ def bundle_normalization(bundle: str) -> dict:
     return json.loads((Path(bundle) / "config.json").read_text())["normalization"]
 
 
-def audit_model(bundle: str, table, raw, masks) -> dict:
-    """Grad-CAMO at LAYER and the accuracies of one model on the held-out cells."""
+def audit_model(bundle: str, table, raw, masks, layer: str = LAYER) -> dict:
+    """Grad-CAMO at ``layer`` and the accuracies of one model on the held-out cells."""
     # raw crops, normalised in the audit as the bundle was trained (its fixed range, or each crop's min-max)
-    a = ba.audit(Path(bundle), table, raw, masks, layers=(LAYER, ba.COMMON["feature_layer"]), raw=True)
+    a = ba.audit(Path(bundle), table, raw, masks, layers=(layer, ba.COMMON["feature_layer"]), raw=True)
     every = np.ones(len(table), bool)
     norm = bundle_normalization(bundle)
-    return {"gradcamo": a["gradcamo"][LAYER], "grid": a["grids"][LAYER],
+    return {"gradcamo": a["gradcamo"][layer], "grid": a["grids"][layer],
             "intensity_range": {k: norm[k] for k in ("low", "high") if k in norm},
             "test": ba.accuracy(a["predicted"], a["y"], every),
             "cell_only": ba.accuracy(a["cell_only"], a["y"], every),
             "surround_only": ba.accuracy(a["surround_only"], a["y"], every)}
 
 
-def run(mode: str, workers: int, on_done, scaling: str = "plate") -> dict:
+def run(mode: str, workers: int, on_done, scaling: str = "plate", run_options: dict | None = None) -> dict:
     """Train every (λ, seed) in ``workers`` processes and audit each as it finishes; ``on_done(report)``
     after each, so an interrupted sweep keeps its finished runs."""
     s = SETTINGS[mode]
-    c = {**ba.COMMON, "mosaic": False, "intensity_scaling": scaling}
+    c = sweep_settings(scaling, run_options)
     plate, truth = ba.mosaic_plate(c, s)
     table, raw, masks = ba.test_cells(plate, truth.assign(responder=True), s["max_test_cells"], c["plate_seed"],
                                       raw=True)
@@ -99,7 +105,7 @@ def run(mode: str, workers: int, on_done, scaling: str = "plate") -> dict:
         futures = {job: pool.submit(train_job, c, s, job[1], job[0], f"{tmp}/lam{job[0]:g}-{job[1]}") for job in jobs}
         for job in jobs:
             trained = futures[job].result()
-            results[job] = {**trained, **audit_model(trained["bundle"], table, raw, masks),
+            results[job] = {**trained, **audit_model(trained["bundle"], table, raw, masks, c["layer"]),
                             "load_average_done": [round(v, 2) for v in os.getloadavg()]}
             r = results[job]
             print(f"[bench_regularizer] λ {job[0]:g} seed {job[1]}: accuracy {r['test']['accuracy']:.3f}, cell only "
@@ -109,13 +115,13 @@ def run(mode: str, workers: int, on_done, scaling: str = "plate") -> dict:
     return summary(mode, s, c, results, uniform)
 
 
-def audit_saved(s: dict, bundle: str, scaling: str) -> dict:
+def audit_saved(s: dict, bundle: str, scaling: str, run_options: dict | None = None) -> dict:
     """Audit one saved bundle (a folder ``lam<λ>-<seed>``, e.g. kept from an interrupted sweep) in a process of
     its own: the plate and held-out cells are rebuilt here (torch on 1 thread). Returns the run's results."""
     import torch
 
     torch.set_num_threads(1)
-    c = {**ba.COMMON, "mosaic": False, "intensity_scaling": scaling}  # s: the settings (a spawned process
+    c = sweep_settings(scaling, run_options)  # s: the settings (a spawned process
     plate, truth = ba.mosaic_plate(c, s)  # re-imports this module, so the caller's overrides travel explicitly)
     table, raw, masks = ba.test_cells(plate, truth.assign(responder=True), s["max_test_cells"], c["plate_seed"],
                                       raw=True)
@@ -125,20 +131,20 @@ def audit_saved(s: dict, bundle: str, scaling: str) -> dict:
     return {"train_seconds": None, "train_cells": config["provenance"]["cells"]["train"],
             "epochs": config["provenance"]["epochs_run"], "history": history,
             "uniform": masks.float().mean(dim=tuple(range(1, masks.ndim))).numpy().astype(np.float64),
-            **audit_model(bundle, table, raw, masks), "load_average_done": [round(v, 2) for v in os.getloadavg()]}
+            **audit_model(bundle, table, raw, masks, c["layer"]), "load_average_done": [round(v, 2) for v in os.getloadavg()]}
 
 
-def run_saved(mode: str, bundles: list[str], on_done, scaling: str = "plate") -> dict:
+def run_saved(mode: str, bundles: list[str], on_done, scaling: str = "plate", run_options: dict | None = None) -> dict:
     """Audit saved bundles, one process each (all at once); the report as :func:`run`'s."""
     results: dict = {}
     with ProcessPoolExecutor(max_workers=len(bundles), mp_context=mp.get_context("spawn")) as pool:
-        futures = {b: pool.submit(audit_saved, SETTINGS[mode], b, scaling) for b in bundles}
+        futures = {b: pool.submit(audit_saved, SETTINGS[mode], b, scaling, run_options) for b in bundles}
         for b, future in futures.items():
             lam, seed = Path(b).name.removeprefix("lam").rsplit("-", 1)
             results[(float(lam), int(seed))] = r = future.result()
             print(f"[bench_regularizer] λ {lam} seed {seed}: accuracy {r['test']['accuracy']:.3f}, cell only "
                   f"{r['cell_only']['accuracy']:.3f}, Grad-CAMO {np.nanmean(r['gradcamo']):.3f}", flush=True)
-    c = {**ba.COMMON, "mosaic": False, "intensity_scaling": scaling}
+    c = sweep_settings(scaling, run_options)
     report = summary(mode, SETTINGS[mode], c, dict(sorted(results.items())), next(iter(results.values()))["uniform"])
     on_done(report)
     return report
@@ -162,7 +168,7 @@ def summary(mode: str, s: dict, c: dict, results: dict, uniform: np.ndarray) -> 
             **{k: {"mean": float(np.mean([r[k]["accuracy"] for r in runs])),
                    "sd": float(np.std([r[k]["accuracy"] for r in runs]))} for k in ("test", "cell_only", "surround_only")}}
     grid = next(iter(results.values()))["grid"] if results else None
-    return {"mode": mode, "layer": LAYER, "layer_grid": grid, "targets": targets(per_lambda), "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in {**s, **c}.items()},
+    return {"mode": mode, "layer": c["layer"], "layer_grid": grid, "targets": targets(per_lambda), "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in {**s, **c}.items()},
             "uniform_map_reference": {"mean": float(uniform.mean()), "sd": float(uniform.std())},
             "test_cells": int(len(uniform)), "runs": rows, "by_lambda": per_lambda}
 
@@ -255,8 +261,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="only audit these saved bundles (folders lam<λ>-<seed>), one process each")
     parser.add_argument("--max-test-cells", type=int, default=None, help="override the mode's held-out cells (x 2)")
     parser.add_argument("--workers", type=int, default=None, help="trainings at once (default: cores, at most 2)")
+    parser.add_argument("--layer", default=LAYER, help=f"layer regularised and audited (default {LAYER})")
+    parser.add_argument("--augment", choices=ba.AUGMENTATIONS, default=None,
+                        help=f"training augmentation (default bench_attention's, {ba.COMMON['augmentation']})")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
+    run_options = {"layer": args.layer, **({"augmentation": args.augment} if args.augment else {})}
     mode = "quick" if args.quick else "full"
     if args.lambdas:
         SETTINGS[mode]["lambdas"] = tuple(args.lambdas)
@@ -268,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or min(2, os.cpu_count() or 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_regularizer" + ("_quick" if args.quick else "")
+    stem = "bench_regularizer" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "workers": workers, "load_average_start": [round(v, 2) for v in os.getloadavg()],
               "command": "python benchmarks/bench_regularizer.py " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -281,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{stem}.md").write_text(markdown(report))
 
     if args.audit_bundles:
-        write(run_saved(mode, args.audit_bundles, write, args.scaling))
+        write(run_saved(mode, args.audit_bundles, write, args.scaling, run_options))
     else:
-        write(run(mode, workers, write, args.scaling))
+        write(run(mode, workers, write, args.scaling, run_options))
     print(markdown(report))
     return 0
 

@@ -35,6 +35,7 @@ DEFAULT_CUTOFF = 0.25
 
 __all__ = [
     "DEFAULT_CUTOFF",
+    "gradcamo_ceiling",
     "gradcamo_lowres",
     "gradcamo_score",
     "interpolation_matrix",
@@ -237,6 +238,24 @@ def gradcamo_lowres(cam: Any, mask: Any, *, check: bool = True) -> tuple[Any, An
     inside = xp.sum(cam64 * contract_mask(mask, grid), axis=axes)
     total = xp.sum(cam64 * total_weights(grid, tuple(mask.shape[1:]), cam64)[None], axis=axes)
     return _ratio(xp, inside, total), inside, total
+
+
+def gradcamo_ceiling(mask: Any, grid: Sequence[int]) -> Any:
+    """The highest Grad-CAMO any non-negative map on ``grid`` can reach, per cell (float64, ``(N,)``).
+
+    Grad-CAMO is ``<G~, M~> / <G~, T>`` (:func:`gradcamo_lowres`: ``M~`` the mask
+    contracted to the grid, ``T`` the total weights), a ratio of two linear forms
+    with non-negative coefficients, so over ``G~ >= 0`` it is largest when all the
+    map's mass sits on the one grid voxel of largest ``M~ / T``. This is what the
+    layer's grid allows for that mask, whatever the model: a reference beside the
+    uniform map (whose score is the mask's share of the crop). ``mask (N, Z, Y, X)``
+    or ``(N, Y, X)`` with a 2D ``grid``.
+    """
+    xp = array_namespace(mask)
+    grid = tuple(int(n) for n in grid)
+    weights = total_weights(grid, tuple(mask.shape[1:]), mask)  # float64 on the mask's device
+    ratio = contract_mask(mask, grid) / weights[None]
+    return xp.max(xp.reshape(ratio, (ratio.shape[0], -1)), axis=1)
 
 
 def upsample_cam(cam: Any, shape: Sequence[int]) -> Any:

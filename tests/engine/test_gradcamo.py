@@ -13,6 +13,7 @@ from gradcamo_dask.engine.gradcamo import (
     gradcamo_lowres,
     gradcamo_score,
     interpolation_matrix,
+    total_weights,
     upsample_cam,
 )
 
@@ -129,3 +130,30 @@ def test_cupy_routes_agree_on_gpu():
     np.testing.assert_allclose(score.get(), expected, rtol=1e-5)
     full = gradcamo_score(cupy.asarray(upsample_cam(cam, (21, 128, 128))), cupy.asarray(mask))[0]
     np.testing.assert_allclose(full.get(), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("grid", [(1, 6, 6), (2, 12, 12), (1, 1, 1), (6, 6)])
+def test_ceiling_bounds_every_map_and_is_reached_by_one_voxel(grid):
+    from gradcamo_dask.engine.gradcamo import gradcamo_ceiling
+
+    rng = np.random.default_rng(3)
+    shape = (6, 48, 48)[-len(grid):]
+    masks = np.zeros((3, *shape), dtype=bool)
+    masks[0, ..., 12:36, 12:36] = True  # centred square
+    masks[1, ..., 0:10, 30:48] = True  # a corner blob
+    masks[2] = rng.random(shape) < 0.2  # scattered voxels
+    ceiling = gradcamo_ceiling(masks, grid)
+    assert ceiling.shape == (3,) and ceiling.dtype == np.float64
+    maps = rng.random((200, *grid)) ** 4  # peaked random maps
+    for i in range(3):
+        scores = gradcamo_lowres(maps, np.repeat(masks[i:i + 1], len(maps), axis=0))[0]
+        assert np.all(scores <= ceiling[i] + 1e-12)
+        # the bound is reached: all the mass on the best voxel (checked at full resolution)
+        best = np.zeros((1, *grid))
+        ratio = contract_mask(masks[i:i + 1], grid)[0] / total_weights(grid, shape, best)
+        best.reshape(-1)[np.argmax(ratio)] = 1.0
+        full = gradcamo_score(upsample_cam(best, shape), masks[i:i + 1], spatial_dims=len(grid))[0]
+        assert full[0] == pytest.approx(ceiling[i], abs=1e-9)
+    # a 1 x 1 x 1 grid can only score the mask's share of the crop
+    if grid == (1, 1, 1):
+        np.testing.assert_allclose(ceiling, masks.reshape(3, -1).mean(axis=1), atol=1e-12)
