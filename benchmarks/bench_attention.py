@@ -52,6 +52,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+from gradcamo_dask.engine.augment import AUGMENTATION_NAMES  # noqa: E402  (after the path setup above)
+
 SETTINGS = {
     "quick": dict(sites_per_well=2, epochs=1, max_train_cells=16, max_test_cells=32, seeds=(0,), draws=2),
     "full": dict(sites_per_well=48, epochs=24, max_train_cells=600, max_test_cells=300, seeds=(0, 1, 2), draws=5),
@@ -95,16 +97,6 @@ LAYERS = ("_swish", "_blocks.0.0", "_blocks.1.1", "_blocks.1.2", "_blocks.2.4", 
 MODELS = {"in_cell": True, "off_cell": False}  # trained on responders / on bystanders
 
 
-#: Training augmentation by name: none, x/y flips only (p = 0.5 each; intensities stay as scaled), or the
-#: paper's (flips, brightness, gamma).
-AUGMENTATIONS = ("none", "flips", "paper")
-
-
-def augmentation(name: str):
-    """The Recipe's ``augmentation`` for a name of AUGMENTATIONS."""
-    from gradcamo_dask.engine.augment import Augmentation
-
-    return {"none": None, "flips": Augmentation(brightness=None, gamma=None), "paper": Augmentation()}[name]
 
 
 def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
@@ -256,6 +248,7 @@ def train_model(c: dict, s: dict, seed: int, name: str, out: str, recipe_options
     ``recipe_options``: extra Recipe fields (e.g. the regulariser's)."""
     import torch
 
+    from gradcamo_dask.engine.augment import named_augmentation
     from gradcamo_dask.io.synthetic import population_labels
     from gradcamo_dask.jobs.recipe import Recipe, Split
     from gradcamo_dask.jobs.train import train
@@ -271,7 +264,7 @@ def train_model(c: dict, s: dict, seed: int, name: str, out: str, recipe_options
     t0 = time.perf_counter()
     recipe = Recipe(crop_size=c["crop_size"], input_shape=c["input_shape"], epochs=s["epochs"], seed=seed,
                     learning_rate=c["learning_rate"], patience=None, layers=["_blocks.1.2"],
-                    augmentation=augmentation(c.get("augmentation", "none")),
+                    augmentation=named_augmentation(c.get("augmentation", "none")),
                     split=Split(test_rows=c["test_rows"], max_train_cells=s["max_train_cells"]),
                     **({"intensity_scaling": c.get("intensity_scaling", "crop")} | dict(recipe_options or {})))
     bundle = train(plate.image, population_labels(plate.labels, train_truth, MODELS.get(name, True)), recipe,
@@ -556,8 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", choices=("crop", "plate"), default=None, help="intensity scaling (default plate)")
     parser.add_argument("--responder-growth", action=argparse.BooleanOptionalAction, default=None,
                         help="responders grow with their response (default: no, same size as bystanders)")
-    parser.add_argument("--augment", choices=AUGMENTATIONS, default=None,
-                        help="training augmentation (default none)")
+    parser.add_argument("--augment", choices=AUGMENTATION_NAMES, default=None,
+                        help=f"training augmentation (default {COMMON['augmentation']})")
     parser.add_argument("--target", choices=TARGETS, default=None, help="explained class of the main tables")
     parser.add_argument("--workers", type=int, default=None,
                         help="models trained at once, one process and core each (default: 1 in quick mode, else "

@@ -43,6 +43,8 @@ sys.path.insert(0, str(HERE))
 
 import bench_attention as ba  # noqa: E402  (the plate, training, audit and statistics are shared)
 
+from gradcamo_dask.engine.augment import AUGMENTATION_NAMES  # noqa: E402
+
 LAYER = "_swish"
 SETTINGS = {
     "quick": dict(sites_per_well=2, epochs=1, max_train_cells=16, max_test_cells=32, seeds=(0,), lambdas=(0.0, 10.0)),
@@ -59,7 +61,7 @@ SETTINGS = {
 
 def sweep_settings(scaling: str, run_options: dict | None = None) -> dict:
     """bench_attention's plate and recipe without mosaic wells; ``run_options``: ``layer`` (regularised and
-    audited, default LAYER) and ``augmentation`` (a name of ``bench_attention.AUGMENTATIONS``)."""
+    audited, default LAYER) and ``augmentation`` (a name of ``AUGMENTATION_NAMES``)."""
     return {**ba.COMMON, "mosaic": False, "intensity_scaling": scaling, "layer": LAYER, **(run_options or {})}
 
 
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-test-cells", type=int, default=None, help="override the mode's held-out cells (x 2)")
     parser.add_argument("--workers", type=int, default=None, help="trainings at once (default: cores, at most 2)")
     parser.add_argument("--layer", default=LAYER, help=f"layer regularised and audited (default {LAYER})")
-    parser.add_argument("--augment", choices=ba.AUGMENTATIONS, default=None,
+    parser.add_argument("--augment", choices=AUGMENTATION_NAMES, default=None,
                         help=f"training augmentation (default bench_attention's, {ba.COMMON['augmentation']})")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")

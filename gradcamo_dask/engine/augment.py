@@ -21,7 +21,7 @@ import torch
 
 from gradcamo_dask.errors import InputError
 
-__all__ = ["Augmentation", "augment_batch"]
+__all__ = ["AUGMENTATION_NAMES", "Augmentation", "augment_batch", "named_augmentation"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,16 @@ class Augmentation:
 
 
 NO_AUGMENTATION = Augmentation(p=0.0, flip_x=False, flip_y=False, brightness=None, gamma=None)
+#: Augmentation by name: ``"none"``; ``"flips"``, x/y flips only (p = 0.5 each; intensities stay as scaled,
+#: which a fixed plate intensity range needs); ``"paper"``, flips, brightness and gamma (the default).
+AUGMENTATION_NAMES = ("none", "flips", "paper")
+
+
+def named_augmentation(name: str) -> Augmentation | None:
+    """The :class:`Augmentation` called ``name`` (one of AUGMENTATION_NAMES); None for ``"none"``."""
+    if name not in AUGMENTATION_NAMES:
+        raise InputError(f"augmentation must be one of {AUGMENTATION_NAMES}, got {name!r}")
+    return {"none": None, "flips": Augmentation(brightness=None, gamma=None), "paper": Augmentation()}[name]
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:

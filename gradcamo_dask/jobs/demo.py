@@ -37,30 +37,30 @@ __all__ = ["DEMO", "MODELS", "TRAINED_ON", "complete_bundle", "format_comparison
 
 #: Small enough for a few minutes on 2 CPU cores (measured: see README). bench_attention's plate knobs (mosaic,
 #: granules, two compounds at 10 µM whose granules show in RNA and AGP, so both classes have local evidence and
-#: chance is 0.5). Crop 48 x 48 px around cells of radius 12 px (a cell is half the crop's width; the crop
-#: reaches the ring of neighbours), model grid 12 x 48 x 48 (no resampling in y and x, so the 2-4 px granules
-#: survive). Layers: the two bench_attention ranks best for the in-cell model among those that localise, the stem
-#: `_swish` (6 x 24 x 24) and `_blocks.2.4` (1 x 3 x 3); `_blocks.3.x` and deeper are 1 x 2 x 2 or coarser and
-#: cannot localise a cell. Without granules, or at a 12 x 32 x 32 grid, the models barely learned and their
-#: maps were noise (benchmarks/results/bench_attention_diagnosis.md).
+#: chance is 0.5) and recipe at a smaller budget: crop 6 x 48 x 48 voxels centred on cells of radius 12 px (a cell
+#: is half the crop's width; the crop reaches the ring of neighbours), model grid 6 x 48 x 48 (no resampling, so
+#: the 2-4 px granules survive), a fixed intensity range per channel, x/y flips. Layers: the ones bench_attention's
+#: full run ranks best among those that localise (benchmarks/results/bench_attention.md); `_blocks.3.x` and deeper
+#: are 1 x 2 x 2 or coarser and cannot localise a cell. Without granules, at a 12 x 32 x 32 grid, or with a few
+#: epochs on loaded cores, the models barely learned and their maps were noise
+#: (benchmarks/results/bench_attention_diagnosis.md).
 DEMO = dict(
     doses_um=(10.0,),
     compounds=2,  # bench_attention's plate: both classes have local evidence (no control class)
     wells_per_treatment=2,
-    sites_per_well=16,  # 8 left ~80 responders to train on: held-out accuracy 0.61 and 0.57 (README)
-    scored_sites=8,  # sites of each held-out well that are scored (scoring all 16 doubled its time)
+    sites_per_well=32,  # ~300 responders to train on (16 sites left ~150: held-out accuracy 0.61)
+    scored_sites=8,  # sites of each held-out well that are scored
     site_shape=(12, 128, 128),
     cell_radius=12.0,
     granules=1.0,
-    crop_shape=(None, 48, 48),
-    input_shape=(12, 48, 48),
-    layers=("_swish", "_blocks.2.4"),
-    epochs=6,
+    crop_shape=(6, 48, 48),  # 6 slices centred on the cell: the cells fill slices 2-7 of 12
+    input_shape=(6, 48, 48),
+    layers=("_blocks.0.0", "_blocks.1.1"),
+    epochs=16,
     batch_size=8,
     learning_rate=1e-3,  # paper 3e-4; a few hundred steps need a faster rate (bench_attention)
-    max_train_cells=200,
-    # few cells and epochs: the paper's augmentations (p = 0.5 each) slow learning more than they help here
-    augmentation=False,
+    max_train_cells=300,
+    augmentation="flips",  # x/y flips only: brightness/gamma would undo the fixed intensity range
     intensity_scaling="plate",
     train_workers=2,  # the two models train at once, one process and one torch thread each
 )
@@ -177,7 +177,8 @@ def run_demo(
     timings["score"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    crop_voxels = image.sizes["z"] * int(np.prod(cfg["crop_shape"][-2:]))  # crops keep every z slice
+    crop_z = cfg["crop_shape"][0] if len(cfg["crop_shape"]) == 3 and cfg["crop_shape"][0] else image.sizes["z"]
+    crop_voxels = min(int(crop_z), image.sizes["z"]) * int(np.prod(cfg["crop_shape"][-2:]))
     table, summary, reports, n_cells = _tables_and_reports(out, cfg, crop_voxels, plate_path, labels_method)
     timings["report"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
@@ -207,7 +208,7 @@ def _check_settings(out: Path, cfg: dict, seed: int, labels_method: str, overwri
 
 def _recipe(cfg: dict, seed: int, test_wells: list[str], image: Any) -> Any:
     """The demo's training recipe as it applies to ``image`` (2D plates: crops and grid in y and x)."""
-    from gradcamo_dask.engine.augment import Augmentation
+    from gradcamo_dask.engine.augment import named_augmentation
     from gradcamo_dask.jobs.dimensionality import plate_recipe
     from gradcamo_dask.jobs.recipe import Recipe, Split
 
@@ -215,7 +216,7 @@ def _recipe(cfg: dict, seed: int, test_wells: list[str], image: Any) -> Any:
                     batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"], seed=seed,
                     split=Split(test_wells=test_wells, max_train_cells=cfg["max_train_cells"]),
                     layers=list(cfg["layers"]), patience=None,
-                    augmentation=Augmentation() if cfg["augmentation"] else None,
+                    augmentation=named_augmentation(cfg["augmentation"]),
                     intensity_scaling=cfg.get("intensity_scaling", "crop"))
     return plate_recipe(recipe, image)
 
@@ -330,7 +331,7 @@ def _compare(name: str, profiles: Any, crop_voxels: int) -> list[dict]:
     treated = np.asarray([t != "control" for t in treatments], dtype=bool)
     accuracy = float((profiles["predicted"].values == truth).mean()) if len(truth) else float("nan")
     chance = 1.0 / len(classes)
-    uniform = profiles["volume_voxels"].values.astype(float) / crop_voxels
+    uniform = profiles["volume_voxels"].values.astype(float) / crop_voxels  # exact when the cell lies in its crop
     reference = float(uniform.mean()) if len(uniform) else float("nan")
     rows = []
     for layer in scored_layers(profiles):
