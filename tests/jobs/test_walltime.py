@@ -147,18 +147,18 @@ def test_a_worker_leaving_after_chunks_were_written_costs_no_written_chunk(tmp_p
 STAGGER_S = 1.0
 
 
-def _lifetime_plan(startup_s: float, site_s: float, n_sites: int, sites_per_life: int = 3) -> tuple[float, float]:
+def _lifetime_plan(startup_s: float, site_s: float, n_sites: int, sites_per_life: int = 4) -> tuple[float, float]:
     """``(sleep per site, worker lifetime)`` in seconds, from one worker's measured start-up and per-site time.
 
     Two one-thread workers score at most two sites at once, so a run lasts at least
-    ``ceil(n_sites / 2) * sleep`` whatever the load; that is set to 1.2 x (lifetime + stagger):
+    ``ceil(n_sites / 2) * sleep`` whatever the load; that is set to 1.1 x (lifetime + stagger):
     the workers present when the run starts leave before it ends, with sites left that only
-    replacements can score. A lifetime holds twice the
-    start-up (two workers start at once on the same cores: seen 5 to 11 s for 5 s measured
-    alone), ``sites_per_life`` slowed sites and the stagger, so that every worker scores sites.
+    replacements can score. A lifetime holds twice the start-up (two workers start at once on
+    the same cores: seen 5 to 11 s for 5 s measured alone), ``sites_per_life`` slowed sites and
+    the stagger, so that every worker scores sites and the replacements finish within theirs.
     """
     half, startup_s = -(-n_sites // 2), 2 * startup_s
-    sleep = 1.2 * (startup_s + sites_per_life * site_s + 2 * STAGGER_S) / (half - 1.2 * sites_per_life)
+    sleep = 1.1 * (startup_s + sites_per_life * site_s + 2 * STAGGER_S) / (half - 1.1 * sites_per_life)
     return sleep, startup_s + sites_per_life * (sleep + site_s) + STAGGER_S
 
 
@@ -223,12 +223,12 @@ def test_a_scoring_run_through_ending_lifetimes_equals_an_uninterrupted_run(tmp_
         client.wait_for_workers(1, timeout=120)
         ds = score_plate(image, open_labels(paths["plate"], like=image), paths["bundle"], client=client)
         began = time.monotonic()
-        print(f"walltime run: start-up {startup_s:.1f} s, sleep {sleep_s:.2f} s a site, lifetime {lifetime_s:.1f} s")
         run = ThreadPoolExecutor(1).submit(write_profiles, ds, out, client=client, chunk_cells=4)
         wait([run], timeout=240)
         ended = time.monotonic()
         plan = (f"start-up {startup_s:.1f} s, sleep {sleep_s:.2f} s a site, lifetime {lifetime_s:.1f} s, "
                 f"run {ended - began:.1f} s, {len(arrivals.joined)} workers joined, {len(arrivals.left)} left")
+        print(f"walltime run: {plan}")
         assert run.done(), f"the run did not finish ({plan})"
         run.result()  # a failed run raises here
     assert any(began < t < ended for t in arrivals.left_at), f"no worker left mid-run ({plan})"
