@@ -99,3 +99,19 @@ def slow_sites(seconds: float) -> None:
         return real(*args, **kwargs)
 
     p.score_site = slow
+
+
+class SlowSites:
+    """Worker plugin: :func:`slow_sites` on every worker, those that join later included (a replaced job).
+
+    Register with ``client.register_plugin(as_worker_plugin(SlowSites(seconds)))``
+    (:func:`gradcamo_dask.jobs.worker_plugins.as_worker_plugin`); importable by worker processes.
+    """
+
+    name = "tests-slow-sites"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = float(seconds)
+
+    def setup(self, worker) -> None:
+        slow_sites(self.seconds)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def write_tiny_plate_and_bundle(directory: Path, *, seed: int = 0) -> dict[str, Path]:
-    """``plate.zarr`` (2 wells x 2 sites, ground-truth labels inside) and ``bundle/``.
+def write_tiny_plate_and_bundle(directory: Path, *, seed: int = 0, wells_per_treatment: int = 1,
+                                sites: int = 2) -> dict[str, Path]:
+    """``plate.zarr`` (2 wells x 2 sites by default, ~5 cells a site, ground-truth labels inside) and ``bundle/``.
 
     The bundle is an untrained EfficientNet-B0 3D with fixed seed at a small input grid:
     scores are not meaningful, but deterministic, which is all a cluster test compares.
@@ -14,7 +15,8 @@ def write_tiny_plate_and_bundle(directory: Path, *, seed: int = 0) -> dict[str, 
     from tests.helpers.plate_fixtures import CHANNELS, CLASSES, make_bundle, make_plate
 
     directory.mkdir(parents=True, exist_ok=True)
-    plate_path = make_plate(directory / "plate.zarr", wells_per_treatment=1, site_shape=(8, 64, 64), cell_radius=9.0,
+    plate_path = make_plate(directory / "plate.zarr", wells_per_treatment=wells_per_treatment, sites=sites,
+                            site_shape=(8, 64, 64), cell_radius=9.0,
                             seed=seed, with_platemap=True, overwrite=True)
     bundle = make_bundle(directory / "bundle", seed=seed, channels=CHANNELS, classes=sorted(CLASSES),
                          crop_shape=(None, 32, 32), input_shape=(8, 32, 32), mean=0.5, std=0.25, layers=None,

@@ -394,6 +394,35 @@ def test_helm_values_give_workers_a_gpu_and_the_dask_cuda_worker():
         assert "exec dask scheduler" in (DEPLOY / "docker" / name).read_text()
 
 
+def _pod_security_context_schema() -> dict:
+    """Kubernetes' PodSecurityContext (the pod-level ``securityContext``), strict, from the operator's CRD."""
+    pod = _crd_schema("DaskCluster")["properties"]["spec"]["properties"]["worker"]["properties"]["spec"]
+    return pod["properties"]["securityContext"]
+
+
+def _image_uid() -> int:
+    """The user the GPU image runs as (``USER <uid>``; test_images checks that both images agree)."""
+    return int(re.search(r"^USER (\d+)$", (DEPLOY / "docker" / "Dockerfile.gpu").read_text(), re.M).group(1))
+
+
+def test_helm_values_run_scheduler_and_workers_as_the_images_user_with_fsgroup():
+    # The dask/dask chart renders <role>.securityContext as the pod's securityContext (its scheduler and worker
+    # Deployment templates), where fsGroup makes a mounted volume group-writable for the non-root user.
+    import jsonschema
+
+    values = yaml.safe_load((K8S / "helm-values-gpu.yaml").read_text())
+    uid = _image_uid()
+    schema = _pod_security_context_schema()
+    for role in ("scheduler", "worker"):
+        context = values[role].get("securityContext")
+        assert context == {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid}, (role, context)
+        jsonschema.Draft4Validator(schema).validate(context)
+    # the schema check catches a container-only field and a misspelt key on the pod
+    for wrong in ({"allowPrivilegeEscalation": False}, {"fsgroup": uid}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.Draft4Validator(schema).validate(wrong)
+
+
 # --------------------------------------------------------------------------- output location
 
 @pytest.fixture(scope="module")
