@@ -53,6 +53,7 @@ DEMO = dict(
     site_shape=(12, 128, 128),
     cell_radius=12.0,
     granules=1.0,
+    responder_growth=False,  # responders keep the bystanders' size: Grad-CAMO cannot differ by cell size
     crop_shape=(6, 48, 48),  # 6 slices centred on the cell: the cells fill slices 2-7 of 12
     input_shape=(6, 48, 48),
     layers=("_blocks.0.0", "_blocks.1.1"),
@@ -100,7 +101,8 @@ def _plate(out: Path, cfg: dict, seed: int, overwrite: bool, labels_method: str,
                                 sites_per_well=cfg["sites_per_well"], site_shape=cfg["site_shape"],
                                 cell_radius=cfg["cell_radius"], seed=seed, mosaic=True,
                                 granules=cfg.get("granules", 0.0), plate="demo", compounds=cfg.get("compounds", 1),
-                                spatial_dims=cfg.get("spatial_dims", 3))
+                                spatial_dims=cfg.get("spatial_dims", 3),
+                                responder_growth=cfg.get("responder_growth", True))
         write_plate(plate_path, plate.image, plate.labels, overwrite=True)
         cell_truth(plate).to_csv(truth_path, index=False)
     image = open_plate(plate_path)
