@@ -35,9 +35,15 @@ def test_bench_attention_quick_mode_writes_a_complete_report(tmp_path):
         assert v["localises"] == (v["grid"][1] >= 3 and v["grid"][2] >= 3)
         assert 0 <= v["in_cell"]["mean"] <= 1 and 0 <= v["off_cell"]["mean"] <= 1
         assert math.isfinite(v["cohens_d"])
-        if v["grid"] == [1, 1, 1]:  # a 1 x 1 x 1 map scores each cell's uniform share (undefined cells aside)
+        for name in ("in_cell", "off_cell"):  # no map on the grid beats the ceiling; every cell can reach its share
+            assert report["uniform_map_reference"][name]["mean"] - 1e-9 <= v["ceiling"][name] <= 1 + 1e-9
+            assert v[name]["mean"] <= v["ceiling"][name] + 0.05  # a mean over cells, each below its own ceiling
+        if v["grid"] == [1, 1, 1]:  # a 1 x 1 x 1 map scores each cell's uniform share, its ceiling too
             for name in ("in_cell", "off_cell"):
-                assert abs(v[name]["mean"] / report["uniform_map_reference"][name]["mean"] - 1) < 0.05
+                ref = report["uniform_map_reference"][name]["mean"]
+                assert v["ceiling"][name] == pytest.approx(ref, rel=1e-6)
+                if v[name]["n_undefined"] == 0:  # (a mean over the defined cells only is over other cells)
+                    assert abs(v[name]["mean"] / ref - 1) < 0.05
         else:
             assert math.isfinite(v["cohens_d_over_uniform"])
     assert report["layers"][report["best_layer"]]["localises"]
