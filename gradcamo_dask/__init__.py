@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "extract_crops": "cells",
     "explain": "engine.explain",
     "gradcamo_score": "engine.gradcamo",
+    "gradcamo_ceiling": "engine.gradcamo",
     "open_bundle": "engine.bundles",
     "write_bundle": "engine.bundles",
     "layer_grids": "engine.layers",
