@@ -3,7 +3,7 @@ from one that reads the neighbours?
 
 One mosaic plate (``synthetic_plate(mosaic=True)``: only a maximal independent set of
 cells responds to the compound, the same cells in every well, density independent of
-dose; control vs 10 µM) holds both cases, on the same images:
+dose; two compounds at 10 µM whose granules show in RNA and AGP) holds both cases, on the same images:
 
 - **in-cell** model: EfficientNet-B0 3D trained on the *responders* only. Their
   neighbours are bystanders, which look like controls: the treatment is readable only
@@ -21,7 +21,9 @@ Each model is trained with several seeds and audited on the held-out wells (row 
   i.e. 0 after standardisation): *cell only* (everything outside the cell's mask,
   grown by 2 px, blanked) and *surround only* (the grown cell blanked), which shows
   what each model really uses;
-- Cohen's d between the two models' Grad-CAMO on their held-out cells, per layer;
+- Cohen's d between the two models' Grad-CAMO on their held-out cells, per layer, also of each score
+  divided by its cell's uniform share (size-free), and the ceiling per layer (the best any map on its grid
+  can score for the cell, :func:`gradcamo_dask.gradcamo_ceiling`);
 - profile quality (copairs mAP of treatment retrieval, :mod:`gradcamo_dask.profiles.quality`)
   of every held-out cell (both populations) with each model's ``_head_swish`` features:
   all cells, cells with Grad-CAMO >= 0.25 at the best layer, the same number kept at
@@ -30,7 +32,7 @@ Each model is trained with several seeds and audited on the held-out wells (row 
 Usage::
 
     python benchmarks/bench_attention.py --quick   # 1 seed, tiny, plus a 3D ViT row (attention_vit.py); a test
-    python benchmarks/bench_attention.py           # 3 seeds, the committed figures
+    python benchmarks/bench_attention.py --workers 2   # 3 seeds, the committed figures (~25 min on 2 cores)
 
 Writes ``benchmarks/results/bench_attention[_quick].json`` and ``.md`` (date, machine, load).
 """
