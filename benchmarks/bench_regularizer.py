@@ -18,6 +18,8 @@ Usage::
 
     python benchmarks/bench_regularizer.py --quick   # 1 seed, λ 0 and 10, tiny; runs in a test
     python benchmarks/bench_regularizer.py           # λ 0, 10, 30 x seeds 0, 1, 2: the committed figures
+    python benchmarks/bench_regularizer.py --layer _blocks.1.1 --lambdas 0 1 3 10 --epochs 16 \
+        --max-train-cells 300 --sites-per-well 12 --warm-start 8 --tag warm   # fine-tunes of a plain model
 
 Writes ``benchmarks/results/bench_regularizer[_quick].json`` and ``.md`` (date, machine, load).
 """
@@ -65,10 +67,15 @@ def sweep_settings(scaling: str, run_options: dict | None = None) -> dict:
     return {**ba.COMMON, "mosaic": False, "intensity_scaling": scaling, "layer": LAYER, **(run_options or {})}
 
 
-def train_job(c: dict, s: dict, seed: int, lam: float, out: str) -> dict:
-    """One regularised (or plain, λ = 0) model on every cell, with the run's intensity scaling."""
+def train_job(c: dict, s: dict, seed: int, lam: float, out: str, start: str | None = None,
+              warm: dict | None = None) -> dict:
+    """One regularised (or plain, λ = 0) model on every cell, with the run's intensity scaling; with ``start``
+    (a bundle) it is fine-tuned from that bundle for ``warm["epochs"]`` at ``warm["learning_rate"]``."""
     options = {"regularizer": lam, "regularizer_layer": c["layer"]} if lam > 0 else {}
     options["intensity_scaling"] = c["intensity_scaling"]
+    if start is not None:
+        options["init_from"] = start
+        c, s = {**c, "learning_rate": warm["learning_rate"]}, {**s, "epochs": warm["epochs"]}
     return ba.train_model(c, s, seed, "all_cells", out, recipe_options=options)
 
 
@@ -90,9 +97,11 @@ def audit_model(bundle: str, table, raw, masks, layer: str = LAYER) -> dict:
             "surround_only": ba.accuracy(a["surround_only"], a["y"], every)}
 
 
-def run(mode: str, workers: int, on_done, scaling: str = "plate", run_options: dict | None = None) -> dict:
+def run(mode: str, workers: int, on_done, scaling: str = "plate", run_options: dict | None = None,
+        warm: dict | None = None) -> dict:
     """Train every (λ, seed) in ``workers`` processes and audit each as it finishes; ``on_done(report)``
-    after each, so an interrupted sweep keeps its finished runs."""
+    after each, so an interrupted sweep keeps its finished runs. ``warm`` (``epochs``, ``learning_rate``):
+    first a plain model per seed (the mode's epochs), then every λ (0 included, the control) fine-tuned from it."""
     s = SETTINGS[mode]
     c = sweep_settings(scaling, run_options)
     plate, truth = ba.mosaic_plate(c, s)
@@ -102,19 +111,32 @@ def run(mode: str, workers: int, on_done, scaling: str = "plate", run_options: d
     uniform = masks.float().mean(dim=tuple(range(1, masks.ndim))).numpy().astype(np.float64)
     jobs = [(lam, seed) for seed in s["seeds"] for lam in s["lambdas"]]  # seed by seed: a cut-off sweep stays paired
     results: dict = {}
+    starts: dict = {}
+
+    def audited(trained: dict, what: str) -> dict:
+        r = {**trained, **audit_model(trained["bundle"], table, raw, masks, c["layer"]),
+             "load_average_done": [round(v, 2) for v in os.getloadavg()]}
+        print(f"[bench_regularizer] {what}: accuracy {r['test']['accuracy']:.3f}, cell only "
+              f"{r['cell_only']['accuracy']:.3f}, Grad-CAMO {np.nanmean(r['gradcamo']):.3f}; train "
+              f"{trained['train_seconds']:.0f} s; load {r['load_average_done']}", flush=True)
+        return r
+
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
             max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {job: pool.submit(train_job, c, s, job[1], job[0], f"{tmp}/lam{job[0]:g}-{job[1]}") for job in jobs}
+        if warm:  # the plain models every λ starts from, then the fine-tunes (submitted as each start is done)
+            first = {seed: pool.submit(train_job, c, s, seed, 0.0, f"{tmp}/start-{seed}") for seed in s["seeds"]}
+            futures = {}
+            for seed in s["seeds"]:
+                starts[seed] = audited(first[seed].result(), f"start seed {seed}")
+                futures |= {(lam, seed): pool.submit(train_job, c, s, seed, lam, f"{tmp}/lam{lam:g}-{seed}",
+                                                     starts[seed]["bundle"], warm) for lam in s["lambdas"]}
+        else:
+            futures = {job: pool.submit(train_job, c, s, job[1], job[0], f"{tmp}/lam{job[0]:g}-{job[1]}")
+                       for job in jobs}
         for job in jobs:
-            trained = futures[job].result()
-            results[job] = {**trained, **audit_model(trained["bundle"], table, raw, masks, c["layer"]),
-                            "load_average_done": [round(v, 2) for v in os.getloadavg()]}
-            r = results[job]
-            print(f"[bench_regularizer] λ {job[0]:g} seed {job[1]}: accuracy {r['test']['accuracy']:.3f}, cell only "
-                  f"{r['cell_only']['accuracy']:.3f}, Grad-CAMO {np.nanmean(r['gradcamo']):.3f}; train "
-                  f"{trained['train_seconds']:.0f} s; load {r['load_average_done']}", flush=True)
-            on_done(summary(mode, s, c, results, uniform))
-    return summary(mode, s, c, results, uniform)
+            results[job] = audited(futures[job].result(), f"λ {job[0]:g} seed {job[1]}")
+            on_done(summary(mode, s, c, results, uniform, starts, warm))
+    return summary(mode, s, c, results, uniform, starts, warm)
 
 
 def audit_saved(s: dict, bundle: str, scaling: str, run_options: dict | None = None) -> dict:
@@ -152,25 +174,37 @@ def run_saved(mode: str, bundles: list[str], on_done, scaling: str = "plate", ru
     return report
 
 
-def summary(mode: str, s: dict, c: dict, results: dict, uniform: np.ndarray) -> dict:
-    rows, per_lambda = [], {}
-    for (lam, seed), r in results.items():
-        rows.append({"lambda": lam, "seed": seed, "train_seconds": r["train_seconds"], "train_cells": r["train_cells"],
-                     "epochs": r["epochs"], "test": r["test"], "cell_only": r["cell_only"],
-                     "surround_only": r["surround_only"], "gradcamo": ba.summarise(r["gradcamo"], c["cutoff"]),
-                     "load_average_done": r["load_average_done"], "intensity_range": r.get("intensity_range"),
-                     "training_history": r.get("history")})
-    base = [r["gradcamo"] for (lam, _s), r in results.items() if lam == 0]
-    for lam in sorted({k[0] for k in results}):
-        runs = [r for (l, _s), r in results.items() if l == lam]
-        pooled = np.concatenate([r["gradcamo"] for r in runs])
-        per_lambda[str(lam)] = {
-            "seeds": len(runs), "gradcamo": ba.summarise(pooled, c["cutoff"]),
+def _row(lam: float | str, seed: int, r: dict, cutoff: float) -> dict:
+    return {"lambda": lam, "seed": seed, "train_seconds": r["train_seconds"], "train_cells": r["train_cells"],
+            "epochs": r["epochs"], "test": r["test"], "cell_only": r["cell_only"],
+            "surround_only": r["surround_only"], "gradcamo": ba.summarise(r["gradcamo"], cutoff),
+            "load_average_done": r["load_average_done"], "intensity_range": r.get("intensity_range"),
+            "training_history": r.get("history")}
+
+
+def _pooled(runs: list[dict], base: list[np.ndarray], starts: list[np.ndarray], cutoff: float) -> dict:
+    """Seeds pooled: Grad-CAMO, d against λ = 0 (and against the start models when warm), mean ± sd accuracies."""
+    pooled = np.concatenate([r["gradcamo"] for r in runs])
+    return {"seeds": len(runs), "gradcamo": ba.summarise(pooled, cutoff),
             "cohens_d_vs_lambda_0": ba.cohens_d(pooled, np.concatenate(base)) if base else float("nan"),
+            **({"cohens_d_vs_start": ba.cohens_d(pooled, np.concatenate(starts))} if starts else {}),
             **{k: {"mean": float(np.mean([r[k]["accuracy"] for r in runs])),
                    "sd": float(np.std([r[k]["accuracy"] for r in runs]))} for k in ("test", "cell_only", "surround_only")}}
+
+
+def summary(mode: str, s: dict, c: dict, results: dict, uniform: np.ndarray, starts: dict | None = None,
+            warm: dict | None = None) -> dict:
+    starts = starts or {}
+    rows = [_row("start", seed, r, c["cutoff"]) for seed, r in starts.items()]
+    rows += [_row(lam, seed, r, c["cutoff"]) for (lam, seed), r in results.items()]
+    base = [r["gradcamo"] for (lam, _s), r in results.items() if lam == 0]
+    start_maps = [r["gradcamo"] for r in starts.values()]
+    per_lambda = {str(lam): _pooled([r for (l, _s), r in results.items() if l == lam], base, start_maps, c["cutoff"])
+                  for lam in sorted({k[0] for k in results})}
     grid = next(iter(results.values()))["grid"] if results else None
-    return {"mode": mode, "layer": c["layer"], "layer_grid": grid, "targets": targets(per_lambda), "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in {**s, **c}.items()},
+    return {"mode": mode, "layer": c["layer"], "layer_grid": grid, "targets": targets(per_lambda),
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in {**s, **c}.items()},
+            "warm_start": warm, "start": _pooled(list(starts.values()), base, [], c["cutoff"]) if starts else None,
             "uniform_map_reference": {"mean": float(uniform.mean()), "sd": float(uniform.std())},
             "test_cells": int(len(uniform)), "runs": rows, "by_lambda": per_lambda}
 
@@ -193,6 +227,10 @@ def targets(per_lambda: dict) -> dict:
     return out
 
 
+def _lam(lam: float | str) -> str:
+    return lam if isinstance(lam, str) else f"{float(lam):g}"
+
+
 def markdown(report: dict) -> str:
     st, ref = report["settings"], report["uniform_map_reference"]
     lines = [f"# bench_regularizer ({report['mode']})", "",
@@ -208,15 +246,23 @@ def markdown(report: dict) -> str:
              f"`{st['intensity_scaling']}`; regulariser `CE - λ·mean Grad-CAMO` at `{report['layer']}` (map grid "
              f"{'x'.join(map(str, report['layer_grid'] or []))}; true label's map); audit: predicted class's map",
              f"- command: `{report['command']}`",
-             f"- uniform-map reference (cell's share of its crop): {ref['mean']:.3f} ± {ref['sd']:.3f}", "",
-             "## Per λ (seeds pooled for Grad-CAMO; accuracies mean ± sd over seeds)", "",
-             "| λ | seeds | Grad-CAMO at " + report["layer"] + " (share >= 0.25) | x uniform | d vs λ = 0 | test accuracy | "
-             "cell only (off-cell signal removed) | surround only |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for lam, v in report["by_lambda"].items():
+             f"- uniform-map reference (cell's share of its crop): {ref['mean']:.3f} ± {ref['sd']:.3f}"]
+    warm = report.get("warm_start")
+    if warm:
+        lines.append(f"- warm start: each seed's plain model above (row `start`, {st['epochs']} epochs) is fine-tuned "
+                     f"for {warm['epochs']} epochs at Adam {warm['learning_rate']:g} with each λ (`init_from`); λ 0 "
+                     "is the control fine-tuned alike, so the targets compare against it")
+    lines += ["", "## Per λ (seeds pooled for Grad-CAMO; accuracies mean ± sd over seeds)", "",
+              "| λ | seeds | Grad-CAMO at " + report["layer"] + " (share >= 0.25) | x uniform | d vs λ = 0 | "
+              + ("d vs start | " if warm else "") + "test accuracy | cell only (off-cell signal removed) | "
+              "surround only |", "| --- | --- | --- | --- | --- | " + ("--- | " if warm else "") + "--- | --- | --- |"]
+    blocks = ([("start", report["start"])] if warm and report.get("start") else []) + list(report["by_lambda"].items())
+    for lam, v in blocks:
         g = v["gradcamo"]
-        lines.append(f"| {float(lam):g} | {v['seeds']} | {g['mean']:.3f} ± {g['sd']:.3f} ({g['share_on_target']:.2f}) | "
+        lines.append(f"| {_lam(lam)} | {v['seeds']} | {g['mean']:.3f} ± {g['sd']:.3f} ({g['share_on_target']:.2f}) | "
                      f"{g['mean'] / ref['mean']:.2f} | {v['cohens_d_vs_lambda_0']:.2f} | "
-                     f"{v['test']['mean']:.3f} ± {v['test']['sd']:.3f} | {v['cell_only']['mean']:.3f} ± "
+                     + (f"{v.get('cohens_d_vs_start', 0.0):.2f} | " if warm else "")
+                     + f"{v['test']['mean']:.3f} ± {v['test']['sd']:.3f} | {v['cell_only']['mean']:.3f} ± "
                      f"{v['cell_only']['sd']:.3f} | {v['surround_only']['mean']:.3f} ± {v['surround_only']['sd']:.3f} |")
     lines += ["", "## Targets against λ = 0 (d >= 0.8, cell only rises, <= 3 points of accuracy lost)", ""]
     for lam, t in report.get("targets", {}).items():
@@ -228,7 +274,7 @@ def markdown(report: dict) -> str:
               "surround only | Grad-CAMO | load when done |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:
         g = r["gradcamo"]
-        lines.append(f"| {r['lambda']:g} | {r['seed']} | {r['train_cells']} x {r['epochs']} | {r['train_seconds']} | "
+        lines.append(f"| {_lam(r['lambda'])} | {r['seed']} | {r['train_cells']} x {r['epochs']} | {r['train_seconds']} | "
                      f"{r['test']['accuracy']:.3f} | {r['cell_only']['accuracy']:.3f} | "
                      f"{r['surround_only']['accuracy']:.3f} | {g['mean']:.3f} ± {g['sd']:.3f} | "
                      f"{r['load_average_done']} |")
@@ -242,7 +288,7 @@ def markdown(report: dict) -> str:
             cells = [f"{h['train_accuracy']:.3f} / " + (f"{h['train_gradcamo']:.3f}" if h.get("train_gradcamo")
                                                          else "-") + f" / {h.get('val_accuracy', float('nan')):.3f}"
                      for h in r["training_history"]]
-            lines.append(f"| {r['lambda']:g} | {r['seed']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_lam(r['lambda'])} | {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -266,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", default=LAYER, help=f"layer regularised and audited (default {LAYER})")
     parser.add_argument("--augment", choices=AUGMENTATION_NAMES, default=None,
                         help=f"training augmentation (default bench_attention's, {ba.COMMON['augmentation']})")
+    parser.add_argument("--warm-start", type=int, default=None, metavar="EPOCHS",
+                        help="train a plain model per seed first, then fine-tune it this many epochs with each λ "
+                        "(0 included, the control)")
+    parser.add_argument("--warm-lr", type=float, default=3e-4, help="Adam learning rate of the fine-tunes")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
@@ -296,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.audit_bundles:
         write(run_saved(mode, args.audit_bundles, write, args.scaling, run_options))
     else:
-        write(run(mode, workers, write, args.scaling, run_options))
+        warm = {"epochs": args.warm_start, "learning_rate": args.warm_lr} if args.warm_start else None
+        write(run(mode, workers, write, args.scaling, run_options, warm))
     print(markdown(report))
     return 0
 

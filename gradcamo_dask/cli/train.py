@@ -65,6 +65,9 @@ def add_command(commands) -> None:
                         help="crop (default, the paper's): min-max of each crop's channels; plate: one fixed range "
                         "per channel fitted on the training sites, so a neighbour's bright phenotype cannot change "
                         "the cell's own intensities")
+    parser.add_argument("--init-from", default=None, metavar="BUNDLE",
+                        help="start from this bundle's weights and normalisation (fine-tuning, e.g. --regularizer "
+                        "on a plain run's bundle); same channels, classes and --intensity-scaling; only read")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -89,7 +92,7 @@ def _recipe(args):
                   epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, split=split,
                   patience=args.patience or None, augmentation=None if args.no_augment else Augmentation(),
                   regularizer=args.regularizer, regularizer_layer=args.regularizer_layer, layers=args.layers,
-                  intensity_scaling=args.intensity_scaling)
+                  intensity_scaling=args.intensity_scaling, init_from=args.init_from)
 
 
 def _print_training(out) -> None:
@@ -107,7 +110,7 @@ def _run_train(args) -> int:
     from gradcamo_dask.errors import GradcamoError
 
     try:
-        check_out(args.out, plate=args.plate, labels=args.labels, platemap=args.platemap)
+        check_out(args.out, plate=args.plate, labels=args.labels, platemap=args.platemap, bundle=args.init_from)
         from gradcamo_dask.io.safety import check_output_folder
 
         # a bundle, its checkpoint and cell list only: never mixed into (or over) a user's own files

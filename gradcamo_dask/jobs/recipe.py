@@ -129,6 +129,11 @@ class Recipe:
         ``"plate"``: one fixed range per channel fitted on the training sites
         (:func:`~gradcamo_dask.normalize.fit_intensity_range`), stored in the bundle, so a
         neighbour's bright phenotype cannot change the cell's own intensities.
+    init_from : path, optional
+        A model bundle whose weights start the run (fine-tuning; default None: seeded
+        random weights). Its channels, classes, intensity scaling and network must be
+        the run's; its normalisation is kept (:mod:`~gradcamo_dask.jobs.warm_start`).
+        E.g. a plain run's bundle, then ``regularizer > 0`` for a few epochs.
     """
 
     crop_size: Sequence[int | None] = (None, 128, 128)
@@ -149,6 +154,7 @@ class Recipe:
     batchnorm_momentum: float | str | None = "epoch"
     head_init_std: float | None = 0.01
     intensity_scaling: str = "crop"
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         crop = tuple(None if n is None else int(n) for n in self.crop_size)
@@ -175,6 +181,8 @@ class Recipe:
         if self.intensity_scaling not in ("crop", "plate"):
             raise InputError(f"intensity_scaling must be 'crop' (per-crop min-max, the paper's) or 'plate' (one "
                              f"fixed range per channel), got {self.intensity_scaling!r}")
+        if self.init_from is not None:
+            object.__setattr__(self, "init_from", str(self.init_from))
         if not isinstance(self.split, Split):
             raise InputError(f"split must be a Split, got {type(self.split).__name__}")
 

@@ -44,6 +44,7 @@ from gradcamo_dask.jobs.checkpoint import (
 from gradcamo_dask.jobs.dimensionality import plate_recipe
 from gradcamo_dask.jobs.epochs import Batches, evaluate_split, seed_of, train_epoch
 from gradcamo_dask.jobs.recipe import Recipe
+from gradcamo_dask.jobs.warm_start import load_start_weights
 from gradcamo_dask.jobs.trainset import SiteReader, assign_split, check_wells, combine_normalization
 from gradcamo_dask.normalize import fit_intensity_range
 from gradcamo_dask.provenance import package_versions
@@ -161,7 +162,8 @@ def _build_model(n_channels: int, n_classes: int, recipe: Recipe) -> tuple[nn.Mo
     return model, layer, list(layers) if layers else [layer]
 
 
-def _fingerprint(plate: str, channels: list[str], cells: _Cells, recipe: Recipe, layer: str) -> dict:
+def _fingerprint(plate: str, channels: list[str], cells: _Cells, recipe: Recipe, layer: str,
+                 start: str | None = None) -> dict:
     """The settings a checkpoint must share with the run that resumes it (JSON-ready)."""
     r = recipe
     return json.loads(json.dumps({
@@ -177,6 +179,7 @@ def _fingerprint(plate: str, channels: list[str], cells: _Cells, recipe: Recipe,
         "head_init_std": r.head_init_std,
         # only when not the paper's, so that checkpoints made before the option existed still resume
         **({"intensity_scaling": r.intensity_scaling} if r.intensity_scaling != "crop" else {}),
+        **({"init_from": start} if start is not None else {}),  # the start bundle's hash
     }))
 
 
@@ -255,6 +258,7 @@ class _Run:
     fingerprint: dict
     layer: str
     progress: bool
+    start_normalization: dict | None = None  # the init_from bundle's
 
 
 def _start(plate: str, channels: list[str], cells: _Cells, recipe: Recipe, files: CheckpointFiles, device: Any,
@@ -263,12 +267,18 @@ def _start(plate: str, channels: list[str], cells: _Cells, recipe: Recipe, files
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     channels_last = device.type == "cuda" if channels_last is None else channels_last
     model, layer, bundle_layers = _build_model(len(channels), len(cells.classes), recipe)
+    start_normalization = start_hash = None
+    if recipe.init_from is not None:
+        start_normalization, start_hash = load_start_weights(recipe.init_from, model, channels, cells.classes,
+                                                             recipe.intensity_scaling)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
-    fingerprint = _fingerprint(plate, channels, cells, recipe, layer)
-    return _Run(model, optimizer, device, channels_last, autocast, files, fingerprint, layer, progress), bundle_layers
+    fingerprint = _fingerprint(plate, channels, cells, recipe, layer, start_hash)
+    run = _Run(model, optimizer, device, channels_last, autocast, files, fingerprint, layer, progress,
+               start_normalization)
+    return run, bundle_layers
 
 
 def _fit(run: _Run, state: _State, batches: dict[str, Batches], counts: dict[str, int], recipe: Recipe) -> str:
@@ -391,7 +401,9 @@ def train(
     cells = _split_cells(labels, pm, recipe)
     files = CheckpointFiles(checkpoint_dir if checkpoint_dir is not None else Path(out) / "checkpoint")
     run, bundle_layers = _start(plate, channels, cells, recipe, files, device, channels_last, autocast, progress)
-    state = _resume(files, run.fingerprint, run.model, run.optimizer) if resume and files.state.is_file() else _State()
+    resumed = resume and files.state.is_file()
+    state = _resume(files, run.fingerprint, run.model, run.optimizer) if resumed else _State(
+        normalization=run.start_normalization)
     files.folder.mkdir(parents=True, exist_ok=True)
     reader = _crop_reader(image, labels, cells, recipe, cache, state.normalization)
     try:
@@ -417,6 +429,7 @@ def _provenance(plate: str, cells: _Cells, recipe: Recipe, run: _Run, state: _St
         "augmentation": run.fingerprint["augmentation"], "crop_size": list(r.crop_size),
         "input_shape": list(r.input_shape), "val_fraction": r.split.val_fraction,
         "batchnorm_momentum": r.batchnorm_momentum, "head_init_std": r.head_init_std, "history": state.history,
+        "init_from": None if r.init_from is None else {"path": r.init_from, "hash": run.fingerprint["init_from"]},
         "device": str(run.device), "versions": package_versions(), "seconds": round(time.time() - started, 1),
         "test": None if test is None else {k: test[k] for k in ("loss", "accuracy", "n", "gradcamo_mean",
                                                                  "gradcamo_sd", "n_undefined")} | {"layer": test_layer},

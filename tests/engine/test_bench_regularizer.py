@@ -55,3 +55,15 @@ def test_bench_regularizer_quick_mode_writes_a_complete_report(bench, tmp_path):
     assert np.isclose(report["by_lambda"]["0.0"]["cohens_d_vs_lambda_0"], 0.0)
     md = (tmp_path / "bench_regularizer_quick.md").read_text()
     assert "intensity scaling `plate`" in md and "Targets against λ = 0" in md and "uniform" in md
+
+
+def test_warm_start_fine_tunes_every_lambda_from_the_seed_s_plain_model(bench, tmp_path):
+    assert bench.main(["--quick", "--workers", "1", "--warm-start", "1", "--out", str(tmp_path), "--tag", "w"]) == 0
+    report = json.loads((tmp_path / "bench_regularizer_quick_w.json").read_text())
+    assert report["warm_start"] == {"epochs": 1, "learning_rate": 3e-4}
+    assert [(r["lambda"], r["epochs"]) for r in report["runs"]] == [("start", 1), (0.0, 1), (10.0, 1)]
+    assert report["start"]["seeds"] == 1 and math.isfinite(report["by_lambda"]["10.0"]["cohens_d_vs_start"])
+    start, control = report["runs"][0]["gradcamo"], report["runs"][1]["gradcamo"]
+    assert start["n"] == control["n"] == report["test_cells"] and start["mean"] != control["mean"]  # it trained on
+    md = (tmp_path / "bench_regularizer_quick_w.md").read_text()
+    assert "warm start" in md and "| start | 1 |" in md and "d vs start" in md
