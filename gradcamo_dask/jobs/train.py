@@ -401,9 +401,8 @@ def train(
     cells = _split_cells(labels, pm, recipe)
     files = CheckpointFiles(checkpoint_dir if checkpoint_dir is not None else Path(out) / "checkpoint")
     run, bundle_layers = _start(plate, channels, cells, recipe, files, device, channels_last, autocast, progress)
-    resumed = resume and files.state.is_file()
-    state = _resume(files, run.fingerprint, run.model, run.optimizer) if resumed else _State(
-        normalization=run.start_normalization)
+    state = (_resume(files, run.fingerprint, run.model, run.optimizer) if resume and files.state.is_file()
+             else _State(normalization=run.start_normalization))
     files.folder.mkdir(parents=True, exist_ok=True)
     reader = _crop_reader(image, labels, cells, recipe, cache, state.normalization)
     try:
