@@ -273,7 +273,7 @@ def train_model(c: dict, s: dict, seed: int, name: str, out: str, recipe_options
                    out=out, platemap=plate.platemap, progress=False)
     prov = json.loads((bundle / "config.json").read_text())["provenance"]
     return {"bundle": str(bundle), "train_seconds": round(time.perf_counter() - t0, 1),
-            "train_cells": prov["cells"]["train"], "epochs": prov["epochs_run"]}
+            "train_cells": prov["cells"]["train"], "epochs": prov["epochs_run"], "history": prov["history"]}
 
 
 def trained_models(c: dict, s: dict, tmp: str, workers: int):

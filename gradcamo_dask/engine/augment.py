@@ -21,7 +21,7 @@ import torch
 
 from gradcamo_dask.errors import InputError
 
-__all__ = ["AUGMENTATION_NAMES", "Augmentation", "augment_batch", "named_augmentation"]
+__all__ = ["AUGMENTATION_NAMES", "Augmentation", "augment_batch", "augment_with_masks", "named_augmentation"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, settings: Augment
     flip y, brightness, gamma; one coin and one value per cell each), so the
     generator's state after a batch depends only on the batch size.
     """
+    return augment_with_masks(x, None, generator, settings)[0]
+
+
+def augment_with_masks(x: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator,
+                       settings: Augmentation = Augmentation()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`augment_batch` of ``x``, and each cell's mask ``(N, z, y, x)`` (2D ``(N, y, x)``) flipped as its
+    crop was (the regulariser scores a flipped crop's map against its flipped mask); same draws, same ``x``."""
     if x.ndim not in (4, 5):
         raise InputError(f"augment_batch needs (N, C, z, y, x) or 2D (N, C, y, x), got shape {tuple(x.shape)}")
     per_cell = (-1,) + (1,) * (x.ndim - 1)
@@ -91,12 +98,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, settings: Augment
     power = _uniform(n, *(settings.gamma or (1.0, 1.0)), generator)
     out = x.clone()
     device = x.device
-    if settings.flip_x and bool(coins[0].any()):
-        idx = coins[0].nonzero().flatten().to(device)
-        out[idx] = out[idx].flip(-1)
-    if settings.flip_y and bool(coins[1].any()):
-        idx = coins[1].nonzero().flatten().to(device)
-        out[idx] = out[idx].flip(-2)
+    masks = None if masks is None else masks.clone()
+    for flip, coin, axis in ((settings.flip_x, coins[0], -1), (settings.flip_y, coins[1], -2)):
+        if flip and bool(coin.any()):
+            idx = coin.nonzero().flatten().to(device)
+            out[idx] = out[idx].flip(axis)
+            if masks is not None:
+                masks[idx.to(masks.device)] = masks[idx.to(masks.device)].flip(axis)
     if settings.gamma is not None:
         # gamma first, on [0, 1] values; brightness after, so that gamma sees [0, 1]
         g = torch.where(coins[3], power, torch.ones_like(power)).to(device=device, dtype=x.dtype)
@@ -104,4 +112,4 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, settings: Augment
     if settings.brightness is not None:
         b = torch.where(coins[2], factor, torch.ones_like(factor)).to(device=device, dtype=x.dtype)
         out = out * b.view(per_cell)
-    return out
+    return out, masks

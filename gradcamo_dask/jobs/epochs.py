@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradcamo_dask.engine.augment import Augmentation, augment_batch
+from gradcamo_dask.engine.augment import Augmentation, augment_with_masks
 from gradcamo_dask.engine.precision import autocast_context
 from gradcamo_dask.engine.regularize import gradcamo_loss
 from gradcamo_dask.jobs.trainset import SiteReader
@@ -82,10 +82,10 @@ class Batches:
             if last and len(starts) > 1 and n_full - starts[-1] == 1:
                 starts.pop()  # a last batch of one cell breaks batch norm in training: merge it
             for b, e in zip(starts, starts[1:] + [n_full]):
-                xb = x[b:e]
+                xb, mb = x[b:e], m[b:e]
                 if generator is not None and augmentation is not None:
-                    xb = augment_batch(xb, generator, augmentation)
-                yield (xb - self.mean) / self.std, torch.from_numpy(self.labels[r[b:e]]), m[b:e]
+                    xb, mb = augment_with_masks(xb, mb, generator, augmentation)  # a flipped crop, a flipped mask
+                yield (xb - self.mean) / self.std, torch.from_numpy(self.labels[r[b:e]]), mb
             if not last and n_full < len(r):
                 carry = [(x[n_full:], m[n_full:], r[n_full:])]
 

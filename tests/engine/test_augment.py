@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradcamo_dask.engine.augment import AUGMENTATION_NAMES, augment_batch, named_augmentation
+from gradcamo_dask.engine.augment import AUGMENTATION_NAMES, augment_batch, augment_with_masks, named_augmentation
 from gradcamo_dask.errors import InputError
 
 
@@ -24,3 +24,13 @@ def test_unknown_augmentation_name_is_refused():
     with pytest.raises(InputError, match="flips"):
         named_augmentation("flip")
     assert set(AUGMENTATION_NAMES) == {"none", "flips", "paper"}
+
+
+@pytest.mark.parametrize("shape", [(32, 3, 4, 9, 7), (32, 3, 9, 7)], ids=["3d", "2d"])
+def test_masks_are_flipped_with_their_crops(shape):
+    masks = torch.rand(shape[0], *shape[2:]) > 0.7  # asymmetric: a flip moves them
+    x = masks[:, None].float().repeat(1, shape[1], *([1] * (len(shape) - 2)))  # every channel is the mask
+    out, moved = augment_with_masks(x, masks, torch.Generator().manual_seed(3), named_augmentation("paper"))
+    assert torch.equal(out > 0, moved[:, None].expand_as(out))  # each mask sits where its crop's cell went
+    assert not torch.equal(moved, masks) and torch.equal(masks, x[:, 0] > 0)  # moved, the input untouched
+    assert torch.equal(out, augment_batch(x, torch.Generator().manual_seed(3), named_augmentation("paper")))

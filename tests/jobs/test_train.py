@@ -257,3 +257,27 @@ def test_plate_intensity_scaling_fits_one_range_on_training_sites_and_the_bundle
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(MetadataError, match="intensity range"):
         open_bundle(out)
+
+
+def test_training_batches_flip_each_mask_with_its_crop(plate):
+    """The regulariser scores a flipped crop's map against its mask: the mask must be flipped alike."""
+    from gradcamo_dask.cells import cell_table
+    from gradcamo_dask.jobs.epochs import Batches
+    from gradcamo_dask.jobs.trainset import SiteReader
+
+    table = cell_table(plate.labels, plate.platemap, size=CROP)
+    table = table[~table["touches_border"]].assign(split="train").reset_index(drop=True)
+    reader = SiteReader(plate.image, plate.labels, table, CROP, GRID, cache=True)
+    n_channels = plate.image.sizes["c"]
+    batches = Batches(reader, "train", np.zeros(len(table), int), {"mean": [0.0] * n_channels,
+                                                                   "std": [1.0] * n_channels}, 4, shuffle_sites=100)
+    try:  # one group of sites: the cell order is drawn before any augmentation, so both runs see the same cells
+        plain = list(batches.iterate(torch.Generator().manual_seed(0), None))
+        flips = Augmentation(p=1.0, brightness=None, gamma=None)  # every cell flipped in x and y
+        flipped = list(batches.iterate(torch.Generator().manual_seed(0), flips))
+    finally:
+        reader.close()
+    assert len(plain) == len(flipped) > 1
+    for (x, _y, m), (xf, _yf, mf) in zip(plain, flipped):
+        assert torch.equal(xf, x.flip(-1).flip(-2))
+        assert torch.equal(mf, m.flip(-1).flip(-2)) and not torch.equal(mf, m)
