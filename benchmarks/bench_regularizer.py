@@ -87,10 +87,19 @@ def bundle_normalization(bundle: str) -> dict:
 def audit_model(bundle: str, table, raw, masks, layer: str = LAYER) -> dict:
     """Grad-CAMO at ``layer`` and the accuracies of one model on the held-out cells."""
     # raw crops, normalised in the audit as the bundle was trained (its fixed range, or each crop's min-max)
+    import diagnose_maps  # imported here: it imports this module
+
+    from gradcamo_dask.engine.bundles import open_bundle
+    from gradcamo_dask.normalize import normalize_crops
+
     a = ba.audit(Path(bundle), table, raw, masks, layers=(layer, ba.COMMON["feature_layer"]), raw=True)
     every = np.ones(len(table), bool)
     norm = bundle_normalization(bundle)
+    model = open_bundle(bundle)
+    maps = diagnose_maps.raw_maps(model.model, normalize_crops(raw, norm), layer, model.config.input_shape)
+    figures = diagnose_maps.map_figures(*maps, masks)  # where the evidence against the class lies
     return {"gradcamo": a["gradcamo"][layer], "grid": a["grids"][layer],
+            "negative_outside_share_of_all": figures["negative_outside_share_of_all"],
             "intensity_range": {k: norm[k] for k in ("low", "high") if k in norm},
             "test": ba.accuracy(a["predicted"], a["y"], every),
             "cell_only": ba.accuracy(a["cell_only"], a["y"], every),
@@ -179,6 +188,7 @@ def _row(lam: float | str, seed: int, r: dict, cutoff: float) -> dict:
             "epochs": r["epochs"], "test": r["test"], "cell_only": r["cell_only"],
             "surround_only": r["surround_only"], "gradcamo": ba.summarise(r["gradcamo"], cutoff),
             "load_average_done": r["load_average_done"], "intensity_range": r.get("intensity_range"),
+            "negative_outside_share_of_all": r.get("negative_outside_share_of_all"),
             "training_history": r.get("history")}
 
 
@@ -188,6 +198,8 @@ def _pooled(runs: list[dict], base: list[np.ndarray], starts: list[np.ndarray], 
     return {"seeds": len(runs), "gradcamo": ba.summarise(pooled, cutoff),
             "cohens_d_vs_lambda_0": ba.cohens_d(pooled, np.concatenate(base)) if base else float("nan"),
             **({"cohens_d_vs_start": ba.cohens_d(pooled, np.concatenate(starts))} if starts else {}),
+            "negative_outside_share_of_all": float(np.mean([r.get("negative_outside_share_of_all", np.nan)
+                                                            for r in runs])),
             **{k: {"mean": float(np.mean([r[k]["accuracy"] for r in runs])),
                    "sd": float(np.std([r[k]["accuracy"] for r in runs]))} for k in ("test", "cell_only", "surround_only")}}
 
@@ -255,7 +267,8 @@ def markdown(report: dict) -> str:
     lines += ["", "## Per λ (seeds pooled for Grad-CAMO; accuracies mean ± sd over seeds)", "",
               "| λ | seeds | Grad-CAMO at " + report["layer"] + " (share >= 0.25) | x uniform | d vs λ = 0 | "
               + ("d vs start | " if warm else "") + "test accuracy | cell only (off-cell signal removed) | "
-              "surround only |", "| --- | --- | --- | --- | --- | " + ("--- | " if warm else "") + "--- | --- | --- |"]
+              "surround only | negative evidence outside the cell (share of the map's mass before ReLU) |",
+              "| --- | --- | --- | --- | --- | " + ("--- | " if warm else "") + "--- | --- | --- | --- |"]
     blocks = ([("start", report["start"])] if warm and report.get("start") else []) + list(report["by_lambda"].items())
     for lam, v in blocks:
         g = v["gradcamo"]
@@ -263,7 +276,8 @@ def markdown(report: dict) -> str:
                      f"{g['mean'] / ref['mean']:.2f} | {v['cohens_d_vs_lambda_0']:.2f} | "
                      + (f"{v.get('cohens_d_vs_start', 0.0):.2f} | " if warm else "")
                      + f"{v['test']['mean']:.3f} ± {v['test']['sd']:.3f} | {v['cell_only']['mean']:.3f} ± "
-                     f"{v['cell_only']['sd']:.3f} | {v['surround_only']['mean']:.3f} ± {v['surround_only']['sd']:.3f} |")
+                     f"{v['cell_only']['sd']:.3f} | {v['surround_only']['mean']:.3f} ± {v['surround_only']['sd']:.3f} | "
+                     f"{v.get('negative_outside_share_of_all', float('nan')):.3f} |")
     lines += ["", "## Targets against λ = 0 (d >= 0.8, cell only rises, <= 3 points of accuracy lost)", ""]
     for lam, t in report.get("targets", {}).items():
         lines.append(f"- λ {float(lam):g}: d >= 0.8 {'yes' if t['d_at_least_0.8'] else 'no'}; cell only rises "

@@ -49,6 +49,7 @@ def test_bench_regularizer_quick_mode_writes_a_complete_report(bench, tmp_path):
         rng = run["intensity_range"]
         assert len(rng["low"]) == len(rng["high"]) > 0 and all(h > lo for lo, h in zip(rng["low"], rng["high"]))
         assert 0 <= run["gradcamo"]["mean"] <= 1 and run["gradcamo"]["n"] == report["test_cells"]
+        assert 0 <= run["negative_outside_share_of_all"] <= 1  # evidence against the class outside the cell
         for key in ("test", "cell_only", "surround_only"):
             assert 0 <= run[key]["accuracy"] <= 1 and run[key]["n"] == report["test_cells"]
     assert math.isfinite(report["by_lambda"]["10.0"]["cohens_d_vs_lambda_0"])
