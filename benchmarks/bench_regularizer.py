@@ -71,7 +71,8 @@ def train_job(c: dict, s: dict, seed: int, lam: float, out: str, start: str | No
               warm: dict | None = None) -> dict:
     """One regularised (or plain, λ = 0) model on every cell, with the run's intensity scaling; with ``start``
     (a bundle) it is fine-tuned from that bundle for ``warm["epochs"]`` at ``warm["learning_rate"]``."""
-    options = {"regularizer": lam, "regularizer_layer": c["layer"]} if lam > 0 else {}
+    options = {"regularizer": lam, "regularizer_layer": c["layer"],
+               "regularizer_evidence": c.get("evidence", "positive")} if lam > 0 else {}
     options["intensity_scaling"] = c["intensity_scaling"]
     if start is not None:
         options["init_from"] = start
@@ -256,7 +257,8 @@ def markdown(report: dict) -> str:
              f"- training: every training-well cell (at most {st['max_train_cells']}), {st['epochs']} epochs, crop "
              f"{st['crop_size']}, grid {st['input_shape']}, Adam {st['learning_rate']:g}; intensity scaling "
              f"`{st['intensity_scaling']}`; regulariser `CE - λ·mean Grad-CAMO` at `{report['layer']}` (map grid "
-             f"{'x'.join(map(str, report['layer_grid'] or []))}; true label's map); audit: predicted class's map",
+             f"{'x'.join(map(str, report['layer_grid'] or []))}; true label's map, evidence "
+             f"`{st.get('evidence', 'positive')}`); audit: predicted class's map (Grad-CAM)",
              f"- command: `{report['command']}`",
              f"- uniform-map reference (cell's share of its crop): {ref['mean']:.3f} ± {ref['sd']:.3f}"]
     warm = report.get("warm_start")
@@ -330,10 +332,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="train a plain model per seed first, then fine-tune it this many epochs with each λ "
                         "(0 included, the control)")
     parser.add_argument("--warm-lr", type=float, default=3e-4, help="Adam learning rate of the fine-tunes")
+    parser.add_argument("--evidence", choices=("positive", "both"), default="positive",
+                        help="map the regulariser scores: Grad-CAM (positive, the paper's) or |map| before its ReLU")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
-    run_options = {"layer": args.layer, **({"augmentation": args.augment} if args.augment else {})}
+    run_options = {"layer": args.layer, "evidence": args.evidence,
+                   **({"augmentation": args.augment} if args.augment else {})}
     mode = "quick" if args.quick else "full"
     if args.lambdas:
         SETTINGS[mode]["lambdas"] = tuple(args.lambdas)

@@ -80,6 +80,7 @@ def gradcamo_loss(
     layer: str,
     lam: float = 0.0,
     target: str = "label",
+    evidence: str = "positive",
 ) -> RegularizedLoss:
     """Cross-entropy minus ``lam`` times the batch's mean Grad-CAMO at ``layer``.
 
@@ -100,6 +101,11 @@ def gradcamo_loss(
         the Grad-CAM computation entirely).
     target : ``"label"`` or ``"predicted"``
         Class whose Grad-CAM is scored.
+    evidence : ``"positive"`` or ``"both"``
+        ``"positive"`` (the paper's): the score of Grad-CAM, ``ReLU(mean_c w_c A_c)``. ``"both"``: the score
+        of ``|mean_c w_c A_c|``, so that evidence *against* the class, which the ReLU hides, must lie in the
+        cell too (a model cannot raise the score by turning its reading of the neighbours negative;
+        ``benchmarks/diagnose_maps.py``). Audits always score the paper's map.
 
     Returns
     -------
@@ -107,6 +113,8 @@ def gradcamo_loss(
     """
     if target not in ("label", "predicted"):
         raise InputError(f"target must be 'label' or 'predicted', got {target!r}")
+    if evidence not in ("positive", "both"):
+        raise InputError(f"evidence must be 'positive' (Grad-CAM, the paper's) or 'both' (|map|), got {evidence!r}")
     if lam == 0:
         logits = model(inputs)
         ce = F.cross_entropy(widen(logits), labels)
@@ -137,7 +145,8 @@ def gradcamo_loss(
     with torch.autocast(device_type=activation.device.type, enabled=False):
         a, g = widen(activation), widen(gradient)
         weights = g.mean(dim=(2, 3, 4), keepdim=True)
-        cam = torch.relu((weights * a).sum(dim=1) / a.shape[1])  # (N, z, y, x)
+        signed = (weights * a).sum(dim=1) / a.shape[1]  # (N, z, y, x)
+        cam = torch.relu(signed) if evidence == "positive" else signed.abs()
         inside_w, total_w = mask_weights(masks, tuple(cam.shape[1:]), cam.dtype, cam.device)
         inside = (cam * inside_w).sum(dim=(1, 2, 3))
         total = (cam * total_w[None]).sum(dim=(1, 2, 3))

@@ -109,6 +109,10 @@ class Recipe:
         or the last block output with more than one voxel at ``input_shape``).
     regularizer_target : {"label", "predicted"}
         Class whose map the regulariser scores (default "label").
+    regularizer_evidence : {"positive", "both"}
+        Map the regulariser scores: Grad-CAM (default "positive", the paper's) or its absolute value
+        before the ReLU ("both": evidence against the class must lie in the cell too;
+        :func:`~gradcamo_dask.engine.regularize.gradcamo_loss`).
     layers : sequence of str, optional
         Default Grad-CAM layers stored in the bundle (default None: the regulariser's layer).
     shuffle_sites : int
@@ -148,6 +152,7 @@ class Recipe:
     regularizer: float = 0.0
     regularizer_layer: str | None = None
     regularizer_target: str = "label"
+    regularizer_evidence: str = "positive"
     layers: Sequence[str] | None = None
     shuffle_sites: int = 64
     model_options: Mapping[str, Any] | None = None
@@ -173,6 +178,9 @@ class Recipe:
             raise InputError(f"patience must be >= 1 epochs or None (no early stopping), got {self.patience}")
         if self.regularizer_target not in ("label", "predicted"):
             raise InputError(f"regularizer_target must be 'label' or 'predicted', got {self.regularizer_target!r}")
+        if self.regularizer_evidence not in ("positive", "both"):
+            raise InputError(f"regularizer_evidence must be 'positive' (Grad-CAM, the paper's) or 'both' (|map| "
+                             f"before the ReLU), got {self.regularizer_evidence!r}")
         if self.shuffle_sites < 1:
             raise InputError(f"shuffle_sites must be >= 1 sites, got {self.shuffle_sites}")
         momentum = self.batchnorm_momentum

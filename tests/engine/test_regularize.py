@@ -238,3 +238,30 @@ def test_mask_contractions_stay_float32_under_bf16_autocast():
         assert b.dtype == torch.float32
         assert torch.equal(a, b)  # bf16 matmuls would round the interpolation weights
     assert out.scores.dtype == torch.float32 and out.mean_gradcamo.dtype == torch.float32
+
+
+def test_evidence_both_scores_the_absolute_map_before_the_relu():
+    from gradcamo_dask.engine.gradcamo import gradcamo_score, upsample_cam
+
+    torch.manual_seed(2)
+    model = smooth_cnn().double()
+    x, y, masks = _data(2, n=4)
+    both = gradcamo_loss(model, x, y, masks, layer="act2", lam=1.0, evidence="both")
+    positive = gradcamo_loss(model, x, y, masks, layer="act2", lam=1.0)
+    # by hand: the signed map (1/C') sum_c w_c A_c of the true label, its absolute value, upsampled, Eq. 5
+    kept = {}
+    hook = model.get_submodule("act2").register_forward_hook(lambda _m, _i, o: kept.__setitem__("a", o))
+    try:
+        logits = model(x)
+    finally:
+        hook.remove()
+    (grad,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), [kept["a"]])
+    signed = (grad.mean(dim=(2, 3, 4), keepdim=True) * kept["a"]).mean(1).detach()
+    assert (signed < 0).any() and (signed > 0).any()  # both kinds of evidence: the two maps differ
+    expected, _, _ = gradcamo_score(upsample_cam(signed.abs(), (7, 9, 9)), masks)
+    np.testing.assert_allclose(both.scores.numpy(), np.asarray(expected), rtol=1e-6)
+    assert not np.allclose(both.scores.numpy(), positive.scores.numpy())
+    both.loss.backward()  # differentiable like the paper's map
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(InputError, match="evidence"):
+        gradcamo_loss(model, x, y, masks, layer="act2", lam=1.0, evidence="negative")

@@ -103,9 +103,19 @@ def test_regularized_training_runs_and_records(plate, tmp_path):
                                                   augmentation=Augmentation(p=0.0)),
                 out=tmp_path / "reg", platemap=plate.platemap, progress=False)
     prov = json.loads((out / "config.json").read_text())["provenance"]
-    assert prov["regularizer"] == {"lambda": 1.0, "layer": "_blocks.2.4", "target": "label"}
+    assert prov["regularizer"] == {"lambda": 1.0, "layer": "_blocks.2.4", "target": "label", "evidence": "positive"}
     assert 0 <= prov["history"][0]["train_gradcamo"] <= 1
     assert prov["test"]["layer"] == "_blocks.2.4"
+    # the |map| variant trains to other weights, says so, and a checkpoint of one does not resume the other
+    both = recipe(epochs=1, regularizer=1.0, regularizer_layer="_blocks.2.4", augmentation=Augmentation(p=0.0),
+                  regularizer_evidence="both")
+    other = train(plate.image, plate.labels, both, out=tmp_path / "both", platemap=plate.platemap, progress=False)
+    prov_both = json.loads((other / "config.json").read_text())["provenance"]
+    assert prov_both["regularizer"]["evidence"] == "both"
+    assert prov_both["history"][0]["train_gradcamo"] != prov["history"][0]["train_gradcamo"]
+    with pytest.raises(TrainingError, match="regularizer_evidence"):
+        train(plate.image, plate.labels, replace(both, epochs=2), out=out, platemap=plate.platemap, resume=True,
+              progress=False)
 
 
 def test_optimizer_state_round_trip_without_pickle():
@@ -151,7 +161,7 @@ def test_recipe_checks_its_fields_when_built():
     for bad, match in [(dict(batch_size=0), "batch_size"), (dict(learning_rate=0.0), "learning_rate"),
                        (dict(crop_size=(24,)), "crop_size"), (dict(regularizer_target="class"), "label"),
                        (dict(batchnorm_momentum="fast"), "batchnorm_momentum"), (dict(patience=0), "patience"),
-                       (dict(input_shape=(48,)), "input_shape")]:  # (y, x) sizes are 2D recipes, one entry is not
+                       (dict(input_shape=(48,)), "input_shape"), (dict(regularizer_evidence="all"), "evidence")]:  # (y, x) sizes are 2D recipes, one entry is not
         with pytest.raises(InputError, match=match):
             Recipe(**bad)
     with pytest.raises(InputError, match="val_fraction"):
