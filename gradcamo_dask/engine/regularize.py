@@ -140,16 +140,7 @@ def gradcamo_loss(
     chosen = logits.gather(1, classes.view(-1, 1)).sum()
     with torch.enable_grad():
         (gradient,) = torch.autograd.grad(chosen, activation, create_graph=True)
-    # The map and the mask contractions in float32 (float64 for a float64 model), outside any autocast:
-    # bf16 matmuls would round the interpolation weights and the scores.
-    with torch.autocast(device_type=activation.device.type, enabled=False):
-        a, g = widen(activation), widen(gradient)
-        weights = g.mean(dim=(2, 3, 4), keepdim=True)
-        signed = (weights * a).sum(dim=1) / a.shape[1]  # (N, z, y, x)
-        cam = torch.relu(signed) if evidence == "positive" else signed.abs()
-        inside_w, total_w = mask_weights(masks, tuple(cam.shape[1:]), cam.dtype, cam.device)
-        inside = (cam * inside_w).sum(dim=(1, 2, 3))
-        total = (cam * total_w[None]).sum(dim=(1, 2, 3))
+    inside, total = _map_sums(activation, gradient, masks, evidence)
     defined = total > 0
     safe_total = torch.where(defined, total, torch.ones_like(total))
     ratio = torch.where(defined, inside / safe_total, torch.zeros_like(total))
@@ -158,3 +149,18 @@ def gradcamo_loss(
     scores = torch.where(defined, ratio, torch.full_like(ratio, float("nan"))).detach()
     loss = ce - lam * mean_score
     return RegularizedLoss(loss, ce, mean_score, logits, scores, int(defined.numel() - n_defined))
+
+
+def _map_sums(activation: torch.Tensor, gradient: torch.Tensor, masks: Any, evidence: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 5's two sums ``(inside, total)`` per cell of the map ``ReLU`` (``evidence="positive"``) or ``|.|``
+    (``"both"``) of ``mean_c w_c A_c``, by the low-resolution route; both keep their graph."""
+    # The map and the mask contractions in float32 (float64 for a float64 model), outside any autocast:
+    # bf16 matmuls would round the interpolation weights and the scores.
+    with torch.autocast(device_type=activation.device.type, enabled=False):
+        a, g = widen(activation), widen(gradient)
+        weights = g.mean(dim=(2, 3, 4), keepdim=True)
+        signed = (weights * a).sum(dim=1) / a.shape[1]  # (N, z, y, x)
+        cam = torch.relu(signed) if evidence == "positive" else signed.abs()
+        inside_w, total_w = mask_weights(masks, tuple(cam.shape[1:]), cam.dtype, cam.device)
+        return (cam * inside_w).sum(dim=(1, 2, 3)), (cam * total_w[None]).sum(dim=(1, 2, 3))
