@@ -6,23 +6,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers.paths import REPO
+from tests.helpers.benchmark_modules import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # kept while the tests run: spawned trainers import it too
-    try:
-        import bench_regularizer
-
-        yield bench_regularizer
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    with benchmark_module("bench_regularizer") as module:
+        yield module
 
 
 def test_targets_are_judged_against_lambda_0(bench):

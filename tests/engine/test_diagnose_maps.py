@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
-from tests.helpers.paths import REPO
+from tests.helpers.benchmark_modules import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def diag():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # kept while the tests run: spawned trainers import it too
-    try:
-        import diagnose_maps
-
-        yield diagnose_maps
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    with benchmark_module("diagnose_maps") as module:
+        yield module
 
 
 def test_map_figures_on_known_maps(diag):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from gradcamo_dask.errors import BundleMismatchError, TrainingError
 from gradcamo_dask.io.synthetic import synthetic_plate
 from gradcamo_dask.jobs.recipe import Recipe, Split
 from gradcamo_dask.jobs.train import train
+from tests.helpers.tree_digest import tree_digest
 
 FAST = Recipe(crop_size=(None, 24, 24), input_shape=(8, 24, 24), batch_size=4, epochs=1, patience=None,
               split=Split(max_train_cells=8))
@@ -33,17 +33,12 @@ def start(plate, tmp_path_factory):
                  platemap=plate.platemap, progress=False)
 
 
-def _tree(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def _config(bundle: Path) -> dict:
     return json.loads((Path(bundle) / "config.json").read_text())
 
 
 def test_zero_epochs_from_a_bundle_is_that_bundle(plate, start, tmp_path):
-    before = _tree(start)
+    before = tree_digest(start)
     out = train(plate.image, plate.labels, replace(FAST, epochs=0, seed=5, init_from=start), out=tmp_path / "b",
                 platemap=plate.platemap, progress=False)
     a, b = load_file(str(start / "model.safetensors")), load_file(str(out / "model.safetensors"))
@@ -53,7 +48,7 @@ def test_zero_epochs_from_a_bundle_is_that_bundle(plate, start, tmp_path):
     assert cfg["provenance"]["test"]["loss"] == pytest.approx(src["provenance"]["test"]["loss"], rel=1e-6)
     assert cfg["provenance"]["init_from"]["path"] == str(start)
     assert cfg["provenance"]["init_from"]["hash"].startswith("sha256:")
-    assert _tree(start) == before  # the start bundle is only read
+    assert tree_digest(start) == before  # the start bundle is only read
 
 
 def test_fine_tuning_moves_the_weights_from_the_start_not_from_scratch(plate, start, tmp_path):
@@ -93,7 +88,7 @@ def test_resume_refuses_a_checkpoint_started_from_another_bundle(plate, start, t
 def test_cli_refuses_an_output_inside_the_start_bundle(plate, start, tmp_path, capsys):
     from gradcamo_dask.cli.main import main
 
-    before = _tree(start)
+    before = tree_digest(start)
     code = main(["train", str(tmp_path / "plate.zarr"), "--out", str(start / "tuned"), "--init-from", str(start)])
     assert code != 0 and "lies inside the bundle" in capsys.readouterr().err
-    assert not (start / "tuned").exists() and _tree(start) == before
+    assert not (start / "tuned").exists() and tree_digest(start) == before
