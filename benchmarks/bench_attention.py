@@ -97,6 +97,8 @@ CROP_REFERENCE = HERE / "results" / "bench_attention_crop.json"
 TARGETS = ("predicted", "true")  # Grad-CAM of the predicted class, and of the true label (DESIGN allows both)
 LAYERS = ("_swish", "_blocks.0.0", "_blocks.1.1", "_blocks.1.2", "_blocks.2.4", "_blocks.3.7", "_head_swish")
 MODELS = {"in_cell": True, "off_cell": False}  # trained on responders / on bystanders
+#: Maps audited: the paper's Grad-CAM, and HiResCAM on the same models (a reference, not the paper's score)
+METHODS = ("gradcam", "hirescam")
 
 
 
@@ -188,6 +190,11 @@ def audit(bundle_path: Path, table, x01, masks, layers: tuple = LAYERS, raw: boo
             out.update(predicted=np.asarray(res.predicted), grids={k: list(v) for k, v in res.grids.items()},
                        features=np.asarray(res.features[COMMON["feature_layer"]], dtype=np.float64))
     out["gradcamo"] = out["by_target"][COMMON["target"]]
+    # the same models and cells with HiResCAM maps (gradient kept per voxel): is the model or the map the limit?
+    res = explain(bundle.model, x, masks, layers=list(layers), target=COMMON["target"], batch_size=16,
+                  input_shape=tuple(cfg.input_shape), method="hirescam")
+    out["by_method"] = {"gradcam": out["gradcamo"],
+                        "hirescam": {k: np.asarray(v, dtype=np.float64) for k, v in res.gradcamo.items()}}
     with torch.no_grad():
         for name, keep_cell in (("cell_only", True), ("surround_only", False)):
             xb = blanked(x, masks, keep_cell)
@@ -350,16 +357,11 @@ def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, unifor
     ranks = {m: ranking(scores[m], grids, c["cutoff"]) for m in MODELS}
     best = next(r["layer"] for r in ranks["in_cell"] if r["localises"])
     layers = {k: {"grid": grids[k], "localises": grids[k][1] >= 3 and grids[k][2] >= 3,
-                  **{m: summarise(scores[m][k], c["cutoff"]) for m in MODELS},
-                  "cohens_d": cohens_d(scores["in_cell"][k], scores["off_cell"][k]),
-                  # responders are larger than bystanders: d of Grad-CAMO / uniform takes cell size out
-                  "cohens_d_over_uniform": cohens_d(scores["in_cell"][k] / np.tile(uniform[pops["in_cell"]], len(seeds)),
-                                                    scores["off_cell"][k] / np.tile(uniform[pops["off_cell"]], len(seeds))),
-                  "cohens_d_per_seed": [cohens_d(audits[(sd, "in_cell")]["gradcamo"][k][pops["in_cell"]],
-                                                 audits[(sd, "off_cell")]["gradcamo"][k][pops["off_cell"]])
-                                        for sd in seeds],
+                  **separation(audits, seeds, pops, uniform, k, "gradcam"),
                   **({} if ceiling is None else {"ceiling": {m: float(ceiling[k][pops[m]].mean()) for m in MODELS}})}
               for k in LAYERS}
+    by_method = {method: {k: separation(audits, seeds, pops, uniform, k, method) for k in LAYERS}
+                 for method in METHODS if all("by_method" in a for a in audits.values())}
     reference = {m: {"mean": float(uniform[pops[m]].mean()), "sd": float(uniform[pops[m]].std())} for m in MODELS}
     quality = []
     for sd in seeds:
@@ -381,7 +383,24 @@ def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, unifor
                            "bystanders_touching_a_responder": float((table.loc[pops["off_cell"],
                                                                                "responding_neighbours"] > 0).mean())},
             "uniform_map_reference": reference, "best_layer": best, "layers": layers, "ranking": ranks,
-            "per_seed": per_seed, "quality": quality, "by_target": by_target(audits, seeds, table, pops, layers)}
+            "per_seed": per_seed, "quality": quality, "by_target": by_target(audits, seeds, table, pops, layers),
+            "by_method": by_method}
+
+
+def separation(audits: dict, seeds: list, pops: dict, uniform: np.ndarray, layer: str, method: str) -> dict:
+    """Each model's scores at ``layer`` with maps of ``method`` (seeds pooled), Cohen's d between them, d of
+    score / uniform (size-free) and d per seed."""
+    def own(seed: int, m: str) -> np.ndarray:
+        a = audits[(seed, m)]
+        return (a["by_method"][method] if "by_method" in a or method != "gradcam" else a["gradcamo"])[layer][pops[m]]
+
+    scores = {m: np.concatenate([own(sd, m) for sd in seeds]) for m in MODELS}
+    # responders are larger than bystanders: d of Grad-CAMO / uniform takes cell size out
+    over = {m: scores[m] / np.tile(uniform[pops[m]], len(seeds)) for m in MODELS}
+    return {**{m: summarise(scores[m], COMMON["cutoff"]) for m in MODELS},
+            "cohens_d": cohens_d(scores["in_cell"], scores["off_cell"]),
+            "cohens_d_over_uniform": cohens_d(over["in_cell"], over["off_cell"]),
+            "cohens_d_per_seed": [cohens_d(own(sd, "in_cell"), own(sd, "off_cell")) for sd in seeds]}
 
 
 def by_target(audits: dict, seeds: list, table, pops: dict, layers: dict) -> dict:
@@ -401,14 +420,16 @@ def by_target(audits: dict, seeds: list, table, pops: dict, layers: dict) -> dic
     return out
 
 
-def headline(report: dict) -> dict:
+def headline(report: dict, method: str = "gradcam") -> dict:
     """The target figures of one report at its best layer and at every layer that localises: Cohen's d, d of
-    score / uniform (size-free), the in-cell mean over its uniform reference; blanking accuracies (seed means)."""
+    score / uniform (size-free), the in-cell mean over its uniform reference; blanking accuracies (seed means).
+    ``method``: the maps scored ("hirescam": the same models with HiResCAM maps, when the report has them)."""
     ref = report["uniform_map_reference"]
+    source = report["layers"] if method == "gradcam" else report["by_method"][method]
     layers = {k: {"cohens_d": v["cohens_d"], "cohens_d_over_uniform": v.get("cohens_d_over_uniform"),
                   "in_cell_over_uniform": v["in_cell"]["mean"] / ref["in_cell"]["mean"],
                   "off_cell_over_uniform": v["off_cell"]["mean"] / ref["off_cell"]["mean"]}
-              for k, v in report["layers"].items() if v["localises"]}
+              for k, v in source.items() if report["layers"][k]["localises"]}
     blanking = report.get("blanking_mean") or {
         m: {k: float(np.mean([r["models"][m][k]["accuracy"] for r in report["per_seed"]]))
             for k in ("test", "cell_only", "surround_only")} for m in MODELS}
@@ -421,13 +442,17 @@ def headline(report: dict) -> dict:
 def _comparison(report: dict) -> list[str]:
     """Markdown: this run's target figures beside the per-crop reference run's (CROP_REFERENCE)."""
     runs = {"this run": headline(report)}
+    if report.get("by_method", {}).get("hirescam"):  # same models and cells: blanking is not repeated for it
+        runs["this run, HiResCAM maps (not the paper's)"] = {**headline(report, "hirescam"), "blanking": {}}
     if report.get("crop_reference"):
         runs["reference: per-crop min-max"] = report["crop_reference"]
     lines = ["## Targets, beside the per-crop reference", "",
              "Targets at the best layer that localises: d >= 1.0, size-free d (score / uniform) >= 1.0 too (a d "
              "that only size gives does not count), in-cell mean >= 3x uniform, wall time <= 1500 s. Chance accuracy "
              "0.5. The reference is the last committed full run with the paper's per-crop scaling "
-             f"(`{CROP_REFERENCE.relative_to(REPO)}`, quoted, not rerun).", "",
+             f"(`{CROP_REFERENCE.relative_to(REPO)}`, quoted, not rerun). HiResCAM rows: the same models and "
+             "cells scored with HiResCAM maps (gradient times activation per voxel, no channel averaging); they show "
+             "how much of the gap to the targets is the paper's Grad-CAM weighting rather than the model.", "",
              "| run | scaling | responders grow | layer | d | size-free d | in-cell / uniform | off-cell / uniform |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, h in runs.items():

@@ -24,7 +24,8 @@ from torch import nn
 from gradcamo_dask.arrays import array_module, from_torch, is_cupy_array, is_torch_tensor, to_numpy, to_torch
 from gradcamo_dask.errors import DimensionalityError, InputError
 from gradcamo_dask.engine.attention import AttentionCAM, is_attention_request
-from gradcamo_dask.engine.gradcam import CAMResult, GradCAM, analytic_heads, grad_cam, head_cam, resolve_targets
+from gradcamo_dask.engine.gradcam import (CAMResult, GradCAM, analytic_heads, check_method, grad_cam, head_cam,
+                                          resolve_targets)
 from gradcamo_dask.engine.gradcamo import gradcamo_lowres
 from gradcamo_dask.engine.layers import default_layer, first_conv_channels, model_spatial_dims
 from gradcamo_dask.engine.precision import autocast_context, resolve_autocast
@@ -153,6 +154,7 @@ def explain(
     channels_last: bool | None = None,
     cams: bool = True,
     route: str = "auto",
+    method: str = "gradcam",
     check_finite: bool = True,
 ) -> Explanation:
     """Logits, pooled features, Grad-CAM and Grad-CAMO of single-cell crops, in one pass.
@@ -187,6 +189,9 @@ def explain(
         False: logits and features only, without gradients (masks, target ignored).
     route : "auto", "autograd" or "analytic"
         "auto": forward-only where the layer allows it (``_head_swish``), else autograd (:class:`GradCAM`).
+    method : "gradcam" or "hirescam"
+        How each map weighs its channels: the paper's Grad-CAM (voxel-mean gradient), or HiResCAM
+        (gradient times activation per voxel; not the paper's). Grad-CAMO is the same ratio of either map.
     check_finite : bool
         Scan crops and maps for NaN and inf (host syncs on a GPU); False for crops
         that cannot hold them: then nothing waits for the device between batches.
@@ -211,7 +216,7 @@ def explain(
     autocast = resolve_autocast(device, autocast)  # once: a known-bad bf16 warns once per call
     parts: dict[str, list] = {}
     grids: dict[str, tuple[int, ...]] = {}
-    with eval_mode(model), map_maker(model, layers, cams, route) as cam:
+    with eval_mode(model), map_maker(model, layers, cams, route, method) as cam:
         for start in range(0, max(n_cells, 1), batch_size):
             stop = min(start + batch_size, n_cells)
             x = model_input(crops[start:stop], device, dtype, input_shape, channels_last)
@@ -222,11 +227,14 @@ def explain(
     return _assemble(parts, grids, layers, input_shape, crops, masks is not None and cams)
 
 
-def map_maker(model: nn.Module, layers: list[str], cams: bool, route: str) -> GradCAM | AttentionCAM:
+def map_maker(model: nn.Module, layers: list[str], cams: bool, route: str,
+              method: str = "gradcam") -> GradCAM | AttentionCAM:
     """The context manager that makes the maps: a ViT's attention sources, else Grad-CAM on layers."""
     if is_attention_request(layers):
+        if check_method(method) != "gradcam":
+            raise InputError(f"method={method!r} weighs a layer's gradients; attention sources {layers} have none")
         return AttentionCAM(model, layers, cams=cams)
-    return GradCAM(model, layers, cams=cams, route=route)
+    return GradCAM(model, layers, cams=cams, route=route, method=method)
 
 
 def _plan(model: nn.Module, crops: Any, masks: Any, layers: Any, target: Any, input_shape: Any,

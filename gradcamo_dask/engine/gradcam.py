@@ -4,6 +4,11 @@ For class ``k`` and a layer with activations ``A`` (``C'`` channels), Grad-CAM
 (paper Eq. 3-4) is ``G~ = ReLU((1/C') sum_c w_c A_c)`` with
 ``w_c = mean over voxels of dY_k/dA_c`` and ``Y_k`` the logit.
 
+``method="hirescam"`` (Draelos & Carin 2020; not the paper's) keeps the gradient
+voxel by voxel instead of averaging it: ``ReLU((1/C') sum_c dY_k/dA_c * A_c)``. For
+a layer followed only by global average pooling and a linear layer the gradient
+is the same at every voxel, so both methods give the same map there.
+
 Two routes to ``w_c``:
 
 * autograd: the forward pass starts under ``torch.no_grad()``; the forward hook
@@ -36,7 +41,11 @@ from gradcamo_dask.arrays import to_numpy
 from gradcamo_dask.errors import InputError
 from gradcamo_dask.engine.layers import find_layer
 
-__all__ = ["CAMResult", "GradCAM", "analytic_heads", "grad_cam", "head_cam", "resolve_targets", "widen"]
+__all__ = ["CAM_METHODS", "CAMResult", "GradCAM", "analytic_heads", "check_method", "grad_cam", "head_cam",
+           "hires_cam", "resolve_targets", "widen"]
+
+#: How a layer's map weighs its channels: "gradcam" (the paper) or "hirescam" (gradient kept per voxel).
+CAM_METHODS = ("gradcam", "hirescam")
 
 
 @dataclass
@@ -89,6 +98,10 @@ class GradCAM:
         model says which, see :func:`analytic_heads`), by autograd for the others;
         "autograd": always by autograd; "analytic": forward-only, refused for a
         layer that does not allow it.
+    method : "gradcam" or "hirescam"
+        "gradcam" (paper): channel weights are the voxel mean of the gradient.
+        "hirescam": the gradient times the activation, voxel by voxel (see the module
+        docstring); the same map as "gradcam" at a pooled-linear layer.
 
     Examples
     --------
@@ -99,7 +112,8 @@ class GradCAM:
     """
 
     def __init__(self, model: nn.Module, layers: str | Sequence[str], *, cams: bool = True,
-                 route: str = "auto") -> None:
+                 route: str = "auto", method: str = "gradcam") -> None:
+        self.method = check_method(method)
         self.model = model
         self.layers = [layers] if isinstance(layers, str) else list(layers)
         if not self.layers:
@@ -193,7 +207,8 @@ class GradCAM:
         for name, grad in zip(traced, grads):
             if grad is None:
                 raise InputError(f"layer {name!r} does not feed the logits; pick a layer on the path to the output")
-            cams[name] = grad_cam(state.activations[name].detach(), grad)
+            make = hires_cam if self.method == "hirescam" else grad_cam
+            cams[name] = make(state.activations[name].detach(), grad)
         return {name: cams[name] for name in self.layers}
 
     def _check_run(self, state: _CallState, logits: Any, inputs: torch.Tensor) -> None:
@@ -230,6 +245,24 @@ def grad_cam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor
     a, g = widen(activations), widen(gradients)
     weights = g.mean(dim=tuple(range(2, g.ndim)), keepdim=True)
     return torch.relu((weights * a).sum(dim=1) / a.shape[1])
+
+
+def hires_cam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """``ReLU((1/C') sum_c dY/dA_c * A_c)``, the gradient kept voxel by voxel (HiResCAM).
+
+    Shapes and dtypes as :func:`grad_cam`. Written here, not taken from pytorch-grad-cam,
+    because that package imports torchvision (kept out of CPU installs) and works from
+    its own hooks, while this engine reuses the one backward pass of :class:`GradCAM`.
+    """
+    a, g = widen(activations), widen(gradients)
+    return torch.relu((g * a).sum(dim=1) / a.shape[1])
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is one of :data:`CAM_METHODS`, else InputError."""
+    if method not in CAM_METHODS:
+        raise InputError(f"CAM method must be one of {CAM_METHODS}, got {method!r}")
+    return method
 
 
 def analytic_heads(model: nn.Module, layers: Sequence[str], route: str = "auto") -> dict[str, nn.Linear]:

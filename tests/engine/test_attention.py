@@ -162,6 +162,8 @@ def test_3d_vit_bundle_round_trip_and_refusals(tmp_path):
     np.testing.assert_allclose(again.gradcamo["rollout"], result.gradcamo["rollout"], rtol=1e-6)
     with pytest.raises(InputError, match="cannot be mixed"):
         explain(net, crops, masks, layers=["cls_attention", "vit.patch_embedding.patch_embeddings"])
+    with pytest.raises(InputError, match="attention sources .* have none"):  # HiResCAM weighs gradients
+        explain(net, crops, masks, layers=["rollout"], method="hirescam")
     with pytest.raises(InputError, match="whole number of patches"):
         vit(2, 3, (8, 18, 16), patch_size=(4, 8, 8))
     from gradcamo_dask.engine.models2d import efficientnet2d

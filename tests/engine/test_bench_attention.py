@@ -53,6 +53,14 @@ def test_bench_attention_quick_mode_writes_a_complete_report(tmp_path):
     assert all(0 <= q["all"] <= 1 for q in report["quality"])
     md = (tmp_path / "bench_attention_quick.md").read_text()
     assert report["by_target"]["true"] and report["by_target"]["predicted"]
+    gradcam, hires = report["by_method"]["gradcam"], report["by_method"]["hirescam"]
+    assert set(hires) == set(bench_attention.LAYERS) and "HiResCAM maps" in md
+    for layer, v in gradcam.items():  # the paper's maps, as the main table reports them
+        assert v["in_cell"]["mean"] == pytest.approx(report["layers"][layer]["in_cell"]["mean"])
+    # at the pooled-linear head both methods make the same map; inside the network they differ
+    assert hires["_head_swish"]["in_cell"]["mean"] == pytest.approx(gradcam["_head_swish"]["in_cell"]["mean"],
+                                                                    rel=1e-5, nan_ok=True)
+    assert any(abs(hires[k]["in_cell"]["mean"] - gradcam[k]["in_cell"]["mean"]) > 1e-4 for k in ("_swish", "_blocks.0.0"))
     assert "Cohen's d" in md and "score / uniform" in md and "uniform" in md and report["best_layer"] in md
     check_transformer_row(report, md, attention_vit.SOURCES)
 

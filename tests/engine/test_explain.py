@@ -453,3 +453,33 @@ def test_head_cam_stays_float32_under_bf16_autocast(model, data):
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         under = head_cam(acts, weight, targets)
     assert under.dtype == torch.float32 and torch.equal(plain, under)
+
+
+def test_hirescam_keeps_the_gradient_per_voxel(model, data, result):
+    """method="hirescam": ReLU(mean_c dY/dA_c * A_c), by hand with autograd; the same map as Grad-CAM at the
+    pooled-linear head (its gradient is W[k, c] / V at every voxel), another map inside the network."""
+    crops, masks = data
+    hires = explain(model, crops, masks, layers=LAYERS, batch_size=3, method="hirescam")
+    kept = {}
+    hooks = [dict(model.named_modules())[n].register_forward_hook(
+        lambda _m, _a, o, n=n: kept.update({n: o})) for n in LAYERS]
+    try:
+        logits = model(_resampled(crops))
+    finally:
+        for h in hooks:
+            h.remove()
+    selected = logits.gather(1, torch.from_numpy(result.predicted)[:, None]).sum()
+    grads = torch.autograd.grad(selected, [kept[n] for n in LAYERS])
+    for name, grad in zip(LAYERS, grads):
+        a = kept[name].detach()
+        by_hand = torch.relu((grad * a).sum(1) / a.shape[1])
+        assert assert_close(hires.cams[name], by_hand.numpy(), rel=1e-4) > 0
+        full = F.interpolate(by_hand[:, None], size=CROP_GRID, mode="trilinear", align_corners=False)[:, 0]
+        np.testing.assert_allclose(hires.gradcamo[name], gradcamo_score(full.double().numpy(), masks)[0], rtol=1e-4)
+    assert_close(hires.cams["_head_swish"], result.cams["_head_swish"], rel=1e-5)
+    for name in (STAGE4, "_blocks.0"):
+        assert np.abs(hires.cams[name] - result.cams[name]).max() > 1e-3 * np.abs(result.cams[name]).max()
+    np.testing.assert_array_equal(hires.predicted, result.predicted)
+    np.testing.assert_allclose(hires.features["_head_swish"], result.features["_head_swish"], rtol=1e-5)
+    with pytest.raises(InputError, match="CAM method must be one of"):
+        explain(model, crops, masks, layers=LAYERS, method="gradcam++")
