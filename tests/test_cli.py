@@ -35,7 +35,7 @@ def test_help_for_every_subcommand(capsys):
     score_help = subprocess.run([sys.executable, "-m", "gradcamo_dask.cli", "score", "--help"], capture_output=True,
                                 text=True, check=True).stdout
     for option in ("--labels", "--model", "--out", "--layers", "--scheduler", "--overwrite", "--cluster",
-                   "--cluster-config", "--tls-ca-file", "--tls-cert", "--tls-key"):
+                   "--cluster-config", "--tls-ca-file", "--tls-cert", "--tls-key", "--cam-method"):
         assert option in score_help
 
 
@@ -88,6 +88,22 @@ def test_score_then_info_then_refuse_another_bundle(tiny, scheduler, capsys):
     for name in ("AreaShape_Volume", "Intensity_MeanIntensity_DNA"):  # measured for every cell
         column = values[:, names.index(name)]
         assert np.all(np.isfinite(column)) and np.all(column > 0), name
+
+
+def test_score_with_hirescam_maps_records_the_method(tiny, scheduler, capsys):
+    out = tiny["root"] / "hirescam.zarr"
+    args = ["score", str(tiny["plate"]), "--labels", str(tiny["plate"]), "--model", str(tiny["bundle"]),
+            "--out", str(out), "--scheduler", scheduler, "--quiet", "--layers", "_blocks.1.1"]
+    assert cli.main([*args, "--cam-method", "hirescam"]) == 0
+    ds = open_profiles(out)
+    assert json.loads(ds.attrs["provenance"])["parameters"]["cam_method"] == "hirescam"
+    assert np.isfinite(ds["gradcamo"].values).mean() > 0.5
+    capsys.readouterr()
+    assert cli.main([*args, "--cam-method", "gradcam"]) == 1  # not mixed into the HiResCAM store
+    assert "OutputStoreError" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "--cam-method", "gradcam++"])
+    assert exit_info.value.code == 2
 
 
 def test_score_refuses_bad_input_with_exit_1(tiny, scheduler, capsys):

@@ -41,6 +41,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                         help="also measure CellProfiler's 3D features (cp_measure) on the same crops and masks: "
                         "'default' (size/shape, intensity, texture; ~0.26 s per cell on one core) or 'full' "
                         "(+ granularity, more texture scales; ~6.7 s per cell; benchmarks/results/bench_classic.md)")
+    parser.add_argument("--cam-method", choices=["gradcam", "hirescam"], default="gradcam",
+                        help="the map Grad-CAMO is taken of: 'gradcam' (the paper's, default) or 'hirescam' (gradient "
+                        "times activation per voxel, no channel averaging; on the ground-truth benchmark it tells the "
+                        "two models apart more clearly, benchmarks/results/bench_attention_grid96_hirescam.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds other results")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_cluster_options(parser)
@@ -82,7 +86,7 @@ def _run_score(args: argparse.Namespace) -> int:
         # absolute paths (URLs unchanged) in the provenance: the report reads the plate back from any folder
         ds = score_plate(image, labels, normalize_output_url(args.model), layers=args.layers, client=client,
                          batch_size=args.batch_size, sites_per_task=args.sites_per_task,
-                         check_classes=not args.any_classes,
+                         check_classes=not args.any_classes, cam_method=args.cam_method,
                          plate_path=normalize_output_url(args.plate), labels_path=normalize_output_url(args.labels),
                          classic={"measurements": args.classic} if args.classic else False)
         print(f"scoring {ds.sizes['cell']} cells of plate {ds.attrs['plate']!r} "

@@ -93,8 +93,9 @@ class ExplainRunner:
     """
 
     def __init__(self, model: Any, layers: Sequence[str], target: Any = "predicted", *,
-                 check_finite: bool = True) -> None:
+                 check_finite: bool = True, method: str = "gradcam") -> None:
         self.model, self.layers, self.target, self.check_finite = model, list(layers), target, check_finite
+        self.method = method  # "gradcam" (paper) or "hirescam"
 
     def __call__(self, crops: Any, masks: Any) -> dict[str, Any]:
         import torch
@@ -102,7 +103,8 @@ class ExplainRunner:
         from gradcamo_dask.engine.explain import explain
 
         result = explain(self.model, to_torch(crops), to_torch(_bool_view(masks)).bool(), layers=self.layers,
-                         target=self.target, batch_size=int(crops.shape[0]), check_finite=self.check_finite)
+                         target=self.target, batch_size=int(crops.shape[0]), check_finite=self.check_finite,
+                         method=self.method)
         out = {"deep": torch.cat([result.features[n] for n in self.layers], dim=1), "logits": result.logits,
                "predicted": result.predicted}
         for kind in ("gradcamo", "cam_inside", "cam_total"):

@@ -223,7 +223,8 @@ def score_site_group(images: Sequence[Any], labels: Sequence[Any], cells: Sequen
         bundle = cached_bundle(spec["bundle_path"], spec["bundle_hash"], device)
         # crop_site refuses non-finite images, so crops are finite: no NaN scan, no host sync per batch
         runner, normalization = ExplainRunner(folded_model(bundle, layers), layers, spec["target"],
-                                              check_finite=False), bundle.config.normalization
+                                              check_finite=False, method=spec.get("cam_method", "gradcam")), \
+            bundle.config.normalization
     jobs = [SiteJob(read=functools.partial(_pair, image, label), cells=rows,
                     where={"plate": one["plate"], "well": one["well"], "site": one["site"]})
             for image, label, rows, one in zip(images, labels, cells, specs)]
@@ -280,7 +281,7 @@ def score_plate(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: 
                 client: Any = None, *, platemap: pd.DataFrame | Any = None, target: Any = "predicted",
                 batch_size: int = 8, check_classes: bool = True, device: str | None = None,
                 cells: pd.DataFrame | None = None, plate_path: str | None = None, labels_path: str | None = None,
-                classic: bool | dict = False, sites_per_task: int = 1) -> xr.Dataset:
+                classic: bool | dict = False, sites_per_task: int = 1, cam_method: str = "gradcam") -> xr.Dataset:
     """Lazy profiles of every cell of a plate: deep features, logits, Grad-CAM(O) per layer.
 
     Parameters
@@ -314,6 +315,9 @@ def score_plate(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: 
     sites_per_task : int
         Sites scored by one task: above 1, micro-batches span them and the next site is cut while the
         current batch runs (results equal one site per task to float rounding).
+    cam_method : "gradcam" or "hirescam"
+        The map Grad-CAMO is taken of: the paper's Grad-CAM, or HiResCAM (gradient times activation per
+        voxel; not the paper's, see :func:`~gradcamo_dask.engine.explain.explain`). Recorded in the provenance.
 
     Returns
     -------
@@ -327,6 +331,9 @@ def score_plate(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: 
     BundleMismatchError, LabelsError, PlateLayoutError
         The bundle's channels or classes do not fit the plate; labels missing, on another grid, not integers.
     """
+    from gradcamo_dask.engine.gradcam import check_method  # torch: on first use, not at import
+
+    check_method(cam_method)
     loaded, layers, crop_size, shapes = _checked_inputs(image, labels, bundle, layers, sites_per_task)
     classic_spec, classic_names = classic_settings(image, classic)
     cells = _plate_cells(image, labels, loaded, cells, platemap, crop_size, client, check_classes)
@@ -338,10 +345,11 @@ def score_plate(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: 
                   "input_shape": list(loaded.config.input_shape), "normalization": loaded.config.normalization,
                   "check_classes": bool(check_classes), "classic": classic_spec,
                   # recorded only when set, so that earlier stores keep their fingerprint
-                  **({"sites_per_task": int(sites_per_task)} if int(sites_per_task) != 1 else {})}
+                  **({"sites_per_task": int(sites_per_task)} if int(sites_per_task) != 1 else {}),
+                  **({"cam_method": cam_method} if cam_method != "gradcam" else {})}
     spec = {"bundle_path": str(loaded.path), "bundle_hash": loaded.hash, "layers": layers, "crop_size": crop_size,
             "batch_size": int(batch_size), "target": target, "plate": str(image.attrs.get("plate", "plate")),
-            "device": device, "classic": classic_spec}
+            "device": device, "classic": classic_spec, "cam_method": cam_method}
     cells_sha256 = cells_key(cells)
     token = tokenize(img.name, lab.name, cells_sha256, loaded.hash, json.dumps(parameters, default=str), device)
     graph, site_name, counts = site_tasks(image, labels, cells, spec, token, sites_per_task, client)

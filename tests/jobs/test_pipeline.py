@@ -17,7 +17,7 @@ import xarray as xr
 from gradcamo_dask.jobs import score as pipeline
 from gradcamo_dask.profiles import store as store_module
 from gradcamo_dask.cells import cell_table, extract_crops
-from gradcamo_dask.errors import BundleMismatchError, LabelsError, OutputStoreError, PlateLayoutError
+from gradcamo_dask.errors import BundleMismatchError, InputError, LabelsError, OutputStoreError, PlateLayoutError
 from gradcamo_dask.engine.explain import explain
 from gradcamo_dask.engine.bundles import open_bundle
 from gradcamo_dask.normalize import normalize_crops
@@ -245,3 +245,33 @@ def test_classic_features_ride_along_in_the_site_task(tiny, tmp_path):
         write_profiles(ds, tmp_path / "classic.zarr")
     back = open_profiles(tmp_path / "classic.zarr")
     np.testing.assert_allclose(back["classic"].values, got["classic"].values, equal_nan=True)
+
+
+def test_hirescam_scores_equal_explain_and_are_recorded_and_kept_apart_from_gradcam(tiny, tmp_path):
+    """cam_method="hirescam": the plate's scores equal explain(method="hirescam") on the same crops; the method is
+    in the provenance, and a store of Grad-CAM scores is not resumed with HiResCAM ones."""
+    image, labels = tiny["image"], tiny["labels"]
+    layers = ["_head_swish", "_blocks.1.1"]  # the pooled head (both maps equal) and a layer inside the network
+    with pytest.raises(InputError, match="CAM method must be one of"):
+        score_plate(image, labels, tiny["bundle"], cam_method="gradcam++")
+    ds = {m: score_plate(image, labels, tiny["bundle"], layers=layers, cam_method=m) for m in ("gradcam", "hirescam")}
+    assert json.loads(ds["hirescam"].attrs["provenance"])["parameters"]["cam_method"] == "hirescam"
+    assert "cam_method" not in json.loads(ds["gradcam"].attrs["provenance"])["parameters"]  # the paper's default
+    got = {m: d.compute(scheduler="sync") for m, d in ds.items()}
+    bundle = open_bundle(tiny["bundle"])
+    cells = cell_table(labels, platemap_of(image), size=CROP_SHAPE)
+    crops, masks = dask.compute(*extract_crops(image, labels, cells, CROP_SHAPE), scheduler="sync")
+    x = normalize_crops(crops, bundle.config.normalization)
+    for method, scored in got.items():
+        want = explain(bundle.model, x, masks, layers=layers, method=method)
+        for name in layers:
+            assert np.isfinite(want.gradcamo[name]).mean() > 0.5, (method, name)
+            np.testing.assert_allclose(scored["gradcamo"].sel(layer=name).values, want.gradcamo[name], atol=1e-6)
+    score = {m: got[m]["gradcamo"].values for m in got}
+    np.testing.assert_allclose(score["hirescam"][:, 0], score["gradcam"][:, 0], atol=1e-6)
+    assert np.nanmax(np.abs(score["hirescam"][:, 1] - score["gradcam"][:, 1])) > 1e-3
+    store = tmp_path / "out.zarr"
+    with dask.config.set(scheduler="threads"):
+        write_profiles(ds["gradcam"], store)
+        with pytest.raises(OutputStoreError):
+            write_profiles(ds["hirescam"], store)
