@@ -63,6 +63,9 @@ def add_command(commands) -> None:
     parser.add_argument("--regularizer-evidence", choices=("positive", "both"), default="positive",
                         help="map the regulariser scores: Grad-CAM (positive, the paper's) or |map| before its ReLU "
                         "(both: evidence against the class must lie in the cell too)")
+    parser.add_argument("--regularizer-cam", choices=("gradcam", "hirescam"), default="gradcam",
+                        help="map the regulariser scores: Grad-CAM (the paper's) or HiResCAM (gradient times "
+                        "activation per voxel)")
     parser.add_argument("--layers", nargs="+", default=None, help="default Grad-CAM layers stored in the bundle")
     parser.add_argument("--intensity-scaling", choices=("crop", "plate"), default="crop",
                         help="crop (default, the paper's): min-max of each crop's channels; plate: one fixed range "
@@ -95,7 +98,7 @@ def _recipe(args):
                   epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, split=split,
                   patience=args.patience or None, augmentation=None if args.no_augment else Augmentation(),
                   regularizer=args.regularizer, regularizer_layer=args.regularizer_layer, layers=args.layers,
-                  regularizer_evidence=args.regularizer_evidence,
+                  regularizer_evidence=args.regularizer_evidence, regularizer_cam=args.regularizer_cam,
                   intensity_scaling=args.intensity_scaling, init_from=args.init_from)
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcamo_dask.errors import InputError
-from gradcamo_dask.engine.gradcam import widen
+from gradcamo_dask.engine.gradcam import check_method, widen
 from gradcamo_dask.engine.gradcamo import contract_mask, total_weights
 from gradcamo_dask.engine.layers import find_layer
 
@@ -81,6 +81,7 @@ def gradcamo_loss(
     lam: float = 0.0,
     target: str = "label",
     evidence: str = "positive",
+    method: str = "gradcam",
 ) -> RegularizedLoss:
     """Cross-entropy minus ``lam`` times the batch's mean Grad-CAMO at ``layer``.
 
@@ -106,6 +107,10 @@ def gradcamo_loss(
         of ``|mean_c w_c A_c|``, so that evidence *against* the class, which the ReLU hides, must lie in the
         cell too (a model cannot raise the score by turning its reading of the neighbours negative;
         ``benchmarks/diagnose_maps.py``). Audits always score the paper's map.
+    method : ``"gradcam"`` or ``"hirescam"``
+        ``"gradcam"`` (the paper's): channel weights ``w_c`` are the voxel mean of the gradient.
+        ``"hirescam"``: the gradient is kept voxel by voxel, ``mean_c dY_k/dA_c * A_c``, so the score counts
+        where each voxel's contribution to the logit lies, not where a channel is active.
 
     Returns
     -------
@@ -115,6 +120,7 @@ def gradcamo_loss(
         raise InputError(f"target must be 'label' or 'predicted', got {target!r}")
     if evidence not in ("positive", "both"):
         raise InputError(f"evidence must be 'positive' (Grad-CAM, the paper's) or 'both' (|map|), got {evidence!r}")
+    check_method(method)
     if lam == 0:
         logits = model(inputs)
         ce = F.cross_entropy(widen(logits), labels)
@@ -140,7 +146,7 @@ def gradcamo_loss(
     chosen = logits.gather(1, classes.view(-1, 1)).sum()
     with torch.enable_grad():
         (gradient,) = torch.autograd.grad(chosen, activation, create_graph=True)
-    inside, total = _map_sums(activation, gradient, masks, evidence)
+    inside, total = _map_sums(activation, gradient, masks, evidence, method)
     defined = total > 0
     safe_total = torch.where(defined, total, torch.ones_like(total))
     ratio = torch.where(defined, inside / safe_total, torch.zeros_like(total))
@@ -151,15 +157,16 @@ def gradcamo_loss(
     return RegularizedLoss(loss, ce, mean_score, logits, scores, int(defined.numel() - n_defined))
 
 
-def _map_sums(activation: torch.Tensor, gradient: torch.Tensor, masks: Any, evidence: str
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def _map_sums(activation: torch.Tensor, gradient: torch.Tensor, masks: Any, evidence: str,
+              method: str = "gradcam") -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 5's two sums ``(inside, total)`` per cell of the map ``ReLU`` (``evidence="positive"``) or ``|.|``
-    (``"both"``) of ``mean_c w_c A_c``, by the low-resolution route; both keep their graph."""
+    (``"both"``) of ``mean_c w_c A_c`` (``method="hirescam"``: of ``mean_c dY/dA_c * A_c``), by the
+    low-resolution route; both keep their graph."""
     # The map and the mask contractions in float32 (float64 for a float64 model), outside any autocast:
     # bf16 matmuls would round the interpolation weights and the scores.
     with torch.autocast(device_type=activation.device.type, enabled=False):
         a, g = widen(activation), widen(gradient)
-        weights = g.mean(dim=(2, 3, 4), keepdim=True)
+        weights = g if method == "hirescam" else g.mean(dim=(2, 3, 4), keepdim=True)
         signed = (weights * a).sum(dim=1) / a.shape[1]  # (N, z, y, x)
         cam = torch.relu(signed) if evidence == "positive" else signed.abs()
         inside_w, total_w = mask_weights(masks, tuple(cam.shape[1:]), cam.dtype, cam.device)

@@ -139,7 +139,7 @@ def evaluate_split(model: nn.Module, batches: Batches, *, device: torch.device, 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, *, epoch: int,
                  epochs: int, seed: int, augmentation: Augmentation | None, regularizer: float, layer: str,
                  target: str, device: torch.device, channels_last: bool, autocast: Any, progress: bool,
-                 epoch_batchnorm: bool = False, evidence: str = "positive") -> dict:
+                 epoch_batchnorm: bool = False, evidence: str = "positive", cam: str = "gradcam") -> dict:
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed_of(seed, epoch))  # dropout and drop-connect
@@ -157,7 +157,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
             x = to_device(x, device, channels_last)
             y = y.to(device)
             with autocast_context(device, autocast):
-                result = gradcamo_loss(model, x, y, m, layer=layer, lam=regularizer, target=target, evidence=evidence)
+                result = gradcamo_loss(model, x, y, m, layer=layer, lam=regularizer, target=target, evidence=evidence,
+                                       method=cam)
             optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             optimizer.step()

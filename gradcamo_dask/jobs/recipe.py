@@ -113,6 +113,9 @@ class Recipe:
         Map the regulariser scores: Grad-CAM (default "positive", the paper's) or its absolute value
         before the ReLU ("both": evidence against the class must lie in the cell too;
         :func:`~gradcamo_dask.engine.regularize.gradcamo_loss`).
+    regularizer_cam : {"gradcam", "hirescam"}
+        How the regulariser's map weighs channels: Grad-CAM (default, the paper's) or HiResCAM
+        (gradient times activation per voxel; :func:`~gradcamo_dask.engine.regularize.gradcamo_loss`).
     layers : sequence of str, optional
         Default Grad-CAM layers stored in the bundle (default None: the regulariser's layer).
     shuffle_sites : int
@@ -153,6 +156,7 @@ class Recipe:
     regularizer_layer: str | None = None
     regularizer_target: str = "label"
     regularizer_evidence: str = "positive"
+    regularizer_cam: str = "gradcam"
     layers: Sequence[str] | None = None
     shuffle_sites: int = 64
     model_options: Mapping[str, Any] | None = None
@@ -181,6 +185,9 @@ class Recipe:
         if self.regularizer_evidence not in ("positive", "both"):
             raise InputError(f"regularizer_evidence must be 'positive' (Grad-CAM, the paper's) or 'both' (|map| "
                              f"before the ReLU), got {self.regularizer_evidence!r}")
+        if self.regularizer_cam not in ("gradcam", "hirescam"):
+            raise InputError(f"regularizer_cam must be 'gradcam' (the paper's) or 'hirescam', got "
+                             f"{self.regularizer_cam!r}")
         if self.shuffle_sites < 1:
             raise InputError(f"shuffle_sites must be >= 1 sites, got {self.shuffle_sites}")
         momentum = self.batchnorm_momentum

@@ -182,6 +182,7 @@ def _fingerprint(plate: str, channels: list[str], cells: _Cells, recipe: Recipe,
         **({"init_from": start} if start is not None else {}),  # the start bundle's hash
         **({"regularizer_evidence": r.regularizer_evidence} if r.regularizer and r.regularizer_evidence != "positive"
            else {}),
+        **({"regularizer_cam": r.regularizer_cam} if r.regularizer and r.regularizer_cam != "gradcam" else {}),
     }))
 
 
@@ -293,7 +294,8 @@ def _fit(run: _Run, state: _State, batches: dict[str, Batches], counts: dict[str
                               augmentation=r.augmentation, regularizer=r.regularizer, layer=run.layer,
                               target=r.regularizer_target, device=run.device, channels_last=run.channels_last,
                               autocast=run.autocast, progress=run.progress,
-                              epoch_batchnorm=r.batchnorm_momentum == "epoch", evidence=r.regularizer_evidence)
+                              epoch_batchnorm=r.batchnorm_momentum == "epoch", evidence=r.regularizer_evidence,
+                              cam=r.regularizer_cam)
         if counts["val"]:
             val = evaluate_split(run.model, batches["val"], device=run.device, channels_last=run.channels_last,
                                  autocast=run.autocast)
@@ -426,7 +428,7 @@ def _provenance(plate: str, cells: _Cells, recipe: Recipe, run: _Run, state: _St
         "learning_rate": r.learning_rate, "optimizer": "Adam",
         "loss": "cross_entropy" + (f" - {r.regularizer} * mean Grad-CAMO" if r.regularizer else ""),
         "regularizer": {"lambda": float(r.regularizer), "layer": run.layer, "target": r.regularizer_target,
-                        "evidence": r.regularizer_evidence}
+                        "evidence": r.regularizer_evidence, "cam": r.regularizer_cam}
         if r.regularizer else None,
         "augmentation": run.fingerprint["augmentation"], "crop_size": list(r.crop_size),
         "input_shape": list(r.input_shape), "val_fraction": r.split.val_fraction,

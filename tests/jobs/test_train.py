@@ -103,7 +103,8 @@ def test_regularized_training_runs_and_records(plate, tmp_path):
                                                   augmentation=Augmentation(p=0.0)),
                 out=tmp_path / "reg", platemap=plate.platemap, progress=False)
     prov = json.loads((out / "config.json").read_text())["provenance"]
-    assert prov["regularizer"] == {"lambda": 1.0, "layer": "_blocks.2.4", "target": "label", "evidence": "positive"}
+    assert prov["regularizer"] == {"lambda": 1.0, "layer": "_blocks.2.4", "target": "label", "evidence": "positive",
+                                   "cam": "gradcam"}
     assert 0 <= prov["history"][0]["train_gradcamo"] <= 1
     assert prov["test"]["layer"] == "_blocks.2.4"
     # the |map| variant trains to other weights, says so, and a checkpoint of one does not resume the other
@@ -115,6 +116,15 @@ def test_regularized_training_runs_and_records(plate, tmp_path):
     assert prov_both["history"][0]["train_gradcamo"] != prov["history"][0]["train_gradcamo"]
     with pytest.raises(TrainingError, match="regularizer_evidence"):
         train(plate.image, plate.labels, replace(both, epochs=2), out=out, platemap=plate.platemap, resume=True,
+              progress=False)
+    # so does the HiResCAM map
+    hires = replace(both, regularizer_evidence="positive", regularizer_cam="hirescam")
+    third = train(plate.image, plate.labels, hires, out=tmp_path / "hires", platemap=plate.platemap, progress=False)
+    prov_hires = json.loads((third / "config.json").read_text())["provenance"]
+    assert prov_hires["regularizer"]["cam"] == "hirescam"
+    assert prov_hires["history"][0]["train_gradcamo"] != prov["history"][0]["train_gradcamo"]
+    with pytest.raises(TrainingError, match="regularizer_cam"):
+        train(plate.image, plate.labels, replace(hires, epochs=2), out=out, platemap=plate.platemap, resume=True,
               progress=False)
 
 
@@ -161,7 +171,8 @@ def test_recipe_checks_its_fields_when_built():
     for bad, match in [(dict(batch_size=0), "batch_size"), (dict(learning_rate=0.0), "learning_rate"),
                        (dict(crop_size=(24,)), "crop_size"), (dict(regularizer_target="class"), "label"),
                        (dict(batchnorm_momentum="fast"), "batchnorm_momentum"), (dict(patience=0), "patience"),
-                       (dict(input_shape=(48,)), "input_shape"), (dict(regularizer_evidence="all"), "evidence")]:  # (y, x) sizes are 2D recipes, one entry is not
+                       (dict(input_shape=(48,)), "input_shape"), (dict(regularizer_evidence="all"), "evidence"),
+                       (dict(regularizer_cam="gradcam++"), "regularizer_cam")]:  # (y, x) sizes are 2D recipes, one entry is not
         with pytest.raises(InputError, match=match):
             Recipe(**bad)
     with pytest.raises(InputError, match="val_fraction"):
