@@ -72,7 +72,8 @@ def train_job(c: dict, s: dict, seed: int, lam: float, out: str, start: str | No
     """One regularised (or plain, λ = 0) model on every cell, with the run's intensity scaling; with ``start``
     (a bundle) it is fine-tuned from that bundle for ``warm["epochs"]`` at ``warm["learning_rate"]``."""
     options = {"regularizer": lam, "regularizer_layer": c["layer"],
-               "regularizer_evidence": c.get("evidence", "positive")} if lam > 0 else {}
+               "regularizer_evidence": c.get("evidence", "positive"),
+               "regularizer_cam": c.get("cam", "gradcam")} if lam > 0 else {}
     options["intensity_scaling"] = c["intensity_scaling"]
     if start is not None:
         options["init_from"] = start
@@ -100,6 +101,7 @@ def audit_model(bundle: str, table, raw, masks, layer: str = LAYER) -> dict:
     maps = diagnose_maps.raw_maps(model.model, normalize_crops(raw, norm), layer, model.config.input_shape)
     figures = diagnose_maps.map_figures(*maps, masks)  # where the evidence against the class lies
     return {"gradcamo": a["gradcamo"][layer], "grid": a["grids"][layer],
+            "gradcamo_hirescam": a["by_method"]["hirescam"][layer],  # the same model with HiResCAM maps
             "negative_outside_share_of_all": figures["negative_outside_share_of_all"],
             "intensity_range": {k: norm[k] for k in ("low", "high") if k in norm},
             "test": ba.accuracy(a["predicted"], a["y"], every),
@@ -188,15 +190,23 @@ def _row(lam: float | str, seed: int, r: dict, cutoff: float) -> dict:
     return {"lambda": lam, "seed": seed, "train_seconds": r["train_seconds"], "train_cells": r["train_cells"],
             "epochs": r["epochs"], "test": r["test"], "cell_only": r["cell_only"],
             "surround_only": r["surround_only"], "gradcamo": ba.summarise(r["gradcamo"], cutoff),
+            **({"gradcamo_hirescam": ba.summarise(r["gradcamo_hirescam"], cutoff)} if "gradcamo_hirescam" in r else {}),
             "load_average_done": r["load_average_done"], "intensity_range": r.get("intensity_range"),
             "negative_outside_share_of_all": r.get("negative_outside_share_of_all"),
             "training_history": r.get("history")}
 
 
-def _pooled(runs: list[dict], base: list[np.ndarray], starts: list[np.ndarray], cutoff: float) -> dict:
+def _pooled(runs: list[dict], base: list[np.ndarray], starts: list[np.ndarray], cutoff: float,
+            base_hires: list[np.ndarray] | None = None) -> dict:
     """Seeds pooled: Grad-CAMO, d against λ = 0 (and against the start models when warm), mean ± sd accuracies."""
     pooled = np.concatenate([r["gradcamo"] for r in runs])
-    return {"seeds": len(runs), "gradcamo": ba.summarise(pooled, cutoff),
+    hires = {}
+    if runs and all("gradcamo_hirescam" in r for r in runs):  # the same models' HiResCAM maps, d against λ 0's
+        h = np.concatenate([r["gradcamo_hirescam"] for r in runs])
+        hires = {"hirescam": {"gradcamo": ba.summarise(h, cutoff),
+                              "cohens_d_vs_lambda_0": ba.cohens_d(h, np.concatenate(base_hires)) if base_hires
+                              else float("nan")}}
+    return {"seeds": len(runs), "gradcamo": ba.summarise(pooled, cutoff), **hires,
             "cohens_d_vs_lambda_0": ba.cohens_d(pooled, np.concatenate(base)) if base else float("nan"),
             **({"cohens_d_vs_start": ba.cohens_d(pooled, np.concatenate(starts))} if starts else {}),
             "negative_outside_share_of_all": float(np.mean([r.get("negative_outside_share_of_all", np.nan)
@@ -211,13 +221,16 @@ def summary(mode: str, s: dict, c: dict, results: dict, uniform: np.ndarray, sta
     rows = [_row("start", seed, r, c["cutoff"]) for seed, r in starts.items()]
     rows += [_row(lam, seed, r, c["cutoff"]) for (lam, seed), r in results.items()]
     base = [r["gradcamo"] for (lam, _s), r in results.items() if lam == 0]
+    base_hires = [r["gradcamo_hirescam"] for (lam, _s), r in results.items() if lam == 0 and "gradcamo_hirescam" in r]
     start_maps = [r["gradcamo"] for r in starts.values()]
-    per_lambda = {str(lam): _pooled([r for (l, _s), r in results.items() if l == lam], base, start_maps, c["cutoff"])
+    per_lambda = {str(lam): _pooled([r for (l, _s), r in results.items() if l == lam], base, start_maps, c["cutoff"],
+                                    base_hires)
                   for lam in sorted({k[0] for k in results})}
     grid = next(iter(results.values()))["grid"] if results else None
     return {"mode": mode, "layer": c["layer"], "layer_grid": grid, "targets": targets(per_lambda),
             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in {**s, **c}.items()},
-            "warm_start": warm, "start": _pooled(list(starts.values()), base, [], c["cutoff"]) if starts else None,
+            "warm_start": warm,
+            "start": _pooled(list(starts.values()), base, [], c["cutoff"], base_hires) if starts else None,
             "uniform_map_reference": {"mean": float(uniform.mean()), "sd": float(uniform.std())},
             "test_cells": int(len(uniform)), "runs": rows, "by_lambda": per_lambda}
 
@@ -240,6 +253,13 @@ def targets(per_lambda: dict) -> dict:
     return out
 
 
+def _hires(v: dict, uniform: float) -> str:
+    h = v.get("hirescam")
+    if not h:
+        return "-"
+    return f"{h['gradcamo']['mean']:.3f}, {h['gradcamo']['mean'] / uniform:.2f}, {h['cohens_d_vs_lambda_0']:.2f}"
+
+
 def _lam(lam: float | str) -> str:
     return lam if isinstance(lam, str) else f"{float(lam):g}"
 
@@ -258,7 +278,8 @@ def markdown(report: dict) -> str:
              f"{st['crop_size']}, grid {st['input_shape']}, Adam {st['learning_rate']:g}; intensity scaling "
              f"`{st['intensity_scaling']}`; regulariser `CE - λ·mean Grad-CAMO` at `{report['layer']}` (map grid "
              f"{'x'.join(map(str, report['layer_grid'] or []))}; true label's map, evidence "
-             f"`{st.get('evidence', 'positive')}`); audit: predicted class's map (Grad-CAM)",
+             f"`{st.get('evidence', 'positive')}`, map `{st.get('cam', 'gradcam')}`); audit: predicted class's map "
+             "(Grad-CAM; HiResCAM of the same models beside it)",
              f"- command: `{report['command']}`",
              f"- uniform-map reference (cell's share of its crop): {ref['mean']:.3f} ± {ref['sd']:.3f}"]
     warm = report.get("warm_start")
@@ -269,8 +290,9 @@ def markdown(report: dict) -> str:
     lines += ["", "## Per λ (seeds pooled for Grad-CAMO; accuracies mean ± sd over seeds)", "",
               "| λ | seeds | Grad-CAMO at " + report["layer"] + " (share >= 0.25) | x uniform | d vs λ = 0 | "
               + ("d vs start | " if warm else "") + "test accuracy | cell only (off-cell signal removed) | "
-              "surround only | negative evidence outside the cell (share of the map's mass before ReLU) |",
-              "| --- | --- | --- | --- | --- | " + ("--- | " if warm else "") + "--- | --- | --- | --- |"]
+              "surround only | negative evidence outside the cell (share of the map's mass before ReLU) | "
+              "HiResCAM: score, x uniform, d vs λ = 0 |",
+              "| --- | --- | --- | --- | --- | " + ("--- | " if warm else "") + "--- | --- | --- | --- | --- |"]
     blocks = ([("start", report["start"])] if warm and report.get("start") else []) + list(report["by_lambda"].items())
     for lam, v in blocks:
         g = v["gradcamo"]
@@ -279,7 +301,7 @@ def markdown(report: dict) -> str:
                      + (f"{v.get('cohens_d_vs_start', 0.0):.2f} | " if warm else "")
                      + f"{v['test']['mean']:.3f} ± {v['test']['sd']:.3f} | {v['cell_only']['mean']:.3f} ± "
                      f"{v['cell_only']['sd']:.3f} | {v['surround_only']['mean']:.3f} ± {v['surround_only']['sd']:.3f} | "
-                     f"{v.get('negative_outside_share_of_all', float('nan')):.3f} |")
+                     f"{v.get('negative_outside_share_of_all', float('nan')):.3f} | {_hires(v, ref['mean'])} |")
     lines += ["", "## Targets against λ = 0 (d >= 0.8, cell only rises, <= 3 points of accuracy lost)", ""]
     for lam, t in report.get("targets", {}).items():
         lines.append(f"- λ {float(lam):g}: d >= 0.8 {'yes' if t['d_at_least_0.8'] else 'no'}; cell only rises "
@@ -334,10 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-lr", type=float, default=3e-4, help="Adam learning rate of the fine-tunes")
     parser.add_argument("--evidence", choices=("positive", "both"), default="positive",
                         help="map the regulariser scores: Grad-CAM (positive, the paper's) or |map| before its ReLU")
+    parser.add_argument("--cam", choices=("gradcam", "hirescam"), default="gradcam",
+                        help="map the regulariser scores: Grad-CAM (the paper's) or HiResCAM (gradient per voxel)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
-    run_options = {"layer": args.layer, "evidence": args.evidence,
+    run_options = {"layer": args.layer, "evidence": args.evidence, "cam": args.cam,
                    **({"augmentation": args.augment} if args.augment else {})}
     mode = "quick" if args.quick else "full"
     if args.lambdas:

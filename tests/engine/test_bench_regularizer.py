@@ -53,7 +53,8 @@ def test_bench_regularizer_quick_mode_writes_a_complete_report(bench, tmp_path):
 
 
 def test_warm_start_fine_tunes_every_lambda_from_the_seed_s_plain_model(bench, tmp_path):
-    assert bench.main(["--quick", "--workers", "1", "--warm-start", "1", "--out", str(tmp_path), "--tag", "w"]) == 0
+    assert bench.main(["--quick", "--workers", "1", "--warm-start", "1", "--out", str(tmp_path), "--tag", "w",
+                       "--cam", "hirescam"]) == 0
     report = json.loads((tmp_path / "bench_regularizer_quick_w.json").read_text())
     assert report["warm_start"] == {"epochs": 1, "learning_rate": 3e-4}
     assert [(r["lambda"], r["epochs"]) for r in report["runs"]] == [("start", 1), (0.0, 1), (10.0, 1)]
@@ -62,3 +63,7 @@ def test_warm_start_fine_tunes_every_lambda_from_the_seed_s_plain_model(bench, t
     assert start["n"] == control["n"] == report["test_cells"] and start["mean"] != control["mean"]  # it trained on
     md = (tmp_path / "bench_regularizer_quick_w.md").read_text()
     assert "warm start" in md and "| start | 1 |" in md and "d vs start" in md
+    assert report["settings"]["cam"] == "hirescam" and "map `hirescam`" in md
+    for run in report["runs"]:  # every model is audited with both maps
+        assert 0 <= run["gradcamo_hirescam"]["mean"] <= 1 and run["gradcamo_hirescam"]["n"] == report["test_cells"]
+    assert math.isfinite(report["by_lambda"]["10.0"]["hirescam"]["cohens_d_vs_lambda_0"])
