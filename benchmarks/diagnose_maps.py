@@ -1,6 +1,6 @@
-"""What limits Grad-CAMO on ground truth: the map's constant floor, and the negative evidence ReLU hides.
+"""What limits Grad-CAMO on ground truth: the map's floor, the negative evidence ReLU hides, where the rest goes.
 
-Two questions left by ``bench_attention`` and ``bench_regularizer`` (issue #12), answered on held-out cells:
+Three questions left by ``bench_attention`` and ``bench_regularizer`` (issue #12), answered on held-out cells:
 
 1. Why does the in-cell model reach only ~2x the uniform map when its layer's grid allows ~6.5x? Measured:
    the *floor* of each upsampled map (its minimum, times the crop's voxels, as a share of the map's sum),
@@ -10,6 +10,9 @@ Two questions left by ``bench_attention`` and ``bench_regularizer`` (issue #12),
    ``ReLU(sum_c w_c A_c)``; evidence *against* the class (negative terms) is clipped, wherever it lies.
    Measured on the map before the ReLU: the share of its negative mass that lies outside the cell, and the
    share of all its mass (|map|) that is negative outside.
+3. Where does the map's mass outside the cell go? The share of each map's mass on the cell, on the other cells
+   of the crop and on the background (no cell), beside each region's share of the crop (what a uniform map
+   puts there), for the paper's Grad-CAM and for HiResCAM on the same model (gradient kept per voxel).
 
 Models (seed 0, torch on one thread each, two at once): ``bench_attention``'s in-cell and off-cell models on
 the mosaic plate at the demo's size (32 sites per well, at most 300 cells x 16 epochs), and
@@ -102,6 +105,53 @@ def map_figures(g, pre, masks) -> dict:
     return {k: float(torch.nanmean(v)) for k, v in out.items()}
 
 
+def mass_split(g, masks, labels) -> dict:
+    """Mean share of each map's mass (maps ``g`` ``(N, z, y, x)`` at the crop grid) on the cell (``masks``), on
+    the other cells (``labels`` > 0 outside the mask) and on the background (``labels`` == 0); with the same
+    shares of the crop's voxels (a uniform map's split). Cells whose map is all zero are left out."""
+    import torch
+
+    own = masks.double()
+    regions = {"cell": own, "other_cells": (labels > 0).double() * (1 - own), "background": (labels == 0).double()}
+    total = g.sum(dim=(1, 2, 3))
+    ok = total > 0
+    out = {}
+    for name, region in regions.items():
+        out[f"map_on_{name}"] = float(((g * region).sum(dim=(1, 2, 3))[ok] / total[ok]).mean())
+        out[f"crop_on_{name}"] = float(region[ok].mean(dim=(1, 2, 3)).mean())
+    out["cells_with_a_map"] = int(ok.sum())
+    return out
+
+
+def label_crops(plate, table, crop_size) -> "torch.Tensor":
+    """Every label of each held-out cell's crop ``(N, z, y, x)`` int, in ``table`` order (crop_site with the
+    labels as a one-channel image: the same window the image crops use)."""
+    import torch
+
+    from gradcamo_dask.cells import crop_site
+
+    wells, sites = list(plate.image["well"].values), list(plate.image["site"].values)
+    out = None
+    for (well, site), rows in table.groupby(["well", "site"]):
+        site_labels = np.asarray(plate.labels.data[wells.index(well), sites.index(site)].compute())
+        crops, _ = crop_site(site_labels[None].astype(np.float32), site_labels, rows, crop_size)
+        if out is None:
+            out = np.zeros((len(table), *crops.shape[2:]), np.int64)
+        out[rows.index.to_numpy()] = np.rint(crops[:, 0]).astype(np.int64)
+    return torch.from_numpy(out)
+
+
+def hires_maps(model, x, layer: str, input_shape) -> "torch.Tensor":
+    """HiResCAM maps of the predicted class at ``layer`` (engine), upsampled to the crop grid ``(N, z, y, x)``."""
+    import torch
+
+    from gradcamo_dask.engine.explain import explain
+    from gradcamo_dask.engine.gradcamo import upsample_cam
+
+    res = explain(model, x, None, layers=layer, input_shape=tuple(input_shape), method="hirescam", batch_size=16)
+    return upsample_cam(torch.as_tensor(np.asarray(res.cams[layer])), tuple(x.shape[2:])).double()
+
+
 def train_all(mode: str, tmp: str, workers: int) -> dict:
     """The four models, two at a time; returns bundle paths by name."""
     s = SETTINGS[mode]
@@ -128,19 +178,30 @@ def audit_all(mode: str, bundles: dict) -> dict:
     s = SETTINGS[mode]
     plate, truth = ba.mosaic_plate(dict(ba.COMMON), s)
     mosaic = ba.test_cells(plate, truth, s["max_test_cells"], ba.COMMON["plate_seed"], raw=True)
+    mosaic_labels = label_crops(plate, mosaic[0], ba.COMMON["crop_size"])
+    if not bool((mosaic_labels[mosaic[2]] > 0).all()):  # each cell's mask must lie on labelled voxels
+        raise RuntimeError("label crops do not line up with the cells' masks")
     rc = br.sweep_settings("plate", {"layer": "_blocks.1.1"})
     plate, truth = ba.mosaic_plate(rc, {**s, "sites_per_well": REGULARISED_SITES[mode]})
     every = ba.test_cells(plate, truth.assign(responder=True), s["max_test_cells"], rc["plate_seed"], raw=True)
     out = {}
     for name, path in bundles.items():
         table, raw, masks = mosaic if name in ba.MODELS else every
+        labels = None
         if name in ba.MODELS:  # each population model on its own population
             keep = torch.from_numpy((table["responder"] == ba.MODELS[name]).to_numpy(dtype=bool, copy=True))
-            raw, masks = raw[keep], masks[keep]
+            raw, masks, labels = raw[keep], masks[keep], mosaic_labels[keep]
         bundle = open_bundle(path)
         x = normalize_crops(raw, bundle.config.normalization)
-        out[name] = {layer: {**map_figures(*raw_maps(bundle.model, x, layer, bundle.config.input_shape), masks),
-                             "cells": int(len(masks))} for layer in LAYERS}
+        out[name] = {}
+        for layer in LAYERS:
+            g, pre = raw_maps(bundle.model, x, layer, bundle.config.input_shape)
+            out[name][layer] = {**map_figures(g, pre, masks), "cells": int(len(masks))}
+            if labels is not None:  # where the mass goes, for both maps of the same model
+                out[name][layer]["split"] = {
+                    "gradcam": mass_split(g, masks, labels),
+                    "hirescam": mass_split(hires_maps(bundle.model, x, layer, bundle.config.input_shape), masks,
+                                           labels)}
     return out
 
 
@@ -164,6 +225,21 @@ def markdown(report: dict) -> str:
             v = [f[k] for k in keys]
             lines.append(f"| {name} | {layer} | {f['cells']} | {v[0]:.3f} | {v[1]:.3f} | {v[0] / v[1]:.2f} | "
                          f"{v[2]:.3f} | {v[3]:.3f} | {v[3] / v[1]:.2f} | {v[4]:.3f} | {v[5]:.3f} |")
+    lines += ["", "## Where the map's mass goes (mosaic models, each on its own population)", "",
+              "Share of each map's mass on the cell / on the other cells of the crop / on the background, mean over "
+              "cells; *crop*: the same regions' share of the crop's voxels (where a uniform map puts its mass). "
+              "HiResCAM: the same model's map with the gradient kept per voxel (not the paper's).", "",
+              "| model | layer | map | on the cell | on other cells | on background |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, layers in report["models"].items():
+        for layer, f in layers.items():
+            if "split" not in f:
+                continue
+            crop = f["split"]["gradcam"]
+            lines.append(f"| {name} | {layer} | crop (uniform map) | {crop['crop_on_cell']:.3f} | "
+                         f"{crop['crop_on_other_cells']:.3f} | {crop['crop_on_background']:.3f} |")
+            for method, v in f["split"].items():
+                lines.append(f"| {name} | {layer} | {method} | {v['map_on_cell']:.3f} | {v['map_on_other_cells']:.3f} "
+                             f"| {v['map_on_background']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,22 @@ def test_map_figures_on_known_maps(diag):
     assert f["floor_share"] == 0.0 and f["gradcamo"] == pytest.approx(8 / 24)
 
 
+def test_mass_split_on_known_maps(diag):
+    masks = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    masks[0, 0, :2, :2] = True  # the cell: a quarter of the crop
+    labels = torch.zeros(1, 1, 4, 4, dtype=torch.int64)
+    labels[0, 0, :2, :2] = 7
+    labels[0, 0, 2:, :2] = 8  # another cell: a quarter
+    g = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    g[0, 0, :2, :2] = 2.0  # 8 on the cell
+    g[0, 0, 2:, :2] = 1.0  # 4 on the other cell
+    g[0, 0, 2:, 2:] = 1.0  # 4 on the background
+    f = diag.mass_split(torch.cat([g, torch.zeros_like(g)]), masks.repeat(2, 1, 1, 1), labels.repeat(2, 1, 1, 1))
+    assert f["cells_with_a_map"] == 1  # the all-zero map is left out
+    assert (f["map_on_cell"], f["map_on_other_cells"], f["map_on_background"]) == pytest.approx((0.5, 0.25, 0.25))
+    assert (f["crop_on_cell"], f["crop_on_other_cells"], f["crop_on_background"]) == pytest.approx((0.25, 0.25, 0.5))
+
+
 def test_quick_mode_writes_every_model_and_layer(diag, tmp_path):
     assert diag.main(["--quick", "--workers", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "diagnose_maps_quick.json").read_text())
@@ -42,4 +58,13 @@ def test_quick_mode_writes_every_model_and_layer(diag, tmp_path):
         for f in layers.values():
             assert f["cells"] > 0 and 0 <= f["gradcamo"] <= 1 and 0 < f["uniform"] < 1
             assert 0 <= f["floor_share"] <= 1
-    assert "floor-free" in (tmp_path / "diagnose_maps_quick.md").read_text()
+    for name in ("in_cell", "off_cell"):  # the mosaic models: where each map's mass goes, both maps
+        for f in report["models"][name].values():
+            for method in ("gradcam", "hirescam"):
+                v = f["split"][method]
+                if v["cells_with_a_map"]:
+                    assert sum(v[f"map_on_{r}"] for r in ("cell", "other_cells", "background")) == pytest.approx(1)
+                assert sum(v[f"crop_on_{r}"] for r in ("cell", "other_cells", "background")) == pytest.approx(1) \
+                    or not v["cells_with_a_map"]
+    md = (tmp_path / "diagnose_maps_quick.md").read_text()
+    assert "floor-free" in md and "Where the map's mass goes" in md and "hirescam" in md
