@@ -187,11 +187,9 @@ def explain(
         Feed the model ``channels_last_3d`` inputs (default: on CUDA).
     cams : bool
         False: logits and features only, without gradients (masks, target ignored).
-    route : "auto", "autograd" or "analytic"
-        "auto": forward-only where the layer allows it (``_head_swish``), else autograd (:class:`GradCAM`).
-    method : "gradcam" or "hirescam"
-        How each map weighs its channels: the paper's Grad-CAM (voxel-mean gradient), or HiResCAM
-        (gradient times activation per voxel; not the paper's). Grad-CAMO is the same ratio of either map.
+    route, method : str
+        As :class:`GradCAM`: ``route`` "auto" (forward-only where the layer allows it, else autograd),
+        "autograd" or "analytic"; ``method`` "gradcam" (paper) or "hirescam" (gradient x activation per voxel).
     check_finite : bool
         Scan crops and maps for NaN and inf (host syncs on a GPU); False for crops
         that cannot hold them: then nothing waits for the device between batches.
@@ -209,10 +207,8 @@ def explain(
     """
     input_shape, layers, batch_size = _plan(model, crops, masks, layers, target, input_shape, batch_size,
                                             check_finite)
-    n_cells = int(crops.shape[0])
-    device, dtype = _model_device(model), _model_dtype(model)
-    if channels_last is None:
-        channels_last = device.type == "cuda"
+    n_cells, device, dtype = int(crops.shape[0]), _model_device(model), _model_dtype(model)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
     autocast = resolve_autocast(device, autocast)  # once: a known-bad bf16 warns once per call
     parts: dict[str, list] = {}
     grids: dict[str, tuple[int, ...]] = {}

@@ -116,11 +116,7 @@ def gradcamo_loss(
     -------
     RegularizedLoss
     """
-    if target not in ("label", "predicted"):
-        raise InputError(f"target must be 'label' or 'predicted', got {target!r}")
-    if evidence not in ("positive", "both"):
-        raise InputError(f"evidence must be 'positive' (Grad-CAM, the paper's) or 'both' (|map|), got {evidence!r}")
-    check_method(method)
+    _check_options(target, evidence, method)
     if lam == 0:
         logits = model(inputs)
         ce = F.cross_entropy(widen(logits), labels)
@@ -155,6 +151,14 @@ def gradcamo_loss(
     scores = torch.where(defined, ratio, torch.full_like(ratio, float("nan"))).detach()
     loss = ce - lam * mean_score
     return RegularizedLoss(loss, ce, mean_score, logits, scores, int(defined.numel() - n_defined))
+
+
+def _check_options(target: str, evidence: str, method: str) -> None:
+    if target not in ("label", "predicted"):
+        raise InputError(f"target must be 'label' or 'predicted', got {target!r}")
+    if evidence not in ("positive", "both"):
+        raise InputError(f"evidence must be 'positive' (Grad-CAM, the paper's) or 'both' (|map|), got {evidence!r}")
+    check_method(method)
 
 
 def _map_sums(activation: torch.Tensor, gradient: torch.Tensor, masks: Any, evidence: str,

@@ -298,26 +298,22 @@ def score_plate(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: 
         Cluster to run on (model loaded once per worker by a plugin); None: the current scheduler.
     platemap : DataFrame or path, optional
         Treatments per well (default: the coords the plate carries).
-    target : "predicted" or int
-        Class explained by Grad-CAM (paper: the predicted class).
+    target, cam_method : "predicted" or int; "gradcam" or "hirescam"
+        Class explained (paper: the predicted class) and its map (paper: Grad-CAM; see
+        :func:`~gradcamo_dask.engine.explain.explain`), both recorded in the provenance.
     batch_size : int
         Cells per forward pass on a worker (batches span the sites of a task).
-    check_classes : bool
-        Refuse treatments that are not classes of the bundle (False: score new compounds).
-    device : str, optional
-        Force ``"cpu"`` or ``"cuda"`` on the workers (default: each worker's own).
+    check_classes, device : bool; str, optional
+        Refuse treatments that are not classes of the bundle (False: score new compounds); force ``"cpu"``
+        or ``"cuda"`` on the workers (default: each worker's own).
     plate_path, labels_path : str, optional
         Recorded in the provenance (a report reads crops back from them); default: xarray's.
-    cells : DataFrame, optional
-        A precomputed cell table (default: :func:`~gradcamo_dask.cell_table` at the bundle's crop grid).
-    classic : bool or dict
-        Also CellProfiler's 3D features into ``classic`` (dict: ``site_classic_features`` options).
+    cells, classic : DataFrame, optional; bool or dict
+        A precomputed cell table (default: :func:`~gradcamo_dask.cell_table` at the bundle's crop grid); also
+        CellProfiler's 3D features into ``classic`` (dict: ``site_classic_features`` options).
     sites_per_task : int
         Sites scored by one task: above 1, micro-batches span them and the next site is cut while the
         current batch runs (results equal one site per task to float rounding).
-    cam_method : "gradcam" or "hirescam"
-        The map Grad-CAMO is taken of: the paper's Grad-CAM, or HiResCAM (gradient times activation per
-        voxel; not the paper's, see :func:`~gradcamo_dask.engine.explain.explain`). Recorded in the provenance.
 
     Returns
     -------
@@ -331,10 +327,7 @@ def score_plate(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: 
     BundleMismatchError, LabelsError, PlateLayoutError
         The bundle's channels or classes do not fit the plate; labels missing, on another grid, not integers.
     """
-    from gradcamo_dask.engine.gradcam import check_method  # torch: on first use, not at import
-
-    check_method(cam_method)
-    loaded, layers, crop_size, shapes = _checked_inputs(image, labels, bundle, layers, sites_per_task)
+    loaded, layers, crop_size, shapes = _checked_inputs(image, labels, bundle, layers, sites_per_task, cam_method)
     classic_spec, classic_names = classic_settings(image, classic)
     cells = _plate_cells(image, labels, loaded, cells, platemap, crop_size, client, check_classes)
     if client is not None:
@@ -367,10 +360,13 @@ def score_plate(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: 
 
 
 def _checked_inputs(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: Any,
-                    sites_per_task: int) -> tuple[Any, list[str], tuple, dict]:
+                    sites_per_task: int, cam_method: str = "gradcam") -> tuple[Any, list[str], tuple, dict]:
     """The loaded bundle, the layers, the crop size and the layers' shapes, once the inputs fit each other."""
     from gradcamo_dask.crop_geometry import zyx_size
     from gradcamo_dask.engine.bundles import Bundle
+    from gradcamo_dask.engine.gradcam import check_method  # torch: on first use, not at import
+
+    check_method(cam_method)
     from gradcamo_dask.io.layout import check_labels
     from gradcamo_dask.jobs.dimensionality import check_bundle_dims
 
