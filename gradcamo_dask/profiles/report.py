@@ -440,6 +440,11 @@ def _umap_part(report: _Report, scores: np.ndarray | None, whitening: str, max_u
     report.summary["umap_filtered"] = {"n_cells": int(len(on))}
 
 
+def _map_name(prov: dict) -> str:
+    """The scored map's name: "Grad-CAM" (the paper's), or "HiResCAM" for stores scored with it."""
+    return "HiResCAM" if (prov.get("parameters") or {}).get("cam_method") == "hirescam" else "Grad-CAM"
+
+
 def _gallery_part(report: _Report, per_bin: int, channel: str | None, plate: Any, labels: Any) -> None:
     """The gallery of high, middle and low Grad-CAMO cells read back from the plate, with a note when
     the Grad-CAMO recomputed from those crops differs from the stored one by more than 1e-3."""
@@ -456,7 +461,7 @@ def _gallery_part(report: _Report, per_bin: int, channel: str | None, plate: Any
                                 f"used for the gallery may not be those that were scored")
         report.figures["gallery"] = figs.gallery_figure(
             report.figures_dir / "gallery.png", rows, f"Example cells: {shown} channel, middle z slice; yellow "
-            f"outline: the cell; right: Grad-CAM of {report.layer}")
+            f"outline: the cell; right: {_map_name(report.summary['provenance'])} of {report.layer}")
     except _Missing as err:
         report.missing["gallery"] = str(err)
     except (GradcamoError, OSError, KeyError) as err:

@@ -223,3 +223,11 @@ def test_report_in_a_real_browser(full_report, tmp_path):
         assert image["complete"] and image["width"] > 100, image
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     print(f"screenshot: {shot}")
+
+
+def test_gallery_names_the_map_the_store_was_scored_with():
+    from gradcamo_dask.profiles.report import _map_name
+
+    assert _map_name({"parameters": {"cam_method": "hirescam"}}) == "HiResCAM"
+    assert _map_name({"parameters": {"layers": ["_blocks.1.1"]}}) == "Grad-CAM"  # the paper's default, unrecorded
+    assert _map_name({}) == "Grad-CAM"
