@@ -151,6 +151,15 @@ def test_demo_code_path_trains_two_models_and_compares_them(tiny_demo):
         assert (demo / f"report_{name}" / "index.html").is_file()
     text = format_comparison(table)
     assert "own_cell" in text and "neighbours" in text and "uniform map" in text
+    # the same models scored with HiResCAM maps beside the paper's Grad-CAM: rows, store, table lines
+    assert set(table["map"]) == {"gradcam", "hirescam"}
+    for (name, layer), rows in table.groupby(["model", "layer"]):
+        assert len(rows) == 2 and rows["cells"].nunique() == 1 and rows["uniform_reference"].nunique() == 1
+        hires = open_profiles(demo / f"profiles_{name}_hirescam.zarr")
+        assert json.loads(hires.attrs["provenance"])["parameters"]["cam_method"] == "hirescam"
+        np.testing.assert_allclose(rows.set_index("map").loc["hirescam", "gradcamo_mean"],
+                                   np.nanmean(hires["gradcamo"].sel(layer=layer).values))
+    assert all(f"HiResCAM-O at {k}" in text and f"Grad-CAMO at {k}" in text for k in DEMO["layers"])
     assert {"compoundA_10uM", "compoundB_10uM"} <= set(result["summary"]["treatment"])
     assert "compoundA_10uM" in format_summary(result["summary"])
     assert (demo / "comparison.csv").is_file() and (demo / "summary.csv").is_file()

@@ -65,7 +65,8 @@ def _run_demo(args: argparse.Namespace) -> int:
           "own mask. 'uniform map' is what attention spread evenly over the crop scores (the cell's share of its "
           "crop); a model whose Grad-CAMO is near it ('x uniform map' ~ 1) is not looking at the cell it describes. "
           "Trust the model that learned (accuracy well above chance) and whose attention sits on its cell "
-          "(the higher 'x uniform map', marked *).")
+          "(the higher 'x uniform map', marked *). HiResCAM-O: the same score of the same models' maps with the "
+          "gradient kept per voxel (not the paper's map; it credits each voxel's own contribution).")
     print(format_comparison(result["comparison"]))
     print(f"\nBy treatment ({args.out}/summary.csv; cut-off 0.25; NaN = all-zero Grad-CAM map):")
     print(format_summary(result["summary"]))

@@ -25,6 +25,7 @@ gallery (high, middle and low Grad-CAMO cells, the cell outlined).
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -69,6 +70,9 @@ DEMO = dict(
 MODELS = {"own_cell": True, "neighbours": False}
 #: What each model was trained on, as the table says it.
 TRAINED_ON = {"own_cell": "responders (own cell)", "neighbours": "bystanders (neighbours)"}
+#: Maps each model is scored with: the paper's Grad-CAM (profiles_<name>.zarr, reports) and HiResCAM beside it
+#: (profiles_<name>_hirescam.zarr): the same models, the gradient kept per voxel.
+MAPS = {"gradcam": "", "hirescam": "_hirescam"}
 
 
 def _truth_for(labels: Any, truth_labels: Any, truth: pd.DataFrame) -> pd.DataFrame:
@@ -146,7 +150,7 @@ def run_demo(
     ----------
     out : path
         Output folder: ``plate.zarr`` (with ``cell_truth.csv``), ``model_<name>/``,
-        ``profiles_<name>.zarr``, ``report_<name>/``, ``comparison.csv``, ``summary.csv``,
+        ``profiles_<name>.zarr`` (and ``profiles_<name>_hirescam.zarr``, HiResCAM maps), ``report_<name>/``, ``comparison.csv``, ``summary.csv``,
         ``demo_settings.json`` (what a rerun must match to resume).
     labels_method : "truth" or "watershed"
         Ground-truth labels of the synthetic plate, or the classical segmenter (each
@@ -276,8 +280,8 @@ def _train_models(out: Path, cfg: dict, image: Any, labels: Any, truth: pd.DataF
 def _score_models(out: Path, image: Any, labels: Any, truth: pd.DataFrame, bundles: dict, test_wells: list[str],
                   plate_path: Path, labels_method: str, cluster: dict, remake: dict, progress: bool,
                   log: Any, layers: tuple = DEMO["layers"]) -> None:
-    """Score each model's held-out cells (of ``image``'s sites) into ``profiles_<name>.zarr`` (finished chunks
-    are kept)."""
+    """Score each model's held-out cells (of ``image``'s sites) into ``profiles_<name>.zarr`` and, with HiResCAM
+    maps, ``profiles_<name>_hirescam.zarr`` (finished chunks are kept)."""
     from gradcamo_dask.io.synthetic import population_labels
     from gradcamo_dask.jobs.cluster import connect
     from gradcamo_dask.jobs.score import score_plate
@@ -285,12 +289,14 @@ def _score_models(out: Path, image: Any, labels: Any, truth: pd.DataFrame, bundl
 
     client = connect(cluster["scheduler"], n_workers=cluster["n_workers"])
     try:
-        for name, responder in MODELS.items():
+        for (name, responder), (method, suffix) in itertools.product(MODELS.items(), MAPS.items()):
             own = population_labels(labels, truth, responder).sel(well=test_wells, site=image["site"].values)
             ds = score_plate(image.sel(well=test_wells), own, bundles[name], layers=list(layers), client=client,
-                             plate_path=str(plate_path), labels_path=str(plate_path) if labels_method == "truth" else "")
-            log(f"scoring model '{name}' on {ds.sizes['cell']} held-out cells of wells {', '.join(test_wells)}")
-            done = write_profiles(ds, out / f"profiles_{name}.zarr", client=client, overwrite=remake[name],
+                             plate_path=str(plate_path), labels_path=str(plate_path) if labels_method == "truth" else "",
+                             cam_method=method)
+            log(f"scoring model '{name}' ({method} maps) on {ds.sizes['cell']} held-out cells of wells "
+                f"{', '.join(test_wells)}")
+            done = write_profiles(ds, out / f"profiles_{name}{suffix}.zarr", client=client, overwrite=remake[name],
                                   progress=progress, chunk_cells=64)
             if done.get("skipped"):
                 log(f"  {done['skipped']} of {done['chunks']} chunks were already written: kept")
@@ -308,7 +314,9 @@ def _tables_and_reports(out: Path, cfg: dict, crop_voxels: int, plate_path: Path
     comparison, summaries, reports, n_cells = [], [], {}, 0
     for name in MODELS:
         profiles = open_profiles(out / f"profiles_{name}.zarr")
-        comparison += _compare(name, profiles, crop_voxels)
+        for method, suffix in MAPS.items():
+            scored = profiles if not suffix else open_profiles(out / f"profiles_{name}{suffix}.zarr")
+            comparison += [{**row, "map": method} for row in _compare(name, scored, crop_voxels)]
         frame = profiles[["gradcamo"]].to_dataframe().reset_index()
         summaries.append(summarize_gradcamo(frame, by=["layer", "treatment"]).assign(model=name))
         n_cells += int(profiles.sizes["cell"])
@@ -367,11 +375,13 @@ def format_comparison(table: pd.DataFrame) -> str:
              row("held-out cells", [str(int(first[m]["cells"])) for m in models]),
              row(f"accuracy (chance {chance:.2f})", [f"{first[m]['accuracy']:.2f}" for m in models]),
              row("uniform map (cell / crop)", [f"{first[m]['uniform_reference']:.3f}" for m in models])]
-    for layer in dict.fromkeys(table["layer"]):
-        at = {m: table[(table["model"] == m) & (table["layer"] == layer)].iloc[0] for m in models}
+    maps = table["map"] if "map" in table else pd.Series("gradcam", index=table.index)
+    for method, layer in dict.fromkeys(zip(maps, table["layer"])):
+        at = {m: table[(table["model"] == m) & (table["layer"] == layer) & (maps == method)].iloc[0] for m in models}
         best = max(models, key=lambda m: np.nan_to_num(at[m]["times_uniform"], nan=-1))
-        lines += [row(f"Grad-CAMO at {layer}", [f"{at[m]['gradcamo_mean']:.3f} ± {at[m]['gradcamo_sd']:.3f}"
-                                                for m in models]),
+        score = "Grad-CAMO" if method == "gradcam" else "HiResCAM-O"
+        lines += [row(f"{score} at {layer}", [f"{at[m]['gradcamo_mean']:.3f} ± {at[m]['gradcamo_sd']:.3f}"
+                                              for m in models]),
                   row("  x uniform map", [f"{at[m]['times_uniform']:.2f}" + (" *" if m == best else "")
                                           for m in models]),
                   row("  share >= 0.25", [f"{at[m]['share_on_target']:.2f}" for m in models])]
