@@ -99,33 +99,25 @@ def test_seeded_runs_are_identical_and_resume_is_bit_identical(plate, tmp_path):
 
 
 def test_regularized_training_runs_and_records(plate, tmp_path):
-    out = train(plate.image, plate.labels, recipe(epochs=1, regularizer=1.0, regularizer_layer="_blocks.2.4",
-                                                  augmentation=Augmentation(p=0.0)),
-                out=tmp_path / "reg", platemap=plate.platemap, progress=False)
+    base = recipe(epochs=1, regularizer=1.0, regularizer_layer="_blocks.2.4", augmentation=Augmentation(p=0.0))
+    out = train(plate.image, plate.labels, base, out=tmp_path / "reg", platemap=plate.platemap, progress=False)
     prov = json.loads((out / "config.json").read_text())["provenance"]
     assert prov["regularizer"] == {"lambda": 1.0, "layer": "_blocks.2.4", "target": "label", "evidence": "positive",
                                    "cam": "gradcam"}
     assert 0 <= prov["history"][0]["train_gradcamo"] <= 1
     assert prov["test"]["layer"] == "_blocks.2.4"
-    # the |map| variant trains to other weights, says so, and a checkpoint of one does not resume the other
-    both = recipe(epochs=1, regularizer=1.0, regularizer_layer="_blocks.2.4", augmentation=Augmentation(p=0.0),
-                  regularizer_evidence="both")
-    other = train(plate.image, plate.labels, both, out=tmp_path / "both", platemap=plate.platemap, progress=False)
-    prov_both = json.loads((other / "config.json").read_text())["provenance"]
-    assert prov_both["regularizer"]["evidence"] == "both"
-    assert prov_both["history"][0]["train_gradcamo"] != prov["history"][0]["train_gradcamo"]
-    with pytest.raises(TrainingError, match="regularizer_evidence"):
-        train(plate.image, plate.labels, replace(both, epochs=2), out=out, platemap=plate.platemap, resume=True,
-              progress=False)
-    # so does the HiResCAM map
-    hires = replace(both, regularizer_evidence="positive", regularizer_cam="hirescam")
-    third = train(plate.image, plate.labels, hires, out=tmp_path / "hires", platemap=plate.platemap, progress=False)
-    prov_hires = json.loads((third / "config.json").read_text())["provenance"]
-    assert prov_hires["regularizer"]["cam"] == "hirescam"
-    assert prov_hires["history"][0]["train_gradcamo"] != prov["history"][0]["train_gradcamo"]
-    with pytest.raises(TrainingError, match="regularizer_cam"):
-        train(plate.image, plate.labels, replace(hires, epochs=2), out=out, platemap=plate.platemap, resume=True,
-              progress=False)
+    # the |map| and HiResCAM variants train to other weights, say so, and a checkpoint of one does not resume
+    # another
+    for field, key, value in (("regularizer_evidence", "evidence", "both"), ("regularizer_cam", "cam", "hirescam")):
+        variant = replace(base, **{field: value})
+        made = train(plate.image, plate.labels, variant, out=tmp_path / value, platemap=plate.platemap,
+                     progress=False)
+        prov_variant = json.loads((made / "config.json").read_text())["provenance"]
+        assert prov_variant["regularizer"][key] == value
+        assert prov_variant["history"][0]["train_gradcamo"] != prov["history"][0]["train_gradcamo"]
+        with pytest.raises(TrainingError, match=field):
+            train(plate.image, plate.labels, replace(variant, epochs=2), out=out, platemap=plate.platemap,
+                  resume=True, progress=False)
 
 
 def test_optimizer_state_round_trip_without_pickle():
