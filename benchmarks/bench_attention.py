@@ -356,12 +356,10 @@ def aggregate(mode: str, per_seed: list, audits: dict, table, pops: dict, unifor
     grids = audits[(seeds[0], "in_cell")]["grids"]
     ranks = {m: ranking(scores[m], grids, c["cutoff"]) for m in MODELS}
     best = next(r["layer"] for r in ranks["in_cell"] if r["localises"])
-    layers = {k: {"grid": grids[k], "localises": grids[k][1] >= 3 and grids[k][2] >= 3,
-                  **separation(audits, seeds, pops, uniform, k, "gradcam"),
+    by_method = {method: {k: separation(audits, seeds, pops, uniform, k, method) for k in LAYERS} for method in METHODS}
+    layers = {k: {"grid": grids[k], "localises": grids[k][1] >= 3 and grids[k][2] >= 3, **by_method["gradcam"][k],
                   **({} if ceiling is None else {"ceiling": {m: float(ceiling[k][pops[m]].mean()) for m in MODELS}})}
               for k in LAYERS}
-    by_method = {method: {k: separation(audits, seeds, pops, uniform, k, method) for k in LAYERS}
-                 for method in METHODS if all("by_method" in a for a in audits.values())}
     reference = {m: {"mean": float(uniform[pops[m]].mean()), "sd": float(uniform[pops[m]].std())} for m in MODELS}
     quality = []
     for sd in seeds:
@@ -391,8 +389,7 @@ def separation(audits: dict, seeds: list, pops: dict, uniform: np.ndarray, layer
     """Each model's scores at ``layer`` with maps of ``method`` (seeds pooled), Cohen's d between them, d of
     score / uniform (size-free) and d per seed."""
     def own(seed: int, m: str) -> np.ndarray:
-        a = audits[(seed, m)]
-        return (a["by_method"][method] if "by_method" in a or method != "gradcam" else a["gradcamo"])[layer][pops[m]]
+        return audits[(seed, m)]["by_method"][method][layer][pops[m]]
 
     scores = {m: np.concatenate([own(sd, m) for sd in seeds]) for m in MODELS}
     # responders are larger than bystanders: d of Grad-CAMO / uniform takes cell size out

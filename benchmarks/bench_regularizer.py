@@ -190,7 +190,7 @@ def _row(lam: float | str, seed: int, r: dict, cutoff: float) -> dict:
     return {"lambda": lam, "seed": seed, "train_seconds": r["train_seconds"], "train_cells": r["train_cells"],
             "epochs": r["epochs"], "test": r["test"], "cell_only": r["cell_only"],
             "surround_only": r["surround_only"], "gradcamo": ba.summarise(r["gradcamo"], cutoff),
-            **({"gradcamo_hirescam": ba.summarise(r["gradcamo_hirescam"], cutoff)} if "gradcamo_hirescam" in r else {}),
+            "gradcamo_hirescam": ba.summarise(r["gradcamo_hirescam"], cutoff),
             "load_average_done": r["load_average_done"], "intensity_range": r.get("intensity_range"),
             "negative_outside_share_of_all": r.get("negative_outside_share_of_all"),
             "training_history": r.get("history")}
@@ -201,7 +201,7 @@ def _pooled(runs: list[dict], base: list[np.ndarray], starts: list[np.ndarray], 
     """Seeds pooled: Grad-CAMO, d against λ = 0 (and against the start models when warm), mean ± sd accuracies."""
     pooled = np.concatenate([r["gradcamo"] for r in runs])
     hires = {}
-    if runs and all("gradcamo_hirescam" in r for r in runs):  # the same models' HiResCAM maps, d against λ 0's
+    if runs:  # the same models' HiResCAM maps, d against λ 0's
         h = np.concatenate([r["gradcamo_hirescam"] for r in runs])
         hires = {"hirescam": {"gradcamo": ba.summarise(h, cutoff),
                               "cohens_d_vs_lambda_0": ba.cohens_d(h, np.concatenate(base_hires)) if base_hires
@@ -221,7 +221,7 @@ def summary(mode: str, s: dict, c: dict, results: dict, uniform: np.ndarray, sta
     rows = [_row("start", seed, r, c["cutoff"]) for seed, r in starts.items()]
     rows += [_row(lam, seed, r, c["cutoff"]) for (lam, seed), r in results.items()]
     base = [r["gradcamo"] for (lam, _s), r in results.items() if lam == 0]
-    base_hires = [r["gradcamo_hirescam"] for (lam, _s), r in results.items() if lam == 0 and "gradcamo_hirescam" in r]
+    base_hires = [r["gradcamo_hirescam"] for (lam, _s), r in results.items() if lam == 0]
     start_maps = [r["gradcamo"] for r in starts.values()]
     per_lambda = {str(lam): _pooled([r for (l, _s), r in results.items() if l == lam], base, start_maps, c["cutoff"],
                                     base_hires)
