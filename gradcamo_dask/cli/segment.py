@@ -64,9 +64,11 @@ def _compute_labels(store, scheduler: str | None) -> None:
     import dask
 
     if scheduler:
-        from distributed import Client, progress
+        from distributed import progress
 
-        with Client(scheduler) as client:
+        from gradcamo_dask.jobs.client import open_client
+
+        with open_client(scheduler) as client:
             print(f"Dask dashboard: {client.dashboard_link}")
             future = client.compute(store)
             progress(future)

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradcamo_dask.errors import ClusterError, InputError
+from gradcamo_dask.jobs.client import open_client
 from gradcamo_dask.jobs.joining import DEFAULT_WORKER_TIMEOUT_S, join_scheduler, wait_for_workers
 from gradcamo_dask.jobs.machine import ClusterShape, cuda_devices, local_cluster_shape, usable_cores
 from gradcamo_dask.jobs.resources import GPU_RESOURCE
@@ -49,8 +50,6 @@ def _security_options(security: Any) -> dict:
 
 def _slurm_client(cluster_config: Any, n_workers: int | None, security: Any, timeout: float,
                   worker_timeout: float | None, torch_threads: int | None, quiet: bool) -> Any:
-    from distributed import Client
-
     try:
         from gradcamo_dask.jobs.slurm import open_slurm_config, slurm_cluster
     except ImportError as err:
@@ -60,7 +59,7 @@ def _slurm_client(cluster_config: Any, n_workers: int | None, security: Any, tim
     per_job = int(open_slurm_config(cluster_config)["processes"])
     slurm = slurm_cluster(cluster_config, n_workers=n_workers, security=security)
     try:
-        client = Client(slurm, timeout=timeout)  # the cluster's own Security (TLS by default) is the client's
+        client = open_client(slurm, timeout=timeout)  # the cluster's own Security (TLS by default) is the client's
         # GPU workers of a job share its cores: per_host = GPUs per job, before any worker has joined
         client.register_plugin(as_worker_plugin(TorchThreads(torch_threads, per_host=per_job)))
         _announce(client, f"SLURM cluster (jobs of {per_job} GPU worker(s))", quiet)
@@ -86,8 +85,6 @@ def _joined_client(scheduler: str, security: Any, timeout: float, worker_timeout
 
 def _cuda_client(gpus: list[str], cuda_visible_devices: Sequence[str] | None, options: dict, security: Any,
                  timeout: float, torch_threads: int | None, quiet: bool) -> Any:
-    from distributed import Client
-
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
@@ -99,7 +96,7 @@ def _cuda_client(gpus: list[str], cuda_visible_devices: Sequence[str] | None, op
     per_gpu = max(1, usable_cores() // len(visible))
     options = {"resources": {GPU_RESOURCE: 1}, **options}  # one site per GPU (jobs.resources)
     local = LocalCUDACluster(**{"CUDA_VISIBLE_DEVICES": ",".join(visible), **options})
-    client = Client(local, timeout=timeout, **_security_options(security))
+    client = _client_of(local, timeout, security)
     client.register_plugin(as_worker_plugin(TorchThreads(torch_threads or per_gpu)))
     _announce(client, f"LocalCUDACluster: {len(visible)} GPU worker(s) ({','.join(visible)})", quiet)
     return client
@@ -107,18 +104,28 @@ def _cuda_client(gpus: list[str], cuda_visible_devices: Sequence[str] | None, op
 
 def _local_client(shape: ClusterShape, options: dict, security: Any, timeout: float, torch_threads: int | None,
                   quiet: bool) -> Any:
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
     options = {"n_workers": shape.n_workers, "processes": True, "memory_limit": shape.memory_limit, **options}
     try:
         local = LocalCluster(**options)
     except Exception as err:  # noqa: BLE001 - ports, permissions, spawn failures
         raise ClusterError(f"could not start a local Dask cluster ({type(err).__name__}: {err})") from err
-    client = Client(local, timeout=timeout, **_security_options(security))
+    client = _client_of(local, timeout, security)
     client.register_plugin(as_worker_plugin(TorchThreads(torch_threads or shape.torch_threads)))
     _announce(client, f"LocalCluster: {shape.n_workers} worker process(es) x {shape.threads_per_worker} thread(s), "
                       f"{torch_threads or shape.torch_threads} torch thread(s) each", quiet)
     return client
+
+
+
+def _client_of(local: Any, timeout: float, security: Any) -> Any:
+    """A client of the cluster this process just started; the cluster is closed again when none connects."""
+    try:
+        return open_client(local, timeout=timeout, **_security_options(security))
+    except BaseException:
+        local.close()
+        raise
 
 
 def _check_options(scheduler: str | None, cluster: str | None, device: str, worker_timeout: float | None) -> None:

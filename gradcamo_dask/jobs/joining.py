@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gradcamo_dask.errors import ClusterError
+from gradcamo_dask.jobs.client import open_client
 
 __all__ = ["DEFAULT_WORKER_TIMEOUT_S", "join_scheduler", "probe_tcp", "wait_for_workers"]
 
@@ -80,21 +81,19 @@ def probe_tcp(scheduler: str, timeout: float) -> None:
 
 def join_scheduler(scheduler: str, timeout: float, security: Any = None) -> Any:
     """A :class:`distributed.Client` of the scheduler at ``scheduler`` (address or JSON file), within ``timeout`` s."""
-    from distributed import Client
-
     extra = {"security": security} if security is not None else {}
     try:
         if is_scheduler_file(scheduler):
             if not Path(scheduler).is_file():
                 raise ClusterError(f"scheduler file {scheduler} does not exist; start the scheduler with "
                                    f"`dask scheduler --scheduler-file {scheduler}` or pass its address")
-            return Client(scheduler_file=scheduler, timeout=timeout, **extra)
+            return open_client(scheduler_file=scheduler, timeout=timeout, **extra)
         if security is not None and getattr(security, "require_encryption", False):
             from gradcamo_dask.jobs.tls import open_tls_client  # names TLS failures, bounded in time
 
             return open_tls_client(scheduler, security, timeout_s=timeout)
         probe_tcp(scheduler, timeout)
-        return Client(scheduler, timeout=timeout, **extra)
+        return open_client(scheduler, timeout=timeout, **extra)
     except ClusterError:
         raise
     except (MemoryError, EOFError) as err:  # something answered that does not speak Dask's protocol

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gradcamo_dask.errors import ClusterError
+from gradcamo_dask.jobs.client import open_client
 
 
 def tls_security(ca_file: str | os.PathLike, cert: str | os.PathLike, key: str | os.PathLike | None = None,
@@ -72,8 +73,6 @@ def open_tls_client(address: str, security: Any, *, timeout_s: float = 30.0, **c
         The address is not TLS, the peer does not complete a TLS handshake, or the
         certificates do not match; the message names the address and what to check.
     """
-    from distributed import Client
-
     if "://" not in address:
         address = f"tls://{address}"
     if not address.startswith("tls://"):
@@ -81,7 +80,7 @@ def open_tls_client(address: str, security: Any, *, timeout_s: float = 30.0, **c
                            "given): use tls://host:port, and start the scheduler with --tls-ca-file/--tls-cert/"
                            "--tls-key")
     try:
-        return Client(address, security=security, timeout=timeout_s, **client_kwargs)
+        return open_client(address, security=security, timeout=timeout_s, **client_kwargs)
     except (OSError, TimeoutError, RuntimeError, ValueError) as err:
         raise ClusterError(
             f"no TLS connection to the Dask scheduler at {address} within {timeout_s:g} s "
