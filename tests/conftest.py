@@ -59,3 +59,20 @@ def _dask_scheduler_setting_is_left_as_found():
             dask.config.set(scheduler=before)
         warnings.warn(f"this test left dask's scheduler setting at {after!r} (was {before!r}); put back",
                       stacklevel=1)
+    _close_a_default_client_that_never_started()
+
+
+def _close_a_default_client_that_never_started() -> None:
+    """A default client that is not running would take the next test's ``.compute()``; close it."""
+    import sys
+
+    if "distributed" not in sys.modules:
+        return
+    from distributed import Client
+
+    try:
+        stray = Client.current(allow_global=True)
+    except ValueError:
+        return
+    if stray.status in ("newly-created", "connecting"):  # between tests, only a client that failed to start
+        stray.close(timeout=5)
