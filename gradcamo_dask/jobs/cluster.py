@@ -118,7 +118,6 @@ def _local_client(shape: ClusterShape, options: dict, security: Any, timeout: fl
     return client
 
 
-
 def _client_of(local: Any, timeout: float, security: Any) -> Any:
     """A client of the cluster this process just started; the cluster is closed again when none connects."""
     try:

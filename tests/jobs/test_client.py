@@ -63,3 +63,21 @@ def test_failed_open_client_keeps_the_client_already_open(monkeypatch):
         assert _default() is first and dask.config.get("scheduler", None) == "dask.distributed"
         assert da.ones(4, chunks=2).sum().compute() == 4
     assert dask.config.get("scheduler", None) is None and _default() is None
+
+
+def test_a_local_cluster_whose_client_cannot_start_is_closed_again(monkeypatch, garbled_handshake):
+    from gradcamo_dask.jobs.cluster import connect
+
+    started = []
+
+    class RecordedCluster(LocalCluster):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(distributed, "LocalCluster", RecordedCluster)
+    with pytest.raises(ValueError, match="garbled"):
+        connect(n_workers=1, device="cpu", processes=False, protocol="tcp://", dashboard=False, quiet=True,
+                timeout=5)
+    assert len(started) == 1 and started[0].status.name == "closed"
+    assert dask.config.get("scheduler", None) is None and _default() is None
