@@ -25,7 +25,6 @@ gallery (high, middle and low Grad-CAMO cells, the cell outlined).
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from pathlib import Path
@@ -289,17 +288,18 @@ def _score_models(out: Path, image: Any, labels: Any, truth: pd.DataFrame, bundl
 
     client = connect(cluster["scheduler"], n_workers=cluster["n_workers"])
     try:
-        for (name, responder), (method, suffix) in itertools.product(MODELS.items(), MAPS.items()):
+        for name, responder in MODELS.items():
             own = population_labels(labels, truth, responder).sel(well=test_wells, site=image["site"].values)
-            ds = score_plate(image.sel(well=test_wells), own, bundles[name], layers=list(layers), client=client,
-                             plate_path=str(plate_path), labels_path=str(plate_path) if labels_method == "truth" else "",
-                             cam_method=method)
-            log(f"scoring model '{name}' ({method} maps) on {ds.sizes['cell']} held-out cells of wells "
-                f"{', '.join(test_wells)}")
-            done = write_profiles(ds, out / f"profiles_{name}{suffix}.zarr", client=client, overwrite=remake[name],
-                                  progress=progress, chunk_cells=64)
-            if done.get("skipped"):
-                log(f"  {done['skipped']} of {done['chunks']} chunks were already written: kept")
+            for method, suffix in MAPS.items():  # the same cells, once per kind of map
+                ds = score_plate(image.sel(well=test_wells), own, bundles[name], layers=list(layers), client=client,
+                                 plate_path=str(plate_path),
+                                 labels_path=str(plate_path) if labels_method == "truth" else "", cam_method=method)
+                log(f"scoring model '{name}' ({method} maps) on {ds.sizes['cell']} held-out cells of wells "
+                    f"{', '.join(test_wells)}")
+                done = write_profiles(ds, out / f"profiles_{name}{suffix}.zarr", client=client,
+                                      overwrite=remake[name], progress=progress, chunk_cells=64)
+                if done.get("skipped"):
+                    log(f"  {done['skipped']} of {done['chunks']} chunks were already written: kept")
     finally:
         client.close()
 
@@ -375,9 +375,9 @@ def format_comparison(table: pd.DataFrame) -> str:
              row("held-out cells", [str(int(first[m]["cells"])) for m in models]),
              row(f"accuracy (chance {chance:.2f})", [f"{first[m]['accuracy']:.2f}" for m in models]),
              row("uniform map (cell / crop)", [f"{first[m]['uniform_reference']:.3f}" for m in models])]
-    maps = table["map"] if "map" in table else pd.Series("gradcam", index=table.index)
-    for method, layer in dict.fromkeys(zip(maps, table["layer"])):
-        at = {m: table[(table["model"] == m) & (table["layer"] == layer) & (maps == method)].iloc[0] for m in models}
+    for method, layer in dict.fromkeys(zip(table["map"], table["layer"])):
+        at = {m: table[(table["model"] == m) & (table["layer"] == layer) & (table["map"] == method)].iloc[0]
+              for m in models}
         best = max(models, key=lambda m: np.nan_to_num(at[m]["times_uniform"], nan=-1))
         score = "Grad-CAMO" if method == "gradcam" else "HiResCAM-O"
         lines += [row(f"{score} at {layer}", [f"{at[m]['gradcamo_mean']:.3f} ± {at[m]['gradcamo_sd']:.3f}"
