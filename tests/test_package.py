@@ -87,3 +87,15 @@ def test_license_file_matches_the_metadata():
     text = (REPO / "LICENSE").read_text()
     assert text.startswith("BSD 3-Clause License") and "gradcamo-dask developers" in text
     assert 'license = { text = "BSD-3-Clause" }' in (REPO / "pyproject.toml").read_text()
+
+
+def test_installed_libraries_are_imported_without_assertion_rewriting(pytestconfig):
+    # pyproject's addopts name pytest's plugins instead of autoloading them; autoloading marks each plugin's whole
+    # package (zarr, anyio) for rewriting, and a rewrite parses source with ast while Dask threads may do the same
+    # (CPython 3.11.7 races there: python/cpython#106905, seen in CI)
+    import zarr.storage
+
+    assert pytestconfig.pluginmanager.has_plugin("pytest_timeout")
+    assert pytestconfig.getini("timeout") == "900"
+    for module in (zarr, zarr.storage):
+        assert type(module.__loader__).__name__ == "SourceFileLoader", module.__name__
