@@ -12,6 +12,10 @@ dose; two compounds at 10 µM whose granules show in RNA and AGP) holds both cas
   Their own cell looks like a control: the treatment is readable only through the
   responding neighbours in the crop (the paper's failure mode).
 
+With ``--clean-plate alone`` the in-cell model trains and is audited on the same plate drawn without its
+bystanders (``synthetic_plate(bystanders=False)``: the same responders, each alone, a sparsely seeded well),
+so its crops hold no other cell for a map to credit; the off-cell model keeps the full mosaic.
+
 Each model is trained with several seeds and audited on the held-out wells (row C):
 
 - Grad-CAMO of the predicted class at every spatial layer (one explain pass), ranked
@@ -48,6 +52,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -91,7 +96,7 @@ SETTINGS = {
 COMMON = dict(doses_um=(10.0,), compounds=2, wells_per_treatment=2, site_shape=(12, 128, 128), cell_radius=12.0,
               granules=1.0, crop_size=(6, 48, 48), input_shape=(6, 48, 48), learning_rate=1e-3, plate_seed=0,
               test_rows=("C",), cutoff=0.25, feature_layer="_head_swish", target="predicted",
-              intensity_scaling="plate", responder_growth=False, augmentation="flips")
+              intensity_scaling="plate", responder_growth=False, augmentation="flips", clean_plate="mosaic")
 #: The reference that shows the per-crop leak: the last full run with intensity_scaling="crop" (committed as is).
 CROP_REFERENCE = HERE / "results" / "bench_attention_crop.json"
 TARGETS = ("predicted", "true")  # Grad-CAM of the predicted class, and of the true label (DESIGN allows both)
@@ -234,8 +239,9 @@ def ranking(scores_by_layer: dict, grids: dict, cutoff: float) -> list[dict]:
     return json.loads(table.to_json(orient="records"))
 
 
-def mosaic_plate(c: dict, s: dict):
-    """The benchmark's mosaic plate, rendered once into memory (a few hundred MB), and its cell truth."""
+def mosaic_plate(c: dict, s: dict, bystanders: bool = True):
+    """The benchmark's mosaic plate, rendered once into memory (a few hundred MB), and its cell truth;
+    ``bystanders=False``: the same plate without its non-responding cells (every responder alone)."""
     import dask.array as da
 
     from gradcamo_dask.io.synthetic import cell_truth, synthetic_plate
@@ -244,7 +250,7 @@ def mosaic_plate(c: dict, s: dict):
                             sites_per_well=s["sites_per_well"], site_shape=c["site_shape"],
                             cell_radius=c["cell_radius"], seed=c["plate_seed"], mosaic=c.get("mosaic", True),
                             granules=c["granules"], compounds=c["compounds"], plate="mosaic",
-                            responder_growth=c.get("responder_growth", True))
+                            responder_growth=c.get("responder_growth", True), bystanders=bystanders)
     plate = plate._replace(**{k: getattr(plate, k).copy(data=da.from_array(getattr(plate, k).data.compute(),
                                                                            chunks=getattr(plate, k).data.chunks))
                               for k in ("image", "labels")})
@@ -263,7 +269,7 @@ def train_model(c: dict, s: dict, seed: int, name: str, out: str, recipe_options
     from gradcamo_dask.jobs.train import train
 
     torch.set_num_threads(1)
-    plate, truth = mosaic_plate(c, s)
+    plate, truth = mosaic_plate(c, s, bystanders=not alone(c, name))
     # train() also scores its own test split; the audit is the benchmark's, so train() only gets the first site
     # of each test well (a cheap, honest provenance figure) and every training-well cell
     test_site = int(plate.image["site"].values[0])
@@ -281,6 +287,24 @@ def train_model(c: dict, s: dict, seed: int, name: str, out: str, recipe_options
     prov = json.loads((bundle / "config.json").read_text())["provenance"]
     return {"bundle": str(bundle), "train_seconds": round(time.perf_counter() - t0, 1),
             "train_cells": prov["cells"]["train"], "epochs": prov["epochs_run"], "history": prov["history"]}
+
+
+def alone(c: dict, name: str) -> bool:
+    """Whether model ``name`` trains and is audited on the plate without bystanders (``clean_plate="alone"``:
+    the in-cell model's crops then hold treatment information in their own cell only)."""
+    return name == "in_cell" and c.get("clean_plate", "mosaic") == "alone"
+
+
+def with_alone_responders(c: dict, s: dict, table, raw, masks):
+    """The held-out cells with the responders taken from the plate without bystanders (same cells, same
+    geometry, each alone) and the bystanders kept from the mosaic plate."""
+    import torch
+
+    plate, truth = mosaic_plate(c, s, bystanders=False)
+    t_alone, raw_alone, masks_alone = test_cells(plate, truth, s["max_test_cells"], c["plate_seed"], raw=True)
+    keep = ~table["responder"].to_numpy()
+    return (pd.concat([t_alone, table[keep]], ignore_index=True), torch.cat([raw_alone, raw[torch.from_numpy(keep)]]),
+            torch.cat([masks_alone, masks[torch.from_numpy(keep)]]))
 
 
 def trained_models(c: dict, s: dict, tmp: str, workers: int):
@@ -307,6 +331,8 @@ def run(mode: str, on_seed, workers: int = 1) -> dict:
     plate, truth = mosaic_plate(c, s)
     table, raw, masks = test_cells(plate, truth, s["max_test_cells"], c["plate_seed"], raw=True)
     del plate
+    if c.get("clean_plate", "mosaic") == "alone":
+        table, raw, masks = with_alone_responders(c, s, table, raw, masks)
     uniform = masks.float().mean(dim=tuple(range(1, masks.ndim))).numpy().astype(np.float64)
     pops = {name: (table["responder"] == flag).to_numpy() for name, flag in MODELS.items()}
     per_seed, audits, report = [], {}, {}
@@ -484,7 +510,10 @@ def markdown(report: dict) -> str:
         f"- plate: synthetic mosaic, doses {st['doses_um']} µM, {st['wells_per_treatment']} wells x "
         f"{st['sites_per_well']} sites of {st['site_shape']} voxels, cell radius {st['cell_radius']} px, granules "
         f"{st.get('granules', 0.0)}, seed "
-        f"{st['plate_seed']}; test wells row {st['test_rows']}",
+        f"{st['plate_seed']}; test wells row {st['test_rows']}"
+        + ("; **the in-cell model's plate is the same mosaic without its bystanders** (every responder alone, "
+           "`synthetic_plate(bystanders=False)`); the off-cell model keeps the full mosaic"
+           if st.get("clean_plate", "mosaic") == "alone" else ""),
         f"- training: crop {st['crop_size']}, model grid {st['input_shape']}, {st['epochs']} epochs, at most "
         f"{st['max_train_cells']} training cells, batch 8, Adam {st['learning_rate']:g}, augmentation "
         f"{st.get('augmentation', 'none')}; seeds "
@@ -573,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", choices=("crop", "plate"), default=None, help="intensity scaling (default plate)")
     parser.add_argument("--responder-growth", action=argparse.BooleanOptionalAction, default=None,
                         help="responders grow with their response (default: no, same size as bystanders)")
+    parser.add_argument("--clean-plate", choices=("mosaic", "alone"), default=None,
+                        help="the in-cell model's plate: the mosaic's responders (default), or the same responders "
+                             "alone (synthetic_plate(bystanders=False)), whose crops hold no other cell")
     parser.add_argument("--augment", choices=AUGMENTATION_NAMES, default=None,
                         help=f"training augmentation (default {COMMON['augmentation']})")
     parser.add_argument("--target", choices=TARGETS, default=None, help="explained class of the main tables")
@@ -590,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("compounds", args.compounds), ("doses_um", args.doses),
                        ("crop_size", None if args.crop is None else (None, *args.crop)),
                        ("intensity_scaling", args.scaling), ("responder_growth", args.responder_growth),
-                       ("augmentation", args.augment),
+                       ("augmentation", args.augment), ("clean_plate", args.clean_plate),
                        ("site_shape", None if args.site_z is None else (args.site_z, *COMMON["site_shape"][1:]))):
         if value is not None:
             COMMON[key] = tuple(value) if isinstance(value, list) else value

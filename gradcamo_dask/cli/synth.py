@@ -26,6 +26,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                         help="mosaic wells: only a maximal independent set of cells (about 30 %%) responds, the same "
                         "cells in every well, density independent of dose; responders carry the treatment in their own "
                         "cell only, bystanders only through responding neighbours (cell_truth.csv says who is who)")
+    parser.add_argument("--no-bystanders", dest="bystanders", action="store_false",
+                        help="with --mosaic: leave the non-responding cells out, so each responder stands alone (a "
+                        "sparsely seeded well) with the geometry it has in the full mosaic plate of the same seed: the "
+                        "clean plate, whose crops hold treatment information only in their own cell")
     parser.add_argument("--granules", type=float, default=0.0,
                         help="0..1: brightness of RNA granules (puncta 2-4 px across) in the cytoplasm of responding "
                         "cells, a strong local phenotype that small models learn in a few epochs and attend to inside "
@@ -67,7 +71,7 @@ def _run_synth(args: argparse.Namespace) -> int:
             doses_um=args.doses or DEFAULT_DOSES_UM, wells_per_treatment=args.wells_per_treatment,
             sites_per_well=args.sites, site_shape=tuple(site_shape), seed=args.seed,
             confounder=args.confounder, mosaic=args.mosaic, granules=args.granules, compounds=args.compounds,
-            plate=args.plate, spatial_dims=2 if args.two_d else 3,
+            plate=args.plate, spatial_dims=2 if args.two_d else 3, bystanders=args.bystanders,
             **({"cell_radius": args.cell_radius} if args.cell_radius is not None else {}),
         )
         write_plate(args.out, plate.image, plate.labels, platemap=plate.platemap, overwrite=args.overwrite,

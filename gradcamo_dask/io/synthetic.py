@@ -125,6 +125,7 @@ def _render_block(
     granule_channel: tuple[int, ...] | None = None,
     spatial_dims: int = 3,
     responder_growth: bool = True,
+    bystanders: bool = True,
     block_id: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     """One site as a Dask block: ``(1, 1, 6, z, y, x)`` image or ``(1, 1, z, y, x)`` labels (z = 1 in 2D)."""
@@ -132,12 +133,12 @@ def _render_block(
     rng = np.random.default_rng([seed, well, site])
     if what == "labels":  # geometry is the first thing render_site draws: same labels, a tenth of the work
         labels = site_geometry(rng, site_shape, responses[well], cell_radius, mosaic=mosaic,
-                               responder_growth=responder_growth).labels
+                               responder_growth=responder_growth, bystanders=bystanders).labels
         return (labels[focal_plane(labels)][None] if spatial_dims == 2 else labels)[None, None]
     channel = {} if granule_channel is None else {"granule_channel": granule_channel[well]}
     image, labels = render_site(rng, site_shape, responses[well], treatment_index[well], n_treatments,
                                 confounder=confounder, cell_radius=cell_radius, mosaic=mosaic, granules=granules,
-                                responder_growth=responder_growth, **channel)
+                                responder_growth=responder_growth, bystanders=bystanders, **channel)
     return (image[:, focal_plane(labels)][:, None] if spatial_dims == 2 else image)[None, None]
 
 
@@ -194,7 +195,8 @@ def _lazy_sites(common: dict, n_wells: int, sites_per_well: int, token: str) -> 
 
 
 def _site_settings(platemap: pd.DataFrame, *, seed: int, site_shape: tuple, confounder: float, cell_radius: float,
-                   mosaic: bool, granules: float, spatial_dims: int = 3, responder_growth: bool = True) -> dict:
+                   mosaic: bool, granules: float, spatial_dims: int = 3, responder_growth: bool = True,
+                   bystanders: bool = True) -> dict:
     """What every site task needs: seed, each well's response and treatment index, the knobs."""
     treatments = sorted(set(platemap["treatment"]),
                         key=lambda t: (platemap.loc[platemap.treatment == t, "dose"].iloc[0], t))  # ties: by name
@@ -215,6 +217,8 @@ def _site_settings(platemap: pd.DataFrame, *, seed: int, site_shape: tuple, conf
         common["spatial_dims"] = 2
     if not responder_growth:  # growing responders keep today's recipe (and Dask names)
         common["responder_growth"] = False
+    if not bystanders:  # full mosaic sites keep today's recipe (and Dask names)
+        common["bystanders"] = False
     return common
 
 
@@ -234,6 +238,7 @@ def synthetic_plate(
     plate: str = "synthetic",
     spatial_dims: int = 3,
     responder_growth: bool = True,
+    bystanders: bool = True,
 ) -> SyntheticPlate:
     """A lazy synthetic 3D (or 2D) Cell Painting plate with ground-truth labels.
 
@@ -275,6 +280,12 @@ def synthetic_plate(
         slices, every knob as above, then its :func:`focal_plane` kept (image and labels).
     responder_growth : bool
         False: responding cells keep the others' size (size cannot tell a responder).
+    bystanders : bool
+        False (needs ``mosaic``): the mosaic's non-responding cells are not drawn, so
+        every responder stands alone (a sparsely seeded well) with the geometry it has
+        in the full mosaic plate of the same seed: the clean plate, where the only
+        treatment information in a crop is its own cell's (and, rarely, a corner of
+        the next responder ~2.3 radii away).
 
     Returns
     -------
@@ -283,10 +294,12 @@ def synthetic_plate(
         ``labels`` (well, site, z, y, x) int32, ``platemap``; all lazy, one task per site.
     """
     site_shape = _checked_knobs(confounder, granules, site_shape, sites_per_well, spatial_dims)
+    if not bystanders and not mosaic:
+        raise InputError("bystanders=False leaves out a mosaic plate's non-responding cells: it needs mosaic=True")
     platemap = synthetic_platemap(doses_um, wells_per_treatment, ec50_um, compounds)
     common = _site_settings(platemap, seed=seed, site_shape=site_shape, confounder=confounder,
                             cell_radius=cell_radius, mosaic=mosaic, granules=granules, spatial_dims=spatial_dims,
-                            responder_growth=responder_growth)
+                            responder_growth=responder_growth, bystanders=bystanders)
     recipe = json.dumps({**{k: v for k, v in common.items() if k not in ("responses", "treatment_index")},
                          "doses_um": [float(d) for d in doses_um], "wells_per_treatment": wells_per_treatment,
                          **({"compounds": compounds} if compounds > 1 else {}),
@@ -314,12 +327,14 @@ def _site_truth(recipe: dict, response: float, well_index: int, site_index: int)
                         mosaic=bool(recipe.get("mosaic", False)),
                         responder_growth=bool(recipe.get("responder_growth", True)))
     responder = np.asarray(geo.responder, dtype=bool)
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "object_number": np.arange(1, len(responder) + 1, dtype=np.int32),
         "responder": responder, "strength": geo.strength.astype(np.float64),
         "responding_neighbours": (geo.neighbours & responder[None, :]).sum(axis=1).astype(np.int32),
         "neighbours": geo.neighbours.sum(axis=1).astype(np.int32),
     })
+    # a plate drawn without bystanders holds only its responders (the counts stay the full site's geometry)
+    return table if recipe.get("bystanders", True) else table[table["responder"]].reset_index(drop=True)
 
 
 def cell_truth(plate: SyntheticPlate) -> pd.DataFrame:

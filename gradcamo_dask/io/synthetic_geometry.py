@@ -124,6 +124,7 @@ def site_geometry(
     cell_radius: float = 28.0,
     mosaic: bool = False,
     responder_growth: bool = True,
+    bystanders: bool = True,
 ) -> SiteGeometry:
     """Cells and nuclei of one site.
 
@@ -144,6 +145,11 @@ def site_geometry(
         Responding cells grow (footprint radius up to +45 %, domes up to 10 % lower);
         False: every cell draws its size alike, so responders and bystanders have the
         same size distribution and size carries no treatment information.
+    bystanders : bool
+        False (mosaic only): the cells that do not respond are drawn as background
+        after every draw is made, so each responder stands alone with exactly the
+        geometry it has in the full mosaic site (a sparsely seeded well). Their
+        per-cell entries stay (labels keep their numbers) but own no voxel.
 
     Returns
     -------
@@ -156,10 +162,16 @@ def site_geometry(
     yy, xx = np.mgrid[0:ny, 0:nx]
     radial, owner = _footprints(yy, xx, centres, radius, elongation, angle, wobble)
     owner, pick = _present_cells(owner, len(centres))
+    full_owner = owner  # who touches whom is the full site's, bystanders drawn or not
     s, radius, elongation, angle = s[pick], radius[pick], elongation[pick], angle[pick]
     centres, m, responder = centres[pick], len(pick), responder[pick]
     labels, bottom, height = _domes(rng, yy, xx, owner, radial, s if responder_growth else 0 * s, nz)
     nucleus, n_centre, n_radius = _nuclei(rng, yy, xx, owner, labels, centres, radius, angle, s, bottom, height)
+    if not bystanders:  # after every geometry draw, so the responders are the full site's
+        gone = np.flatnonzero(~responder) + 1
+        owner = np.where(np.isin(owner, gone), 0, owner)
+        labels = np.where(np.isin(labels, gone), 0, labels).astype(labels.dtype)
+        nucleus = nucleus & (labels > 0)
     inside = owner > 0
     return SiteGeometry(
         labels=labels,
@@ -175,7 +187,7 @@ def site_geometry(
         angle=angle,
         brightness=np.exp(rng.normal(0, 0.2, (m, len(CHANNELS)))).astype(np.float32),
         responder=responder,
-        neighbours=_touching(owner, m),
+        neighbours=_touching(full_owner, m),
     )
 
 

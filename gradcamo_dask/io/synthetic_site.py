@@ -235,6 +235,7 @@ def render_site(
     granules: float = 0.0,
     granule_channel: int = 2,
     responder_growth: bool = True,
+    bystanders: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One site: ``(image (6, z, y, x) uint16, labels (z, y, x) int32)``.
 
@@ -264,8 +265,11 @@ def render_site(
         Channel of the granules (index into CHANNELS; 2 = RNA).
     responder_growth : bool
         Responding cells grow (see :func:`site_geometry`); False: same sizes as the others.
+    bystanders : bool
+        False: a mosaic site's non-responding cells are left out (see :func:`site_geometry`).
     """
-    geo = site_geometry(rng, shape, strength, cell_radius, mosaic=mosaic, responder_growth=responder_growth)
+    geo = site_geometry(rng, shape, strength, cell_radius, mosaic=mosaic, responder_growth=responder_growth,
+                        bystanders=bystanders)
     signal = site_signal(rng, geo, granules=granules, granule_channel=granule_channel)
     height = float(np.median(geo.height)) if len(geo.height) else 8.0
     blurred, illumination = apply_optics(rng, signal, geo.bottom, height)
