@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import dask.array as da
 import numpy as np
@@ -155,7 +155,7 @@ def focal_plane(labels: np.ndarray) -> int:
 
 
 def _checked_knobs(confounder: float, granules: float, site_shape: Sequence[int], sites_per_well: int,
-                   spatial_dims: int = 3) -> tuple:
+                   spatial_dims: int = 3, mosaic: bool = False, bystanders: bool = True) -> tuple:
     """The site shape ``(z, y, x)`` as ints, after checking the plate's knobs; InputError names a bad one.
 
     A 2D plate's ``(y, x)`` becomes ``(RENDER_Z_2D, y, x)``: rendered in 3D, then one plane kept."""
@@ -175,6 +175,8 @@ def _checked_knobs(confounder: float, granules: float, site_shape: Sequence[int]
         raise InputError(f"site_shape must be (z, y, x) with z >= 3 and y, x >= 32 voxels, got {site_shape}")
     if sites_per_well < 1:
         raise InputError(f"sites_per_well must be >= 1, got {sites_per_well}")
+    if not bystanders and not mosaic:
+        raise InputError("bystanders=False leaves out a mosaic plate's non-responding cells: it needs mosaic=True")
     return site_shape
 
 
@@ -281,11 +283,8 @@ def synthetic_plate(
     responder_growth : bool
         False: responding cells keep the others' size (size cannot tell a responder).
     bystanders : bool
-        False (needs ``mosaic``): the mosaic's non-responding cells are not drawn, so
-        every responder stands alone (a sparsely seeded well) with the geometry it has
-        in the full mosaic plate of the same seed: the clean plate, where the only
-        treatment information in a crop is its own cell's (and, rarely, a corner of
-        the next responder ~2.3 radii away).
+        False (needs ``mosaic``): the non-responding cells are not drawn, so each responder
+        stands alone with its geometry in the full mosaic plate (the clean plate).
 
     Returns
     -------
@@ -293,23 +292,25 @@ def synthetic_plate(
         ``image`` (well, site, c, z, y, x) uint16 with the platemap as coords,
         ``labels`` (well, site, z, y, x) int32, ``platemap``; all lazy, one task per site.
     """
-    site_shape = _checked_knobs(confounder, granules, site_shape, sites_per_well, spatial_dims)
-    if not bystanders and not mosaic:
-        raise InputError("bystanders=False leaves out a mosaic plate's non-responding cells: it needs mosaic=True")
+    site_shape = _checked_knobs(confounder, granules, site_shape, sites_per_well, spatial_dims, mosaic, bystanders)
     platemap = synthetic_platemap(doses_um, wells_per_treatment, ec50_um, compounds)
     common = _site_settings(platemap, seed=seed, site_shape=site_shape, confounder=confounder,
                             cell_radius=cell_radius, mosaic=mosaic, granules=granules, spatial_dims=spatial_dims,
                             responder_growth=responder_growth, bystanders=bystanders)
-    recipe = json.dumps({**{k: v for k, v in common.items() if k not in ("responses", "treatment_index")},
-                         "doses_um": [float(d) for d in doses_um], "wells_per_treatment": wells_per_treatment,
-                         **({"compounds": compounds} if compounds > 1 else {}),
-                         "sites_per_well": sites_per_well, "ec50_um": ec50_um, "generator": "gradcamo_dask.io.synthetic"})
-    token = tokenize(recipe)
-    image, labels = _lazy_sites(common, len(platemap), sites_per_well, token)
+    recipe = _recipe_json(common, doses_um=[float(d) for d in doses_um], wells_per_treatment=wells_per_treatment,
+                          **({"compounds": compounds} if compounds > 1 else {}), sites_per_well=sites_per_well,
+                          ec50_um=ec50_um)
+    image, labels = _lazy_sites(common, len(platemap), sites_per_well, tokenize(recipe))
     where = dict(wells=list(platemap["well"]), plate=plate, spacing_zyx_um=SPACING_ZYX_UM, attrs={"synthetic": recipe})
-    image_da = plate_dataarray(image, channels=list(CHANNELS), **where)
-    labels_da = plate_dataarray(labels, channels=None, **where)
-    return SyntheticPlate(attach_platemap(image_da, platemap), labels_da, platemap)
+    return SyntheticPlate(attach_platemap(plate_dataarray(image, channels=list(CHANNELS), **where), platemap),
+                          plate_dataarray(labels, channels=None, **where), platemap)
+
+
+def _recipe_json(common: dict, **plate: Any) -> str:
+    """The recipe stored in ``attrs["synthetic"]`` (what :func:`cell_truth` redraws a site from): the site
+    settings but the per-well lists, then the plate's own knobs, in this order (its token names the Dask tasks)."""
+    return json.dumps({**{k: v for k, v in common.items() if k not in ("responses", "treatment_index")}, **plate,
+                       "generator": "gradcamo_dask.io.synthetic"})
 
 
 def _recipe(data: xr.DataArray) -> dict:
