@@ -301,7 +301,9 @@ def with_alone_responders(c: dict, s: dict, table, raw, masks):
     import torch
 
     plate, truth = mosaic_plate(c, s, bystanders=False)
-    t_alone, raw_alone, masks_alone = test_cells(plate, truth, s["max_test_cells"], c["plate_seed"], raw=True)
+    key = ["well", "site", "object_number"]
+    chosen = truth.merge(table.loc[table["responder"], key], on=key)  # the mosaic's held-out responders, no new draw
+    t_alone, raw_alone, masks_alone = test_cells(plate, chosen, len(chosen), c["plate_seed"], raw=True)
     keep = ~table["responder"].to_numpy()
     return (pd.concat([t_alone, table[keep]], ignore_index=True), torch.cat([raw_alone, raw[torch.from_numpy(keep)]]),
             torch.cat([masks_alone, masks[torch.from_numpy(keep)]]))

@@ -90,3 +90,29 @@ def check_transformer_row(report: dict, md: str, sources: tuple) -> None:
     assert len({round(row["models"]["in_cell"][s]["mean"], 6) for s in sources}) == 3
     assert {r["model"] for r in row["per_seed"]} == {"in_cell", "off_cell"}
     assert "Transformer row" in md and "test accuracy (chance)" in md
+
+
+def test_clean_plate_alone_swaps_in_the_same_responders_without_their_bystanders():
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_attention
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    s, c = bench_attention.SETTINGS["quick"], {**bench_attention.COMMON, "clean_plate": "alone"}
+    assert bench_attention.alone(c, "in_cell") and not bench_attention.alone(c, "off_cell")
+    assert not bench_attention.alone(bench_attention.COMMON, "in_cell")  # the default keeps the mosaic
+    plate, truth = bench_attention.mosaic_plate(c, s)
+    table, raw, masks = bench_attention.test_cells(plate, truth, s["max_test_cells"], c["plate_seed"], raw=True)
+    mixed, raw2, masks2 = bench_attention.with_alone_responders(c, s, table, raw, masks)
+    key = ["well", "site", "object_number"]
+    before, after = table[table.responder], mixed[mixed.responder]
+    assert len(mixed) == len(table) and sorted(map(tuple, before[key].to_numpy())) == sorted(map(tuple, after[key].to_numpy()))
+    by_key = {tuple(r): i for i, r in enumerate(table[key].to_numpy())}
+    order = [by_key[tuple(r)] for r in mixed[key].to_numpy()]
+    assert bool((masks2 == masks[order]).all())  # same cells, same geometry, bystanders' crops untouched
+    resp = torch.from_numpy(mixed.responder.to_numpy(dtype=bool, copy=True))
+    assert bool((raw2[~resp] == raw[order][~resp]).all())
+    outside = ~masks2[resp][:, None].expand_as(raw2[resp])
+    assert raw2[resp][outside].mean() < 0.9 * raw[order][resp][outside].mean()  # the neighbours are gone
