@@ -17,7 +17,9 @@ Mosaic plates (``mosaic=True``) say where the treatment information is: only a
 maximal independent set of cells responds, so a *responder* carries the treatment in
 its own cell only and a *bystander* (every other cell) only through its responding
 neighbours. :func:`cell_truth` lists each cell's role and :func:`population_labels`
-keeps one population's labels, to train or audit a model on it.
+keeps one population's labels, to train or audit a model on it. ``bystanders=False``
+draws the same mosaic without its bystanders: each responder alone, its crop holding
+no other cell (the clean plate).
 
 Voxel size: 0.65 µm in y and x, 1.1115 µm in z (anisotropy 1.71, as in the paper).
 """
