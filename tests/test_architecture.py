@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import re
 
-from tests.helpers.architecture import STAGES, module_imports, picture, stage_imports, upward_imports
+import pytest
+
+from tests.helpers import architecture
+from tests.helpers.architecture import STAGES, module_imports, parse_module, picture, stage_imports, upward_imports
 from tests.helpers.paths import REPO
 
 
@@ -30,3 +34,25 @@ def test_an_upward_import_is_caught():
     assert upward_imports(graph) == ["gradcamo_dask.arrays imports gradcamo_dask.cells",
                                      "gradcamo_dask.engine.explain imports gradcamo_dask.jobs.train"]
     assert STAGES[0] == "io" and STAGES[-1] == "cli"
+
+
+def test_parse_survives_the_cpython_ast_race_but_not_a_lasting_error(monkeypatch, tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import os\n")
+    real, calls = ast.parse, []
+
+    def flaky(text, *args, **kwargs):
+        calls.append(text)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=1, after=2)")
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(architecture.ast, "parse", flaky)
+    assert isinstance(parse_module(source), ast.Module) and len(calls) == 2
+
+    def broken(text, *args, **kwargs):
+        raise SystemError("always")
+
+    monkeypatch.setattr(architecture.ast, "parse", broken)
+    with pytest.raises(SystemError, match="always"):
+        parse_module(source)

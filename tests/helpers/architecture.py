@@ -35,8 +35,21 @@ def stage_of(module: str) -> str:
     return parts[1] if len(parts) > 1 and parts[1] in STAGES else ""
 
 
+def parse_module(path: Path) -> ast.Module:
+    """``ast.parse`` of a module, tried up to 3 times on SystemError: CPython 3.11.7 (CI's Python) keeps the AST
+    builder's depth counter in shared state (python/cpython#106905), so a Dask thread left over from an earlier test
+    that formats a traceback (3.11's traceback module calls ``ast.parse``) at the same moment can fail a pure parse."""
+    for attempt in range(3):
+        try:
+            return ast.parse(path.read_text())
+        except SystemError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _imported(path: Path, module: str) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = parse_module(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = set()
     for node in ast.walk(tree):
