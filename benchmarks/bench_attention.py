@@ -333,7 +333,7 @@ def run(mode: str, on_seed, workers: int = 1) -> dict:
     plate, truth = mosaic_plate(c, s)
     table, raw, masks = test_cells(plate, truth, s["max_test_cells"], c["plate_seed"], raw=True)
     del plate
-    if c.get("clean_plate", "mosaic") == "alone":
+    if alone(c, "in_cell"):
         table, raw, masks = with_alone_responders(c, s, table, raw, masks)
     uniform = masks.float().mean(dim=tuple(range(1, masks.ndim))).numpy().astype(np.float64)
     pops = {name: (table["responder"] == flag).to_numpy() for name, flag in MODELS.items()}
@@ -515,7 +515,7 @@ def markdown(report: dict) -> str:
         f"{st['plate_seed']}; test wells row {st['test_rows']}"
         + ("; **the in-cell model's plate is the same mosaic without its bystanders** (every responder alone, "
            "`synthetic_plate(bystanders=False)`); the off-cell model keeps the full mosaic"
-           if st.get("clean_plate", "mosaic") == "alone" else ""),
+           if alone(st, "in_cell") else ""),
         f"- training: crop {st['crop_size']}, model grid {st['input_shape']}, {st['epochs']} epochs, at most "
         f"{st['max_train_cells']} training cells, batch 8, Adam {st['learning_rate']:g}, augmentation "
         f"{st.get('augmentation', 'none')}; seeds "
