@@ -498,6 +498,14 @@ def _fmt(v: dict) -> str:
     return f"{v['mean']:.3f} ± {v['sd']:.3f} ({v['share_on_target']:.2f})"
 
 
+def mass_contrast(score: float, uniform: float) -> float:
+    """A map's mass per voxel inside the cell over its mass per voxel outside, from its Grad-CAMO ``score``
+    (the share inside) and the cell's share of the crop ``uniform``: ``(s / (1 - s)) / (u / (1 - u))``;
+    1 for a uniform map. The ratio to the uniform map ``s / u`` is bounded by ``1 / u`` and rises when a larger
+    crop adds background that the map treats like the rest of the background; this odds ratio does not."""
+    return (score / (1.0 - score)) / (uniform / (1.0 - uniform))
+
+
 def markdown(report: dict) -> str:
     m, st, lay, ref = report["machine"], report["settings"], report["layers"], report["uniform_map_reference"]
     best = report["best_layer"]
@@ -531,8 +539,9 @@ def markdown(report: dict) -> str:
         "mean ± sd (share >= 0.25). Best layer: the in-cell model's top-ranked layer that can localise "
         f"(>= 3 x 3 in y and x): **{best}**. Explained class: {st.get('target', 'predicted')}.", "",
         "| layer | grid | localises | in-cell model | off-cell model | Cohen's d | d of score / uniform | "
-        "in-cell / uniform | off-cell / uniform | ceiling, in-cell cells (x uniform) | in-cell / ceiling |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "in-cell / uniform | off-cell / uniform | in-cell contrast | off-cell contrast | "
+        "ceiling, in-cell cells (x uniform) | in-cell / ceiling |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for k, v in lay.items():
         top = v.get("ceiling", {}).get("in_cell", float("nan"))
@@ -541,8 +550,14 @@ def markdown(report: dict) -> str:
                      f"{v.get('cohens_d_over_uniform', float('nan')):.2f} | "
                      f"{v['in_cell']['mean'] / ref['in_cell']['mean']:.2f} | "
                      f"{v['off_cell']['mean'] / ref['off_cell']['mean']:.2f} | "
+                     f"{mass_contrast(v['in_cell']['mean'], ref['in_cell']['mean']):.2f} | "
+                     f"{mass_contrast(v['off_cell']['mean'], ref['off_cell']['mean']):.2f} | "
                      f"{top:.3f} ({top / ref['in_cell']['mean']:.2f}) | {v['in_cell']['mean'] / top:.2f} |")
-    lines += ["", "Ceiling: the highest Grad-CAMO any non-negative map on the layer's grid can reach for the cell "
+    lines += ["", "Contrast: the map's mass per voxel on the cell over its mass per voxel off the cell (seeds pooled: "
+              "`mass_contrast` of the mean score and the mean uniform share; 1 = a uniform map). x uniform is bounded by "
+              "1 / uniform and rises when a larger crop adds background the map treats like the rest; the contrast "
+              "does not.", "",
+              "Ceiling: the highest Grad-CAMO any non-negative map on the layer's grid can reach for the cell "
               "(all its mass on the one grid voxel that puts the most of its upsampled weight inside the mask; "
               "`gradcamo_ceiling`), mean over the in-cell model's held-out cells. A mean of 3x uniform needs a "
               "ceiling above that.", "", "Layer sweep ranking (rank_layers, pooled seeds):", ""]

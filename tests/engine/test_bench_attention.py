@@ -116,3 +116,24 @@ def test_clean_plate_alone_swaps_in_the_same_responders_without_their_bystanders
     assert bool((raw2[~resp] == raw[order][~resp]).all())
     outside = ~masks2[resp][:, None].expand_as(raw2[resp])
     assert raw2[resp][outside].mean() < 0.9 * raw[order][resp][outside].mean()  # the neighbours are gone
+
+
+def test_mass_contrast_is_the_per_voxel_ratio_and_does_not_grow_with_the_crop():
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_attention
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    figures = []
+    for side in (48, 64):  # the same cell and attention (4x per voxel on the cell), more background around it
+        mask = np.zeros((6, side, side), bool)
+        mask[1:5, side // 2 - 12:side // 2 + 12, side // 2 - 12:side // 2 + 12] = True
+        cam = np.where(mask, 4.0, 1.0)
+        score, uniform = cam[mask].sum() / cam.sum(), mask.mean()
+        figures.append((score / uniform, bench_attention.mass_contrast(score, uniform)))
+    (ratio48, contrast48), (ratio64, contrast64) = figures
+    assert contrast48 == pytest.approx(4.0) and contrast64 == pytest.approx(4.0)
+    assert ratio64 > ratio48 + 0.3  # x uniform rises with the crop alone
+    assert bench_attention.mass_contrast(0.1, 0.1) == pytest.approx(1.0)  # a uniform map
