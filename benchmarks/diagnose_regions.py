@@ -1,0 +1,203 @@
+"""Where the clean plate's in-cell model puts its map: the cell, the light around it, the crop's border.
+
+``bench_attention --clean-plate alone`` leaves the paper's Grad-CAM at about 3x the uniform map on responders
+that stand alone, against about 4x for HiResCAM on the same models (issue #12). This script splits each
+held-out responder's map (Grad-CAM and HiResCAM of the same model, upsampled to the crop grid) over regions
+of its crop that partition it, and compares each region's share of the mass with its share of the voxels
+(what a uniform map puts there):
+
+- ``cell``: the cell's mask;
+- ``halo_2px`` / ``halo_2_4px``: background within 2 px / 2-4 px of the mask in y and x, slice by slice (the
+  cell's blurred light reaches there);
+- ``footprint_other_slices``: background above or below the cell, inside its y-x footprint;
+- ``other_cells``: any other labelled cell in the crop;
+- ``border_4px``: background in the crop's outer 4 px ring (y, x), outside the regions above;
+- ``rest``: the remaining background.
+
+It also reports the share of the map and of the mask in each z slice of the crop.
+
+Models: ``bench_attention``'s in-cell model on the plate without bystanders (its recipe, plate intensity
+scaling, flips), one per seed, two trainings at once on one thread each.
+
+Usage::
+
+    python benchmarks/diagnose_regions.py                          # seeds 0 and 1, grid 6 x 96 x 96, ~6 min
+    python benchmarks/diagnose_regions.py --input-shape 12 96 96   # maps with twice the z voxels
+    python benchmarks/diagnose_regions.py --quick                  # tiny, runs in a test
+
+Writes ``benchmarks/results/diagnose_regions[_quick][_TAG].json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import bench_attention as ba  # noqa: E402
+import diagnose_maps as dm  # noqa: E402
+
+LAYERS = ("_swish", "_blocks.0.0", "_blocks.1.1", "_blocks.1.2")
+SETTINGS = {
+    "quick": dict(sites_per_well=2, epochs=1, max_train_cells=16, max_test_cells=32, seeds=(0,), draws=2),
+    "full": dict(sites_per_well=32, epochs=16, max_train_cells=300, max_test_cells=300, seeds=(0, 1), draws=5),
+}
+REGIONS = ("cell", "halo_2px", "halo_2_4px", "footprint_other_slices", "other_cells", "border_4px", "rest")
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return (yy ** 2 + xx ** 2 <= radius ** 2)[None]  # (1, y, x): slice by slice
+
+
+def crop_regions(mask: np.ndarray, labels: np.ndarray, border: int = 4) -> dict[str, np.ndarray]:
+    """The regions of one crop (module docstring) as boolean ``(z, y, x)`` arrays that partition it.
+    ``mask``: the cell; ``labels``: every label of the crop (0 = background)."""
+    from scipy import ndimage as ndi
+
+    mask = mask.astype(bool)
+    background = (labels == 0) & ~mask
+    near = ndi.binary_dilation(mask, _disk(2)) & background
+    around = ndi.binary_dilation(mask, _disk(4)) & background & ~near
+    footprint = mask.any(axis=0, keepdims=True) & background & ~near & ~around
+    ring = np.zeros(mask.shape, bool)
+    ring[:, :border] = ring[:, -border:] = True
+    ring[:, :, :border] = ring[:, :, -border:] = True
+    ring &= background & ~near & ~around & ~footprint
+    rest = background & ~near & ~around & ~footprint & ~ring
+    return {"cell": mask, "halo_2px": near, "halo_2_4px": around, "footprint_other_slices": footprint,
+            "other_cells": (labels > 0) & ~mask, "border_4px": ring, "rest": rest}
+
+
+def region_split(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> dict:
+    """Mean over cells of each region's share of the map's mass and of the crop's voxels, and of the map's and
+    the mask's share in each z slice. ``maps``, ``masks``, ``labels``: ``(N, z, y, x)``; cells whose map is
+    all zero are left out (their Grad-CAMO is undefined)."""
+    total = maps.sum(axis=(1, 2, 3))
+    kept = np.flatnonzero(total > 0)
+    mass = {r: [] for r in REGIONS}
+    area = {r: [] for r in REGIONS}
+    for i in kept:
+        for name, region in crop_regions(masks[i], labels[i]).items():
+            mass[name].append(maps[i][region].sum() / total[i])
+            area[name].append(region.mean())
+    z_map = maps[kept].sum(axis=(2, 3)) / total[kept, None]
+    z_mask = masks[kept].sum(axis=(2, 3)) / np.maximum(masks[kept].sum(axis=(1, 2, 3)), 1)[:, None]
+    return {"cells": int(len(kept)), "map": {r: float(np.mean(mass[r])) for r in REGIONS},
+            "crop": {r: float(np.mean(area[r])) for r in REGIONS},
+            "z_map": z_map.mean(axis=0).round(4).tolist(), "z_mask": z_mask.mean(axis=0).round(4).tolist()}
+
+
+def audit(c: dict, s: dict, bundle_path: str) -> dict:
+    """Region splits of one in-cell model's Grad-CAM and HiResCAM maps on the held-out responders alone."""
+    import torch
+
+    from gradcamo_dask.engine.bundles import open_bundle
+    from gradcamo_dask.normalize import normalize_crops
+
+    plate, truth = ba.mosaic_plate(c, s, bystanders=False)
+    table, raw, masks = ba.test_cells(plate, truth, s["max_test_cells"], c["plate_seed"], raw=True)
+    keep = torch.from_numpy(table["responder"].to_numpy(dtype=bool, copy=True))
+    table, raw, masks = table[keep.numpy()].reset_index(drop=True), raw[keep], masks[keep]
+    labels = dm.label_crops(plate, table, c["crop_size"]).numpy()
+    masks_np = masks.numpy().astype(bool)
+    if not bool((labels[masks_np] > 0).all()):
+        raise RuntimeError("label crops do not line up with the cells' masks")
+    bundle = open_bundle(bundle_path)
+    x = normalize_crops(raw, bundle.config.normalization)
+    out = {}
+    for layer in LAYERS:
+        gradcam, _ = dm.raw_maps(bundle.model, x, layer, bundle.config.input_shape)
+        hires = dm.hires_maps(bundle.model, x, layer, bundle.config.input_shape)
+        out[layer] = {name: region_split(m.numpy(), masks_np, labels)
+                      for name, m in (("gradcam", gradcam), ("hirescam", hires))}
+    return out
+
+
+def run(mode: str, c: dict, workers: int) -> dict:
+    s = SETTINGS[mode]
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
+            max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        jobs = {seed: pool.submit(ba.train_model, c, s, seed, "in_cell", f"{tmp}/in_cell_{seed}") for seed in s["seeds"]}
+        trained = {seed: job.result() for seed, job in jobs.items()}
+        return {str(seed): {"train_seconds": t["train_seconds"], "layers": audit(c, s, t["bundle"])}
+                for seed, t in trained.items()}
+
+
+def markdown(report: dict) -> str:
+    st = report["settings"]
+    lines = [f"# diagnose_regions ({report['mode']})", "",
+             f"- date: {report['date']}; wall time {report['total_seconds']} s; machine: "
+             f"{report['machine']['platform']}, {report['machine']['cpu_count']} CPUs; load at start "
+             f"{report['load_average_start']}, at end {report['load_average_end']}",
+             f"- command: `{report['command']}`",
+             f"- models: bench_attention's in-cell model on the plate without bystanders, crop {st['crop_size']}, "
+             f"grid {st['input_shape']}, {st['epochs']} epochs x at most {st['max_train_cells']} cells, seeds "
+             f"{', '.join(report['seeds'])}; held-out responders, each alone", "",
+             "Share of the map's mass in each region, mean over cells; in brackets the region's share of the "
+             "crop's voxels (a uniform map's share) and mass / voxels (x uniform).", "",
+             "| seed | layer | map | cells | " + " | ".join(REGIONS) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in REGIONS) + " |"]
+    for seed, r in report["seeds"].items():
+        for layer, maps in r["layers"].items():
+            for name, v in maps.items():
+                cells = " | ".join(f"{v['map'][k]:.3f} ({v['crop'][k]:.3f}, {v['map'][k] / v['crop'][k]:.2f}x)"
+                                   if v["crop"][k] else f"{v['map'][k]:.3f}" for k in REGIONS)
+                lines.append(f"| {seed} | {layer} | {name} | {v['cells']} | {cells} |")
+    lines += ["", "Share of the map's mass and of the cell's mask in each z slice of the crop (Grad-CAM), mean over "
+              "cells:", "", "| seed | layer | map per slice | mask per slice |", "| --- | --- | --- | --- |"]
+    for seed, r in report["seeds"].items():
+        for layer, maps in r["layers"].items():
+            v = maps["gradcam"]
+            lines.append(f"| {seed} | {layer} | {' '.join(f'{p:.3f}' for p in v['z_map'])} | "
+                         f"{' '.join(f'{p:.3f}' for p in v['z_mask'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from machine_info import machine
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model (runs in a test)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the mode's seeds")
+    parser.add_argument("--input-shape", type=int, nargs=3, default=(6, 96, 96), help="model grid z y x")
+    parser.add_argument("--workers", type=int, default=2, help="trainings at once")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    if args.seeds:
+        SETTINGS[mode]["seeds"] = tuple(args.seeds)
+    c = {**ba.COMMON, "clean_plate": "alone", "input_shape": tuple(args.input_shape)}
+    report = {"mode": mode, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "load_average_start": [round(v, 2) for v in os.getloadavg()],
+              "command": "python benchmarks/diagnose_regions.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "settings": {**c, **SETTINGS[mode]}}
+    t0 = time.perf_counter()
+    report["seeds"] = run(mode, c, args.workers)
+    report.update(total_seconds=round(time.perf_counter() - t0, 1),
+                  load_average_end=[round(v, 2) for v in os.getloadavg()])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "diagnose_regions" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=list) + "\n")
+    (out / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The region split of diagnose_regions: its regions partition a crop, and its quick mode runs end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers.paths import REPO
+
+
+def _module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import diagnose_regions
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return diagnose_regions
+
+
+def test_regions_partition_the_crop_and_sit_where_named():
+    dr = _module()
+    labels = np.zeros((4, 32, 32), np.int32)
+    labels[1:3, 12:20, 12:20] = 1  # the cell, slices 1-2
+    labels[:, 0:6, 26:32] = 2  # another cell in a corner
+    regions = dr.crop_regions(labels == 1, labels)
+    assert list(regions) == list(dr.REGIONS)
+    count = sum(r.astype(int) for r in regions.values())
+    assert (count == 1).all()  # every voxel in exactly one region
+    assert regions["cell"][1, 15, 15] and regions["halo_2px"][1, 15, 21] and regions["halo_2_4px"][1, 15, 23]
+    assert regions["footprint_other_slices"][0, 15, 15] and regions["footprint_other_slices"][3, 15, 15]
+    assert regions["other_cells"][0, 2, 30] and regions["border_4px"][2, 31, 10] and regions["rest"][2, 6, 6]
+    # a map that is 3x as dense on the cell as everywhere else
+    maps = np.where(labels == 1, 3.0, 1.0)[None]
+    split = dr.region_split(maps, (labels == 1)[None], labels[None])
+    assert sum(split["map"].values()) == pytest.approx(1.0) and sum(split["crop"].values()) == pytest.approx(1.0)
+    assert split["map"]["cell"] / split["crop"]["cell"] > 2 * split["map"]["rest"] / split["crop"]["rest"]
+    assert split["z_mask"] == [0.0, 0.5, 0.5, 0.0] and split["z_map"][1] > split["z_map"][0]
+
+
+def test_quick_mode_writes_a_report(tmp_path):
+    dr = _module()
+    assert dr.main(["--quick", "--workers", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "diagnose_regions_quick.json").read_text())
+    layers = report["seeds"]["0"]["layers"]
+    assert set(layers) == set(dr.LAYERS)
+    for maps in layers.values():
+        for v in maps.values():  # gradcam and hirescam
+            assert v["cells"] > 0
+            assert sum(v["map"].values()) == pytest.approx(1.0, abs=1e-6)
+            assert sum(v["crop"].values()) == pytest.approx(1.0, abs=1e-6)
+            assert sum(v["z_map"]) == pytest.approx(1.0, abs=1e-3) and sum(v["z_mask"]) == pytest.approx(1.0, abs=1e-3)
+    assert "| 0 | _blocks.0.0 | gradcam |" in (tmp_path / "diagnose_regions_quick.md").read_text()
