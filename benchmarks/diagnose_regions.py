@@ -11,10 +11,13 @@ of its crop that partition it, and compares each region's share of the mass with
   cell's blurred light reaches there);
 - ``footprint_other_slices``: background above or below the cell, inside its y-x footprint;
 - ``other_cells``: any other labelled cell in the crop;
+- ``outside_site``: the part of the window that runs past the site, which the crop fills with zeros
+  (cells near the field's edge, flagged ``crop_padded``);
 - ``border_4px``: background in the crop's outer 4 px ring (y, x), outside the regions above;
 - ``rest``: the remaining background.
 
-It also reports the share of the map and of the mask in each z slice of the crop.
+It also reports the share of the map and of the mask in each z slice of the crop, and Grad-CAMO with its
+uniform-map reference for the crops that run past the site and for those that do not.
 
 Models: ``bench_attention``'s in-cell model on the plate without bystanders (its recipe, plate intensity
 scaling, flips), one per seed, two trainings at once on one thread each.
@@ -55,7 +58,8 @@ SETTINGS = {
     "quick": dict(sites_per_well=2, epochs=1, max_train_cells=16, max_test_cells=32, seeds=(0,), draws=2),
     "full": dict(sites_per_well=32, epochs=16, max_train_cells=300, max_test_cells=300, seeds=(0, 1), draws=5),
 }
-REGIONS = ("cell", "halo_2px", "halo_2_4px", "footprint_other_slices", "other_cells", "border_4px", "rest")
+REGIONS = ("cell", "halo_2px", "halo_2_4px", "footprint_other_slices", "other_cells", "outside_site", "border_4px",
+           "rest")
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -63,13 +67,17 @@ def _disk(radius: int) -> np.ndarray:
     return (yy ** 2 + xx ** 2 <= radius ** 2)[None]  # (1, y, x): slice by slice
 
 
-def crop_regions(mask: np.ndarray, labels: np.ndarray, border: int = 4) -> dict[str, np.ndarray]:
+def crop_regions(mask: np.ndarray, labels: np.ndarray, inside: np.ndarray | None = None,
+                 border: int = 4) -> dict[str, np.ndarray]:
     """The regions of one crop (module docstring) as boolean ``(z, y, x)`` arrays that partition it.
-    ``mask``: the cell; ``labels``: every label of the crop (0 = background)."""
+    ``mask``: the cell; ``labels``: every label of the crop (0 = background); ``inside``: the voxels that lie
+    in the site (default: all)."""
     from scipy import ndimage as ndi
 
     mask = mask.astype(bool)
-    background = (labels == 0) & ~mask
+    inside = np.ones(mask.shape, bool) if inside is None else inside.astype(bool)
+    outside = ~inside & (labels == 0) & ~mask
+    background = (labels == 0) & ~mask & ~outside
     near = ndi.binary_dilation(mask, _disk(2)) & background
     around = ndi.binary_dilation(mask, _disk(4)) & background & ~near
     footprint = mask.any(axis=0, keepdims=True) & background & ~near & ~around
@@ -79,26 +87,46 @@ def crop_regions(mask: np.ndarray, labels: np.ndarray, border: int = 4) -> dict[
     ring &= background & ~near & ~around & ~footprint
     rest = background & ~near & ~around & ~footprint & ~ring
     return {"cell": mask, "halo_2px": near, "halo_2_4px": around, "footprint_other_slices": footprint,
-            "other_cells": (labels > 0) & ~mask, "border_4px": ring, "rest": rest}
+            "other_cells": (labels > 0) & ~mask, "outside_site": outside, "border_4px": ring, "rest": rest}
 
 
-def region_split(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> dict:
+def region_split(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, inside: np.ndarray | None = None) -> dict:
     """Mean over cells of each region's share of the map's mass and of the crop's voxels, and of the map's and
-    the mask's share in each z slice. ``maps``, ``masks``, ``labels``: ``(N, z, y, x)``; cells whose map is
-    all zero are left out (their Grad-CAMO is undefined)."""
+    the mask's share in each z slice; Grad-CAMO and the uniform map of the crops that run past the site
+    (``padded``) and of the others. ``maps``, ``masks``, ``labels``, ``inside`` (voxels in the site, default
+    all): ``(N, z, y, x)``; cells whose map is all zero are left out (their Grad-CAMO is undefined)."""
+    inside = np.ones(masks.shape, bool) if inside is None else inside
     total = maps.sum(axis=(1, 2, 3))
     kept = np.flatnonzero(total > 0)
     mass = {r: [] for r in REGIONS}
     area = {r: [] for r in REGIONS}
     for i in kept:
-        for name, region in crop_regions(masks[i], labels[i]).items():
+        for name, region in crop_regions(masks[i], labels[i], inside[i]).items():
             mass[name].append(maps[i][region].sum() / total[i])
             area[name].append(region.mean())
+    score = (maps[kept] * masks[kept]).sum(axis=(1, 2, 3)) / total[kept]
+    uniform = masks[kept].mean(axis=(1, 2, 3))
+    padded = ~inside[kept].all(axis=(1, 2, 3))
+    by_padding = {name: {"cells": int(rows.sum()), "gradcamo": float(score[rows].mean()) if rows.any() else None,
+                         "uniform": float(uniform[rows].mean()) if rows.any() else None}
+                  for name, rows in (("padded", padded), ("not_padded", ~padded))}
     z_map = maps[kept].sum(axis=(2, 3)) / total[kept, None]
     z_mask = masks[kept].sum(axis=(2, 3)) / np.maximum(masks[kept].sum(axis=(1, 2, 3)), 1)[:, None]
     return {"cells": int(len(kept)), "map": {r: float(np.mean(mass[r])) for r in REGIONS},
             "crop": {r: float(np.mean(area[r])) for r in REGIONS},
-            "z_map": z_map.mean(axis=0).round(4).tolist(), "z_mask": z_mask.mean(axis=0).round(4).tolist()}
+            "z_map": z_map.mean(axis=0).round(4).tolist(), "z_mask": z_mask.mean(axis=0).round(4).tolist(),
+            "by_padding": by_padding}
+
+
+def site_voxels(table, crop_size, site_shape) -> np.ndarray:
+    """Which voxels of each cell's crop lie in its site ``(N, z, y, x)`` bool, in ``table`` order: the crop
+    windows of the cells' centres (``center_z/y/x``) cut from a site of ones, which crop_site's gather fills
+    with zeros where a window runs past the site."""
+    from gradcamo_dask.crop_geometry import crop_shape, crop_windows, gather_windows
+
+    site_shape = tuple(int(n) for n in site_shape)
+    start, _stop = crop_windows(table[["center_z", "center_y", "center_x"]].to_numpy(), crop_size, site_shape)
+    return gather_windows(np.ones(site_shape, bool), start, crop_shape(crop_size, site_shape), fill=False)
 
 
 def audit(c: dict, s: dict, bundle_path: str) -> dict:
@@ -113,6 +141,7 @@ def audit(c: dict, s: dict, bundle_path: str) -> dict:
     keep = torch.from_numpy(table["responder"].to_numpy(dtype=bool, copy=True))
     table, raw, masks = table[keep.numpy()].reset_index(drop=True), raw[keep], masks[keep]
     labels = dm.label_crops(plate, table, c["crop_size"]).numpy()
+    inside = site_voxels(table, c["crop_size"], plate.labels.shape[-3:])
     masks_np = masks.numpy().astype(bool)
     if not bool((labels[masks_np] > 0).all()):
         raise RuntimeError("label crops do not line up with the cells' masks")
@@ -122,7 +151,7 @@ def audit(c: dict, s: dict, bundle_path: str) -> dict:
     for layer in LAYERS:
         gradcam, _ = dm.raw_maps(bundle.model, x, layer, bundle.config.input_shape)
         hires = dm.hires_maps(bundle.model, x, layer, bundle.config.input_shape)
-        out[layer] = {name: region_split(m.numpy(), masks_np, labels)
+        out[layer] = {name: region_split(m.numpy(), masks_np, labels, inside)
                       for name, m in (("gradcam", gradcam), ("hirescam", hires))}
     return out
 
@@ -157,6 +186,16 @@ def markdown(report: dict) -> str:
                 cells = " | ".join(f"{v['map'][k]:.3f} ({v['crop'][k]:.3f}, {v['map'][k] / v['crop'][k]:.2f}x)"
                                    if v["crop"][k] else f"{v['map'][k]:.3f}" for k in REGIONS)
                 lines.append(f"| {seed} | {layer} | {name} | {v['cells']} | {cells} |")
+    lines += ["", "Grad-CAMO (mean over cells) of the crops that run past the site (zero-filled there) and of the others, "
+              "with each group's uniform-map reference:", "",
+              "| seed | layer | map | padded: cells, Grad-CAMO, uniform, x uniform | not padded: cells, Grad-CAMO, "
+              "uniform, x uniform |", "| --- | --- | --- | --- | --- |"]
+    for seed, r in report["seeds"].items():
+        for layer, maps in r["layers"].items():
+            for name, v in maps.items():
+                cells = [f"{g['cells']}, {g['gradcamo']:.3f}, {g['uniform']:.3f}, {g['gradcamo'] / g['uniform']:.2f}x"
+                         if g["cells"] else "0" for g in (v["by_padding"]["padded"], v["by_padding"]["not_padded"])]
+                lines.append(f"| {seed} | {layer} | {name} | {cells[0]} | {cells[1]} |")
     lines += ["", "Share of the map's mass and of the cell's mask in each z slice of the crop (Grad-CAM), mean over "
               "cells:", "", "| seed | layer | map per slice | mask per slice |", "| --- | --- | --- | --- |"]
     for seed, r in report["seeds"].items():

@@ -25,19 +25,34 @@ def test_regions_partition_the_crop_and_sit_where_named():
     labels = np.zeros((4, 32, 32), np.int32)
     labels[1:3, 12:20, 12:20] = 1  # the cell, slices 1-2
     labels[:, 0:6, 26:32] = 2  # another cell in a corner
-    regions = dr.crop_regions(labels == 1, labels)
+    inside = np.ones(labels.shape, bool)
+    inside[:, 29:, :] = False  # the window runs 3 rows past the site there
+    regions = dr.crop_regions(labels == 1, labels, inside)
     assert list(regions) == list(dr.REGIONS)
     count = sum(r.astype(int) for r in regions.values())
     assert (count == 1).all()  # every voxel in exactly one region
     assert regions["cell"][1, 15, 15] and regions["halo_2px"][1, 15, 21] and regions["halo_2_4px"][1, 15, 23]
     assert regions["footprint_other_slices"][0, 15, 15] and regions["footprint_other_slices"][3, 15, 15]
-    assert regions["other_cells"][0, 2, 30] and regions["border_4px"][2, 31, 10] and regions["rest"][2, 6, 6]
+    assert regions["other_cells"][0, 2, 30] and regions["border_4px"][2, 28, 10] and regions["rest"][2, 6, 6]
+    assert regions["outside_site"][2, 31, 10] and regions["outside_site"].sum() == 4 * 3 * 32
     # a map that is 3x as dense on the cell as everywhere else
     maps = np.where(labels == 1, 3.0, 1.0)[None]
-    split = dr.region_split(maps, (labels == 1)[None], labels[None])
+    split = dr.region_split(maps, (labels == 1)[None], labels[None], inside[None])
     assert sum(split["map"].values()) == pytest.approx(1.0) and sum(split["crop"].values()) == pytest.approx(1.0)
     assert split["map"]["cell"] / split["crop"]["cell"] > 2 * split["map"]["rest"] / split["crop"]["rest"]
     assert split["z_mask"] == [0.0, 0.5, 0.5, 0.0] and split["z_map"][1] > split["z_map"][0]
+    assert split["by_padding"]["padded"]["cells"] == 1 and split["by_padding"]["not_padded"]["cells"] == 0
+    assert split["by_padding"]["padded"]["gradcamo"] == pytest.approx(split["map"]["cell"])
+
+
+def test_site_voxels_marks_what_runs_past_the_site():
+    import pandas as pd
+
+    dr = _module()
+    table = pd.DataFrame({"center_z": [5, 5], "center_y": [10, 60], "center_x": [60, 60]})
+    inside = dr.site_voxels(table, (6, 48, 48), (12, 128, 128))
+    assert inside.shape == (2, 6, 48, 48) and inside[1].all()
+    assert not inside[0, :, :14].any() and inside[0, :, 14:].all()  # the window starts 14 rows above the site
 
 
 def test_quick_mode_writes_a_report(tmp_path):
@@ -52,4 +67,5 @@ def test_quick_mode_writes_a_report(tmp_path):
             assert sum(v["map"].values()) == pytest.approx(1.0, abs=1e-6)
             assert sum(v["crop"].values()) == pytest.approx(1.0, abs=1e-6)
             assert sum(v["z_map"]) == pytest.approx(1.0, abs=1e-3) and sum(v["z_mask"]) == pytest.approx(1.0, abs=1e-3)
+            assert sum(g["cells"] for g in v["by_padding"].values()) == v["cells"]
     assert "| 0 | _blocks.0.0 | gradcam |" in (tmp_path / "diagnose_regions_quick.md").read_text()
