@@ -11,8 +11,8 @@ functions are importable from here too (``cells.normalize_crops`` is the contrac
 Where a crop sits: along an axis of crop size ``n``, a cell with centre ``c`` (float,
 voxels) gets the window ``[floor(c - n/2 + 0.5), ... + n)``. The centre lands on crop
 index ``n/2 - 0.5`` exactly when that is possible (``c`` on a half voxel for even
-``n``, on a whole voxel for odd ``n``), otherwise on ``n/2``. Windows that run past
-the image are zero-padded and the cell is flagged ``crop_padded``.
+``n``, on a whole voxel for odd ``n``), otherwise on ``n/2``. Windows that run past the image are filled with the
+site's :func:`background_level` (zeros on request); the cell is flagged ``crop_padded``.
 
 Devices: :func:`crop_site` and :func:`site_cells` work on NumPy or CuPy arrays in
 the array's own namespace (:func:`gradcamo_dask.arrays.array_module`); bounding boxes come from
@@ -35,7 +35,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.arrays import array_module, to_numpy
-from gradcamo_dask.crop_geometry import CropSize, crop_shape, crop_windows, gather_windows, zyx_size
+from gradcamo_dask.crop_geometry import CropSize, background_level, crop_shape, crop_windows, gather_windows, zyx_size
 from gradcamo_dask.errors import InputError, LabelsError, PlateLayoutError
 from gradcamo_dask.normalize import fit_normalization, normalize_crops, rescale_crops  # noqa: F401  (contract home)
 
@@ -290,6 +290,7 @@ def crop_site(
     plate: str | None = None,
     well: str | None = None,
     site: int | None = None,
+    outside: str = "background",
 ) -> tuple[Any, Any]:
     """Crops and central-cell masks of one site, on the site's device.
 
@@ -306,12 +307,16 @@ def crop_site(
         Crop size ``(z, y, x)``, voxels; None = the whole axis.
     plate, well, site : optional
         Named in error messages.
+    outside : {"background", "zero"} or array (c,)
+        What fills a window past the image: the site's :func:`background_level` (default; pass it as
+        an array when one site is cut in several calls) or 0, a step Grad-CAM credits (it halved the
+        Grad-CAMO of crops past the site: benchmarks/results/diagnose_regions.md).
 
     Returns
     -------
     crops : array (cell, c, z, y, x) float32
-        Raw intensities, zero where the window runs past the image. A 2D site (one z
-        slice) gives 2D crops ``(cell, c, y, x)``.
+        Raw intensities, filled as ``outside`` says where the window runs past the image. A
+        2D site (one z slice) gives 2D crops ``(cell, c, y, x)``.
     masks : array (cell, z, y, x) bool
         The central cell only (neighbours excluded); ``(cell, y, x)`` for a 2D site.
     """
@@ -330,8 +335,14 @@ def crop_site(
     dz, dy, dx = crop_shape(size, shape, where)
     n = len(ids)
     start, _stop = crop_windows(centers, size, shape)
-    # one batched gather per array (no loop over cells); zero where a window runs past the image
-    crops = gather_windows(image_site, start, (dz, dy, dx), dtype=xp.float32)
+    named = outside if isinstance(outside, str) else None  # else a level per channel, given
+    if named not in ("background", "zero", None):
+        raise InputError(f"{where}: outside must be 'background', 'zero' or a level per channel, got {outside!r}")
+    past = ((start < 0) | (start + np.asarray((dz, dy, dx)) > np.asarray(shape))).any()
+    fill = xp.asarray(outside, dtype=xp.float32) if named is None else (
+        background_level(image_site, labels_site) if named == "background" and past else 0)
+    # one batched gather per array (no loop over cells); ``fill`` where a window runs past the image
+    crops = gather_windows(image_site, start, (dz, dy, dx), fill=fill, dtype=xp.float32)
     masks = gather_windows(labels_site, start, (dz, dy, dx)) == xp.asarray(ids).reshape(-1, 1, 1, 1)
     found = to_numpy(masks.reshape(n, -1).any(axis=1)) if n else np.zeros(0, bool)
     if not found.all():

@@ -13,7 +13,7 @@ import numpy as np
 
 from gradcamo_dask.errors import InputError, PlateLayoutError
 
-__all__ = ["CropSize", "crop_shape", "crop_windows", "gather_windows", "zyx_size"]
+__all__ = ["CropSize", "background_level", "crop_shape", "crop_windows", "gather_windows", "zyx_size"]
 
 CropSize = Sequence[int | None]
 
@@ -57,11 +57,25 @@ def crop_windows(centers: np.ndarray, size: CropSize, site_zyx: Sequence[int]) -
     return start, start + shape
 
 
+def background_level(image_site: Any, labels_site: Any, step: int = 4) -> Any:
+    """Per-channel median intensity of the voxels the labels call background (label 0), sampled every ``step``
+    voxels in y and x: ``(c,)`` float32, in the image's namespace. A site without background voxels gives each
+    channel's median over the site."""
+    from gradcamo_dask.arrays import array_module
+
+    xp = array_module(image_site)
+    sampled = image_site[:, :, ::step, ::step]
+    empty = labels_site[:, ::step, ::step] == 0
+    if not bool(empty.any()):
+        empty = xp.ones_like(empty)
+    return xp.stack([xp.median(sampled[c][empty]) for c in range(sampled.shape[0])]).astype(xp.float32)
+
+
 def gather_windows(volume: Any, start: Any, shape: Sequence[int], fill: Any = 0, dtype: Any = None) -> Any:
     """The windows ``[start, start + shape)`` of ``volume (..., z, y, x)``, all cells at once: ``(n, ..., z, y, x)``.
 
     ``start`` is ``(n, 3)`` int, voxels (host NumPy); windows may run past the volume
-    and are filled with ``fill`` there; ``dtype`` (default: the volume's) is the output's. One batched gather in the array's own namespace
+    and are filled with ``fill`` there (a scalar, or one value per leading index, e.g. per channel); ``dtype`` (default: the volume's) is the output's. One batched gather in the array's own namespace
     (NumPy or CuPy), no loop over cells: windows inside the volume are read through a
     strided sliding-window view, one gather per channel (never a loop over cells);
     windows that run past the volume (cells flagged ``crop_padded``, near the border)
@@ -107,7 +121,9 @@ def _cut_padded(volume: Any, start: np.ndarray, shape: tuple, fill: Any, xp: Any
     measured 3-4x faster than a per-voxel index gather in NumPy (benchmarks/results/bench_crops_host.md).
     """
     n_lead = volume.ndim - 3
-    out = xp.full((start.shape[0], *volume.shape[:n_lead], *shape), fill, dtype=dtype)
+    out = xp.empty((start.shape[0], *volume.shape[:n_lead], *shape), dtype=dtype)
+    fill = xp.asarray(fill, dtype=dtype)
+    out[...] = fill.reshape((1, *fill.shape, 1, 1, 1)) if fill.ndim else fill
     zyx = np.asarray(volume.shape[n_lead:])
     lo, hi = np.maximum(start, 0), np.minimum(start + np.asarray(shape), zyx)
     for i in np.flatnonzero((hi > lo).all(axis=1)):  # windows wholly outside stay ``fill``

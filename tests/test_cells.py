@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from gradcamo_dask import InputError, LabelsError, PlateLayoutError, cell_table, extract_crops, open_plate, synthetic_plate
-from gradcamo_dask.cells import crop_site, fit_normalization, normalize_crops, rescale_crops, site_cells
+from gradcamo_dask.cells import background_level, crop_site, fit_normalization, normalize_crops, rescale_crops, site_cells
 from gradcamo_dask.cells import GEOMETRY_COLUMNS, _boxes_scatter, crop_windows
 from gradcamo_dask.io.layout import plate_dataarray
 
@@ -109,7 +109,19 @@ def test_crop_site_copies_the_window_pads_with_zeros_and_masks_only_the_central_
     assert masks[0].sum() == cells.volume_voxels[0]
     # cell 9 at the x border: centre (13.5, 27.5) -> window y 10..17, x 24..31; x 30, 31 padded
     np.testing.assert_array_equal(crops[2][:, :, :, :6], image[:, :, 10:18, 24:30])
-    assert (crops[2][:, :, :, 6:] == 0).all() and not masks[2][:, :, 6:].any()
+    assert not masks[2][:, :, 6:].any()
+    # ... filled with each channel's median over the background (label 0), not with a step down to zero
+    level = np.array([np.median(image[c][:, ::4, ::4][labels[:, ::4, ::4] == 0]) for c in range(len(image))])
+    np.testing.assert_array_equal(crops[2][:, :, :, 6:], np.broadcast_to(level[:, None, None, None], (2, 6, 8, 2)))
+    np.testing.assert_array_equal(background_level(image, labels), level.astype(np.float32))
+    zero, _ = crop_site(image, labels, cells, (None, 8, 8), outside="zero")
+    assert (zero[2][:, :, :, 6:] == 0).all()
+    np.testing.assert_array_equal(zero[:, :, :, :, :6], crops[:, :, :, :, :6])  # only the fill differs
+    np.testing.assert_array_equal(zero[:2], crops[:2])
+    given, _ = crop_site(image, labels, cells, (None, 8, 8), outside=background_level(image, labels))
+    np.testing.assert_array_equal(given, crops)  # a site cut in several calls passes its level once
+    with pytest.raises(InputError, match="outside"):
+        crop_site(image, labels, cells, (None, 8, 8), outside="edge")
     # a crop depth smaller than the stack, centred on the cell's z centre
     crops_z, masks_z = crop_site(image, labels, cells.iloc[:1], (3, 8, 8))
     np.testing.assert_array_equal(crops_z[0], image[:, 1:4, 3:11, 7:15])
