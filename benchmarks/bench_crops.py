@@ -182,7 +182,7 @@ def host_cost(site_shape: tuple[int, int, int], sizes: list, batch: int = 32, re
         norm = {"mean": [0.0] * image.shape[0], "std": [1.0] * image.shape[0]}
         timing = {}
         for name, cut in (("per_cell_slicing", lambda p: per_cell_crops(image, labels, p, size)),
-                          ("batched_gather", lambda p: crop_site(image, labels, p, size, outside="zero"))):
+                          ("batched_gather", lambda p: crop_site(image, labels, p, size))):
             runs = []
             for _ in range(repeats):
                 start = time.perf_counter()

@@ -11,8 +11,8 @@ functions are importable from here too (``cells.normalize_crops`` is the contrac
 Where a crop sits: along an axis of crop size ``n``, a cell with centre ``c`` (float,
 voxels) gets the window ``[floor(c - n/2 + 0.5), ... + n)``. The centre lands on crop
 index ``n/2 - 0.5`` exactly when that is possible (``c`` on a half voxel for even
-``n``, on a whole voxel for odd ``n``), otherwise on ``n/2``. Windows that run past the image are filled with the
-site's :func:`background_level` (zeros on request); the cell is flagged ``crop_padded``.
+``n``, on a whole voxel for odd ``n``), otherwise on ``n/2``. Windows that run past the image are filled with zeros (or
+the site's :func:`background_level` on request); the cell is flagged ``crop_padded``.
 
 Devices: :func:`crop_site` and :func:`site_cells` work on NumPy or CuPy arrays in
 the array's own namespace (:func:`gradcamo_dask.arrays.array_module`); bounding boxes come from
@@ -290,7 +290,7 @@ def crop_site(
     plate: str | None = None,
     well: str | None = None,
     site: int | None = None,
-    outside: str = "background",
+    outside: Any = "zero",
 ) -> tuple[Any, Any]:
     """Crops and central-cell masks of one site, on the site's device.
 
@@ -307,10 +307,10 @@ def crop_site(
         Crop size ``(z, y, x)``, voxels; None = the whole axis.
     plate, well, site : optional
         Named in error messages.
-    outside : {"background", "zero"} or array (c,)
-        What fills a window past the image: the site's :func:`background_level` (default; pass it as
-        an array when one site is cut in several calls) or 0, a step Grad-CAM credits (it halved the
-        Grad-CAMO of crops past the site: benchmarks/results/diagnose_regions.md).
+    outside : {"zero", "background"} or array (c,)
+        What fills a window past the image: 0 (default), a step Grad-CAM credits (it halved the
+        Grad-CAMO of crops past the site: benchmarks/results/diagnose_regions.md), or the site's
+        :func:`background_level` (pass it as an array when one site is cut in several calls).
 
     Returns
     -------

@@ -98,7 +98,7 @@ def test_crop_site_copies_the_window_pads_with_zeros_and_masks_only_the_central_
     labels = _two_cells()
     image = _coded_image(labels.shape)
     cells = site_cells(labels, size=(None, 8, 8), drop_border=False)
-    crops, masks = crop_site(image, labels, cells, (None, 8, 8))
+    crops, masks = crop_site(image, labels, cells, (None, 8, 8), outside="background")
     assert crops.shape == (3, 2, 6, 8, 8) and crops.dtype == np.float32
     assert masks.shape == (3, 6, 8, 8) and masks.dtype == bool
     # cell 3: centre (7, 11) -> window y 3..10, x 7..14, all z
@@ -114,7 +114,7 @@ def test_crop_site_copies_the_window_pads_with_zeros_and_masks_only_the_central_
     level = np.array([np.median(image[c][:, ::4, ::4][labels[:, ::4, ::4] == 0]) for c in range(len(image))])
     np.testing.assert_array_equal(crops[2][:, :, :, 6:], np.broadcast_to(level[:, None, None, None], (2, 6, 8, 2)))
     np.testing.assert_array_equal(background_level(image, labels), level.astype(np.float32))
-    zero, _ = crop_site(image, labels, cells, (None, 8, 8), outside="zero")
+    zero, _ = crop_site(image, labels, cells, (None, 8, 8))  # the default: zeros
     assert (zero[2][:, :, :, 6:] == 0).all()
     np.testing.assert_array_equal(zero[:, :, :, :, :6], crops[:, :, :, :, :6])  # only the fill differs
     np.testing.assert_array_equal(zero[:2], crops[:2])

@@ -30,14 +30,14 @@ def test_crop_site_equals_the_per_cell_slicing_bit_for_bit(site, size):
     image, labels = site
     cells = site_cells(labels, size=size, drop_border=False)  # border cells: windows that run past the image
     assert cells["crop_padded"].any() and (~cells["crop_padded"]).any() and len(cells) > 10
-    crops, masks = crop_site(image, labels, cells, size, outside="zero")  # the reference fills with zeros
+    crops, masks = crop_site(image, labels, cells, size)  # the default fills with zeros, as the reference does
     ref_crops, ref_masks = per_cell_crops(image, labels, cells, size)
     assert crops.dtype == ref_crops.dtype and masks.dtype == ref_masks.dtype
     np.testing.assert_array_equal(crops, ref_crops)
     np.testing.assert_array_equal(masks, ref_masks)
     assert masks.reshape(len(cells), -1).any(axis=1).all()
-    # the default differs only where windows run past the image, which it fills with the background level
-    filled, filled_masks = crop_site(image, labels, cells, size)
+    # the background fill differs only where windows run past the image
+    filled, filled_masks = crop_site(image, labels, cells, size, outside="background")
     np.testing.assert_array_equal(filled_masks, masks)
     ones = np.ones((1, *labels.shape), np.float32)
     inside = crop_site(ones, labels, cells, size, outside="zero")[0][:, 0] > 0
@@ -81,7 +81,7 @@ def test_gather_uses_only_what_cupy_has(site, monkeypatch):
     got = gather_windows(image, start, crop_shape(size, labels.shape), dtype=np.float32)
     np.testing.assert_array_equal(got, per_cell_crops(image, labels, cells, size)[0])
     pass  # background_level imports array_module at call time, from the patched module
-    level = background_level(image, labels)  # the default fill, computed in the same namespace
+    level = background_level(image, labels)  # the background fill, computed in the same namespace
     filled = gather_windows(image, start, crop_shape(size, labels.shape), fill=level, dtype=np.float32)
     assert (filled != got).any()
     assert used and used <= CUPY_HAS, used - CUPY_HAS

@@ -140,7 +140,6 @@ def _batches(jobs: Sequence[SiteJob], batch_size: int, device: str, crop_size: t
              classic: dict | None) -> Iterator[Batch]:
     """Micro-batches of ``batch_size`` cells across ``jobs``: each cut and normalised when it is needed."""
     from gradcamo_dask.cells import crop_site
-    from gradcamo_dask.crop_geometry import background_level
     from gradcamo_dask.normalize import normalize_crops
 
     pending: list[tuple] = []  # (crops, masks, owner, classic)
@@ -151,12 +150,11 @@ def _batches(jobs: Sequence[SiteJob], batch_size: int, device: str, crop_size: t
             continue
         image, labels = job.read()
         image, labels = site_array(image, device), site_array(labels, device)
-        level = background_level(image, labels)  # what fills crops past the site: once per site, not per batch
         start = 0
         while start < n:
             stop = min(n, start + batch_size - filled)
             rows = job.cells.iloc[start:stop].reset_index(drop=True)
-            crops, masks = crop_site(image, labels, rows, crop_size, outside=level, **job.where)
+            crops, masks = crop_site(image, labels, rows, crop_size, **job.where)
             extra = None
             if classic is not None:  # CellProfiler measurements on the same raw crops and masks
                 from gradcamo_dask.profiles.classic import site_classic_features
