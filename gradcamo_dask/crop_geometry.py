@@ -75,8 +75,9 @@ def gather_windows(volume: Any, start: Any, shape: Sequence[int], fill: Any = 0,
     """The windows ``[start, start + shape)`` of ``volume (..., z, y, x)``, all cells at once: ``(n, ..., z, y, x)``.
 
     ``start`` is ``(n, 3)`` int, voxels (host NumPy); windows may run past the volume
-    and are filled with ``fill`` there (a scalar, or one value per leading index, e.g. per channel); ``dtype`` (default: the volume's) is the output's. One batched gather in the array's own namespace
-    (NumPy or CuPy), no loop over cells: windows inside the volume are read through a
+    and are filled with ``fill`` there (a scalar, or one value per leading index, e.g. per
+    channel); ``dtype`` (default: the volume's) is the output's. One batched gather in the
+    array's own namespace (NumPy or CuPy), no loop over cells: windows inside the volume are read through a
     strided sliding-window view, one gather per channel (never a loop over cells);
     windows that run past the volume (cells flagged ``crop_padded``, near the border)
     are block copies, one per such window. Written by hand because neither NumPy nor CuPy has a "gather boxes"
