@@ -11,9 +11,8 @@ functions are importable from here too (``cells.normalize_crops`` is the contrac
 Where a crop sits: along an axis of crop size ``n``, a cell with centre ``c`` (float,
 voxels) gets the window ``[floor(c - n/2 + 0.5), ... + n)``. The centre lands on crop
 index ``n/2 - 0.5`` exactly when that is possible (``c`` on a half voxel for even
-``n``, on a whole voxel for odd ``n``), otherwise on ``n/2``. Windows that run past
-the image are filled with zeros (or the site's :func:`background_level` on request)
-and the cell is flagged ``crop_padded``.
+``n``, on a whole voxel for odd ``n``), otherwise on ``n/2``. Windows past the image
+are filled with zeros (or :func:`background_level`); the cell is flagged ``crop_padded``.
 
 Devices: :func:`crop_site` and :func:`site_cells` work on NumPy or CuPy arrays in
 the array's own namespace (:func:`gradcamo_dask.arrays.array_module`); bounding boxes come from
