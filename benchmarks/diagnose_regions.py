@@ -90,18 +90,21 @@ def crop_regions(mask: np.ndarray, labels: np.ndarray, inside: np.ndarray | None
             "other_cells": (labels > 0) & ~mask, "outside_site": outside, "border_4px": ring, "rest": rest}
 
 
-def region_split(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, inside: np.ndarray | None = None) -> dict:
+def region_split(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, inside: np.ndarray | None = None,
+                 regions: list[dict] | None = None) -> dict:
     """Mean over cells of each region's share of the map's mass and of the crop's voxels, and of the map's and
     the mask's share in each z slice; Grad-CAMO and the uniform map of the crops that run past the site
     (``padded``) and of the others. ``maps``, ``masks``, ``labels``, ``inside`` (voxels in the site, default
-    all): ``(N, z, y, x)``; cells whose map is all zero are left out (their Grad-CAMO is undefined)."""
+    all): ``(N, z, y, x)``; ``regions``: each cell's :func:`crop_regions`, when already built for another map;
+    cells whose map is all zero are left out (their Grad-CAMO is undefined)."""
     inside = np.ones(masks.shape, bool) if inside is None else inside
     total = maps.sum(axis=(1, 2, 3))
     kept = np.flatnonzero(total > 0)
     mass = {r: [] for r in REGIONS}
     area = {r: [] for r in REGIONS}
     for i in kept:
-        for name, region in crop_regions(masks[i], labels[i], inside[i]).items():
+        cell = regions[i] if regions is not None else crop_regions(masks[i], labels[i], inside[i])
+        for name, region in cell.items():
             mass[name].append(maps[i][region].sum() / total[i])
             area[name].append(region.mean())
     score = (maps[kept] * masks[kept]).sum(axis=(1, 2, 3)) / total[kept]
@@ -147,11 +150,12 @@ def audit(c: dict, s: dict, bundle_path: str) -> dict:
         raise RuntimeError("label crops do not line up with the cells' masks")
     bundle = open_bundle(bundle_path)
     x = normalize_crops(raw, bundle.config.normalization)
+    regions = [crop_regions(masks_np[i], labels[i], inside[i]) for i in range(len(masks_np))]  # once per cell
     out = {}
     for layer in LAYERS:
         gradcam, _ = dm.raw_maps(bundle.model, x, layer, bundle.config.input_shape)
         hires = dm.hires_maps(bundle.model, x, layer, bundle.config.input_shape)
-        out[layer] = {name: region_split(m.numpy(), masks_np, labels, inside)
+        out[layer] = {name: region_split(m.numpy(), masks_np, labels, inside, regions)
                       for name, m in (("gradcam", gradcam), ("hirescam", hires))}
     return out
 
