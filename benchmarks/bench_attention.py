@@ -139,7 +139,8 @@ def test_cells(plate, truth, max_cells: int, seed: int, raw: bool = False):
         table = table.loc[np.sort(np.concatenate(picks))].reset_index(drop=True)
     table["split"] = "test"
     crop_grid = (c["crop_size"][0] or plate.image.sizes["z"], *c["crop_size"][1:])  # explain resamples
-    reader = SiteReader(plate.image, plate.labels, table, c["crop_size"], crop_grid, cache=False)
+    reader = SiteReader(plate.image, plate.labels, table, c["crop_size"], crop_grid, cache=False,
+                        outside=c.get("crop_fill", "zero"))
     if raw:  # the identity range: raw intensities as float32
         reader.intensity_range = {"low": [0.0] * plate.image.sizes["c"], "high": [1.0] * plate.image.sizes["c"]}
     try:
@@ -281,7 +282,8 @@ def train_model(c: dict, s: dict, seed: int, name: str, out: str, recipe_options
                     learning_rate=c["learning_rate"], patience=None, layers=["_blocks.1.2"],
                     augmentation=named_augmentation(c.get("augmentation", "none")),
                     split=Split(test_rows=c["test_rows"], max_train_cells=s["max_train_cells"]),
-                    **({"intensity_scaling": c.get("intensity_scaling", "crop")} | dict(recipe_options or {})))
+                    **({"intensity_scaling": c.get("intensity_scaling", "crop"), "crop_fill": c.get("crop_fill", "zero")}
+                       | dict(recipe_options or {})))
     bundle = train(plate.image, population_labels(plate.labels, train_truth, MODELS.get(name, True)), recipe,
                    out=out, platemap=plate.platemap, progress=False)
     prov = json.loads((bundle / "config.json").read_text())["provenance"]
@@ -524,7 +526,7 @@ def markdown(report: dict) -> str:
         + ("; **the in-cell model's plate is the same mosaic without its bystanders** (every responder alone, "
            "`synthetic_plate(bystanders=False)`); the off-cell model keeps the full mosaic"
            if alone(st, "in_cell") else ""),
-        f"- training: crop {st['crop_size']}, model grid {st['input_shape']}, {st['epochs']} epochs, at most "
+        f"- training: crop {st['crop_size']} (past the site: {st.get('crop_fill', 'zero')} fill), model grid {st['input_shape']}, {st['epochs']} epochs, at most "
         f"{st['max_train_cells']} training cells, batch 8, Adam {st['learning_rate']:g}, augmentation "
         f"{st.get('augmentation', 'none')}; seeds "
         f"{st['seeds']}; torch on 1 thread; intensity scaling {st.get('intensity_scaling', 'crop')}; responders "
@@ -616,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, nargs=2, default=None, help="crop y x, voxels")
     parser.add_argument("--crop-z", type=int, default=None, help="crop z, voxels, centred on the cell; 0: every slice (default 6)")
     parser.add_argument("--site-z", type=int, default=None, help="slices per site (default 12)")
+    parser.add_argument("--site-yx", type=int, nargs=2, default=None, help="site y x, pixels (default 128 128)")
+    parser.add_argument("--crop-fill", choices=("zero", "background"), default=None,
+                        help="what fills crop windows past the site (default zero; Recipe.crop_fill)")
     parser.add_argument("--scaling", choices=("crop", "plate"), default=None, help="intensity scaling (default plate)")
     parser.add_argument("--responder-growth", action=argparse.BooleanOptionalAction, default=None,
                         help="responders grow with their response (default: no, same size as bystanders)")
@@ -640,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("crop_size", None if args.crop is None else (None, *args.crop)),
                        ("intensity_scaling", args.scaling), ("responder_growth", args.responder_growth),
                        ("augmentation", args.augment), ("clean_plate", args.clean_plate),
-                       ("site_shape", None if args.site_z is None else (args.site_z, *COMMON["site_shape"][1:]))):
+                       ("crop_fill", args.crop_fill),
+                       ("site_shape", (args.site_z or COMMON["site_shape"][0],
+                                       *(args.site_yx or COMMON["site_shape"][1:])))):
         if value is not None:
             COMMON[key] = tuple(value) if isinstance(value, list) else value
     if args.crop_z is not None:

@@ -133,7 +133,8 @@ def site_voxels(table, crop_size, site_shape) -> np.ndarray:
 
 
 def audit(c: dict, s: dict, bundle_path: str) -> dict:
-    """Region splits of one in-cell model's Grad-CAM and HiResCAM maps on the held-out responders alone."""
+    """Region splits of one in-cell model's Grad-CAM and HiResCAM maps on the held-out responders alone
+    (``layers``), and its held-out accuracy on crops past the site and on the others (``accuracy``)."""
     import torch
 
     from gradcamo_dask.engine.bundles import open_bundle
@@ -157,7 +158,21 @@ def audit(c: dict, s: dict, bundle_path: str) -> dict:
         hires = dm.hires_maps(bundle.model, x, layer, bundle.config.input_shape)
         out[layer] = {name: region_split(m.numpy(), masks_np, labels, inside, regions)
                       for name, m in (("gradcam", gradcam), ("hirescam", hires))}
-    return out
+    return {"layers": out, "accuracy": accuracy_by_padding(bundle, x, table, ~inside.all(axis=(1, 2, 3)))}
+
+
+def accuracy_by_padding(bundle, x, table, padded: np.ndarray) -> dict:
+    """Held-out accuracy of the bundle's model on the crops that run past the site and on the others (with a
+    zero fill, a crop past the site carries a step that a model may read)."""
+    import torch
+
+    classes = list(bundle.config.classes)
+    truth = table["treatment"].astype(str).map(classes.index).to_numpy()
+    with torch.no_grad():
+        predicted = torch.cat([bundle.model(x[i:i + 32]).argmax(1) for i in range(0, len(x), 32)]).numpy()
+    right = predicted == truth
+    return {name: {"cells": int(rows.sum()), "accuracy": float(right[rows].mean()) if rows.any() else None}
+            for name, rows in (("all", np.ones(len(right), bool)), ("padded", padded), ("not_padded", ~padded))}
 
 
 def run(mode: str, c: dict, workers: int) -> dict:
@@ -166,7 +181,7 @@ def run(mode: str, c: dict, workers: int) -> dict:
             max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         jobs = {seed: pool.submit(ba.train_model, c, s, seed, "in_cell", f"{tmp}/in_cell_{seed}") for seed in s["seeds"]}
         trained = {seed: job.result() for seed, job in jobs.items()}
-        return {str(seed): {"train_seconds": t["train_seconds"], "layers": audit(c, s, t["bundle"])}
+        return {str(seed): {"train_seconds": t["train_seconds"], **audit(c, s, t["bundle"])}
                 for seed, t in trained.items()}
 
 
@@ -178,7 +193,8 @@ def markdown(report: dict) -> str:
              f"{report['load_average_start']}, at end {report['load_average_end']}",
              f"- command: `{report['command']}`",
              f"- models: bench_attention's in-cell model on the plate without bystanders, crop {st['crop_size']}, "
-             f"grid {st['input_shape']}, {st['epochs']} epochs x at most {st['max_train_cells']} cells, seeds "
+             f"grid {st['input_shape']}, {st.get('crop_fill', 'zero')} fill past the site, sites {st['site_shape']}, "
+             f"{st['epochs']} epochs x at most {st['max_train_cells']} cells, seeds "
              f"{', '.join(report['seeds'])}; held-out responders, each alone", "",
              "Share of the map's mass in each region, mean over cells; in brackets the region's share of the "
              "crop's voxels (a uniform map's share) and mass / voxels (x uniform).", "",
@@ -200,6 +216,13 @@ def markdown(report: dict) -> str:
                 cells = [f"{g['cells']}, {g['gradcamo']:.3f}, {g['uniform']:.3f}, {g['gradcamo'] / g['uniform']:.2f}x"
                          if g["cells"] else "0" for g in (v["by_padding"]["padded"], v["by_padding"]["not_padded"])]
                 lines.append(f"| {seed} | {layer} | {name} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Held-out accuracy of the same models (chance 0.5) on the crops past the site and on the others:",
+              "", "| seed | all | past the site | inside the site |", "| --- | --- | --- | --- |"]
+    for seed, r in report["seeds"].items():
+        a = r.get("accuracy") or {}
+        lines.append(f"| {seed} | " + " | ".join(
+            f"{a[k]['accuracy']:.3f} ({a[k]['cells']} cells)" if a.get(k, {}).get("cells") else "-"
+            for k in ("all", "padded", "not_padded")) + " |")
     lines += ["", "Share of the map's mass and of the cell's mask in each z slice of the crop (Grad-CAM), mean over "
               "cells:", "", "| seed | layer | map per slice | mask per slice |", "| --- | --- | --- | --- |"]
     for seed, r in report["seeds"].items():
@@ -218,13 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the mode's seeds")
     parser.add_argument("--input-shape", type=int, nargs=3, default=(6, 96, 96), help="model grid z y x")
     parser.add_argument("--workers", type=int, default=2, help="trainings at once")
+    parser.add_argument("--crop-fill", choices=("zero", "background"), default="zero",
+                        help="what fills crop windows past the site, in training and audit (Recipe.crop_fill)")
+    parser.add_argument("--site-yx", type=int, nargs=2, default=None, help="site y x, pixels (default 128 128)")
+    parser.add_argument("--sites-per-well", type=int, default=None, help="override the mode's sites per well")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     if args.seeds:
         SETTINGS[mode]["seeds"] = tuple(args.seeds)
-    c = {**ba.COMMON, "clean_plate": "alone", "input_shape": tuple(args.input_shape)}
+    if args.sites_per_well:
+        SETTINGS[mode]["sites_per_well"] = args.sites_per_well
+    c = {**ba.COMMON, "clean_plate": "alone", "input_shape": tuple(args.input_shape), "crop_fill": args.crop_fill,
+         "site_shape": (ba.COMMON["site_shape"][0], *(args.site_yx or ba.COMMON["site_shape"][1:]))}
     report = {"mode": mode, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "load_average_start": [round(v, 2) for v in os.getloadavg()],
               "command": "python benchmarks/diagnose_regions.py " + " ".join(argv if argv is not None else sys.argv[1:]),

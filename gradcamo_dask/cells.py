@@ -12,7 +12,7 @@ Where a crop sits: along an axis of crop size ``n``, a cell with centre ``c`` (f
 voxels) gets the window ``[floor(c - n/2 + 0.5), ... + n)``. The centre lands on crop
 index ``n/2 - 0.5`` exactly when that is possible (``c`` on a half voxel for even
 ``n``, on a whole voxel for odd ``n``), otherwise on ``n/2``. Windows past the image
-are filled with zeros (or :func:`background_level`); the cell is flagged ``crop_padded``.
+are filled with zeros (or the background level: ``outside``); the cell is flagged ``crop_padded``.
 
 Devices: :func:`crop_site` and :func:`site_cells` work on NumPy or CuPy arrays in
 the array's own namespace (:func:`gradcamo_dask.arrays.array_module`); bounding boxes come from
@@ -35,7 +35,8 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.arrays import array_module, to_numpy
-from gradcamo_dask.crop_geometry import CropSize, background_level, crop_shape, crop_windows, gather_windows, zyx_size
+from gradcamo_dask.crop_geometry import (CropSize, background_level, check_fill, crop_shape, crop_windows,  # noqa: F401
+                                         gather_windows, window_fill, zyx_size)
 from gradcamo_dask.errors import InputError, LabelsError, PlateLayoutError
 from gradcamo_dask.normalize import fit_normalization, normalize_crops, rescale_crops  # noqa: F401  (contract home)
 
@@ -305,12 +306,10 @@ def crop_site(
         rows of :func:`cell_table`).
     size : (int or None, int or None, int or None)
         Crop size ``(z, y, x)``, voxels; None = the whole axis.
-    plate, well, site : optional
-        Named in error messages.
+    plate, well, site : optional (named in error messages)
     outside : {"zero", "background"} or array (c,)
-        What fills a window past the image: 0 (default), a step Grad-CAM credits (it halved the
-        Grad-CAMO of crops past the site: benchmarks/results/diagnose_regions.md), or the site's
-        :func:`background_level` (pass it as an array when one site is cut in several calls).
+        Fill past the image: 0 (default; a step Grad-CAM credits, benchmarks/results/diagnose_regions.md),
+        the site's background level or that level given (:func:`~gradcamo_dask.crop_geometry.window_fill`).
 
     Returns
     -------
@@ -335,12 +334,8 @@ def crop_site(
     dz, dy, dx = crop_shape(size, shape, where)
     n = len(ids)
     start, _stop = crop_windows(centers, size, shape)
-    named = outside if isinstance(outside, str) else None  # else a level per channel, given
-    if named not in ("background", "zero", None):
-        raise InputError(f"{where}: outside must be 'background', 'zero' or a level per channel, got {outside!r}")
-    past = ((start < 0) | (start + np.asarray((dz, dy, dx)) > np.asarray(shape))).any()
-    fill = xp.asarray(outside, dtype=xp.float32) if named is None else (
-        background_level(image_site, labels_site) if named == "background" and past else 0)
+    past = bool(((start < 0) | (start + np.asarray((dz, dy, dx)) > np.asarray(shape))).any())
+    fill = window_fill(outside, image_site, labels_site, past, where)
     # one batched gather per array (no loop over cells); ``fill`` where a window runs past the image
     crops = gather_windows(image_site, start, (dz, dy, dx), fill=fill, dtype=xp.float32)
     masks = gather_windows(labels_site, start, (dz, dy, dx)) == xp.asarray(ids).reshape(-1, 1, 1, 1)
@@ -360,8 +355,9 @@ def plate_spatial_dims(image: xr.DataArray) -> int:
 
 
 def _crop_block(image_block: Any, labels_block: Any, cells_site: pd.DataFrame, size: tuple, plate: str,
-                well: str, site: int) -> tuple[Any, Any]:
-    return crop_site(image_block[0, 0], labels_block[0, 0], cells_site, size, plate=plate, well=well, site=site)
+                well: str, site: int, outside: str = "zero") -> tuple[Any, Any]:
+    return crop_site(image_block[0, 0], labels_block[0, 0], cells_site, size, plate=plate, well=well, site=site,
+                     outside=outside)
 
 
 def site_runs(cells: pd.DataFrame) -> list[tuple[str, int, int, int]]:
@@ -432,6 +428,7 @@ def extract_crops(
     labels: xr.DataArray,
     cells: pd.DataFrame,
     size: CropSize | None = None,
+    outside: str = "zero",
 ) -> tuple[da.Array, da.Array]:
     """Lazy crops and central masks of every cell of the table, one Dask task per site.
 
@@ -449,6 +446,8 @@ def extract_crops(
         Crop size ``(z, y, x)``, voxels; None in z = all z-slices (the paper's default).
         Default: the size :func:`cell_table` built the table with, else (None, 128, 128);
         a different size than the table's is refused.
+    outside : {"zero", "background"}
+        What fills windows past the site (:func:`crop_site`; a bundle's ``crop_fill``).
 
     Returns
     -------
@@ -461,6 +460,7 @@ def extract_crops(
     if tuple(image.dims) != ("well", "site", "c", "z", "y", "x"):
         raise InputError(f"image must have dims (well, site, c, z, y, x), got {image.dims}")
     check_labels(image, labels)
+    check_fill(outside, "extract_crops")
     built = cells.attrs.get("crop_size")
     if size is None:
         size = built if built is not None else DEFAULT_SIZE
@@ -485,9 +485,9 @@ def extract_crops(
     token = tokenize(image.data.name if isinstance(image.data, da.Array) else image.data,
                      labels.data.name if isinstance(labels.data, da.Array) else labels.data,
                      cells[["well", "site", "object_number", "center_z", "center_y", "center_x"]].to_numpy().tolist(),
-                     tuple(size))
+                     tuple(size), outside)
     pair, crops_name, masks_name = f"crop-site-{token}", f"crops-{token}", f"masks-{token}"
-    base, counts = site_graph(image, labels, cells, _crop_block, pair, lambda w, s: (tuple(size), plate, w, s))
+    base, counts = site_graph(image, labels, cells, _crop_block, pair, lambda w, s: (tuple(size), plate, w, s, outside))
     zeros = (0,) * len(grid)
     crops_dsk = {(crops_name, k, 0, *zeros): (operator.getitem, (pair, k), 0) for k in range(len(counts))}
     masks_dsk = {(masks_name, k, *zeros): (operator.getitem, (pair, k), 1) for k in range(len(counts))}

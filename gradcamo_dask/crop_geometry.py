@@ -13,9 +13,12 @@ import numpy as np
 
 from gradcamo_dask.errors import InputError, PlateLayoutError
 
-__all__ = ["CropSize", "background_level", "crop_shape", "crop_windows", "gather_windows", "zyx_size"]
+__all__ = ["FILLS", "CropSize", "background_level", "check_fill", "crop_shape", "crop_windows", "gather_windows",
+           "window_fill", "zyx_size"]
 
 CropSize = Sequence[int | None]
+#: What may fill a crop window past the site, by name (else one level per channel)
+FILLS = ("zero", "background")
 
 
 def zyx_size(size: CropSize) -> tuple[int | None, ...]:
@@ -69,6 +72,23 @@ def background_level(image_site: Any, labels_site: Any, step: int = 4) -> Any:
     if not bool(empty.any()):
         empty = xp.ones_like(empty)
     return xp.stack([xp.median(sampled[c][empty]) for c in range(sampled.shape[0])]).astype(xp.float32)
+
+
+def check_fill(outside: Any, where: str = "crop") -> None:
+    """Refuse a crop fill that is a string other than one of :data:`FILLS`."""
+    if isinstance(outside, str) and outside not in FILLS:
+        raise InputError(f"{where}: outside must be 'background', 'zero' or a level per channel, got {outside!r}")
+
+
+def window_fill(outside: Any, image_site: Any, labels_site: Any, past: bool, where: str = "crop") -> Any:
+    """The fill of windows past a site for ``outside``: 0, the site's :func:`background_level`
+    (computed only when some window is ``past`` the site), or the given level per channel."""
+    from gradcamo_dask.arrays import array_module
+
+    check_fill(outside, where)
+    if not isinstance(outside, str):
+        return array_module(image_site).asarray(outside, dtype=np.float32)
+    return background_level(image_site, labels_site) if outside == "background" and past else 0
 
 
 def gather_windows(volume: Any, start: Any, shape: Sequence[int], fill: Any = 0, dtype: Any = None) -> Any:

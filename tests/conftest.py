@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,25 @@ def _close_a_default_client_that_never_started() -> None:
         return
     if stray.status in ("newly-created", "connecting"):  # between tests, only a client that failed to start
         stray.close(timeout=5)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_PASSED] = report.passed
+    return report
+
+
+_CALL_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _tmp_path_freed_after_a_pass(request):
+    """A passing test's ``tmp_path`` is removed when it ends (a failing one's is kept to look at): bundles
+    (19 MB of EfficientNet weights each), checkpoints and plates added up to 3.6 GB a run, and CI once ran
+    out of disk ("No space left on device" while saving a bundle)."""
+    yield
+    path = request.node.funcargs.get("tmp_path")
+    if path is not None and request.node.stash.get(_CALL_PASSED, False):
+        shutil.rmtree(path, ignore_errors=True)

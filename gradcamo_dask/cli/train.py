@@ -71,6 +71,9 @@ def add_command(commands) -> None:
                         help="crop (default, the paper's): min-max of each crop's channels; plate: one fixed range "
                         "per channel fitted on the training sites, so a neighbour's bright phenotype cannot change "
                         "the cell's own intensities")
+    parser.add_argument("--crop-fill", choices=("zero", "background"), default="zero",
+                        help="what fills crop windows past the site: zero (default) or the site's background level "
+                        "per channel (the zero step draws Grad-CAM mass; stored in the bundle for scoring)")
     parser.add_argument("--init-from", default=None, metavar="BUNDLE",
                         help="start from this bundle's weights and normalisation (fine-tuning, e.g. --regularizer "
                         "on a plain run's bundle); same channels, classes and --intensity-scaling; only read")
@@ -99,7 +102,8 @@ def _recipe(args):
                   patience=args.patience or None, augmentation=None if args.no_augment else Augmentation(),
                   regularizer=args.regularizer, regularizer_layer=args.regularizer_layer, layers=args.layers,
                   regularizer_evidence=args.regularizer_evidence, regularizer_cam=args.regularizer_cam,
-                  intensity_scaling=args.intensity_scaling, init_from=args.init_from)
+                  intensity_scaling=args.intensity_scaling, crop_fill=args.crop_fill,
+                  init_from=args.init_from)
 
 
 def _print_training(out) -> None:

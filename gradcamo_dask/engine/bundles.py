@@ -43,7 +43,8 @@ class BundleConfig:
     """What a bundle's ``config.json`` says (item access works too: ``config["channels"]``).
 
     Grids are ``(z, y, x)`` in voxels; a ``None`` entry of ``crop_shape`` means
-    "any" (e.g. all z slices of a site).
+    "any" (e.g. all z slices of a site). ``crop_fill`` is what filled crop windows past
+    the site in training ("zero" or "background"; bundles written before it existed: "zero").
     """
 
     architecture: dict
@@ -55,6 +56,7 @@ class BundleConfig:
     layers: list[str]
     provenance: dict = field(default_factory=dict)
     weights_sha256: str = ""
+    crop_fill: str = "zero"
     format: str = BUNDLE_FORMAT
     version: int = BUNDLE_VERSION
 
@@ -220,6 +222,7 @@ def write_bundle(
     normalization: Mapping[str, Sequence[float]],
     provenance: Mapping[str, Any] | None = None,
     layers: Sequence[str] | None = None,
+    crop_fill: str = "zero",
 ) -> Path:
     """Write ``model`` as a bundle directory: ``model.safetensors`` + ``config.json``.
 
@@ -243,6 +246,8 @@ def write_bundle(
         Training provenance (data, parameters, versions); JSON-able.
     layers : list of str, optional
         Default Grad-CAM layers (default: the model's ``default_cam_layer``).
+    crop_fill : {"zero", "background"}
+        What filled crop windows past the site in training (scoring fills them alike).
 
     Returns
     -------
@@ -254,6 +259,7 @@ def write_bundle(
     arch, channels, classes, norm = _checked_bundle_metadata(model, channels, classes, input_shape, normalization)
     _check_same_dims(crop_shape, arch["input_shape"])
     layers = _bundle_layers(model, layers)
+    _check_fill(crop_fill, "crop_fill")
 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -271,6 +277,7 @@ def write_bundle(
         layers=layers,
         provenance=json.loads(json.dumps(dict(provenance or {}))),
         weights_sha256=weights_hash,
+        crop_fill=crop_fill,
     )
     (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return directory
@@ -321,7 +328,15 @@ def _read_config(file: Path) -> BundleConfig:
         raise MetadataError(f"{file}: normalization std of channel(s) {[channels[i] for i in bad]} is "
                             f"{[norm['std'][i] for i in bad]}; every std must be finite and > 0 (crops are divided "
                             "by it). Fix the value or save the bundle again")
+    _check_fill(raw.get("crop_fill", "zero"), f"{file}: 'crop_fill'")
     return BundleConfig(**{k: raw[k] for k in BundleConfig.__dataclass_fields__ if k in raw})
+
+
+def _check_fill(fill: Any, where: str) -> None:
+    from gradcamo_dask.crop_geometry import FILLS
+
+    if fill not in FILLS:
+        raise MetadataError(f"{where} must be 'zero' or 'background', got {fill!r}")
 
 
 def _read_weights(file: Path, config: BundleConfig, weights_bytes: bytes) -> dict:

@@ -97,7 +97,8 @@ def _crops(image: Any, labels: Any, table: pd.DataFrame, bundle: Any) -> tuple[n
 
     cells = table.copy()
     cells.attrs["crop_size"] = tuple(bundle.config.crop_shape)  # a smaller crop of cells that fit the largest
-    crops, masks = extract_crops(image, labels, cells, size=tuple(bundle.config.crop_shape))
+    crops, masks = extract_crops(image, labels, cells, size=tuple(bundle.config.crop_shape),
+                                 outside=bundle.config.crop_fill)
     crops, masks = dask.compute(crops, masks)
     return normalize_crops(crops, bundle.config.normalization), masks
 

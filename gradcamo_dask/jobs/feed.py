@@ -51,11 +51,14 @@ class SiteJob:
         ``object_number``, ``center_z/y/x`` of the cells, in output order.
     where : dict
         ``plate``, ``well``, ``site`` (for error messages).
+    outside : {"zero", "background"}
+        What fills crop windows past the site, as the model was trained (the bundle's ``crop_fill``).
     """
 
     read: Callable[[], tuple[Any, Any]]
     cells: Any
     where: dict = field(default_factory=dict)
+    outside: str = "zero"
 
 
 @dataclass
@@ -140,6 +143,7 @@ def _batches(jobs: Sequence[SiteJob], batch_size: int, device: str, crop_size: t
              classic: dict | None) -> Iterator[Batch]:
     """Micro-batches of ``batch_size`` cells across ``jobs``: each cut and normalised when it is needed."""
     from gradcamo_dask.cells import crop_site
+    from gradcamo_dask.crop_geometry import background_level
     from gradcamo_dask.normalize import normalize_crops
 
     pending: list[tuple] = []  # (crops, masks, owner, classic)
@@ -150,11 +154,13 @@ def _batches(jobs: Sequence[SiteJob], batch_size: int, device: str, crop_size: t
             continue
         image, labels = job.read()
         image, labels = site_array(image, device), site_array(labels, device)
+        # the site's level once, not once per micro-batch (a batch sees only some of the site's cells)
+        fill = background_level(image, labels) if job.outside == "background" else "zero"
         start = 0
         while start < n:
             stop = min(n, start + batch_size - filled)
             rows = job.cells.iloc[start:stop].reset_index(drop=True)
-            crops, masks = crop_site(image, labels, rows, crop_size, **job.where)
+            crops, masks = crop_site(image, labels, rows, crop_size, outside=fill, **job.where)
             extra = None
             if classic is not None:  # CellProfiler measurements on the same raw crops and masks
                 from gradcamo_dask.profiles.classic import site_classic_features

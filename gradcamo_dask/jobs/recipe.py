@@ -136,6 +136,10 @@ class Recipe:
         ``"plate"``: one fixed range per channel fitted on the training sites
         (:func:`~gradcamo_dask.normalize.fit_intensity_range`), stored in the bundle, so a
         neighbour's bright phenotype cannot change the cell's own intensities.
+    crop_fill : {"zero", "background"}
+        What fills the part of a crop window past the site: 0 (default) or the site's
+        background level per channel (:func:`~gradcamo_dask.crop_geometry.background_level`);
+        stored in the bundle, so scoring cuts crops as training did.
     init_from : path, optional
         A model bundle whose weights start the run (fine-tuning; default None: seeded
         random weights). Its channels, classes, intensity scaling and network must be
@@ -163,6 +167,7 @@ class Recipe:
     batchnorm_momentum: float | str | None = "epoch"
     head_init_std: float | None = 0.01
     intensity_scaling: str = "crop"
+    crop_fill: str = "zero"
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -196,6 +201,9 @@ class Recipe:
         if self.intensity_scaling not in ("crop", "plate"):
             raise InputError(f"intensity_scaling must be 'crop' (per-crop min-max, the paper's) or 'plate' (one "
                              f"fixed range per channel), got {self.intensity_scaling!r}")
+        if self.crop_fill not in ("zero", "background"):
+            raise InputError(f"crop_fill must be 'zero' or 'background' (the site's background level), got "
+                             f"{self.crop_fill!r}")
         if self.init_from is not None:
             object.__setattr__(self, "init_from", str(self.init_from))
         if not isinstance(self.split, Split):

@@ -181,7 +181,7 @@ def score_site(
         (cells per micro-batch; crops are cut, normalised and resampled one batch at a
         time), ``target``, ``plate``, ``well``, ``site``, ``device`` (None = auto);
         optionally ``runner`` (a model runner, see :mod:`gradcamo_dask.jobs.feed`,
-        with ``normalization``) in place of the bundle's model.
+        with ``normalization`` and ``crop_fill``) in place of the bundle's model.
 
     Returns
     -------
@@ -218,15 +218,16 @@ def score_site_group(images: Sequence[Any], labels: Sequence[Any], cells: Sequen
     if device.startswith("cuda"):
         prepare_cuda()
     layers = list(spec["layers"])
-    runner, normalization = spec.get("runner"), spec.get("normalization")
+    runner, normalization, fill = spec.get("runner"), spec.get("normalization"), spec.get("crop_fill", "zero")
     if runner is None:
         bundle = cached_bundle(spec["bundle_path"], spec["bundle_hash"], device)
         # crop_site refuses non-finite images, so crops are finite: no NaN scan, no host sync per batch
         runner, normalization = ExplainRunner(folded_model(bundle, layers), layers, spec["target"],
                                               check_finite=False, method=spec.get("cam_method", "gradcam")), \
             bundle.config.normalization
+        fill = bundle.config.crop_fill
     jobs = [SiteJob(read=functools.partial(_pair, image, label), cells=rows,
-                    where={"plate": one["plate"], "well": one["well"], "site": one["site"]})
+                    where={"plate": one["plate"], "well": one["well"], "site": one["site"]}, outside=fill)
             for image, label, rows, one in zip(images, labels, cells, specs)]
     with on_device(device):
         outs = score_sites(jobs, runner, crop_size=tuple(spec["crop_size"]), normalization=normalization,
@@ -338,8 +339,8 @@ def score_plate(image: xr.DataArray, labels: xr.DataArray, bundle: Any, layers: 
                   "input_shape": list(loaded.config.input_shape), "normalization": loaded.config.normalization,
                   "check_classes": bool(check_classes), "classic": classic_spec,
                   # recorded only when set, so that earlier stores keep their fingerprint
-                  **({"sites_per_task": int(sites_per_task)} if int(sites_per_task) != 1 else {}),
-                  **({"cam_method": cam_method} if cam_method != "gradcam" else {})}
+                  **{k: v for k, v in (("sites_per_task", int(sites_per_task)), ("cam_method", cam_method),
+                                       ("crop_fill", loaded.config.crop_fill)) if v not in (1, "gradcam", "zero")}}
     spec = {"bundle_path": str(loaded.path), "bundle_hash": loaded.hash, "layers": layers, "crop_size": crop_size,
             "batch_size": int(batch_size), "target": target, "plate": str(image.attrs.get("plate", "plate")),
             "device": device, "classic": classic_spec, "cam_method": cam_method}

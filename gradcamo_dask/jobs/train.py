@@ -179,6 +179,7 @@ def _fingerprint(plate: str, channels: list[str], cells: _Cells, recipe: Recipe,
         "head_init_std": r.head_init_std,
         # only when not the paper's, so that checkpoints made before the option existed still resume
         **({"intensity_scaling": r.intensity_scaling} if r.intensity_scaling != "crop" else {}),
+        **({"crop_fill": r.crop_fill} if r.crop_fill != "zero" else {}),
         **({"init_from": start} if start is not None else {}),  # the start bundle's hash
         **({"regularizer_evidence": r.regularizer_evidence} if r.regularizer and r.regularizer_evidence != "positive"
            else {}),
@@ -221,7 +222,8 @@ def _crop_reader(image: Any, labels: Any, cells: _Cells, recipe: Recipe, cache: 
     if cache is None:  # keep crops in memory across epochs when they take under 2 GiB
         cache = sum(cells.counts.values()) * per_cell < 2 * 2**30
     table = cells.table
-    reader = SiteReader(image, labels, table[table["split"] != ""], recipe.crop_size, recipe.input_shape, cache=cache)
+    reader = SiteReader(image, labels, table[table["split"] != ""], recipe.crop_size, recipe.input_shape, cache=cache,
+                        outside=recipe.crop_fill)
     if recipe.intensity_scaling == "plate":
         reader.intensity_range = _plate_intensity_range(reader, resumed)
     return reader
@@ -446,6 +448,7 @@ def _write_bundle(out: str | os.PathLike, model: nn.Module, channels: list[str],
 
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     write_bundle(out, model, channels=channels, classes=cells.classes, crop_shape=recipe.crop_size,
-                input_shape=recipe.input_shape, normalization=normalization, provenance=provenance, layers=layers)
+                input_shape=recipe.input_shape, normalization=normalization, provenance=provenance, layers=layers,
+                crop_fill=recipe.crop_fill)
     keys = ["plate", "well", "site", "object_number", "treatment", "split"]
     cells.table[keys].to_csv(Path(out) / "cells.csv", index=False)

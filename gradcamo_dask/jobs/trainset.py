@@ -174,11 +174,13 @@ class SiteReader:
         Model grid in voxels.
     cache : bool
         Keep every site read in memory (at the model grid) for later epochs.
+    outside : {"zero", "background"}
+        What fills a crop window past the site (:func:`~gradcamo_dask.cells.crop_site`).
     """
 
     def __init__(self, image: Any, labels: Any, table: pd.DataFrame, crop_size: Sequence[int | None],
-                 input_shape: Sequence[int], cache: bool = True) -> None:
-        self.image, self.labels, self.table = image, labels, table
+                 input_shape: Sequence[int], cache: bool = True, outside: str = "zero") -> None:
+        self.image, self.labels, self.table, self.outside = image, labels, table, outside
         self.crop_size = tuple(crop_size)
         self.input_shape = tuple(int(n) for n in input_shape)
         self.cache = cache
@@ -211,7 +213,8 @@ class SiteReader:
         labels_site = np.asarray(self.labels.data[wi, si].compute())
         cells = self.table.iloc[idx]
         crops, masks = crop_site(image_site, labels_site, cells, self.crop_size,
-                                 plate=str(self.image.attrs.get("plate", "plate")), well=w, site=s)
+                                 plate=str(self.image.attrs.get("plate", "plate")), well=w, site=s,
+                                 outside=self.outside)
         crops = rescale_crops(crops, intensity_range=self.intensity_range)
         is_train = (cells["split"] == "train").to_numpy()
         norm = fit_normalization(crops[is_train], rescaled=True) if is_train.any() else None

@@ -272,6 +272,12 @@ def bundle_zero_std(p):
 
 
 @case()
+def bundle_crop_fill_unknown(p):
+    file = _edit_config(p["bundle"], lambda raw: raw.update(crop_fill="edge"))
+    return Case(score(p, p["root"] / "o.zarr"), errors.MetadataError, (file, "crop_fill", "'edge'"))
+
+
+@case()
 def weights_truncated_without_hash(p):
     _edit_config(p["bundle"], lambda raw: raw.pop("weights_sha256") and None)
     weights = p["bundle"] / "model.safetensors"

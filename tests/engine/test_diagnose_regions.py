@@ -68,4 +68,13 @@ def test_quick_mode_writes_a_report(tmp_path):
             assert sum(v["crop"].values()) == pytest.approx(1.0, abs=1e-6)
             assert sum(v["z_map"]) == pytest.approx(1.0, abs=1e-3) and sum(v["z_mask"]) == pytest.approx(1.0, abs=1e-3)
             assert sum(g["cells"] for g in v["by_padding"].values()) == v["cells"]
+    accuracy = report["seeds"]["0"]["accuracy"]
+    assert accuracy["padded"]["cells"] + accuracy["not_padded"]["cells"] == accuracy["all"]["cells"] > 0
+    assert 0 <= accuracy["all"]["accuracy"] <= 1
     assert "| 0 | _blocks.0.0 | gradcam |" in (tmp_path / "diagnose_regions_quick.md").read_text()
+    # the background fill and a larger site reach the training recipe and the report
+    assert dr.main(["--quick", "--workers", "1", "--out", str(tmp_path), "--tag", "bg", "--crop-fill", "background",
+                    "--site-yx", "160", "160"]) == 0
+    report = json.loads((tmp_path / "diagnose_regions_quick_bg.json").read_text())
+    assert report["settings"]["crop_fill"] == "background" and report["settings"]["site_shape"][1:] == [160, 160]
+    assert "background fill past the site" in (tmp_path / "diagnose_regions_quick_bg.md").read_text()

@@ -294,3 +294,57 @@ def test_training_batches_flip_each_mask_with_its_crop(plate):
     for (x, _y, m), (xf, _yf, mf) in zip(plain, flipped):
         assert torch.equal(xf, x.flip(-1).flip(-2))
         assert torch.equal(mf, m.flip(-1).flip(-2)) and not torch.equal(mf, m)
+
+
+def test_crop_fill_background_trains_on_filled_crops_and_scoring_cuts_them_alike(plate, tmp_path):
+    """crop_fill="background": the training statistics are those of background-filled crops, the bundle says so,
+    a zero-fill checkpoint is not resumed as such a run, and scoring (score_plate, compare's crops) fills alike."""
+    import dask
+    import pandas as pd
+
+    WIDE = (None, 40, 40)  # on 64 px sites most windows run past the site
+    from gradcamo_dask.cells import cell_table, extract_crops, fit_normalization
+    from gradcamo_dask.engine.bundles import open_bundle
+    from gradcamo_dask.engine.explain import explain
+    from gradcamo_dask.jobs.score import score_plate
+    from gradcamo_dask.normalize import normalize_crops
+
+    with pytest.raises(InputError, match="crop_fill"):
+        recipe(crop_fill="edge")
+    out = train(plate.image, plate.labels, recipe(epochs=1, crop_fill="background", patience=None, crop_size=WIDE),
+                out=tmp_path / "bg", platemap=plate.platemap, progress=False)
+    bundle = open_bundle(out)
+    assert bundle.config.crop_fill == "background"
+    table = cell_table(plate.labels, plate.platemap, size=WIDE)
+    cells = pd.read_csv(out / "cells.csv")
+    train_cells = table.merge(cells[cells.split == "train"][["well", "site", "object_number"]])
+    assert train_cells["crop_padded"].any()  # else both fills would give the same crops
+    filled, _ = extract_crops(plate.image, plate.labels, train_cells, WIDE, outside="background")
+    zero, _ = extract_crops(plate.image, plate.labels, train_cells, WIDE)
+    np.testing.assert_allclose(bundle.config.normalization["mean"], fit_normalization(filled)["mean"], rtol=1e-5)
+    assert not np.allclose(fit_normalization(zero)["mean"], fit_normalization(filled)["mean"], rtol=1e-4)
+    with pytest.raises(TrainingError, match="crop_fill"):  # a checkpoint of the other fill is not resumed
+        train(plate.image, plate.labels, recipe(epochs=2, patience=None, crop_size=WIDE), out=tmp_path / "bg",
+              platemap=plate.platemap, resume=True, progress=False)
+    # scoring: the plate's padded cells score as explain on background-filled crops, not zero-filled ones
+    padded = table[table["crop_padded"]].reset_index(drop=True)
+    with dask.config.set(scheduler="sync"):
+        scored = score_plate(plate.image, plate.labels, out, layers=["_blocks.1.1"], platemap=plate.platemap,
+                             cells=padded).compute()
+        crops, masks = dask.compute(*extract_crops(plate.image, plate.labels, padded, WIDE, outside="background"))
+        zeros, _ = dask.compute(*extract_crops(plate.image, plate.labels, padded, WIDE))
+    norm = bundle.config.normalization
+    want = explain(bundle.model, normalize_crops(crops, norm), masks, layers=["_blocks.1.1"])
+    other = explain(bundle.model, normalize_crops(zeros, norm), masks, layers=["_blocks.1.1"])
+    got = scored["gradcamo"].values[:, 0]
+    # (a one-epoch model's logits run to ~1e3: the folded scoring model agrees to float32 rounding, ~1e-4 here)
+    np.testing.assert_allclose(got, np.asarray(want.gradcamo["_blocks.1.1"]), atol=1e-3)
+    assert np.abs(got - np.asarray(other.gradcamo["_blocks.1.1"])).max() > 0.05  # 0.20 seen
+    assert json.loads(scored.attrs["provenance"])["parameters"]["crop_fill"] == "background"
+    with pytest.raises(InputError, match="outside"):
+        extract_crops(plate.image, plate.labels, padded, WIDE, outside="edge")
+    # a bundle written before the option existed (no crop_fill in config.json) was trained on zero fill
+    config = json.loads((out / "config.json").read_text())
+    config.pop("crop_fill")
+    (out / "config.json").write_text(json.dumps(config))
+    assert open_bundle(out).config.crop_fill == "zero"
