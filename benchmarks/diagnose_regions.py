@@ -165,11 +165,14 @@ def accuracy_by_padding(bundle, x, table, padded: np.ndarray) -> dict:
     """Held-out accuracy of the bundle's model on the crops that run past the site and on the others (with a
     zero fill, a crop past the site carries a step that a model may read)."""
     import torch
+    import torch.nn.functional as F
 
-    classes = list(bundle.config.classes)
+    classes, grid = list(bundle.config.classes), tuple(bundle.config.input_shape)
     truth = table["treatment"].astype(str).map(classes.index).to_numpy()
-    with torch.no_grad():
-        predicted = torch.cat([bundle.model(x[i:i + 32]).argmax(1) for i in range(0, len(x), 32)]).numpy()
+    with torch.no_grad():  # crops at the crop grid, resampled to the model's as explain does
+        predicted = torch.cat([bundle.model(F.interpolate(x[i:i + 32], size=grid, mode="trilinear",
+                                                          align_corners=False)).argmax(1)
+                               for i in range(0, len(x), 32)]).numpy()
     right = predicted == truth
     return {name: {"cells": int(rows.sum()), "accuracy": float(right[rows].mean()) if rows.any() else None}
             for name, rows in (("all", np.ones(len(right), bool)), ("padded", padded), ("not_padded", ~padded))}

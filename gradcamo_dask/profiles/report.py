@@ -200,6 +200,7 @@ def _gallery_examples(profiles: xr.Dataset, layer: str, per_bin: int, channel: s
     if shown not in channels:
         raise _Missing(f"channel {shown!r} is not in the plate (channels: {channels})")
     size = tuple(None if s is None else int(s) for s in size) if size is not None else (None, 128, 128)
+    fill = (read_provenance(profiles).get("parameters") or {}).get("crop_fill", "zero")  # as the model was scored
     scores = np.asarray(profiles["gradcamo"].sel(layer=layer).values if "layer" in profiles["gradcamo"].dims
                         else profiles["gradcamo"].values, dtype=np.float64)
     picks = _choose_examples(scores, per_bin)
@@ -215,7 +216,7 @@ def _gallery_examples(profiles: xr.Dataset, layer: str, per_bin: int, channel: s
         site_image = np.asarray(image.sel(well=well, site=site).values)
         site_labels = np.asarray(labels.sel(well=well, site=site).values)
         table = pd.DataFrame({c: coords[c][rows] for c in ("object_number", "center_z", "center_y", "center_x")})
-        crops, masks = crop_site(site_image, site_labels, table, size, well=well, site=site)
+        crops, masks = crop_site(site_image, site_labels, table, size, well=well, site=site, outside=fill)
         if crops.ndim == 4:  # a 2D plate: shown as one z slice (trilinear upsampling of one slice is bilinear)
             crops, masks = crops[:, :, None], masks[:, None]
         for j, i in enumerate(rows):

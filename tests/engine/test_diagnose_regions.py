@@ -78,3 +78,24 @@ def test_quick_mode_writes_a_report(tmp_path):
     report = json.loads((tmp_path / "diagnose_regions_quick_bg.json").read_text())
     assert report["settings"]["crop_fill"] == "background" and report["settings"]["site_shape"][1:] == [160, 160]
     assert "background fill past the site" in (tmp_path / "diagnose_regions_quick_bg.md").read_text()
+
+
+def test_accuracy_by_padding_resamples_crops_to_the_model_grid():
+    """The model sees crops at its own grid (as explain gives them), and the split counts each group."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import torch
+
+    dr = _module()
+
+    class SeesItsGrid(torch.nn.Module):  # class 0 only for inputs at the 4 x 16 x 16 grid
+        def forward(self, x):
+            right = float(tuple(x.shape[2:]) == (4, 16, 16))
+            return torch.tensor([[right, 1.0 - right]]).repeat(len(x), 1)
+
+    bundle = SimpleNamespace(model=SeesItsGrid(), config=SimpleNamespace(classes=["a", "b"], input_shape=[4, 16, 16]))
+    table = pd.DataFrame({"treatment": ["a", "a", "b"]})
+    out = dr.accuracy_by_padding(bundle, torch.zeros(3, 2, 4, 8, 8), table, np.array([True, False, False]))
+    assert out["all"] == {"cells": 3, "accuracy": pytest.approx(2 / 3)}
+    assert out["padded"] == {"cells": 1, "accuracy": 1.0} and out["not_padded"]["accuracy"] == 0.5
