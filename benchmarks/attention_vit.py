@@ -157,15 +157,12 @@ def markdown_lines(row: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """``python benchmarks/attention_vit.py [--full]``: the row alone, written to ``attention_vit[_full].json/.md``."""
     import argparse
-    import datetime as dt
-    import json
-    import os
 
     import torch
 
     sys.path.insert(0, str(HERE))
     import bench_attention
-    from machine_info import machine
+    from machine_info import load_average, run_record, write_record
 
     parser = argparse.ArgumentParser(description="the transformer row of bench_attention on its own")
     parser.add_argument("--full", action="store_true", help="bench_attention's full settings (default: quick)")
@@ -176,18 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is not None:
         bench_attention.SETTINGS[mode]["seeds"] = tuple(args.seeds)
     torch.set_num_threads(1)  # as bench_attention: one thread on the shared cores
-    start = [round(v, 2) for v in os.getloadavg()]
-    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "mode": mode, "load_average_start": start,
-              "command": "python benchmarks/attention_vit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "settings": {k: list(v) if isinstance(v, tuple) else v
-                           for k, v in {**bench_attention.SETTINGS[mode], **bench_attention.COMMON}.items()}}
+    report = run_record("attention_vit.py", argv, mode=mode, settings={
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in {**bench_attention.SETTINGS[mode], **bench_attention.COMMON}.items()})
+    start = report["load_average_start"]
     report["transformer"] = vit_row(bench_attention, mode)
-    report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "attention_vit" + ("_full" if args.full else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["load_average_end"] = load_average()
     st, m = report["settings"], report["machine"]
     head = [f"# attention_vit ({mode}): bench_attention's transformer row on its own", "",
             f"- date: {report['date']}; command `{report['command']}`",
@@ -195,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             f"start {start}, at end {report['load_average_end']} (shared cores)",
             f"- plate: bench_attention's mosaic plate, {st['sites_per_well']} sites per well; {st['epochs']} epochs, "
             f"at most {st['max_train_cells']} training cells, at most {st['max_test_cells']} held-out cells"]
-    (out / f"{stem}.md").write_text("\n".join(head + markdown_lines(report["transformer"])) + "\n")
+    write_record(args.out, "attention_vit" + ("_full" if args.full else ""), report,
+                 "\n".join(head + markdown_lines(report["transformer"])) + "\n")
     print("\n".join(head + markdown_lines(report["transformer"])))
     return 0
 

@@ -44,7 +44,6 @@ Writes ``benchmarks/results/bench_attention[_quick].json`` and ``.md`` (date, ma
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import tempfile
@@ -117,9 +116,10 @@ def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("nan")
 
 
-def test_cells(plate, truth, max_cells: int, seed: int, raw: bool = False):
+def test_cells(plate, truth, max_cells: int, seed: int, raw: bool = False, fill: str | None = None):
     """Held-out cells (row C) of both populations: table, crops at the crop grid (rescaled per crop to [0, 1],
-    or with ``raw`` the raw intensities as float32, for :func:`audit` to normalise as each bundle says) and masks."""
+    or with ``raw`` the raw intensities as float32, for :func:`audit` to normalise as each bundle says) and masks.
+    ``fill``: what fills windows past the site, as the audited models were trained (default COMMON's)."""
     import torch
 
     from gradcamo_dask.cells import cell_table
@@ -140,7 +140,7 @@ def test_cells(plate, truth, max_cells: int, seed: int, raw: bool = False):
     table["split"] = "test"
     crop_grid = (c["crop_size"][0] or plate.image.sizes["z"], *c["crop_size"][1:])  # explain resamples
     reader = SiteReader(plate.image, plate.labels, table, c["crop_size"], crop_grid, cache=False,
-                        outside=c.get("crop_fill", "zero"))
+                        outside=fill or c.get("crop_fill", "zero"))
     if raw:  # the identity range: raw intensities as float32
         reader.intensity_range = {"low": [0.0] * plate.image.sizes["c"], "high": [1.0] * plate.image.sizes["c"]}
     try:
@@ -603,7 +603,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from machine_info import machine
+    from machine_info import finish_record, run_record, write_record
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny (runs in a test)")
@@ -652,26 +652,18 @@ def main(argv: list[str] | None = None) -> int:
             COMMON[key] = tuple(value) if isinstance(value, list) else value
     if args.crop_z is not None:
         COMMON["crop_size"] = (args.crop_z or None, *COMMON["crop_size"][1:])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     import os
 
-    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "load_average_start": [round(v, 2) for v in os.getloadavg()],
-              "command": "python benchmarks/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     import torch
 
+    report = run_record("bench_attention.py", argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     stem = "bench_attention" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
 
     def write(partial: dict) -> None:
-        report.update(partial)
-        report["total_seconds"] = round(time.perf_counter() - t0, 1)
-        report["torch_threads_used"] = torch.get_num_threads()
-        report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-        (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / f"{stem}.md").write_text(markdown(report))
+        finish_record(report, t0, **partial, torch_threads_used=torch.get_num_threads())
+        write_record(args.out, stem, report, markdown(report))
 
     if CROP_REFERENCE.exists():
         report["crop_reference"] = headline(json.loads(CROP_REFERENCE.read_text()))

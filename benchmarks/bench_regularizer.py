@@ -27,7 +27,6 @@ Writes ``benchmarks/results/bench_regularizer[_quick].json`` and ``.md`` (date, 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import multiprocessing as mp
 import os
@@ -331,7 +330,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from machine_info import machine
+    from machine_info import finish_record, run_record, write_record
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, λ 0 and 10, tiny (runs in a test)")
@@ -372,19 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is not None:
             SETTINGS[mode][key] = getattr(args, key)
     workers = args.workers or min(2, os.cpu_count() or 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "bench_regularizer" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
-    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "workers": workers, "load_average_start": [round(v, 2) for v in os.getloadavg()],
-              "command": "python benchmarks/bench_regularizer.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    report = run_record("bench_regularizer.py", argv, workers=workers)
     t0 = time.perf_counter()
 
     def write(partial: dict) -> None:
-        report.update(partial, total_seconds=round(time.perf_counter() - t0, 1),
-                      load_average_end=[round(v, 2) for v in os.getloadavg()])
-        (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / f"{stem}.md").write_text(markdown(report))
+        write_record(args.out, stem, finish_record(report, t0, **partial), markdown(report))
 
     if args.audit_bundles:
         write(run_saved(mode, args.audit_bundles, write, args.scaling, run_options))

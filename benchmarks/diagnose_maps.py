@@ -30,10 +30,7 @@ Writes ``benchmarks/results/diagnose_maps[_quick].json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import multiprocessing as mp
-import os
 import sys
 import tempfile
 import time
@@ -244,7 +241,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from machine_info import machine
+    from machine_info import finish_record, run_record, write_record
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models (runs in a test)")
@@ -252,19 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
-    report = {"mode": mode, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "load_average_start": [round(v, 2) for v in os.getloadavg()],
-              "command": "python benchmarks/diagnose_maps.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    report = run_record("diagnose_maps.py", argv, mode=mode)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        report["models"] = audit_all(mode, train_all(mode, tmp, args.workers))
-    report.update(total_seconds=round(time.perf_counter() - t0, 1),
-                  load_average_end=[round(v, 2) for v in os.getloadavg()])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "diagnose_maps" + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
+        finish_record(report, t0, models=audit_all(mode, train_all(mode, tmp, args.workers)))
+    write_record(args.out, "diagnose_maps" + ("_quick" if args.quick else ""), report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -34,10 +34,7 @@ Writes ``benchmarks/results/diagnose_regions[_quick][_TAG].json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import multiprocessing as mp
-import os
 import sys
 import tempfile
 import time
@@ -140,8 +137,10 @@ def audit(c: dict, s: dict, bundle_path: str) -> dict:
     from gradcamo_dask.engine.bundles import open_bundle
     from gradcamo_dask.normalize import normalize_crops
 
+    bundle = open_bundle(bundle_path)
     plate, truth = ba.mosaic_plate(c, s, bystanders=False)
-    table, raw, masks = ba.test_cells(plate, truth, s["max_test_cells"], c["plate_seed"], raw=True)
+    table, raw, masks = ba.test_cells(plate, truth, s["max_test_cells"], c["plate_seed"], raw=True,
+                                      fill=bundle.config.crop_fill)  # crops filled as the model was trained
     keep = torch.from_numpy(table["responder"].to_numpy(dtype=bool, copy=True))
     table, raw, masks = table[keep.numpy()].reset_index(drop=True), raw[keep], masks[keep]
     labels = dm.label_crops(plate, table, c["crop_size"]).numpy()
@@ -149,7 +148,6 @@ def audit(c: dict, s: dict, bundle_path: str) -> dict:
     masks_np = masks.numpy().astype(bool)
     if not bool((labels[masks_np] > 0).all()):
         raise RuntimeError("label crops do not line up with the cells' masks")
-    bundle = open_bundle(bundle_path)
     x = normalize_crops(raw, bundle.config.normalization)
     regions = [crop_regions(masks_np[i], labels[i], inside[i]) for i in range(len(masks_np))]  # once per cell
     out = {}
@@ -158,7 +156,8 @@ def audit(c: dict, s: dict, bundle_path: str) -> dict:
         hires = dm.hires_maps(bundle.model, x, layer, bundle.config.input_shape)
         out[layer] = {name: region_split(m.numpy(), masks_np, labels, inside, regions)
                       for name, m in (("gradcam", gradcam), ("hirescam", hires))}
-    return {"layers": out, "accuracy": accuracy_by_padding(bundle, x, table, ~inside.all(axis=(1, 2, 3)))}
+    return {"layers": out, "accuracy": accuracy_by_padding(bundle, x, table, ~inside.all(axis=(1, 2, 3))),
+            "crop_fill": bundle.config.crop_fill}  # of the training crops and of these
 
 
 def accuracy_by_padding(bundle, x, table, padded: np.ndarray) -> dict:
@@ -237,7 +236,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from machine_info import machine
+    from machine_info import finish_record, run_record, write_record
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model (runs in a test)")
@@ -258,19 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         SETTINGS[mode]["sites_per_well"] = args.sites_per_well
     c = {**ba.COMMON, "clean_plate": "alone", "input_shape": tuple(args.input_shape), "crop_fill": args.crop_fill,
          "site_shape": (ba.COMMON["site_shape"][0], *(args.site_yx or ba.COMMON["site_shape"][1:]))}
-    report = {"mode": mode, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "load_average_start": [round(v, 2) for v in os.getloadavg()],
-              "command": "python benchmarks/diagnose_regions.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "settings": {**c, **SETTINGS[mode]}}
+    report = run_record("diagnose_regions.py", argv, mode=mode, settings={**c, **SETTINGS[mode]})
     t0 = time.perf_counter()
-    report["seeds"] = run(mode, c, args.workers)
-    report.update(total_seconds=round(time.perf_counter() - t0, 1),
-                  load_average_end=[round(v, 2) for v in os.getloadavg()])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    finish_record(report, t0, seeds=run(mode, c, args.workers))
     stem = "diagnose_regions" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=list) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
+    write_record(args.out, stem, report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -77,6 +77,7 @@ def test_quick_mode_writes_a_report(tmp_path):
                     "--site-yx", "160", "160"]) == 0
     report = json.loads((tmp_path / "diagnose_regions_quick_bg.json").read_text())
     assert report["settings"]["crop_fill"] == "background" and report["settings"]["site_shape"][1:] == [160, 160]
+    assert report["seeds"]["0"]["crop_fill"] == "background"  # the bundle's, which cut the audited crops too
     assert "background fill past the site" in (tmp_path / "diagnose_regions_quick_bg.md").read_text()
 
 
