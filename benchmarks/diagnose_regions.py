@@ -34,6 +34,7 @@ Writes ``benchmarks/results/diagnose_regions[_quick][_TAG].json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import sys
 import tempfile
@@ -235,6 +236,55 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fill_rows(reports: list[dict], layer: str = "_blocks.0.0") -> dict[int, dict[str, dict]]:
+    """Per seed and crop fill ("zero", "background"): held-out accuracy (all, past the site, inside it), the
+    map's x uniform on the cell (Grad-CAM, HiResCAM), Grad-CAMO / uniform of the crops past the site and of the
+    others, and the Grad-CAM mass on the part past the site, at ``layer``, from full diagnose_regions reports."""
+    rows: dict[int, dict[str, dict]] = {}
+    for report in reports:
+        fill = report["settings"].get("crop_fill", "zero")
+        for seed, r in report["seeds"].items():
+            g, h, a = r["layers"][layer]["gradcam"], r["layers"][layer]["hirescam"], r["accuracy"]
+            pad, rest = g["by_padding"]["padded"], g["by_padding"]["not_padded"]
+            rows.setdefault(int(seed), {})[fill] = {
+                "accuracy": a["all"]["accuracy"], "accuracy_past": a["padded"]["accuracy"],
+                "accuracy_inside": a["not_padded"]["accuracy"], "x_uniform": g["map"]["cell"] / g["crop"]["cell"],
+                "x_past": pad["gradcamo"] / pad["uniform"], "x_inside": rest["gradcamo"] / rest["uniform"],
+                "mass_past": g["map"]["outside_site"], "hirescam_x_uniform": h["map"]["cell"] / h["crop"]["cell"]}
+    return rows
+
+
+def fills_markdown(rows: dict[int, dict[str, dict]], sources: list[str]) -> str:
+    """The zero and background fills side by side per seed, their means ± sd and the paired differences."""
+    keys = ("accuracy", "accuracy_past", "accuracy_inside", "x_uniform", "x_past", "x_inside", "mass_past",
+            "hirescam_x_uniform")
+    seeds = [s for s in sorted(rows) if {"zero", "background"} <= set(rows[s])]
+    lines = ["# diagnose_regions: zero against background fill of crops past the site", "",
+             f"From {', '.join(f'`{s}`' for s in sources)}; the in-cell model on the clean plate, held-out "
+             "responders alone, Grad-CAM at `_blocks.0.0` (x uniform: the map's mass on the cell over the cell's "
+             "share of the crop); each cell: zero / background. Chance accuracy 0.5.", "",
+             "| seed | accuracy | past the site | inside the site | Grad-CAM x uniform | Grad-CAMO / uniform, past "
+             "the site | inside the site | Grad-CAM mass on the part past the site | HiResCAM x uniform |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = {k: ".3f" if k.startswith(("accuracy", "mass")) else ".2f" for k in keys}
+    for seed in seeds:
+        z, b = rows[seed]["zero"], rows[seed]["background"]
+        lines.append(f"| {seed} | " + " | ".join(f"{z[k]:{fmt[k]}} / {b[k]:{fmt[k]}}" for k in keys) + " |")
+    if len(seeds) > 1:
+        col = {k: {f: np.array([rows[s][f][k] for s in seeds]) for f in ("zero", "background")} for k in keys}
+        lines.append("| mean ± sd | " + " | ".join(
+            " / ".join(f"{col[k][f].mean():{fmt[k]}} ± {col[k][f].std(ddof=1):{fmt[k]}}" for f in ("zero", "background"))
+            for k in keys) + " |")
+        lines.append("")
+        for k in ("accuracy", "x_uniform"):
+            d = col[k]["background"] - col[k]["zero"]
+            lines.append(f"- {k}, background - zero over {len(seeds)} seeds: {d.mean():+.3f} ± {d.std(ddof=1):.3f} "
+                         f"(sd), higher with the background fill in {int((d > 0).sum())}")
+        lines.append(f"- seeds at or above 3x uniform: zero {int((col['x_uniform']['zero'] >= 3).sum())}, background "
+                     f"{int((col['x_uniform']['background'] >= 3).sum())} of {len(seeds)}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     from machine_info import finish_record, run_record, write_record
 
@@ -249,7 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites-per-well", type=int, default=None, help="override the mode's sites per well")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and Markdown")
+    parser.add_argument("--compare-fills", nargs="+", default=None, metavar="JSON",
+                        help="no run: tabulate these reports' zero and background fills per seed into "
+                             "<out>/diagnose_regions_fills<_tag>.md")
     args = parser.parse_args(argv)
+    if args.compare_fills:
+        text = fills_markdown(fill_rows([json.loads(Path(f).read_text()) for f in args.compare_fills]),
+                              [Path(f).name for f in args.compare_fills])
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"diagnose_regions_fills{'_' + args.tag if args.tag else ''}.md").write_text(text)
+        print(text)
+        return 0
     mode = "quick" if args.quick else "full"
     if args.seeds:
         SETTINGS[mode]["seeds"] = tuple(args.seeds)

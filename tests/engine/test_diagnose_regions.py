@@ -79,6 +79,15 @@ def test_quick_mode_writes_a_report(tmp_path):
     assert report["settings"]["crop_fill"] == "background" and report["settings"]["site_shape"][1:] == [160, 160]
     assert report["seeds"]["0"]["crop_fill"] == "background"  # the bundle's, which cut the audited crops too
     assert "background fill past the site" in (tmp_path / "diagnose_regions_quick_bg.md").read_text()
+    # the two fills side by side, per seed, from the two reports
+    zero_json, bg_json = tmp_path / "diagnose_regions_quick.json", tmp_path / "diagnose_regions_quick_bg.json"
+    assert dr.main(["--compare-fills", str(zero_json), str(bg_json), "--out", str(tmp_path), "--tag", "q"]) == 0
+    table = (tmp_path / "diagnose_regions_fills_q.md").read_text()
+    zero_acc = json.loads(zero_json.read_text())["seeds"]["0"]["accuracy"]["all"]["accuracy"]
+    bg_acc = report["seeds"]["0"]["accuracy"]["all"]["accuracy"]
+    assert f"| 0 | {zero_acc:.3f} / {bg_acc:.3f} |" in table
+    rows = dr.fill_rows([json.loads(zero_json.read_text()), report])
+    assert set(rows[0]) == {"zero", "background"} and rows[0]["background"]["accuracy"] == bg_acc
 
 
 def test_accuracy_by_padding_resamples_crops_to_the_model_grid():
