@@ -339,7 +339,9 @@ def test_crop_fill_background_trains_on_filled_crops_and_scoring_cuts_them_alike
     got = scored["gradcamo"].values[:, 0]
     # (a one-epoch model's logits run to ~1e3: the folded scoring model agrees to float32 rounding, ~1e-4 here)
     np.testing.assert_allclose(got, np.asarray(want.gradcamo["_blocks.1.1"]), atol=1e-3)
-    assert np.abs(got - np.asarray(other.gradcamo["_blocks.1.1"])).max() > 0.05  # 0.20 seen
+    # a cell whose map is all zero has no Grad-CAMO (NaN; seen on CI for a zero-filled crop): compare the others
+    apart = np.abs(got - np.asarray(other.gradcamo["_blocks.1.1"]))
+    assert np.isfinite(apart).sum() >= len(apart) // 2 and np.nanmax(apart) > 0.05  # 0.20 seen
     assert json.loads(scored.attrs["provenance"])["parameters"]["crop_fill"] == "background"
     with pytest.raises(InputError, match="outside"):
         extract_crops(plate.image, plate.labels, padded, WIDE, outside="edge")
