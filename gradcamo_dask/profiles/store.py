@@ -97,10 +97,14 @@ def _write_chunk(path: str, index: int, start: int, stop: int, names: list[str],
     ``parts[v]`` are the site blocks of variable ``v`` that overlap the chunk and
     ``cuts[v]`` the rows of each block that fall in it. Exactly one task writes
     each Zarr chunk, so concurrent tasks never touch the same chunk; the done
-    marker is its own chunk of size 1. Re-running this task (a lost worker)
-    rewrites the same bytes.
+    marker is its own chunk of size 1. A chunk already marked done is not
+    written again: a worker can leave between writing a chunk and the client
+    hearing of it, and Dask then runs the task again (its sites are scored again
+    in that window; the chunk's bytes and marker are left as they are).
     """
     group = _open_group(path, "r+")
+    if group[DONE_ARRAY][index]:
+        return stop - start
     for name, blocks, rows in zip(names, parts, cuts):
         pieces = [np.asarray(block)[a:b] for block, (a, b) in zip(blocks, rows)]
         group[name][start:stop] = np.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0]

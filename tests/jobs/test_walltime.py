@@ -99,7 +99,9 @@ def test_a_worker_leaving_after_chunks_were_written_costs_no_written_chunk(tmp_p
     # future until the last: a worker that left with no other one free to take its data lost the results of the
     # chunks it had written, and Dask wrote them (and scored their sites) again, at every worker turnover.
     # Here the only worker leaves once some chunks are written: none of those may be written a second time
-    # (a chunk's done-marker file is rewritten whenever the chunk is).
+    # (a chunk's done-marker file is rewritten whenever the chunk is). A chunk can be on disk before the client
+    # hears of it; if the worker leaves in that window Dask runs its task again, which must then leave it alone
+    # (CI saw chunk 2 rewritten that way once).
     import threading
     import time
 

@@ -62,3 +62,19 @@ def test_text_coords_read_back_as_the_same_text_and_export(profiles, tmp_path):
     table = cellprofiler_table(stored)
     assert list(table["Metadata_Well"]) == [str(v) for v in profiles["well"].values]
     assert list(table["Metadata_Site"]) == list(profiles["site"].values)
+
+
+def test_a_chunk_already_marked_done_is_not_written_again(profiles, tmp_path):
+    # A worker can leave after writing a chunk but before the client hears of it; Dask then runs the write again.
+    path = str(tmp_path / "p.zarr")
+    write_profiles(profiles, path, client=_PlanOnly(), check=False, chunk_cells=8)  # the template, nothing written
+    first, second = np.ones((8, 4), np.float32), np.full((8, 4), 2, np.float32)
+    assert store_module._write_chunk(path, 0, 0, 8, ["deep"], [[first]], [[(0, 8)]]) == 8
+    marker = next((tmp_path / "p.zarr" / store_module.DONE_ARRAY / "c").iterdir())
+    written_at = marker.stat().st_mtime_ns
+    assert store_module._write_chunk(path, 0, 0, 8, ["deep"], [[second]], [[(0, 8)]]) == 8
+    group = store_module._open_group(path, "r")
+    assert np.array_equal(group["deep"][0:8], first)
+    assert marker.stat().st_mtime_ns == written_at
+    store_module._write_chunk(path, 1, 8, 16, ["deep"], [[second]], [[(0, 8)]])  # a chunk not yet done is written
+    assert np.array_equal(group["deep"][8:16], second)
