@@ -116,16 +116,18 @@ def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("nan")
 
 
-def test_cells(plate, truth, max_cells: int, seed: int, raw: bool = False, fill: str | None = None):
+def test_cells(plate, truth, max_cells: int, seed: int, raw: bool = False, fill: str | None = None,
+               common: dict | None = None):
     """Held-out cells (row C) of both populations: table, crops at the crop grid (rescaled per crop to [0, 1],
     or with ``raw`` the raw intensities as float32, for :func:`audit` to normalise as each bundle says) and masks.
-    ``fill``: what fills windows past the site, as the audited models were trained (default COMMON's)."""
+    ``common``: the run's settings (crop size, test rows, fill; default COMMON); ``fill``: what fills windows
+    past the site, as the audited models were trained (default the settings')."""
     import torch
 
     from gradcamo_dask.cells import cell_table
     from gradcamo_dask.jobs.trainset import SiteReader
 
-    c = COMMON
+    c = common or COMMON
     table = cell_table(plate.labels, plate.platemap, size=c["crop_size"])
     table = table[~table["touches_border"]] if "touches_border" in table else table
     table = table.merge(truth[["well", "site", "object_number", "responder", "responding_neighbours"]],
@@ -282,8 +284,8 @@ def train_model(c: dict, s: dict, seed: int, name: str, out: str, recipe_options
                     learning_rate=c["learning_rate"], patience=None, layers=["_blocks.1.2"],
                     augmentation=named_augmentation(c.get("augmentation", "none")),
                     split=Split(test_rows=c["test_rows"], max_train_cells=s["max_train_cells"]),
-                    **({"intensity_scaling": c.get("intensity_scaling", "crop"), "crop_fill": c.get("crop_fill", "zero")}
-                       | dict(recipe_options or {})))
+                    **({"intensity_scaling": c.get("intensity_scaling", "crop"),
+                        "crop_fill": c.get("crop_fill", "zero")} | dict(recipe_options or {})))
     bundle = train(plate.image, population_labels(plate.labels, train_truth, MODELS.get(name, True)), recipe,
                    out=out, platemap=plate.platemap, progress=False)
     prov = json.loads((bundle / "config.json").read_text())["provenance"]

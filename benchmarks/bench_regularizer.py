@@ -117,7 +117,7 @@ def run(mode: str, workers: int, on_done, scaling: str = "plate", run_options: d
     c = sweep_settings(scaling, run_options)
     plate, truth = ba.mosaic_plate(c, s)
     table, raw, masks = ba.test_cells(plate, truth.assign(responder=True), s["max_test_cells"], c["plate_seed"],
-                                      raw=True)
+                                      raw=True, common=c)
     del plate
     uniform = masks.float().mean(dim=tuple(range(1, masks.ndim))).numpy().astype(np.float64)
     jobs = [(lam, seed) for seed in s["seeds"] for lam in s["lambdas"]]  # seed by seed: a cut-off sweep stays paired
@@ -159,7 +159,7 @@ def audit_saved(s: dict, bundle: str, scaling: str, run_options: dict | None = N
     c = sweep_settings(scaling, run_options)  # s: the settings (a spawned process
     plate, truth = ba.mosaic_plate(c, s)  # re-imports this module, so the caller's overrides travel explicitly)
     table, raw, masks = ba.test_cells(plate, truth.assign(responder=True), s["max_test_cells"], c["plate_seed"],
-                                      raw=True)
+                                      raw=True, common=c)
     config = json.loads((Path(bundle) / "config.json").read_text())
     state = Path(bundle) / "checkpoint" / "state.json"
     history = json.loads(state.read_text())["history"] if state.is_file() else None

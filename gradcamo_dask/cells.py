@@ -36,7 +36,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from gradcamo_dask.arrays import array_module, to_numpy
 from gradcamo_dask.crop_geometry import (CropSize, background_level, check_fill, crop_shape, crop_windows,  # noqa: F401
-                                         gather_windows, window_fill, zyx_size)
+                                         gather_windows, window_fill, windows_past, zyx_size)
 from gradcamo_dask.errors import InputError, LabelsError, PlateLayoutError
 from gradcamo_dask.normalize import fit_normalization, normalize_crops, rescale_crops  # noqa: F401  (contract home)
 
@@ -334,8 +334,7 @@ def crop_site(
     dz, dy, dx = crop_shape(size, shape, where)
     n = len(ids)
     start, _stop = crop_windows(centers, size, shape)
-    past = bool(((start < 0) | (start + np.asarray((dz, dy, dx)) > np.asarray(shape))).any())
-    fill = window_fill(outside, image_site, labels_site, past, where)
+    fill = window_fill(outside, image_site, labels_site, windows_past(centers, size, shape), where)
     # one batched gather per array (no loop over cells); ``fill`` where a window runs past the image
     crops = gather_windows(image_site, start, (dz, dy, dx), fill=fill, dtype=xp.float32)
     masks = gather_windows(labels_site, start, (dz, dy, dx)) == xp.asarray(ids).reshape(-1, 1, 1, 1)

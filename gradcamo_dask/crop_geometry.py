@@ -60,6 +60,12 @@ def crop_windows(centers: np.ndarray, size: CropSize, site_zyx: Sequence[int]) -
     return start, start + shape
 
 
+def windows_past(centers: np.ndarray, size: CropSize, site_zyx: Sequence[int]) -> bool:
+    """Whether any crop window around ``centers`` runs past the site (its fill is then used)."""
+    start, stop = crop_windows(centers, size, site_zyx)
+    return bool(((start < 0) | (stop > np.asarray(site_zyx))).any())
+
+
 def background_level(image_site: Any, labels_site: Any, step: int = 4) -> Any:
     """Per-channel median intensity of the voxels the labels call background (label 0), sampled every ``step``
     voxels in y and x: ``(c,)`` float32, in the image's namespace. A site without background voxels gives each

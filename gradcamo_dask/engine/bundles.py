@@ -259,7 +259,7 @@ def write_bundle(
     arch, channels, classes, norm = _checked_bundle_metadata(model, channels, classes, input_shape, normalization)
     _check_same_dims(crop_shape, arch["input_shape"])
     layers = _bundle_layers(model, layers)
-    _check_fill(crop_fill, "crop_fill")
+    _check_fill(crop_fill, "crop_fill", InputError)  # an argument: refused as bad input, not bad metadata
 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -332,11 +332,11 @@ def _read_config(file: Path) -> BundleConfig:
     return BundleConfig(**{k: raw[k] for k in BundleConfig.__dataclass_fields__ if k in raw})
 
 
-def _check_fill(fill: Any, where: str) -> None:
+def _check_fill(fill: Any, where: str, error: type = MetadataError) -> None:
     from gradcamo_dask.crop_geometry import FILLS
 
     if fill not in FILLS:
-        raise MetadataError(f"{where} must be 'zero' or 'background', got {fill!r}")
+        raise error(f"{where} must be 'zero' or 'background', got {fill!r}")
 
 
 def _read_weights(file: Path, config: BundleConfig, weights_bytes: bytes) -> dict:

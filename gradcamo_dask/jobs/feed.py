@@ -36,6 +36,7 @@ from gradcamo_dask.jobs.prefetch import Prefetcher, stager_for
 __all__ = ["Batch", "ExplainRunner", "FeedStats", "SiteJob", "SleepRunner", "score_sites"]
 
 DEFAULT_BATCH_CELLS = 32
+CENTERS = ["center_z", "center_y", "center_x"]  # voxels, as cell_table writes them
 
 
 @dataclass
@@ -143,7 +144,7 @@ def _batches(jobs: Sequence[SiteJob], batch_size: int, device: str, crop_size: t
              classic: dict | None) -> Iterator[Batch]:
     """Micro-batches of ``batch_size`` cells across ``jobs``: each cut and normalised when it is needed."""
     from gradcamo_dask.cells import crop_site
-    from gradcamo_dask.crop_geometry import background_level
+    from gradcamo_dask.crop_geometry import background_level, windows_past
     from gradcamo_dask.normalize import normalize_crops
 
     pending: list[tuple] = []  # (crops, masks, owner, classic)
@@ -154,8 +155,11 @@ def _batches(jobs: Sequence[SiteJob], batch_size: int, device: str, crop_size: t
             continue
         image, labels = job.read()
         image, labels = site_array(image, device), site_array(labels, device)
-        # the site's level once, not once per micro-batch (a batch sees only some of the site's cells)
-        fill = background_level(image, labels) if job.outside == "background" else "zero"
+        # the site's level once, not once per micro-batch (a batch sees only some of the site's cells), and only
+        # when some window runs past the site (about 77 ms for a 6 x 21 x 1080 x 1080 site on one CPU core)
+        past = job.outside == "background" and windows_past(job.cells[CENTERS].to_numpy(float), crop_size,
+                                                             image.shape[1:])
+        fill = background_level(image, labels) if past else "zero"
         start = 0
         while start < n:
             stop = min(n, start + batch_size - filled)

@@ -255,6 +255,8 @@ def test_write_bundle_refuses_inconsistent_metadata(tmp_path, small_model):
         _save(tmp_path / "x", small_model, layers=["_nope"])
     with pytest.raises(InputError, match="cannot bundle a TinyCNN"):
         _save(tmp_path / "x", TinyCNN())
+    with pytest.raises(InputError, match="crop_fill must be 'zero' or 'background', got 'edge'"):
+        _save(tmp_path / "x", small_model, crop_fill="edge")
     assert not (tmp_path / "x" / "config.json").exists()
 
 

@@ -193,3 +193,28 @@ def test_a_read_error_in_the_prefetch_thread_reaches_the_caller(tiny):
         score_sites(jobs, SleepRunner(0.001, {"deep": ((2,), np.float32)}), crop_size=CROP_SHAPE,
                     normalization=tiny["bundle"].config.normalization, batch_size=64, prefetch=True)
     assert time.perf_counter() - started < 5  # no hang waiting for the thread
+
+
+def test_the_background_level_is_computed_once_per_site_and_only_where_a_window_runs_past(tiny, monkeypatch):
+    from gradcamo_dask import crop_geometry
+
+    sites, bundle = tiny["sites"], tiny["bundle"]
+    norm = bundle.config.normalization
+    half = CROP_SHAPE[1] // 2
+    inside = [(image, labels, rows[rows["center_y"].between(half, image.shape[2] - half)
+                                  & rows["center_x"].between(half, image.shape[3] - half)].reset_index(drop=True),
+               where)
+              for image, labels, rows, where in sites[:2]]  # no window of these runs past the site
+    sites = inside + sites[2:]
+    pasts = [crop_geometry.windows_past(rows[COLUMNS[1:]].to_numpy(float), CROP_SHAPE, image.shape[1:])
+             for image, labels, rows, _ in sites]
+    assert pasts[:2] == [False, False] and any(pasts[2:]) and min(len(s[2]) for s in sites) > 0
+    calls = []
+    real = crop_geometry.background_level
+    monkeypatch.setattr(crop_geometry, "background_level", lambda *a, **k: calls.append(1) or real(*a, **k))
+    jobs = [SiteJob(job.read, job.cells, job.where, outside="background") for job in _jobs(sites)]
+    out = score_sites(jobs, Recorder(), crop_size=CROP_SHAPE, normalization=norm, batch_size=2)
+    assert len(calls) == sum(pasts)  # once per site that needs it, though each site spans several micro-batches
+    for (image, labels, rows, where), got in zip(sites, out):
+        crops, _ = crop_site(image, labels, rows, CROP_SHAPE, outside="background", **where)
+        np.testing.assert_array_equal(got["first"], normalize_crops(crops, norm)[:, 0, 0, 0, 0])
