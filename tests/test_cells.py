@@ -288,6 +288,21 @@ def test_real_stack_runs_through_the_same_code(real_data):
         np.testing.assert_array_equal(c[k][:, zz, yy, xx], raw[:, zz + start[0], yy + start[1], xx + start[2]])
     norm = fit_normalization(c)
     assert np.isfinite(normalize_crops(c, norm)).all()
+    # the background fill on real intensities: windows past the volume hold each channel's background median
+    level = background_level(raw, cells)
+    assert (level > 0).all()  # a real camera's background is not 0: the zero fill would be a step
+    filled = extract_crops(image, labels, table, size=(None, 48, 48), outside="background")[0].compute()
+    padded = table.crop_padded.to_numpy()
+    assert padded.any() and np.array_equal(filled[~padded], c[~padded])
+    for k in np.flatnonzero(padded):
+        row = table.iloc[k]
+        start = crop_windows(np.array([[row.center_z, row.center_y, row.center_x]]), (None, 48, 48), raw.shape[1:])[0][0]
+        inside = np.zeros((75, 48, 48), bool)
+        lo, hi = np.maximum(-start, 0), np.minimum(np.asarray(raw.shape[1:]) - start, (75, 48, 48))
+        inside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+        np.testing.assert_array_equal(filled[k][:, inside], c[k][:, inside])
+        past = filled[k][:, ~inside]
+        np.testing.assert_array_equal(past, np.broadcast_to(level[:, None], past.shape))
 
 
 @pytest.mark.gpu
