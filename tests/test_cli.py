@@ -52,6 +52,37 @@ def scheduler(one_worker_scheduler):
     return one_worker_scheduler
 
 
+def test_info_describes_a_bundle_and_refuses_a_broken_one(tiny, tmp_path, capsys):
+    import shutil
+
+    from gradcamo_dask.engine.bundles import open_bundle
+    from gradcamo_dask.engine.layers import layer_grids
+
+    bundle = open_bundle(tiny["bundle"])
+    before = {p.name: p.stat().st_mtime_ns for p in tiny["bundle"].iterdir()}
+    assert cli.main(["info", str(tiny["bundle"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    grids = layer_grids(bundle.model, tuple(bundle.config.input_shape))
+    assert info["kind"] == "bundle" and info["architecture"] == "efficientnet3d" and info["hash"] == bundle.hash
+    assert info["channels"] == bundle.config.channels and info["classes"] == bundle.config.classes
+    assert info["layers"] == {name: list(grids[name]) for name in bundle.config.layers}
+    assert info["parameters"] == sum(p.numel() for p in bundle.model.parameters())
+    assert info["crop_fill"] == "zero" and info["intensity_scaling"] == "crop (min-max per crop)"
+    assert {p.name: p.stat().st_mtime_ns for p in tiny["bundle"].iterdir()} == before  # read only
+    assert cli.main(["info", str(tiny["bundle"])]) == 0
+    text = capsys.readouterr().out
+    assert "kind: bundle" in text and "crop_fill: zero" in text
+    assert f"layers:\n  {bundle.config.layers[0]}: {list(grids[bundle.config.layers[0]])}\n" in text  # one per line
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny["bundle"], broken)
+    weights = broken / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one bit of the weights changed: the config's sha256 no longer matches
+    weights.write_bytes(bytes(data))
+    assert cli.main(["info", str(broken)]) == 1
+    assert "BundleMismatchError" in capsys.readouterr().err
+
+
 def test_score_then_info_then_refuse_another_bundle(tiny, scheduler, capsys):
     out = tiny["root"] / "profiles.zarr"
     args = ["score", str(tiny["plate"]), "--labels", str(tiny["plate"]), "--model", str(tiny["bundle"]),

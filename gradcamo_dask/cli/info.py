@@ -1,4 +1,4 @@
-"""``gradcamo-dask info``: describe a plate or a profiles store."""
+"""``gradcamo-dask info``: describe a plate, a profiles store or a model bundle."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import sys
 def add_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "info",
-        help="describe a plate or a profiles store (wells, sites, channels, cells, layers, done sites)",
-        description="Describe STORE: a plate (wells, sites, channels, site shape, voxel size, labels) or a profiles "
-        "store written by `gradcamo-dask score` (plate, cells, layers, bundle, and which sites are done).",
+        help="describe a plate, a profiles store or a model bundle (wells, sites, channels, cells, layers, done "
+        "sites; a bundle's classes, grids, crop fill and training)",
+        description="Describe STORE: a plate (wells, sites, channels, site shape, voxel size, labels), a profiles "
+        "store written by `gradcamo-dask score` (plate, cells, layers, bundle, and which sites are done) or a model "
+        "bundle written by `gradcamo-dask train` (channels, classes, crop and model grids, crop fill, intensity "
+        "scaling, Grad-CAM layers with their map grids, training summary; its weights are checked).",
     )
-    parser.add_argument("store", metavar="STORE", help="a plate or a profiles store")
+    parser.add_argument("store", metavar="STORE", help="a plate, a profiles store or a model bundle folder")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.set_defaults(run=_run_info)
 
@@ -33,6 +36,11 @@ def _run_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     for key, value in info.items():
+        if isinstance(value, dict):  # a bundle's layers and training summary: one line per entry
+            print(f"{key}:")
+            for name, item in value.items():
+                print(f"  {name}: {item}")
+            continue
         if isinstance(value, list) and len(value) > 12:
             value = f"{value[:12]} ... ({len(value)})"
         print(f"{key}: {value}")
@@ -40,7 +48,8 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _describe(path: str) -> dict:
-    """A profiles store's description, else the plate's (with whether it has labels)."""
+    """A bundle's or a profiles store's description, else the plate's (with whether it has labels)."""
+    from gradcamo_dask.engine.bundles import describe_bundle
     from gradcamo_dask.errors import GradcamoError
     from gradcamo_dask.io.plate import describe_labels, describe_plate, open_labels, open_plate
     from gradcamo_dask.profiles.store import describe_profiles
@@ -54,6 +63,9 @@ def _describe(path: str) -> dict:
                                "store; give the plate or store folder")
     if os.path.isdir(path) and not os.listdir(path):
         raise PlateLayoutError(f"{path} is an empty folder, neither a plate nor a profiles store")
+    bundle_info = describe_bundle(path) if os.path.isdir(path) else None
+    if bundle_info is not None:
+        return bundle_info
     labels_info = describe_labels(path)
     if labels_info is not None:
         return labels_info

@@ -28,7 +28,7 @@ from gradcamo_dask.engine.models import efficientnet3d
 from gradcamo_dask.engine.models2d import efficientnet2d
 from gradcamo_dask.engine.vit import vit
 
-__all__ = ["ARCHITECTURES", "Bundle", "BundleConfig", "honour_umask", "open_bundle", "write_bundle"]
+__all__ = ["ARCHITECTURES", "Bundle", "BundleConfig", "describe_bundle", "honour_umask", "open_bundle", "write_bundle"]
 
 BUNDLE_FORMAT = "gradcamo-dask-bundle"
 BUNDLE_VERSION = 1
@@ -398,3 +398,40 @@ def open_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     model.to(device).eval()
     digest = hashlib.sha256(weights_bytes + b"\0" + config_bytes).hexdigest()
     return Bundle(model=model, config=config, hash=f"sha256:{digest}", path=directory)
+
+
+#: Training provenance keys ``describe_bundle`` shows (a bundle from ``gradcamo-dask train`` has them all).
+TRAINING_KEYS = ("plate", "cells", "epochs_run", "epochs", "best_epoch", "stopped_by", "seed", "augmentation",
+                 "regularizer", "test", "seconds")
+
+
+def describe_bundle(path: str | Path) -> dict | None:
+    """What a model bundle holds, or None when ``path`` is not a bundle folder.
+
+    The bundle is opened as :func:`open_bundle` does (weights checked against the
+    config), so a broken bundle raises its own error. Grids are ``(z, y, x)`` voxels.
+
+    Returns
+    -------
+    dict or None
+        ``kind="bundle"``, ``architecture``, ``parameters``, ``channels``, ``classes``,
+        ``crop_shape``, ``input_shape``, ``crop_fill``, ``intensity_scaling``,
+        ``layers`` (default Grad-CAM layers and their map grids; None for a ViT's
+        attention sources, which have no layer grid), ``hash`` and
+        ``trained`` (the provenance's :data:`TRAINING_KEYS` that are present).
+    """
+    from gradcamo_dask.engine.layers import layer_grids
+
+    directory = Path(path)
+    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+        return None
+    bundle = open_bundle(directory)
+    cfg = bundle.config
+    grids = layer_grids(bundle.model, tuple(cfg.input_shape))  # a ViT's token layers have none: None below
+    scaling = "plate (fixed range)" if "low" in cfg.normalization else "crop (min-max per crop)"
+    return {"kind": "bundle", "architecture": cfg.architecture["name"],
+            "parameters": sum(p.numel() for p in bundle.model.parameters()), "channels": cfg.channels,
+            "classes": cfg.classes, "crop_shape": cfg.crop_shape, "input_shape": cfg.input_shape,
+            "crop_fill": cfg.crop_fill, "intensity_scaling": scaling,
+            "layers": {name: list(grids[name]) if name in grids else None for name in cfg.layers},
+            "hash": bundle.hash, "trained": {k: cfg.provenance[k] for k in TRAINING_KEYS if k in cfg.provenance}}
