@@ -231,3 +231,28 @@ def test_gallery_names_the_map_the_store_was_scored_with():
     assert _map_name({"parameters": {"cam_method": "hirescam"}}) == "HiResCAM"
     assert _map_name({"parameters": {"layers": ["_blocks.1.1"]}}) == "Grad-CAM"  # the paper's default, unrecorded
     assert _map_name({}) == "Grad-CAM"
+
+
+def test_gallery_crops_are_filled_as_the_profiles_were_scored(plate_and_profiles):
+    # A store scored with a background-fill bundle records crop_fill; the gallery cuts its crops the same way.
+    from gradcamo_dask.profiles.report import _gallery_examples
+
+    root, profiles = plate_and_profiles
+    prov = json.loads(profiles.attrs["provenance"])
+    shown = {}
+    for fill in ("zero", "background"):
+        scored = profiles.copy()
+        scored.attrs["provenance"] = json.dumps({**prov, "parameters": {**prov.get("parameters", {}),
+                                                                        "crop_fill": fill}})
+        rows, channel, check = _gallery_examples(scored, LAYERS[0], 4, "DNA", prov["plate_path"],
+                                                 prov["labels_path"], SIZE)
+        assert check["max_score_difference"] < 1e-4  # the maps and masks read back are the scored ones
+        shown[fill] = [example["image"] for _, examples in rows for example in examples]
+    differing = 0
+    for zero, background in zip(shown["zero"], shown["background"]):
+        changed = zero != background
+        if changed.any():  # the window runs past the site: only the fill differs, one level over all of it
+            differing += 1
+            assert (zero[changed] == 0).all() and np.unique(background[changed]).size == 1
+            assert background[changed][0] > 0
+    assert differing >= 1 and differing < len(shown["zero"])
