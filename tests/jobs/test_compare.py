@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -155,3 +157,29 @@ def test_2d_plate_cnn_and_vit_ranked_and_a_3d_bundle_refused(tmp_path):
                         layers=["_head_swish"], **common)
     with pytest.raises(DimensionalityError, match="the plate is 2D"):
         compare_models(image, labels, [cnn, deep], platemap=pm)
+
+
+def test_a_background_fill_bundle_is_compared_on_crops_filled_as_it_was_trained(setup, tmp_path):
+    import shutil
+
+    from gradcamo_dask.jobs.compare import _crops
+
+    filled = tmp_path / "effnet_bg"
+    shutil.copytree(setup["effnet"], filled)
+    config = json.loads((filled / "config.json").read_text())
+    (filled / "config.json").write_text(json.dumps({**config, "crop_fill": "background"}))
+    zero, background = open_bundle(setup["effnet"]), open_bundle(filled)
+    assert background.config.crop_fill == "background"
+    cells = cell_table(setup["labels"], setup["pm"], size=(None, 32, 32))
+    cells = cells[cells["well"].astype(str).isin(setup["test"])].reset_index(drop=True)
+    got, masks = _crops(setup["image"], setup["labels"], cells, background)
+    raw, expected_masks = (a.compute() for a in extract_crops(setup["image"], setup["labels"], cells,
+                                                             size=(None, 32, 32), outside="background"))
+    np.testing.assert_array_equal(got, normalize_crops(raw, background.config.normalization))
+    np.testing.assert_array_equal(masks, expected_masks)
+    plain, _ = _crops(setup["image"], setup["labels"], cells, zero)
+    padded = cells["crop_padded"].to_numpy()
+    assert padded.any() and not np.array_equal(got[padded], plain[padded])
+    np.testing.assert_array_equal(got[~padded], plain[~padded])
+    table = compare_models(setup["image"], setup["labels"], [setup["effnet"], filled], layers=["_blocks.2.4"])
+    assert set(table["model"]) == {"effnet", "effnet_bg"} and (table["n"] == len(cells)).all()
