@@ -318,6 +318,10 @@ def test_cupy_crops_and_boxes_match_numpy():
     ref_c, ref_m = crop_site(image, labels, cells, (None, 8, 8))
     np.testing.assert_array_equal(crops.get(), ref_c)
     np.testing.assert_array_equal(masks.get(), ref_m)
+    # the background fill (cell 9's window runs past the site): the level is a CuPy median over label 0
+    filled, _ = crop_site(cupy.asarray(image), cupy.asarray(labels), cells, (None, 8, 8), outside="background")
+    np.testing.assert_allclose(filled.get(), crop_site(image, labels, cells, (None, 8, 8), outside="background")[0],
+                               rtol=1e-6)
     norm = fit_normalization(ref_c)
     np.testing.assert_allclose(normalize_crops(crops, norm).get(), normalize_crops(ref_c, norm), atol=1e-5)
 
