@@ -116,12 +116,11 @@ def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("nan")
 
 
-def test_cells(plate, truth, max_cells: int, seed: int, raw: bool = False, fill: str | None = None,
-               common: dict | None = None):
+def test_cells(plate, truth, max_cells: int, seed: int, raw: bool = False, common: dict | None = None):
     """Held-out cells (row C) of both populations: table, crops at the crop grid (rescaled per crop to [0, 1],
     or with ``raw`` the raw intensities as float32, for :func:`audit` to normalise as each bundle says) and masks.
-    ``common``: the run's settings (crop size, test rows, fill; default COMMON); ``fill``: what fills windows
-    past the site, as the audited models were trained (default the settings')."""
+    ``common``: the run's settings (crop size, test rows, and ``crop_fill``, what fills windows past the site as
+    the audited models were trained; default COMMON)."""
     import torch
 
     from gradcamo_dask.cells import cell_table
@@ -142,7 +141,7 @@ def test_cells(plate, truth, max_cells: int, seed: int, raw: bool = False, fill:
     table["split"] = "test"
     crop_grid = (c["crop_size"][0] or plate.image.sizes["z"], *c["crop_size"][1:])  # explain resamples
     reader = SiteReader(plate.image, plate.labels, table, c["crop_size"], crop_grid, cache=False,
-                        outside=fill or c.get("crop_fill", "zero"))
+                        outside=c.get("crop_fill", "zero"))
     if raw:  # the identity range: raw intensities as float32
         reader.intensity_range = {"low": [0.0] * plate.image.sizes["c"], "high": [1.0] * plate.image.sizes["c"]}
     try:

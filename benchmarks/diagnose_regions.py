@@ -141,7 +141,7 @@ def audit(c: dict, s: dict, bundle_path: str) -> dict:
     bundle = open_bundle(bundle_path)
     plate, truth = ba.mosaic_plate(c, s, bystanders=False)
     table, raw, masks = ba.test_cells(plate, truth, s["max_test_cells"], c["plate_seed"], raw=True,
-                                      fill=bundle.config.crop_fill, common=c)  # crops filled as the model was trained
+                                      common={**c, "crop_fill": bundle.config.crop_fill})  # filled as trained
     keep = torch.from_numpy(table["responder"].to_numpy(dtype=bool, copy=True))
     table, raw, masks = table[keep.numpy()].reset_index(drop=True), raw[keep], masks[keep]
     labels = dm.label_crops(plate, table, c["crop_size"]).numpy()
