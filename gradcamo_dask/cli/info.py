@@ -59,10 +59,10 @@ def _describe(path: str) -> dict:
     if not os.path.exists(path) and "://" not in path:
         raise FileNotFoundError(f"{path} does not exist")
     if os.path.isfile(path) and not path.lower().endswith((".tif", ".tiff")):
-        raise PlateLayoutError(f"{path} is a file, neither a plate (OME-Zarr, plain Zarr, TIFF) nor a profiles "
-                               "store; give the plate or store folder")
+        raise PlateLayoutError(f"{path} is a file, not a plate (OME-Zarr, plain Zarr, TIFF), a profiles store or a "
+                               "model bundle; give the plate, store or bundle folder")
     if os.path.isdir(path) and not os.listdir(path):
-        raise PlateLayoutError(f"{path} is an empty folder, neither a plate nor a profiles store")
+        raise PlateLayoutError(f"{path} is an empty folder, not a plate, a profiles store or a model bundle")
     bundle_info = describe_bundle(path) if os.path.isdir(path) else None
     if bundle_info is not None:
         return bundle_info
